@@ -1,0 +1,507 @@
+//! Processes the agent runs: spawning, reaping, output pumping, and the
+//! registry of detached processes.
+//!
+//! **Reaping.** As a sandbox's init the agent inherits every orphan, so it
+//! reaps with `wait4(-1)` on each `SIGCHLD` and hands statuses of processes
+//! it started to their waiters. A process is registered under the reaper's
+//! lock *while* it is spawned, so its exit can never be reaped before its
+//! waiter exists. Outside a sandbox (tests, `flotilla agent` by hand) the
+//! agent reaps only its own pids, leaving other children of the host
+//! process alone.
+//!
+//! **Output.** Each process's stdout and stderr are read in 64 KiB chunks
+//! and turned into frames in the order they were read. An attached exec
+//! sends them through a bounded channel, so a slow client slows the process
+//! (pipe backpressure) instead of growing memory. A detached process writes
+//! them into a ring of [`PROCESS_RING_BYTES`]; clients re-attach from a byte
+//! offset, and the exit frame is stored last.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flotilla_api::limits::{HEARTBEAT_INTERVAL, PROCESS_RING_BYTES};
+use flotilla_api::{ApiError, ExecRequest, ExitStatus, Frame, FrameKind, ProcessInfo, ProcessState, Timestamp};
+use flotilla_sandbox::sys;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// After a process exits, how long to keep draining pipes that a
+/// background child still holds open before giving up on them.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// How many exited detached processes are remembered.
+const KEEP_EXITED: usize = 64;
+
+/// Bytes read from a pipe at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Delivers exit statuses to the tasks waiting for them.
+#[derive(Debug)]
+pub struct Reaper {
+    init: bool,
+    waiters: Mutex<HashMap<i32, oneshot::Sender<sys::Reaped>>>,
+}
+
+impl Reaper {
+    /// Starts the reaper task. With `init`, orphans are reaped too.
+    pub fn start(init: bool) -> Arc<Reaper> {
+        let r = Arc::new(Reaper { init, waiters: Mutex::new(HashMap::new()) });
+        let me = r.clone();
+        tokio::spawn(async move {
+            let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
+            loop {
+                me.reap_now();
+                // Signals coalesce, and one may land between the wait and
+                // the next listen: the periodic tick covers that gap.
+                match &mut sig {
+                    Some(s) => {
+                        let _ = tokio::time::timeout(Duration::from_millis(500), s.recv()).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        r
+    }
+
+    fn reap_now(&self) {
+        let mut waiters = self.waiters.lock().expect("reaper lock");
+        if self.init {
+            while let Ok(Some(r)) = sys::wait4_nohang(-1) {
+                if let Some(tx) = waiters.remove(&r.pid) {
+                    let _ = tx.send(r);
+                }
+            }
+        } else {
+            let pids: Vec<i32> = waiters.keys().copied().collect();
+            for pid in pids {
+                if let Ok(Some(r)) = sys::wait4_nohang(pid)
+                    && let Some(tx) = waiters.remove(&pid)
+                {
+                    let _ = tx.send(r);
+                }
+            }
+        }
+    }
+
+    /// Spawns `cmd` and registers its pid atomically with respect to
+    /// reaping. Returns the child and a receiver for its exit.
+    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<(std::process::Child, oneshot::Receiver<sys::Reaped>)> {
+        let mut waiters = self.waiters.lock().expect("reaper lock");
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiters.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+}
+
+/// A spawned process with its pipes.
+pub struct Spawned {
+    pub pid: i32,
+    pub started: Instant,
+    pub started_at: Timestamp,
+    pub stdin: Option<tokio::net::unix::pipe::Sender>,
+    pub stdout: tokio::net::unix::pipe::Receiver,
+    pub stderr: tokio::net::unix::pipe::Receiver,
+    pub exit: oneshot::Receiver<sys::Reaped>,
+}
+
+/// Starts `req.argv` in its own session (so its whole tree can be killed),
+/// with piped stdio.
+pub fn spawn(reaper: &Reaper, req: &ExecRequest, default_cwd: &str, keep_stdin: bool) -> Result<Spawned, ApiError> {
+    let Some(prog) = req.argv.first() else {
+        return Err(ApiError::invalid("argv is empty"));
+    };
+    let cwd = req.cwd.as_deref().unwrap_or(default_cwd);
+    let mut cmd = Command::new(prog);
+    cmd.args(&req.argv[1..])
+        .envs(&req.env)
+        .current_dir(cwd)
+        .stdin(if req.stdin.is_some() || keep_stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::command_new_session(&mut cmd, false);
+    let (mut child, exit) = reaper.spawn(&mut cmd).map_err(|e| {
+        let code = if e.kind() == std::io::ErrorKind::NotFound {
+            flotilla_api::ErrorCode::NotFound
+        } else {
+            flotilla_api::ErrorCode::InvalidArgument
+        };
+        ApiError::new(code, format!("cannot start {prog:?} in {cwd}: {e}"))
+    })?;
+    let pid = child.id() as i32;
+    let pipe_err = |e: std::io::Error| ApiError::internal(format!("wiring pipes of pid {pid}: {e}"));
+    let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(child.stdout.take().expect("piped")))
+        .map_err(pipe_err)?;
+    let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(child.stderr.take().expect("piped")))
+        .map_err(pipe_err)?;
+    let stdin = match child.stdin.take() {
+        Some(s) => Some(tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(s)).map_err(pipe_err)?),
+        None => None,
+    };
+    Ok(Spawned { pid, started: Instant::now(), started_at: Timestamp::now(), stdin, stdout, stderr, exit })
+}
+
+fn exit_status(r: &sys::Reaped, started: Instant, timed_out: bool) -> ExitStatus {
+    let (code, signal) = match r.status {
+        sys::WaitStatus::Exited(c) => (Some(c), None),
+        sys::WaitStatus::Signaled(s) => (None, Some(s)),
+    };
+    ExitStatus {
+        code,
+        signal,
+        timed_out,
+        duration_ms: started.elapsed().as_millis() as u64,
+        rusage: flotilla_api::frame::Rusage { user_ms: r.user_ms, system_ms: r.system_ms, max_rss_kb: r.max_rss_kb },
+    }
+}
+
+/// Where pumped frames go.
+pub trait FrameSink: Send + 'static {
+    /// Delivers a frame; `false` means the receiver is gone.
+    fn send(&mut self, frame: Frame) -> impl std::future::Future<Output = bool> + Send;
+    /// Resolves when the receiver is gone (never, for sinks that can't go).
+    fn closed(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Attached exec: a bounded channel to the HTTP response.
+pub struct ChannelSink(pub mpsc::Sender<Bytes>);
+
+impl FrameSink for ChannelSink {
+    async fn send(&mut self, frame: Frame) -> bool {
+        self.0.send(frame.to_bytes()).await.is_ok()
+    }
+    async fn closed(&self) {
+        self.0.closed().await
+    }
+}
+
+/// Pumps a process's output into `sink` until it exits, then sends the
+/// exit frame. Kills the process group on timeout, or when the sink's
+/// receiver goes away if `kill_on_close`.
+pub async fn pump(
+    mut sp: Spawned,
+    timeout: Option<Duration>,
+    mut sink: impl FrameSink,
+    kill_on_close: bool,
+) -> ExitStatus {
+    let pid = sp.pid;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let (mut out_open, mut err_open) = (true, true);
+    let mut out_buf = vec![0u8; READ_CHUNK];
+    let mut err_buf = vec![0u8; READ_CHUNK];
+    let mut exit: Option<sys::Reaped> = None;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut timed_out = false;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.tick().await;
+    let mut client_gone = false;
+    loop {
+        if exit.is_some() && !out_open && !err_open {
+            break;
+        }
+        if let Some(d) = drain_until
+            && tokio::time::Instant::now() >= d
+        {
+            break;
+        }
+        let sleep_until =
+            drain_until.or(deadline).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+        tokio::select! {
+            r = sp.stdout.read(&mut out_buf), if out_open => match r {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => {
+                    heartbeat.reset();
+                    if !sink.send(Frame::new(FrameKind::Stdout, Bytes::copy_from_slice(&out_buf[..n]))).await {
+                        client_gone = true;
+                    }
+                }
+            },
+            r = sp.stderr.read(&mut err_buf), if err_open => match r {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => {
+                    heartbeat.reset();
+                    if !sink.send(Frame::new(FrameKind::Stderr, Bytes::copy_from_slice(&err_buf[..n]))).await {
+                        client_gone = true;
+                    }
+                }
+            },
+            r = &mut sp.exit, if exit.is_none() => {
+                exit = Some(r.unwrap_or(sys::Reaped { pid, status: sys::WaitStatus::Exited(255), user_ms: 0, system_ms: 0, max_rss_kb: 0 }));
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+            },
+            _ = tokio::time::sleep_until(sleep_until) => {
+                if drain_until.is_none() && !timed_out {
+                    timed_out = true;
+                    let _ = sys::kill_group(pid, libc::SIGKILL);
+                }
+            },
+            _ = heartbeat.tick() => {
+                if !sink.send(Frame::heartbeat()).await {
+                    client_gone = true;
+                }
+            },
+            _ = sink.closed(), if kill_on_close && !client_gone => client_gone = true,
+        }
+        if client_gone && kill_on_close && exit.is_none() {
+            let _ = sys::kill_group(pid, libc::SIGKILL);
+        }
+    }
+    let reaped = match exit {
+        Some(r) => r,
+        None => sys::Reaped { pid, status: sys::WaitStatus::Exited(255), user_ms: 0, system_ms: 0, max_rss_kb: 0 },
+    };
+    let status = exit_status(&reaped, sp.started, timed_out);
+    sink.send(Frame::exit(&status)).await;
+    status
+}
+
+/// Writes `data` to a process's stdin and closes it (exec's `stdin` field).
+pub fn feed_stdin(stdin: Option<tokio::net::unix::pipe::Sender>, data: Option<String>) {
+    if let (Some(mut w), Some(data)) = (stdin, data) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = w.write_all(data.as_bytes()).await;
+        });
+    }
+}
+
+// ------------------------------------------------------------------ detached
+
+/// Stored output of a detached process: encoded frames with their offsets.
+#[derive(Debug, Default)]
+struct Ring {
+    frames: VecDeque<(u64, Bytes)>,
+    start: u64,
+    end: u64,
+    size: usize,
+}
+
+impl Ring {
+    fn push(&mut self, frame: Bytes) {
+        let len = frame.len();
+        self.frames.push_back((self.end, frame));
+        self.end += len as u64;
+        self.size += len;
+        while self.size > PROCESS_RING_BYTES && self.frames.len() > 1 {
+            let (_, f) = self.frames.pop_front().expect("non-empty");
+            self.size -= f.len();
+            self.start += f.len() as u64;
+        }
+    }
+
+    /// Frames at or after `from` (starting at the oldest kept if `from` is
+    /// older), concatenated, and the offset after them.
+    fn read_from(&self, from: u64) -> (Bytes, u64) {
+        let mut out = BytesMut::new();
+        let mut next = from.max(self.start);
+        for (off, f) in &self.frames {
+            if *off >= next {
+                out.extend_from_slice(f);
+                next = off + f.len() as u64;
+            }
+        }
+        (out.freeze(), next.max(from.min(self.end)))
+    }
+}
+
+/// A detached process.
+#[derive(Debug)]
+pub struct Detached {
+    pub id: String,
+    pub argv: Vec<String>,
+    pub pid: i32,
+    pub started_at: Timestamp,
+    ring: Mutex<Ring>,
+    exit: Mutex<Option<ExitStatus>>,
+    /// Bumped on every new frame; watchers wait on it.
+    changed: watch::Sender<u64>,
+    stdin: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
+}
+
+impl Detached {
+    pub fn info(&self) -> ProcessInfo {
+        let ring = self.ring.lock().expect("ring lock");
+        let exit = self.exit.lock().expect("exit lock").clone();
+        ProcessInfo {
+            id: self.id.clone(),
+            argv: self.argv.clone(),
+            pid: self.pid,
+            state: if exit.is_some() { ProcessState::Exited } else { ProcessState::Running },
+            started_at: self.started_at,
+            exit,
+            output_start: ring.start,
+            output_end: ring.end,
+        }
+    }
+
+    pub fn output_start(&self) -> u64 {
+        self.ring.lock().expect("ring lock").start
+    }
+
+    /// Returns stored frames from `from`, the next offset, and whether the
+    /// process has exited (so no more will come).
+    pub fn read_from(&self, from: u64) -> (Bytes, u64, bool) {
+        let ring = self.ring.lock().expect("ring lock");
+        let (b, next) = ring.read_from(from);
+        let done = self.exit.lock().expect("exit lock").is_some() && next >= ring.end;
+        (b, next, done)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Writes to stdin; `close` closes it afterwards.
+    pub async fn write_stdin(&self, data: &[u8], close: bool) -> Result<(), ApiError> {
+        use tokio::io::AsyncWriteExt;
+        let mut guard = self.stdin.lock().await;
+        let Some(w) = guard.as_mut() else {
+            return Err(ApiError::conflict(format!("stdin of process {} is closed", self.id)));
+        };
+        if !data.is_empty() {
+            w.write_all(data)
+                .await
+                .map_err(|e| ApiError::conflict(format!("writing stdin of process {}: {e}", self.id)))?;
+        }
+        if close {
+            *guard = None;
+        }
+        Ok(())
+    }
+
+    pub fn signal(&self, sig: i32) -> Result<(), ApiError> {
+        if self.exit.lock().expect("exit lock").is_some() {
+            return Err(ApiError::conflict(format!("process {} has exited", self.id)));
+        }
+        sys::kill_group(self.pid, sig)
+            .or_else(|_| sys::kill(self.pid, sig))
+            .map_err(|e| ApiError::internal(format!("signalling process {}: {e}", self.id)))
+    }
+}
+
+struct RingSink(Arc<Detached>);
+
+impl FrameSink for RingSink {
+    async fn send(&mut self, frame: Frame) -> bool {
+        if frame.kind != FrameKind::Heartbeat {
+            if frame.kind == FrameKind::Exit {
+                *self.0.exit.lock().expect("exit lock") = frame.as_exit();
+            }
+            self.0.ring.lock().expect("ring lock").push(frame.to_bytes());
+            self.0.changed.send_modify(|v| *v += 1);
+        }
+        true
+    }
+    async fn closed(&self) {
+        std::future::pending().await
+    }
+}
+
+/// The registry of detached processes.
+#[derive(Debug, Default)]
+pub struct Registry {
+    procs: Mutex<VecDeque<Arc<Detached>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Registry {
+    /// Starts a detached process; it runs until it exits or is signalled.
+    pub fn start(&self, reaper: &Reaper, req: &ExecRequest, default_cwd: &str) -> Result<Arc<Detached>, ApiError> {
+        let mut sp = spawn(reaper, req, default_cwd, true)?;
+        let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let stdin = sp.stdin.take();
+        let d = Arc::new(Detached {
+            id: format!("p{n}"),
+            argv: req.argv.clone(),
+            pid: sp.pid,
+            started_at: sp.started_at,
+            ring: Mutex::new(Ring::default()),
+            exit: Mutex::new(None),
+            changed: watch::channel(0).0,
+            stdin: tokio::sync::Mutex::new(stdin),
+        });
+        if let Some(data) = &req.stdin {
+            let d2 = d.clone();
+            let data = data.clone();
+            tokio::spawn(async move {
+                let _ = d2.write_stdin(data.as_bytes(), true).await;
+            });
+        }
+        let timeout = req.timeout_ms.map(Duration::from_millis);
+        tokio::spawn(pump(sp, timeout, RingSink(d.clone()), false));
+        let mut procs = self.procs.lock().expect("registry lock");
+        procs.push_back(d.clone());
+        // Forget the oldest exited processes beyond the cap.
+        let exited = procs.iter().filter(|p| p.exit.lock().expect("exit lock").is_some()).count();
+        if exited > KEEP_EXITED {
+            let mut drop_n = exited - KEEP_EXITED;
+            procs.retain(|p| {
+                if drop_n > 0 && p.exit.lock().expect("exit lock").is_some() {
+                    drop_n -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        Ok(d)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Detached>, ApiError> {
+        self.procs
+            .lock()
+            .expect("registry lock")
+            .iter()
+            .find(|p| p.id == id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no process {id:?}")))
+    }
+
+    pub fn list(&self) -> Vec<ProcessInfo> {
+        self.procs.lock().expect("registry lock").iter().map(|p| p.info()).collect()
+    }
+
+    pub fn running(&self) -> usize {
+        self.procs.lock().expect("registry lock").iter().filter(|p| p.exit.lock().expect("exit lock").is_none()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_trims_whole_frames_and_resumes() {
+        let mut r = Ring::default();
+        let f = |n: u8| Frame::new(FrameKind::Stdout, vec![n; 100]).to_bytes();
+        for i in 0..5 {
+            r.push(f(i));
+        }
+        assert_eq!((r.start, r.end), (0, 540));
+        let (b, next) = r.read_from(108);
+        assert_eq!(b.len(), 432);
+        assert_eq!(next, 540);
+        let (b, next) = r.read_from(540);
+        assert!(b.is_empty());
+        assert_eq!(next, 540);
+    }
+
+    #[test]
+    fn ring_keeps_at_most_its_budget() {
+        let mut r = Ring::default();
+        let big = Frame::new(FrameKind::Stdout, vec![0; 1 << 20]).to_bytes();
+        for _ in 0..20 {
+            r.push(big.clone());
+        }
+        assert!(r.size <= PROCESS_RING_BYTES);
+        assert!(r.start > 0);
+        // Asking for trimmed output starts at the oldest kept frame.
+        let (b, _) = r.read_from(0);
+        assert_eq!(b.len(), r.size);
+    }
+}

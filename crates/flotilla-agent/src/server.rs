@@ -1,0 +1,272 @@
+//! The agent's HTTP API (DESIGN §4, "Agent").
+//!
+//! Handlers only parse requests and render results; the work is in
+//! [`crate::procs`] (processes), [`crate::tarx`] (tarballs) and
+//! [`crate::session`] (terminals).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use flotilla_api::limits::{DEFAULT_TAR_MAX_BYTES, DEFAULT_TAR_MAX_ENTRIES, HEARTBEAT_INTERVAL};
+use flotilla_api::{
+    AgentHealth, ApiError, ErrorCode, ExecRequest, Frame, ImportSummary, LsEntry, OutputQuery, ProcessInfo,
+    RemoveAllRequest, SessionQuery, SignalRequest, StdinQuery, WorkspaceQuery,
+};
+use futures_util::StreamExt;
+use http::{HeaderMap, StatusCode, header};
+use tokio::sync::mpsc;
+use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
+
+use crate::http::{FRAMES_CONTENT_TYPE, HttpError};
+use crate::procs::{ChannelSink, Reaper, Registry};
+use crate::tarx::{self, Compression, ExtractError, TarLimits};
+
+/// Frames buffered between an exec's pump and its HTTP response: small, so
+/// a slow reader pushes back on the process through the pipe.
+const EXEC_CHANNEL_FRAMES: usize = 16;
+
+/// Bytes buffered between the tar writer thread and the response.
+const EXPORT_PIPE_BYTES: usize = 256 * 1024;
+
+/// Shared state of the agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub workspace: PathBuf,
+    pub reaper: Arc<Reaper>,
+    pub registry: Registry,
+}
+
+type AgentState = State<Arc<Agent>>;
+type Result<T> = std::result::Result<T, HttpError>;
+
+impl Agent {
+    pub fn new(workspace: PathBuf, init: bool) -> Arc<Agent> {
+        Arc::new(Agent { workspace, reaper: Reaper::start(init), registry: Registry::default() })
+    }
+
+    fn workspace_str(&self) -> String {
+        self.workspace.to_string_lossy().into_owned()
+    }
+}
+
+/// The agent's routes.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/workspace", put(put_workspace).get(get_workspace))
+        .route("/ls", get(ls))
+        .route("/removeall", post(removeall))
+        .route("/exec", post(exec))
+        .route("/processes", get(list_processes))
+        .route("/processes/{id}", get(get_process))
+        .route("/processes/{id}/output", get(process_output))
+        .route("/processes/{id}/signal", post(signal_process))
+        .route("/processes/{id}/stdin", post(stdin_process))
+        .route("/session", get(session))
+        .route("/halt", post(halt))
+        .with_state(agent)
+}
+
+async fn healthz(State(a): AgentState) -> Json<AgentHealth> {
+    Json(AgentHealth {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id() as i32,
+        workspace: a.workspace_str(),
+        processes: a.registry.running(),
+    })
+}
+
+fn extract_error(e: ExtractError) -> HttpError {
+    let entry = e.entry().map(str::to_string);
+    let code = match &e {
+        ExtractError::Io { .. } => ErrorCode::Internal,
+        ExtractError::Hostile { .. }
+        | ExtractError::OverLimit { .. }
+        | ExtractError::Format { .. }
+        | ExtractError::UnsupportedEncoding(_) => ErrorCode::UnprocessableTar,
+    };
+    let mut err = ApiError::new(code, crate::http::error_chain(&e));
+    if let Some(entry) = entry {
+        err = err.with_details(serde_json::json!({ "entry": entry }));
+    }
+    HttpError(err)
+}
+
+async fn put_workspace(
+    State(a): AgentState,
+    Query(q): Query<WorkspaceQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<ImportSummary>> {
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    let compression = Compression::from_content_encoding(encoding).map_err(extract_error)?;
+    let dest = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
+    let limits = TarLimits {
+        max_bytes: q.max_bytes.unwrap_or(DEFAULT_TAR_MAX_BYTES),
+        max_entries: q.max_entries.unwrap_or(DEFAULT_TAR_MAX_ENTRIES),
+    };
+    // Bytes flow from the socket through a bounded bridge into the
+    // extractor on a blocking thread: never whole in memory.
+    let stream = body.into_data_stream().map(|r| r.map_err(std::io::Error::other));
+    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    let started = Instant::now();
+    let summary = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dest)
+            .map_err(|source| ExtractError::Io { entry: dest.display().to_string(), source })?;
+        tarx::extract(reader, compression, &dest, &limits)
+    })
+    .await
+    .map_err(|e| HttpError(ApiError::internal(format!("import task failed: {e}"))))?
+    .map_err(extract_error)?;
+    Ok(Json(ImportSummary { duration_ms: started.elapsed().as_millis() as u64, ..summary }))
+}
+
+async fn get_workspace(State(a): AgentState, Query(q): Query<WorkspaceQuery>) -> Result<Response> {
+    let dir = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
+    if !dir.is_dir() {
+        return Err(HttpError(ApiError::not_found(format!("{} is not a directory", q.dir.unwrap_or_default()))));
+    }
+    let (reader, writer) = tokio::io::duplex(EXPORT_PIPE_BYTES);
+    tokio::task::spawn_blocking(move || {
+        // An error mid-stream truncates the tar; the client's tar reader
+        // then fails on the short archive rather than accepting it.
+        let _ = tarx::pack(&dir, SyncIoBridge::new(writer));
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-tar")], Body::from_stream(ReaderStream::new(reader))).into_response())
+}
+
+async fn ls(State(a): AgentState, Query(q): Query<WorkspaceQuery>) -> Result<Json<Vec<LsEntry>>> {
+    let dir = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
+    tokio::task::spawn_blocking(move || tarx::list(&dir))
+        .await
+        .map_err(|e| HttpError(ApiError::internal(e.to_string())))?
+        .map(Json)
+        .map_err(|e| {
+            let code = if e.kind() == std::io::ErrorKind::NotFound { ErrorCode::NotFound } else { ErrorCode::Internal };
+            HttpError(ApiError::new(code, format!("listing {}: {e}", q.dir.unwrap_or_default())))
+        })
+}
+
+async fn removeall(State(a): AgentState, Json(req): Json<RemoveAllRequest>) -> Result<StatusCode> {
+    let root = a.workspace.clone();
+    tokio::task::spawn_blocking(move || tarx::remove_all(&root, &req.paths))
+        .await
+        .map_err(|e| HttpError(ApiError::internal(e.to_string())))?
+        .map_err(extract_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn frames_response(rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = tokio_stream_from(rx).map(Ok::<_, std::io::Error>);
+    ([(header::CONTENT_TYPE, FRAMES_CONTENT_TYPE)], Body::from_stream(stream)).into_response()
+}
+
+fn tokio_stream_from(mut rx: mpsc::Receiver<Bytes>) -> impl futures_util::Stream<Item = Bytes> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn exec(State(a): AgentState, Json(req): Json<ExecRequest>) -> Result<Response> {
+    let ws = a.workspace_str();
+    if req.detach {
+        let d = a.registry.start(&a.reaper, &req, &ws)?;
+        return Ok((StatusCode::CREATED, Json(d.info())).into_response());
+    }
+    let mut sp = crate::procs::spawn(&a.reaper, &req, &ws, false)?;
+    crate::procs::feed_stdin(sp.stdin.take(), req.stdin.clone());
+    let (tx, rx) = mpsc::channel(EXEC_CHANNEL_FRAMES);
+    let timeout = req.timeout_ms.map(Duration::from_millis);
+    tokio::spawn(crate::procs::pump(sp, timeout, ChannelSink(tx), true));
+    Ok(frames_response(rx))
+}
+
+async fn list_processes(State(a): AgentState) -> Json<Vec<ProcessInfo>> {
+    Json(a.registry.list())
+}
+
+async fn get_process(State(a): AgentState, Path(id): Path<String>) -> Result<Json<ProcessInfo>> {
+    Ok(Json(a.registry.get(&id)?.info()))
+}
+
+/// Streams a detached process's stored frames from an offset, then
+/// follows new ones until it exits. The response header
+/// `x-flotilla-output-start` says where the kept output begins, so a
+/// client that asked for something older knows what it missed.
+async fn process_output(
+    State(a): AgentState,
+    Path(id): Path<String>,
+    Query(q): Query<OutputQuery>,
+) -> Result<Response> {
+    let d = a.registry.get(&id)?;
+    let follow = q.follow.unwrap_or(true);
+    let start = d.output_start();
+    let (tx, rx) = mpsc::channel::<Bytes>(EXEC_CHANNEL_FRAMES);
+    tokio::spawn(async move {
+        let mut changed = d.subscribe();
+        let mut cursor = q.from;
+        loop {
+            changed.borrow_and_update();
+            let (chunk, next, done) = d.read_from(cursor);
+            cursor = next;
+            if !chunk.is_empty() && tx.send(chunk).await.is_err() {
+                return;
+            }
+            if done || !follow {
+                return;
+            }
+            match tokio::time::timeout(HEARTBEAT_INTERVAL, changed.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    if tx.send(Frame::heartbeat().to_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut resp = frames_response(rx);
+    resp.headers_mut().insert("x-flotilla-output-start", start.into());
+    Ok(resp)
+}
+
+async fn signal_process(
+    State(a): AgentState,
+    Path(id): Path<String>,
+    Json(req): Json<SignalRequest>,
+) -> Result<StatusCode> {
+    let sig = flotilla_sandbox::sys::signal_from_str(&req.signal)
+        .ok_or_else(|| ApiError::invalid(format!("unknown signal {:?}", req.signal)))?;
+    a.registry.get(&id)?.signal(sig)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stdin_process(
+    State(a): AgentState,
+    Path(id): Path<String>,
+    Query(q): Query<StdinQuery>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    a.registry.get(&id)?.write_stdin(&body, q.close).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn session(State(a): AgentState, Query(q): Query<SessionQuery>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| crate::session::run(a, q, socket))
+}
+
+async fn halt(State(a): AgentState) -> StatusCode {
+    tracing::info!(workspace = %a.workspace.display(), "halt requested");
+    tokio::spawn(async {
+        // Let the response go out first.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::process::exit(0);
+    });
+    StatusCode::ACCEPTED
+}

@@ -1,0 +1,418 @@
+//! Request and response bodies of the node and agent APIs.
+//!
+//! Requests deny unknown fields so that a typo in a client is an error, not a
+//! silently ignored option. Responses accept unknown fields so that older
+//! clients keep working against newer servers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::ExitStatus;
+use crate::time::Timestamp;
+
+// ---------------------------------------------------------------- sandboxes
+
+/// The lifecycle of a sandbox. Transitions are in `flotilla-node`'s
+/// `state` module; this is only the name on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Booting: the process is being made and the agent is not up yet.
+    Creating,
+    /// The agent answers; exec, put and get work.
+    Running,
+    /// No process; the workspace is kept and `start` boots it again.
+    Stopped,
+    /// Boot failed or the sandbox died on its own; `error` says why.
+    Failed,
+    /// Deleted; kept in listings only until the record is purged.
+    Deleted,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Failed => "failed",
+            SandboxState::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SandboxState> {
+        Some(match s {
+            "creating" => SandboxState::Creating,
+            "running" => SandboxState::Running,
+            "stopped" => SandboxState::Stopped,
+            "failed" => SandboxState::Failed,
+            "deleted" => SandboxState::Deleted,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a sandbox is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Linux namespaces, cgroups, seccomp.
+    #[default]
+    Process,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Process => "process",
+        }
+    }
+}
+
+/// What network a sandbox gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// Its own loopback and nothing else.
+    #[default]
+    None,
+    /// Outbound NAT through pasta or slirp4netns; the host's loopback stays
+    /// out of reach.
+    Outbound,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::None => "none",
+            NetworkMode::Outbound => "outbound",
+        }
+    }
+}
+
+/// Resource limits. `None` means the node default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU quota in cores (0.5 = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Maximum number of processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// `host` (default) or `dir:/abs/path` for a root filesystem directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Unique among live sandboxes; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub resources: Resources,
+    /// Seconds until the sandbox is deleted; no deadline when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Environment every exec in the sandbox starts with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub network: NetworkMode,
+}
+
+/// `PATCH /v1/sandboxes/{id}`: fields present are changed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSandboxRequest {
+    /// Labels to set; an empty value removes the label.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// New deadline, counted from now; `0` removes the deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+    /// Limits to change; applied live to a running sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// A named, timestamped step in a sandbox's life (`create_requested`,
+/// `created`, `agent_up`, `stopped`, ...), as the build timeline records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A sandbox as the node reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub backend: BackendKind,
+    pub state: SandboxState,
+    pub resources: Resources,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub network: NetworkMode,
+    pub created_at: Timestamp,
+    /// When the node will delete this sandbox, if ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_at: Option<Timestamp>,
+    /// Why the sandbox failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The steps of the most recent boot, oldest first.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+/// One page of a list. Pass `next_page_token` back as `page_token`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// Query of every list endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+// ---------------------------------------------------------------- workspace
+
+/// Query of `PUT/GET /workspace`, `GET /ls`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceQuery {
+    /// Directory relative to the workspace root (default: the root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Cap on bytes a tar may expand to (agent only; the node sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Cap on entries in a tar (agent only; the node sets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_entries: Option<u64>,
+}
+
+/// What a workspace import wrote.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImportSummary {
+    pub entries: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+    pub duration_ms: u64,
+}
+
+/// The kind of a directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LsEntry {
+    pub name: String,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mode: u32,
+}
+
+/// `POST /removeall`: paths relative to the workspace root.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveAllRequest {
+    pub paths: Vec<String>,
+}
+
+// ---------------------------------------------------------------- exec
+
+/// `POST /exec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments; the program is looked up in `PATH`.
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox (default `/workspace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Kill the process group after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Bytes written to the process's stdin before it is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Keep the process running when the connection ends; the response is a
+    /// [`ProcessInfo`] instead of a frame stream.
+    #[serde(default)]
+    pub detach: bool,
+}
+
+/// The state of a process the agent tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessState {
+    Running,
+    Exited,
+}
+
+/// A detached process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub id: String,
+    pub argv: Vec<String>,
+    pub pid: i32,
+    pub state: ProcessState,
+    pub started_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
+    /// Offset of the oldest output byte still kept.
+    pub output_start: u64,
+    /// Offset just past the newest output byte.
+    pub output_end: u64,
+}
+
+/// Query of `GET /processes/{id}/output`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputQuery {
+    /// Offset into the process's frame stream to resume from.
+    #[serde(default)]
+    pub from: u64,
+    /// Keep the stream open until the process exits (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<bool>,
+}
+
+/// `POST /processes/{id}/signal`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// A name (`TERM`, `SIGKILL`) or a number.
+    pub signal: String,
+}
+
+/// Query of `POST /processes/{id}/stdin`: the body is the bytes to write.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StdinQuery {
+    /// Close stdin after writing.
+    #[serde(default)]
+    pub close: bool,
+}
+
+/// Query of `GET /session` (WebSocket upgrade).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionQuery {
+    /// Command to run on the terminal; the default is a login shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+}
+
+/// `GET /healthz` of the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentHealth {
+    pub version: String,
+    pub pid: i32,
+    pub workspace: String,
+    pub processes: usize,
+}
+
+// ---------------------------------------------------------------- node
+
+/// Whether a backend works on this node, and why not.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    pub kind: BackendKind,
+    pub available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /v1/node`: what a scheduler needs to know to place work here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub version: String,
+    pub os: String,
+    pub arch: String,
+    pub kernel: String,
+    pub cpus: usize,
+    pub memory_bytes: u64,
+    pub backends: Vec<BackendInfo>,
+    pub images: Vec<String>,
+    pub network_modes: Vec<NetworkMode>,
+    /// `v1`, `v2` or `none`: which cgroup hierarchy enforces limits.
+    pub cgroup: String,
+    pub sandboxes: BTreeMap<String, usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let err = serde_json::from_str::<CreateSandboxRequest>(r#"{"imgae":"host"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let ok: CreateSandboxRequest = serde_json::from_str(r#"{"image":"host","network":"outbound"}"#).unwrap();
+        assert_eq!(ok.network, NetworkMode::Outbound);
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in [
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Stopped,
+            SandboxState::Failed,
+            SandboxState::Deleted,
+        ] {
+            assert_eq!(SandboxState::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+}

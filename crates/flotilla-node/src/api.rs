@@ -1,0 +1,172 @@
+//! The node's HTTP API (DESIGN §4, "Node").
+//!
+//! Handlers parse a request, call the [`Node`] core and render the result;
+//! they hold no logic of their own. Sandbox-scoped agent routes (exec,
+//! processes, ls, session) are proxied to the sandbox's agent byte for byte,
+//! so streams stay streams and the agent's errors reach the client as the
+//! agent wrote them.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flotilla_agent::AgentClient;
+use flotilla_agent::http::HttpError;
+use flotilla_api::{
+    ApiError, CreateSandboxRequest, NodeInfo, Page, PageQuery, Sandbox, UpdateSandboxRequest, WorkspaceQuery,
+};
+use http::{StatusCode, header};
+use hyper_util::rt::TokioIo;
+
+use crate::node::{Backend, Node};
+
+type Result<T> = std::result::Result<T, HttpError>;
+
+/// The node's routes.
+pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/node", get(node_info::<B>))
+        .route("/v1/sandboxes", post(create::<B>).get(list::<B>))
+        .route("/v1/sandboxes/{id}", get(show::<B>).patch(update::<B>).delete(delete::<B>))
+        .route("/v1/sandboxes/{id}/start", post(start::<B>))
+        .route("/v1/sandboxes/{id}/stop", post(stop::<B>))
+        .route("/v1/sandboxes/{id}/restart", post(restart::<B>))
+        .route("/v1/sandboxes/{id}/workspace", get(export::<B>).put(import::<B>))
+        .route("/v1/sandboxes/{id}/ls", get(proxy::<B>))
+        .route("/v1/sandboxes/{id}/removeall", post(proxy::<B>))
+        .route("/v1/sandboxes/{id}/exec", post(proxy::<B>))
+        .route("/v1/sandboxes/{id}/processes", get(proxy::<B>))
+        .route("/v1/sandboxes/{id}/processes/{*rest}", get(proxy::<B>).post(proxy::<B>))
+        .route("/v1/sandboxes/{id}/session", get(proxy::<B>))
+        .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
+        .with_state(node)
+}
+
+type NodeState<B> = State<Arc<Node<B>>>;
+
+async fn node_info<B: Backend>(State(n): NodeState<B>) -> Json<NodeInfo> {
+    Json(n.info())
+}
+
+async fn create<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<(StatusCode, Json<Sandbox>)> {
+    let req: CreateSandboxRequest = parse_json(&body)?;
+    Ok((StatusCode::CREATED, Json(n.create(req).await?)))
+}
+
+/// JSON bodies parsed here so a bad one gets our envelope, not axum's text.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| HttpError(ApiError::invalid(format!("bad request body: {e}"))))
+}
+
+async fn list<B: Backend>(State(n): NodeState<B>, Query(q): Query<PageQuery>) -> Json<Page<Sandbox>> {
+    Json(n.list(&q))
+}
+
+async fn show<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(n.get(&id)?))
+}
+
+async fn update<B: Backend>(
+    State(n): NodeState<B>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Sandbox>> {
+    let req: UpdateSandboxRequest = parse_json(&body)?;
+    Ok(Json(n.update(&id, req).await?))
+}
+
+async fn delete<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<StatusCode> {
+    n.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(n.start(&id).await?))
+}
+
+async fn stop<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(n.stop(&id).await?))
+}
+
+async fn restart<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
+    Ok(Json(n.restart(&id).await?))
+}
+
+async fn import<B: Backend>(
+    State(n): NodeState<B>,
+    Path(id): Path<String>,
+    Query(q): Query<WorkspaceQuery>,
+    req: Request,
+) -> Result<Json<flotilla_api::ImportSummary>> {
+    let encoding = req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Ok(Json(n.import(&id, req.into_body(), encoding, q.dir).await?))
+}
+
+async fn export<B: Backend>(
+    State(n): NodeState<B>,
+    Path(id): Path<String>,
+    Query(q): Query<WorkspaceQuery>,
+) -> Result<Response> {
+    let exported = n.export(&id, q.dir).await?;
+    // The workspace lock travels with the body and is released when the
+    // last byte has gone (or the client hangs up).
+    let lock = exported.lock;
+    let stream = http_body_util::BodyExt::into_data_stream(exported.body);
+    let guarded = futures_util::StreamExt::map(stream, move |chunk| {
+        let _held = &lock;
+        chunk
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-tar")], Body::from_stream(guarded)).into_response())
+}
+
+/// Forwards a sandbox-scoped request to the agent: same method, the path
+/// after `/v1/sandboxes/{id}`, same query and body; the response (stream or
+/// WebSocket upgrade) comes back untouched.
+async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<Response> {
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/v1/sandboxes/").unwrap_or("");
+    let (id, suffix) = rest.split_once('/').unwrap_or((rest, ""));
+    let agent: AgentClient = n.agent(id).await?;
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut fwd = agent.http().request(req.method().clone(), &format!("/{suffix}{query}"));
+    for h in [
+        header::CONTENT_TYPE,
+        header::CONTENT_ENCODING,
+        header::CONNECTION,
+        header::UPGRADE,
+        header::SEC_WEBSOCKET_KEY,
+        header::SEC_WEBSOCKET_VERSION,
+        header::SEC_WEBSOCKET_PROTOCOL,
+    ] {
+        if let Some(v) = req.headers().get(&h) {
+            fwd = fwd.header(h, v.clone());
+        }
+    }
+    let upgrading = req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let body = if upgrading { Body::empty() } else { req.into_body() };
+    let resp =
+        agent.http().send(fwd.body(body).expect("valid forwarded request")).await.map_err(|e| HttpError(e.to_api()))?;
+    if let Some(client_upgrade) = client_upgrade
+        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+        for (k, v) in resp.headers() {
+            out = out.header(k, v);
+        }
+        let agent_upgrade = hyper::upgrade::on(resp);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(a)) = (client_upgrade.await, agent_upgrade.await) {
+                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(a)).await;
+            }
+        });
+        return Ok(out.body(Body::empty()).expect("valid response"));
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}

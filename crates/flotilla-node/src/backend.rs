@@ -1,0 +1,144 @@
+//! The process backend, as the node sees it.
+
+use std::path::PathBuf;
+
+use flotilla_agent::AgentClient;
+use flotilla_agent::http::{Endpoint, HttpClient};
+use flotilla_api::{ApiError, BackendInfo, BackendKind, ErrorCode, Resources};
+use flotilla_sandbox::process::{UID_BASE, UID_RANGE};
+use flotilla_sandbox::{BootError, Image, Limits, ProcessBackend, ProcessConfig, Running, SandboxSpec};
+
+use crate::node::Backend;
+use crate::store::SandboxRecord;
+
+/// [`ProcessBackend`] plus the node's data directory.
+#[derive(Debug)]
+pub struct ProcessNodeBackend {
+    inner: ProcessBackend,
+    home: PathBuf,
+}
+
+impl ProcessNodeBackend {
+    /// Sets up the backend under `home`: the sandboxes directory and the
+    /// generated `/etc` of the host image. `agent_exe` is the binary that
+    /// implements `agent --init`, `agent_args` the words before `--init`.
+    pub fn new(home: PathBuf, agent_exe: PathBuf, agent_args: Vec<String>, node_id: &str) -> Result<Self, ApiError> {
+        let host_etc = home.join("images/host/etc");
+        let io = |what: &str, e: std::io::Error| ApiError::internal(format!("{what}: {e}"));
+        std::fs::create_dir_all(home.join("sandboxes")).map_err(|e| io("creating the sandboxes directory", e))?;
+        std::fs::create_dir_all(home.join("images/host")).map_err(|e| io("creating the images directory", e))?;
+        flotilla_sandbox::image::build_host_etc(std::path::Path::new("/etc"), &host_etc)
+            .map_err(|e| io("generating the host image's /etc", e))?;
+        let config = ProcessConfig {
+            sandboxes_dir: home.join("sandboxes"),
+            host_etc,
+            agent_exe,
+            agent_args,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_group: format!("flotilla-{node_id}"),
+        };
+        let inner =
+            ProcessBackend::new(config).map_err(|e| ApiError::internal(flotilla_agent::http::error_chain(&e)))?;
+        Ok(ProcessNodeBackend { inner, home })
+    }
+
+    pub fn inner(&self) -> &ProcessBackend {
+        &self.inner
+    }
+}
+
+fn boot_error(e: BootError) -> ApiError {
+    let code = match &e {
+        BootError::AgentTimeout(..) => ErrorCode::Timeout,
+        BootError::NoNetworkHelper => ErrorCode::InvalidArgument,
+        BootError::Dirs { .. }
+        | BootError::Socket { .. }
+        | BootError::AgentExe { .. }
+        | BootError::Cgroup(_)
+        | BootError::Spawn(_)
+        | BootError::Network { .. }
+        | BootError::AgentDied(_)
+        | BootError::Seccomp(_) => ErrorCode::Internal,
+    };
+    let step = match &e {
+        BootError::AgentTimeout(..) | BootError::AgentDied(_) => "agent_up",
+        _ => "created",
+    };
+    ApiError::new(code, format!("create failed at step `{step}`: {}", flotilla_agent::http::error_chain(&e)))
+        .with_details(serde_json::json!({ "step": step }))
+}
+
+fn limits(r: &Resources) -> Limits {
+    Limits { memory_bytes: r.memory_bytes, pids: r.pids, cpus: r.cpus }
+}
+
+impl Backend for ProcessNodeBackend {
+    type Handle = Running;
+
+    async fn boot(
+        &self,
+        rec: &SandboxRecord,
+        step: &(dyn Fn(&str, Option<String>) + Send + Sync),
+    ) -> Result<Running, ApiError> {
+        let s = &rec.sandbox;
+        let image = Image::parse(&s.image, &self.home).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let spec = SandboxSpec {
+            id: s.id.clone(),
+            hostname: s.name.clone(),
+            image,
+            limits: limits(&s.resources),
+            network: s.network,
+            uid_base: UID_BASE + rec.uid_slot * UID_RANGE,
+            env: s.env.clone(),
+        };
+        self.inner.start(&spec, step).await.map_err(boot_error)
+    }
+
+    fn adopt(&self, rec: &SandboxRecord) -> Option<Running> {
+        self.inner.adopt(&rec.sandbox.id, rec.pid?, rec.start_time?)
+    }
+
+    fn identity(&self, h: &Running) -> (i32, u64) {
+        (h.pid, h.start_time)
+    }
+
+    async fn exited(&self, h: &Running) -> String {
+        h.exited().await.to_string()
+    }
+
+    async fn kill(&self, id: &str, h: &Running) -> Result<(), ApiError> {
+        self.inner.stop(id, h).await.map_err(|e| ApiError::internal(format!("stopping sandbox {id}: {e}")))
+    }
+
+    async fn cleanup(&self, id: &str) {
+        self.inner.cleanup(id).await
+    }
+
+    fn destroy(&self, id: &str) -> Result<(), ApiError> {
+        self.inner.destroy(id).map_err(|e| ApiError::internal(format!("removing the files of sandbox {id}: {e}")))
+    }
+
+    fn set_limits(&self, id: &str, r: &Resources) -> Result<(), ApiError> {
+        self.inner.set_limits(id, &limits(r)).map_err(|e| ApiError::internal(flotilla_agent::http::error_chain(&e)))
+    }
+
+    fn agent(&self, h: &Running) -> AgentClient {
+        AgentClient::direct(HttpClient::new(Endpoint::Unix(h.agent_socket.clone())))
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo { kind: BackendKind::Process, available: true, reason: None }
+    }
+
+    fn cgroup_version(&self) -> String {
+        self.inner.cgroups().version().to_string()
+    }
+
+    fn images(&self) -> Vec<String> {
+        vec!["host".into()]
+    }
+
+    fn check_image(&self, image: &str) -> Result<String, ApiError> {
+        Image::parse(image, &self.home).map(|i| i.reference()).map_err(|e| ApiError::invalid(e.to_string()))
+    }
+}

@@ -1,0 +1,43 @@
+//! The Flotilla node daemon.
+//!
+//! It owns everything about the sandboxes on one machine: the registry and
+//! its per-sandbox locks ([`node`]), their lifecycle ([`state`]), durable
+//! state in SQLite ([`store`]), the HTTP API ([`api`]) and its typed client
+//! ([`client`]). Backends come in through the [`node::Backend`] trait; the
+//! real one is the process backend ([`backend`]).
+//!
+//! It must never hold a sandbox's lifecycle lock across guest I/O, never
+//! act before recording what it is about to do, and never lose a sandbox:
+//! after any crash, every sandbox on disk is re-adopted or cleaned up.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod backend;
+pub mod client;
+pub mod node;
+pub mod state;
+pub mod store;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use client::NodeClient;
+pub use node::{Backend, Node, NodeConfig};
+
+/// Serves the node API on `socket` (mode 0600) until `shutdown` resolves,
+/// then stops every running sandbox.
+pub async fn serve_unix<B: Backend>(
+    node: Arc<Node<B>>,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    node.spawn_janitor();
+    axum::serve(listener, api::router(node.clone())).with_graceful_shutdown(shutdown).await?;
+    node.shutdown().await;
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}

@@ -1,0 +1,732 @@
+//! The node core: the sandbox registry and its locks.
+//!
+//! # Locks (DESIGN §5; lock order in ARCHITECTURE.md)
+//!
+//! Each sandbox has two async locks that are **never held together**:
+//!
+//! * `lifecycle`: held for state checks, store writes and the short
+//!   lifecycle actions (boot, kill, cleanup). Stop, start, restart, set and
+//!   delete take only this lock.
+//! * `workspace`: held across guest I/O (tar import and export), which can
+//!   take minutes. An import takes `lifecycle` just long enough to check the
+//!   sandbox runs and copy its agent address, releases it, then takes
+//!   `workspace`. So a 1 GB import never delays a stop; two imports into one
+//!   sandbox are serialised; an export waits for an import in flight.
+//!
+//! Beside them: `create_lock` serialises name uniqueness and uid-range
+//! allocation only; `entries` (a std mutex) guards the map itself and each
+//! entry's `view` (a std mutex) holds the latest public snapshot, so `ls`
+//! and `show` never wait for a booting sandbox. Both are leaves: nothing is
+//! awaited while they are held.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use flotilla_agent::AgentClient;
+use flotilla_agent::http::ClientError;
+use flotilla_api::{
+    ApiError, BackendInfo, CreateSandboxRequest, ErrorCode, ImportSummary, NodeInfo, Page, PageQuery, Resources,
+    Sandbox, SandboxState, Step, Timestamp, UpdateSandboxRequest, WorkspaceQuery,
+};
+use hyper::body::Incoming;
+
+use crate::state::{self, Event};
+use crate::store::{SandboxRecord, Store, StoreError};
+
+/// What the node needs from a sandbox backend. The process backend
+/// implements it for real; tests implement it with fakes.
+pub trait Backend: Send + Sync + 'static {
+    /// A running sandbox.
+    type Handle: Clone + Send + Sync + 'static;
+
+    /// Boots the sandbox described by `rec`; `step` hears progress.
+    fn boot(
+        &self,
+        rec: &SandboxRecord,
+        step: &(dyn Fn(&str, Option<String>) + Send + Sync),
+    ) -> impl Future<Output = Result<Self::Handle, ApiError>> + Send;
+
+    /// Re-adopts a sandbox that survived a node restart.
+    fn adopt(&self, rec: &SandboxRecord) -> Option<Self::Handle>;
+
+    /// `(pid, start_time)` to record for re-adoption.
+    fn identity(&self, h: &Self::Handle) -> (i32, u64);
+
+    /// Resolves when the sandbox's process is gone; says how it ended.
+    fn exited(&self, h: &Self::Handle) -> impl Future<Output = String> + Send;
+
+    /// Kills the sandbox and waits until it is gone. Idempotent.
+    fn kill(&self, id: &str, h: &Self::Handle) -> impl Future<Output = Result<(), ApiError>> + Send;
+
+    /// Releases host resources of a sandbox that is not running.
+    fn cleanup(&self, id: &str) -> impl Future<Output = ()> + Send;
+
+    /// Removes everything the sandbox has on disk.
+    fn destroy(&self, id: &str) -> Result<(), ApiError>;
+
+    /// Applies new limits to a running sandbox.
+    fn set_limits(&self, id: &str, r: &Resources) -> Result<(), ApiError>;
+
+    /// A client of the sandbox's agent.
+    fn agent(&self, h: &Self::Handle) -> AgentClient;
+
+    /// Streams a tarball into the workspace.
+    fn import(
+        &self,
+        agent: AgentClient,
+        body: Body,
+        encoding: Option<String>,
+        q: WorkspaceQuery,
+    ) -> impl Future<Output = Result<ImportSummary, ClientError>> + Send {
+        async move { agent.put_workspace(body, encoding.as_deref(), &q).await }
+    }
+
+    /// Streams the workspace out.
+    fn export(
+        &self,
+        agent: AgentClient,
+        q: WorkspaceQuery,
+    ) -> impl Future<Output = Result<Incoming, ClientError>> + Send {
+        async move { agent.get_workspace(&q).await }
+    }
+
+    /// What this backend can do on this host.
+    fn info(&self) -> BackendInfo;
+
+    /// `v1`, `v2` or `none`.
+    fn cgroup_version(&self) -> String;
+
+    /// Images this backend can start from.
+    fn images(&self) -> Vec<String>;
+
+    /// Validates an image reference, returning its canonical form.
+    fn check_image(&self, image: &str) -> Result<String, ApiError>;
+}
+
+/// Node settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub home: PathBuf,
+    /// Limits for sandboxes that do not set their own.
+    pub default_resources: Resources,
+    pub tar_max_bytes: u64,
+    pub tar_max_entries: u64,
+    /// How often the janitor looks for expired sandboxes.
+    pub janitor_period: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(home: PathBuf) -> NodeConfig {
+        NodeConfig {
+            home,
+            default_resources: Resources { cpus: None, memory_bytes: Some(4 << 30), pids: Some(8192) },
+            tar_max_bytes: flotilla_api::limits::DEFAULT_TAR_MAX_BYTES,
+            tar_max_entries: flotilla_api::limits::DEFAULT_TAR_MAX_ENTRIES,
+            janitor_period: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Life<H> {
+    rec: SandboxRecord,
+    handle: Option<H>,
+    /// Bumped whenever the node itself ends a run, so the exit watcher of
+    /// that run knows the death was expected.
+    generation: u64,
+}
+
+struct Entry<H> {
+    id: String,
+    name: String,
+    uid_slot: u32,
+    lifecycle: tokio::sync::Mutex<Life<H>>,
+    workspace: Arc<tokio::sync::Mutex<()>>,
+    view: Mutex<Sandbox>,
+}
+
+/// The node.
+pub struct Node<B: Backend> {
+    backend: B,
+    store: Store,
+    config: NodeConfig,
+    node_id: String,
+    entries: Mutex<BTreeMap<String, Arc<Entry<B::Handle>>>>,
+    create_lock: tokio::sync::Mutex<()>,
+}
+
+impl<B: Backend> std::fmt::Debug for Node<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+fn store_err(e: StoreError) -> ApiError {
+    ApiError::internal(format!("writing node state: {}", flotilla_agent::http::error_chain(&e)))
+}
+
+/// A short random id: 12 hex digits.
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+        && n.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+impl<B: Backend> Node<B> {
+    /// Opens the node's store and recovers the sandboxes it knew: running
+    /// ones whose process survived are re-adopted, the rest are marked
+    /// failed and their host resources released.
+    pub async fn open(backend: B, config: NodeConfig) -> Result<Arc<Node<B>>, ApiError> {
+        std::fs::create_dir_all(&config.home)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", config.home.display())))?;
+        let store = Store::open(&config.home.join("node.db")).map_err(store_err)?;
+        let node_id = match store.meta("node_id").map_err(store_err)? {
+            Some(id) => id,
+            None => {
+                let id = new_id();
+                store.set_meta("node_id", &id).map_err(store_err)?;
+                id
+            }
+        };
+        let node = Arc::new(Node {
+            backend,
+            store,
+            config,
+            node_id,
+            entries: Mutex::new(BTreeMap::new()),
+            create_lock: tokio::sync::Mutex::new(()),
+        });
+        node.recover().await?;
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
+        for mut rec in self.store.load_all().map_err(store_err)? {
+            let id = rec.sandbox.id.clone();
+            let mut handle = None;
+            match rec.sandbox.state {
+                SandboxState::Deleted => {
+                    self.backend.cleanup(&id).await;
+                    let _ = self.backend.destroy(&id);
+                    self.store.delete(&id).map_err(store_err)?;
+                    continue;
+                }
+                SandboxState::Running | SandboxState::Creating => match self.backend.adopt(&rec) {
+                    Some(h) if rec.sandbox.state == SandboxState::Running => {
+                        tracing::info!(sandbox = %id, "re-adopted after restart");
+                        handle = Some(h);
+                    }
+                    other => {
+                        if let Some(h) = other {
+                            let _ = self.backend.kill(&id, &h).await;
+                        }
+                        self.backend.cleanup(&id).await;
+                        rec.sandbox.state = SandboxState::Failed;
+                        rec.sandbox.error = Some("the node restarted and the sandbox's process was gone".into());
+                        rec.pid = None;
+                        rec.start_time = None;
+                        push_step(&mut rec.sandbox, "lost_on_restart", None);
+                        self.store.put(&rec).map_err(store_err)?;
+                    }
+                },
+                SandboxState::Stopped | SandboxState::Failed => self.backend.cleanup(&id).await,
+            }
+            let entry = Arc::new(Entry {
+                id: id.clone(),
+                name: rec.sandbox.name.clone(),
+                uid_slot: rec.uid_slot,
+                view: Mutex::new(rec.sandbox.clone()),
+                lifecycle: tokio::sync::Mutex::new(Life { rec, handle: handle.clone(), generation: 0 }),
+                workspace: Arc::new(tokio::sync::Mutex::new(())),
+            });
+            self.entries.lock().expect("entries").insert(id, entry.clone());
+            if let Some(h) = handle {
+                self.watch_exit(&entry, h, 0);
+            }
+        }
+        Ok(())
+    }
+
+    fn find(&self, id_or_name: &str) -> Result<Arc<Entry<B::Handle>>, ApiError> {
+        let entries = self.entries.lock().expect("entries");
+        if let Some(e) = entries.get(id_or_name) {
+            return Ok(e.clone());
+        }
+        entries
+            .values()
+            .find(|e| e.name == id_or_name)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(format!("no sandbox {id_or_name:?}")))
+    }
+
+    /// Writes a record: store first, then the public view.
+    fn commit(&self, entry: &Entry<B::Handle>, rec: &SandboxRecord) -> Result<(), ApiError> {
+        self.store.put(rec).map_err(store_err)?;
+        *entry.view.lock().expect("view") = rec.sandbox.clone();
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ lifecycle
+
+    /// Creates a sandbox and boots it; returns once its agent is up.
+    pub async fn create(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<Sandbox, ApiError> {
+        let image = self.backend.check_image(req.image.as_deref().unwrap_or("host"))?;
+        if let Some(n) = &req.name
+            && !valid_name(n)
+        {
+            return Err(ApiError::invalid(format!(
+                "bad sandbox name {n:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+            )));
+        }
+        for k in req.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(ApiError::invalid(format!("bad environment variable name {k:?}")));
+            }
+        }
+        validate_resources(&req.resources)?;
+        let now = Timestamp::now();
+        let entry = {
+            // Name uniqueness and uid-range allocation, nothing else.
+            let _create = self.create_lock.lock().await;
+            let id = new_id();
+            let name = req.name.clone().unwrap_or_else(|| format!("sbx-{id}"));
+            let used_slots: HashSet<u32> = {
+                let entries = self.entries.lock().expect("entries");
+                if let Some(e) = entries.values().find(|e| e.name == name) {
+                    return Err(ApiError::conflict(format!("a sandbox named {name:?} exists ({})", e.id)));
+                }
+                entries.values().map(|e| e.uid_slot).collect()
+            };
+            let uid_slot = (0..).find(|s| !used_slots.contains(s)).expect("a free slot");
+            let mut sandbox = Sandbox {
+                id: id.clone(),
+                name: name.clone(),
+                image,
+                backend: req.backend,
+                state: SandboxState::Creating,
+                resources: merge_resources(&self.config.default_resources, &req.resources),
+                labels: req.labels.clone(),
+                env: req.env.clone(),
+                network: req.network,
+                created_at: now,
+                delete_at: req.ttl_s.map(|s| now.plus(Duration::from_secs(s))),
+                error: None,
+                steps: vec![],
+            };
+            push_step(&mut sandbox, "create_requested", None);
+            let rec = SandboxRecord { sandbox: sandbox.clone(), uid_slot, pid: None, start_time: None };
+            self.store.put(&rec).map_err(store_err)?;
+            let entry = Arc::new(Entry {
+                id: id.clone(),
+                name,
+                uid_slot,
+                view: Mutex::new(sandbox),
+                lifecycle: tokio::sync::Mutex::new(Life { rec, handle: None, generation: 0 }),
+                workspace: Arc::new(tokio::sync::Mutex::new(())),
+            });
+            self.entries.lock().expect("entries").insert(id, entry.clone());
+            entry
+        };
+        let mut life = entry.lifecycle.lock().await;
+        self.boot_locked(&entry, &mut life).await
+    }
+
+    /// Boots with the lifecycle lock held; the record is already `creating`.
+    async fn boot_locked(
+        self: &Arc<Self>,
+        entry: &Arc<Entry<B::Handle>>,
+        life: &mut Life<B::Handle>,
+    ) -> Result<Sandbox, ApiError> {
+        let steps: Arc<Mutex<Vec<Step>>> = Arc::new(Mutex::new(Vec::new()));
+        let sink = steps.clone();
+        let on_step = move |name: &str, detail: Option<String>| {
+            sink.lock().expect("steps").push(Step { name: name.into(), at: Timestamp::now(), detail });
+        };
+        let result = self.backend.boot(&life.rec, &on_step).await;
+        life.rec.sandbox.steps.extend(steps.lock().expect("steps").drain(..));
+        match result {
+            Ok(h) => {
+                let (pid, start_time) = self.backend.identity(&h);
+                life.rec.sandbox.state = state::transition(life.rec.sandbox.state, Event::AgentUp).map_err(invalid)?;
+                life.rec.sandbox.error = None;
+                life.rec.pid = Some(pid);
+                life.rec.start_time = Some(start_time);
+                push_step(&mut life.rec.sandbox, "agent_up", None);
+                life.handle = Some(h.clone());
+                life.generation += 1;
+                self.commit(entry, &life.rec)?;
+                self.watch_exit(entry, h, life.generation);
+                Ok(life.rec.sandbox.clone())
+            }
+            Err(e) => {
+                life.rec.sandbox.state =
+                    state::transition(life.rec.sandbox.state, Event::BootFailed).map_err(invalid)?;
+                life.rec.sandbox.error = Some(e.message.clone());
+                push_step(&mut life.rec.sandbox, "boot_failed", Some(e.message.clone()));
+                self.backend.cleanup(&entry.id).await;
+                self.commit(entry, &life.rec)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks the sandbox failed if its process dies while the node still
+    /// thinks it runs.
+    fn watch_exit(self: &Arc<Self>, entry: &Arc<Entry<B::Handle>>, h: B::Handle, generation: u64) {
+        let node = self.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            let how = node.backend.exited(&h).await;
+            let mut life = entry.lifecycle.lock().await;
+            if life.generation != generation || life.rec.sandbox.state != SandboxState::Running {
+                return;
+            }
+            tracing::warn!(sandbox = %entry.id, "sandbox process {how}");
+            let Ok(next) = state::transition(life.rec.sandbox.state, Event::Died) else { return };
+            life.rec.sandbox.state = next;
+            life.rec.sandbox.error = Some(format!("the sandbox's init {how}"));
+            life.rec.pid = None;
+            life.handle = None;
+            push_step(&mut life.rec.sandbox, "died", Some(how));
+            node.backend.cleanup(&entry.id).await;
+            let _ = node.commit(&entry, &life.rec);
+        });
+    }
+
+    /// Kills the process if there is one, with the lifecycle lock held.
+    async fn stop_locked(&self, entry: &Entry<B::Handle>, life: &mut Life<B::Handle>) -> Result<(), ApiError> {
+        life.generation += 1;
+        if let Some(h) = life.handle.take() {
+            self.backend.kill(&entry.id, &h).await?;
+        } else {
+            self.backend.cleanup(&entry.id).await;
+        }
+        if life.rec.sandbox.state != SandboxState::Stopped {
+            life.rec.sandbox.state = state::transition(life.rec.sandbox.state, Event::Stopped).map_err(invalid)?;
+            push_step(&mut life.rec.sandbox, "stopped", None);
+        }
+        life.rec.pid = None;
+        life.rec.start_time = None;
+        self.commit(entry, &life.rec)
+    }
+
+    pub async fn stop(&self, id: &str) -> Result<Sandbox, ApiError> {
+        let entry = self.find(id)?;
+        let mut life = entry.lifecycle.lock().await;
+        self.stop_locked(&entry, &mut life).await?;
+        Ok(life.rec.sandbox.clone())
+    }
+
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
+        let entry = self.find(id)?;
+        let mut life = entry.lifecycle.lock().await;
+        if life.rec.sandbox.state == SandboxState::Running {
+            return Ok(life.rec.sandbox.clone());
+        }
+        self.begin_boot(&entry, &mut life)?;
+        self.boot_locked(&entry, &mut life).await
+    }
+
+    pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
+        let entry = self.find(id)?;
+        let mut life = entry.lifecycle.lock().await;
+        self.stop_locked(&entry, &mut life).await?;
+        self.begin_boot(&entry, &mut life)?;
+        self.boot_locked(&entry, &mut life).await
+    }
+
+    fn begin_boot(&self, entry: &Entry<B::Handle>, life: &mut Life<B::Handle>) -> Result<(), ApiError> {
+        life.rec.sandbox.state = state::transition(life.rec.sandbox.state, Event::Boot).map_err(invalid)?;
+        life.rec.sandbox.steps.clear();
+        push_step(&mut life.rec.sandbox, "start_requested", None);
+        self.commit(entry, &life.rec)
+    }
+
+    /// Deletes a sandbox: stops it, removes its files, forgets it.
+    /// Deleting a sandbox that is already gone is not an error for the
+    /// caller that raced with us: it gets 404, and nothing is left behind.
+    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
+        let entry = self.find(id)?;
+        let mut life = entry.lifecycle.lock().await;
+        if life.rec.sandbox.state == SandboxState::Deleted {
+            return Ok(());
+        }
+        self.stop_locked(&entry, &mut life).await?;
+        life.rec.sandbox.state = state::transition(life.rec.sandbox.state, Event::Delete).map_err(invalid)?;
+        // Recorded before the files go, so a crash mid-delete finishes the
+        // delete at the next start instead of resurrecting the sandbox.
+        self.commit(&entry, &life.rec)?;
+        self.backend.destroy(&entry.id)?;
+        self.store.delete(&entry.id).map_err(store_err)?;
+        self.entries.lock().expect("entries").remove(&entry.id);
+        Ok(())
+    }
+
+    /// Changes labels, deadline or limits.
+    pub async fn update(&self, id: &str, req: UpdateSandboxRequest) -> Result<Sandbox, ApiError> {
+        if let Some(r) = &req.resources {
+            validate_resources(r)?;
+        }
+        let entry = self.find(id)?;
+        let mut life = entry.lifecycle.lock().await;
+        if life.rec.sandbox.state == SandboxState::Deleted {
+            return Err(ApiError::not_found(format!("no sandbox {id:?}")));
+        }
+        for (k, v) in req.labels {
+            if v.is_empty() {
+                life.rec.sandbox.labels.remove(&k);
+            } else {
+                life.rec.sandbox.labels.insert(k, v);
+            }
+        }
+        match req.ttl_s {
+            Some(0) => life.rec.sandbox.delete_at = None,
+            Some(s) => life.rec.sandbox.delete_at = Some(Timestamp::now().plus(Duration::from_secs(s))),
+            None => {}
+        }
+        if let Some(r) = req.resources {
+            let merged = merge_resources(&life.rec.sandbox.resources, &r);
+            if life.handle.is_some() {
+                self.backend.set_limits(&entry.id, &merged)?;
+            }
+            life.rec.sandbox.resources = merged;
+        }
+        self.commit(&entry, &life.rec)?;
+        Ok(life.rec.sandbox.clone())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Sandbox, ApiError> {
+        Ok(self.find(id)?.view.lock().expect("view").clone())
+    }
+
+    /// Lists sandboxes ordered by id, a page at a time.
+    pub fn list(&self, q: &PageQuery) -> Page<Sandbox> {
+        let limit =
+            q.limit.unwrap_or(flotilla_api::limits::DEFAULT_PAGE_SIZE).clamp(1, flotilla_api::limits::MAX_PAGE_SIZE);
+        let entries = self.entries.lock().expect("entries");
+        let after = q.page_token.clone().unwrap_or_default();
+        let mut items: Vec<Sandbox> = entries
+            .range::<String, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(_, e)| e.view.lock().expect("view").clone())
+            .collect();
+        let next_page_token = (items.len() > limit).then(|| {
+            items.truncate(limit);
+            items.last().map(|s| s.id.clone()).unwrap_or_default()
+        });
+        Page { items, next_page_token }
+    }
+
+    // ------------------------------------------------------------ workspace
+
+    /// The agent of a running sandbox, checked under the lifecycle lock,
+    /// which is released before the caller does any I/O.
+    pub async fn agent(&self, id: &str) -> Result<AgentClient, ApiError> {
+        let entry = self.find(id)?;
+        let life = entry.lifecycle.lock().await;
+        self.agent_locked(&life, id)
+    }
+
+    fn agent_locked(&self, life: &Life<B::Handle>, id: &str) -> Result<AgentClient, ApiError> {
+        match (&life.handle, life.rec.sandbox.state) {
+            (Some(h), s) if state::accepts_work(s) => Ok(self.backend.agent(h)),
+            (_, s) => Err(ApiError::conflict(format!("sandbox {id:?} is {s}, not running"))
+                .with_details(serde_json::json!({ "state": s.as_str() }))),
+        }
+    }
+
+    /// Streams a tarball into the workspace (DESIGN §5: lifecycle lock for
+    /// the check only, workspace lock across the I/O).
+    pub async fn import(
+        &self,
+        id: &str,
+        body: Body,
+        encoding: Option<String>,
+        dir: Option<String>,
+    ) -> Result<ImportSummary, ApiError> {
+        let entry = self.find(id)?;
+        let agent = {
+            let life = entry.lifecycle.lock().await;
+            self.agent_locked(&life, id)?
+        };
+        let _ws = entry.workspace.lock().await;
+        let q = WorkspaceQuery {
+            dir,
+            max_bytes: Some(self.config.tar_max_bytes),
+            max_entries: Some(self.config.tar_max_entries),
+        };
+        self.backend.import(agent, body, encoding, q).await.map_err(|e| e.to_api())
+    }
+
+    /// Streams the workspace out. Waits for an import in flight, so it never
+    /// snapshots a half-written tree. The lock is held while the response
+    /// streams: `Exported` releases it when dropped.
+    pub async fn export(&self, id: &str, dir: Option<String>) -> Result<Exported, ApiError> {
+        let entry = self.find(id)?;
+        let agent = {
+            let life = entry.lifecycle.lock().await;
+            self.agent_locked(&life, id)?
+        };
+        let lock = entry.workspace.clone().lock_owned().await;
+        let q = WorkspaceQuery { dir, ..Default::default() };
+        let body = self.backend.export(agent, q).await.map_err(|e| e.to_api())?;
+        Ok(Exported { body, lock })
+    }
+
+    // ------------------------------------------------------------ janitor and node
+
+    /// Deletes sandboxes whose `delete_at` has passed. Returns their ids.
+    pub async fn reap_expired(&self) -> Vec<String> {
+        let now = Timestamp::now();
+        let expired: Vec<String> = self
+            .entries
+            .lock()
+            .expect("entries")
+            .values()
+            .filter(|e| e.view.lock().expect("view").delete_at.is_some_and(|d| d <= now))
+            .map(|e| e.id.clone())
+            .collect();
+        let mut reaped = Vec::new();
+        for id in expired {
+            match self.delete(&id).await {
+                Ok(()) => {
+                    tracing::info!(sandbox = %id, "janitor deleted sandbox: its delete_at passed");
+                    reaped.push(id);
+                }
+                Err(e) => tracing::warn!(sandbox = %id, error = %e, "janitor could not delete expired sandbox"),
+            }
+        }
+        reaped
+    }
+
+    /// Runs the janitor until the node is dropped.
+    pub fn spawn_janitor(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let period = self.config.janitor_period;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(node) = weak.upgrade() else { return };
+                node.reap_expired().await;
+            }
+        });
+    }
+
+    /// Stops every running sandbox (graceful node shutdown).
+    pub async fn shutdown(&self) {
+        let entries: Vec<_> = self.entries.lock().expect("entries").values().cloned().collect();
+        for e in entries {
+            let mut life = e.lifecycle.lock().await;
+            if life.handle.is_some()
+                && let Err(err) = self.stop_locked(&e, &mut life).await
+            {
+                tracing::warn!(sandbox = %e.id, error = %err, "stopping at shutdown failed");
+            }
+        }
+    }
+
+    pub fn info(&self) -> NodeInfo {
+        let mut counts = BTreeMap::new();
+        for e in self.entries.lock().expect("entries").values() {
+            *counts.entry(e.view.lock().expect("view").state.as_str().to_string()).or_insert(0) += 1;
+        }
+        let mut network_modes = vec![flotilla_api::NetworkMode::None];
+        if flotilla_sandbox::ProcessBackend::network_helper().is_some() {
+            network_modes.push(flotilla_api::NetworkMode::Outbound);
+        }
+        NodeInfo {
+            node_id: self.node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            kernel: flotilla_sandbox::sys::kernel_release(),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            memory_bytes: mem_total(),
+            backends: vec![self.backend.info()],
+            images: self.backend.images(),
+            network_modes,
+            cgroup: self.backend.cgroup_version(),
+            sandboxes: counts,
+        }
+    }
+}
+
+/// A workspace export in flight; holds the sandbox's workspace lock until
+/// the body has been sent (or dropped).
+pub struct Exported {
+    pub body: Incoming,
+    pub lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+fn invalid(e: state::InvalidTransition) -> ApiError {
+    ApiError::new(ErrorCode::Conflict, e.to_string())
+}
+
+fn push_step(s: &mut Sandbox, name: &str, detail: Option<String>) {
+    s.steps.push(Step { name: name.into(), at: Timestamp::now(), detail });
+}
+
+fn merge_resources(base: &Resources, over: &Resources) -> Resources {
+    Resources {
+        cpus: over.cpus.or(base.cpus),
+        memory_bytes: over.memory_bytes.or(base.memory_bytes),
+        pids: over.pids.or(base.pids),
+    }
+}
+
+fn validate_resources(r: &Resources) -> Result<(), ApiError> {
+    if let Some(c) = r.cpus
+        && !(c > 0.0 && c <= 1024.0)
+    {
+        return Err(ApiError::invalid(format!("cpus must be between 0 and 1024, not {c}")));
+    }
+    if let Some(m) = r.memory_bytes
+        && m < (4 << 20)
+    {
+        return Err(ApiError::invalid(format!("memory must be at least 4MiB, not {m} bytes")));
+    }
+    if let Some(p) = r.pids
+        && p < 8
+    {
+        return Err(ApiError::invalid(format!("pids must be at least 8 (the agent needs a few), not {p}")));
+    }
+    Ok(())
+}
+
+fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}

@@ -1,0 +1,159 @@
+//! The node's durable state: SQLite in WAL mode in the data directory.
+//!
+//! One short transaction per state change, written before the side effect
+//! it describes is carried out, so a crashed node restarts knowing at least
+//! what it was about to do. `synchronous=NORMAL` in WAL mode keeps commits
+//! durable across a process crash without an fsync per write.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use flotilla_api::Sandbox;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// A sandbox as the node remembers it: the API view plus what only the
+/// node needs (its process and uid range).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub sandbox: Sandbox,
+    /// Index of the sandbox's uid range (see `flotilla_sandbox::process`).
+    pub uid_slot: u32,
+    /// The running init's pid and start time, for re-adoption.
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub start_time: Option<u64>,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the state database {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state database query failed")]
+    Query(#[from] rusqlite::Error),
+    #[error("state database holds a record that does not parse")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// The node's SQLite store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS sandboxes (
+                 id TEXT PRIMARY KEY,
+                 name TEXT NOT NULL,
+                 state TEXT NOT NULL,
+                 record TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+        )
+        .map_err(open_err)?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    pub fn put(&self, rec: &SandboxRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(rec)?;
+        self.conn.lock().expect("store lock").execute(
+            "INSERT INTO sandboxes (id, name, state, record) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET name = ?2, state = ?3, record = ?4",
+            params![rec.sandbox.id, rec.sandbox.name, rec.sandbox.state.as_str(), json],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.conn.lock().expect("store lock").execute("DELETE FROM sandboxes WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    pub fn load_all(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn.lock().expect("store lock");
+        let mut stmt = conn.prepare("SELECT record FROM sandboxes ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(serde_json::from_str(&row?)?);
+        }
+        Ok(out)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.conn.lock().expect("store lock");
+        Ok(conn.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| r.get(0)).optional()?)
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.lock().expect("store lock").execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::{BackendKind, NetworkMode, Resources, SandboxState, Timestamp};
+
+    fn rec(id: &str) -> SandboxRecord {
+        SandboxRecord {
+            sandbox: Sandbox {
+                id: id.into(),
+                name: format!("n-{id}"),
+                image: "host".into(),
+                backend: BackendKind::Process,
+                state: SandboxState::Running,
+                resources: Resources::default(),
+                labels: Default::default(),
+                env: Default::default(),
+                network: NetworkMode::None,
+                created_at: Timestamp(5),
+                delete_at: None,
+                error: None,
+                steps: vec![],
+            },
+            uid_slot: 3,
+            pid: Some(42),
+            start_time: Some(7),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put(&rec("a")).unwrap();
+            let mut b = rec("b");
+            s.put(&b).unwrap();
+            b.sandbox.state = SandboxState::Stopped;
+            s.put(&b).unwrap();
+            s.delete("a").unwrap();
+            s.set_meta("node_id", "xyz").unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let all = s.load_all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].sandbox.state, SandboxState::Stopped);
+        assert_eq!(s.meta("node_id").unwrap().as_deref(), Some("xyz"));
+        assert_eq!(s.meta("nope").unwrap(), None);
+    }
+}

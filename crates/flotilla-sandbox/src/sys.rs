@@ -1,0 +1,1014 @@
+//! Every raw syscall Flotilla makes, behind safe functions.
+//!
+//! This is the only module in the workspace with `unsafe` code. Each block
+//! says why it is sound. The two families here:
+//!
+//! * **Sandbox spawning** ([`spawn_sandbox`]): one `clone3` with new user,
+//!   mount, pid, net, uts and ipc namespaces; the child waits on a pipe for
+//!   the parent to write its id maps and cgroup, then mounts its root, pivots,
+//!   drops every privilege, installs seccomp and `execveat`s the agent. The
+//!   child runs in a copy of a multi-threaded process, so between `clone3`
+//!   and `execveat` it must not allocate, lock or unwind: it only walks data
+//!   prepared before the clone ([`ChildPlan`]) and makes raw syscalls. Errors
+//!   travel back to the parent as `(step, errno)` on a close-on-exec pipe;
+//!   end-of-file on that pipe means the exec succeeded.
+//! * **Process helpers** for the agent and the CLI: `wait4` with rusage,
+//!   signals, pidfds, pseudo-terminals, terminal raw mode.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+// ------------------------------------------------------------------ errors
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+fn cvt_long(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+// ------------------------------------------------------------------ pipes and fds
+
+/// A close-on-exec pipe: `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid two-element array for pipe2 to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Duplicates `fd` to a close-on-exec descriptor numbered at least `min`.
+pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a borrowed (hence open) fd returns a new fd
+    // that nothing else owns.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Takes ownership of a descriptor this process inherited by number
+/// (socket activation: the node passes the agent's listener as fd 3).
+/// Fails if `fd` is not open. Call once per descriptor, at start-up.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only inspects the descriptor table.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: F_SETFD with plain flags; keeps it from leaking into children.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
+    // SAFETY: the descriptor is open (checked above) and, by this
+    // function's contract, owned by nothing else in the process.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an open fd have no memory effects.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
+        let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+        cvt(libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags))?;
+    }
+    Ok(())
+}
+
+/// A descriptor shared by reference count, so it provably stays open while
+/// anything (such as an [`AsyncFd`](tokio::io::unix::AsyncFd)) uses it.
+#[derive(Debug, Clone)]
+pub struct SharedFd(pub std::sync::Arc<OwnedFd>);
+
+impl AsRawFd for SharedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Registers a shared descriptor with tokio's reactor.
+pub fn async_fd(fd: SharedFd, interest: tokio::io::Interest) -> io::Result<tokio::io::unix::AsyncFd<SharedFd>> {
+    // SAFETY: `SharedFd` owns the descriptor through an `Arc<OwnedFd>` that
+    // the AsyncFd keeps alive, so it stays open and names the same file
+    // description until the AsyncFd is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into())
+}
+
+// ------------------------------------------------------------------ pidfds and signals
+
+/// Opens a pidfd for `pid` (works for processes that are not our children,
+/// which is how a restarted node re-adopts sandboxes).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
+    let fd = cvt_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: the kernel returned a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` through a pidfd: race-free even if the pid was reused.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> io::Result<()> {
+    // SAFETY: null siginfo is allowed; the fd is open for the call.
+    cvt_long(unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) })?;
+    Ok(())
+}
+
+/// Reaps the process behind `pidfd` if it is our child and has exited.
+/// Returns `None` while it runs, `Some(None)` if it was not ours to reap.
+pub fn pidfd_try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<Option<WaitStatus>>> {
+    // SAFETY: siginfo_t is plain data; zeroed is a valid initial value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid out-pointer; P_PIDFD with an open pidfd.
+    let r = unsafe {
+        libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
+    };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ECHILD) { Ok(Some(None)) } else { Err(e) };
+    }
+    // SAFETY: waitid filled `info`; si_pid is 0 when nothing had exited.
+    let pid = unsafe { info.si_pid() };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // SAFETY: for a CLD_* child event si_status is valid.
+    let status = unsafe { info.si_status() };
+    Ok(Some(Some(match info.si_code {
+        libc::CLD_EXITED => WaitStatus::Exited(status),
+        _ => WaitStatus::Signaled(status),
+    })))
+}
+
+/// Whether the process behind a pidfd still exists.
+pub fn process_alive_fd(pidfd: &OwnedFd) -> bool {
+    pidfd_send_signal(std::os::fd::AsFd::as_fd(pidfd), 0).is_ok()
+}
+
+/// Whether a process exists (signal 0).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Sends `sig` to a process.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain integers; no memory is touched.
+    cvt(unsafe { libc::kill(pid, sig) })?;
+    Ok(())
+}
+
+/// Sends `sig` to every process in group `pgid`.
+pub fn kill_group(pgid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain integers; no memory is touched.
+    cvt(unsafe { libc::killpg(pgid, sig) })?;
+    Ok(())
+}
+
+/// Parses `TERM`, `SIGTERM`, `term` or `15`.
+pub fn signal_from_str(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    Some(match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "TSTP" => libc::SIGTSTP,
+        "WINCH" => libc::SIGWINCH,
+        "ALRM" => libc::SIGALRM,
+        _ => return None,
+    })
+}
+
+// ------------------------------------------------------------------ wait4
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// What `wait4` reports about a reaped child.
+#[derive(Debug, Clone, Copy)]
+pub struct Reaped {
+    pub pid: i32,
+    pub status: WaitStatus,
+    pub user_ms: u64,
+    pub system_ms: u64,
+    pub max_rss_kb: u64,
+}
+
+/// Non-blocking `wait4(pid)`; `pid = -1` reaps any child. `Ok(None)` when
+/// nothing has exited (or there are no children).
+pub fn wait4_nohang(pid: i32) -> io::Result<Option<Reaped>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data; zeroed is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointers for status and rusage.
+    let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ECHILD) { Ok(None) } else { Err(e) };
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    let st = if libc::WIFEXITED(status) {
+        WaitStatus::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        WaitStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        // Stopped/continued are not requested (no WUNTRACED); treat as exit.
+        WaitStatus::Exited(255)
+    };
+    let ms = |tv: libc::timeval| tv.tv_sec as u64 * 1000 + tv.tv_usec as u64 / 1000;
+    Ok(Some(Reaped {
+        pid: r,
+        status: st,
+        user_ms: ms(ru.ru_utime),
+        system_ms: ms(ru.ru_stime),
+        max_rss_kb: ru.ru_maxrss as u64,
+    }))
+}
+
+// ------------------------------------------------------------------ commands
+
+/// Makes `cmd` start in a new session (and so a new process group whose id
+/// is its pid), so that the whole tree can be signalled with `killpg`. With
+/// `ctty`, its stdin (a pty slave) becomes the controlling terminal.
+pub fn command_new_session(cmd: &mut Command, ctty: bool) {
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe syscalls (setsid, ioctl); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            if ctty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes `fd` appear as descriptor `target` in the command's process (for
+/// helpers such as slirp4netns that report readiness on a numbered fd).
+pub fn command_pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
+    // SAFETY: the closure runs between fork and exec and only calls dup2,
+    // which is async-signal-safe; `fd` is kept open by the caller until
+    // spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, target) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+// ------------------------------------------------------------------ ptys and terminals
+
+/// Opens a pseudo-terminal pair `(master, slave)`, both close-on-exec.
+pub fn openpty(cols: u16, rows: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: posix_openpt returns a new fd or -1.
+    let master = cvt(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: freshly opened fd we own.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    // SAFETY: grantpt/unlockpt on an open master fd.
+    unsafe {
+        cvt(libc::grantpt(master.as_raw_fd()))?;
+        cvt(libc::unlockpt(master.as_raw_fd()))?;
+    }
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `name` is a writable buffer of the length passed.
+    let r = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated path into `name`.
+    let path = unsafe { CStr::from_ptr(name.as_ptr()) };
+    // SAFETY: open with a valid C string; returns a new fd or -1.
+    let slave = cvt(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: freshly opened fd we own.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    set_window_size(master.as_fd_borrow(), cols, rows)?;
+    Ok((master, slave))
+}
+
+trait AsFdBorrow {
+    fn as_fd_borrow(&self) -> BorrowedFd<'_>;
+}
+impl AsFdBorrow for OwnedFd {
+    fn as_fd_borrow(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+/// Sets a terminal's size (TIOCSWINSZ).
+pub fn set_window_size(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads a winsize from a valid pointer.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
+}
+
+/// A terminal's size `(cols, rows)` (TIOCGWINSZ), if `fd` is a terminal.
+pub fn window_size(fd: BorrowedFd<'_>) -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize into a valid pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_col > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
+/// Puts a terminal in raw mode until the guard is dropped.
+pub struct RawModeGuard {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl RawModeGuard {
+    pub fn enable(fd: BorrowedFd<'_>) -> io::Result<RawModeGuard> {
+        // SAFETY: termios is plain data; tcgetattr fills it.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and out-pointer.
+        cvt(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut saved) })?;
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct in place.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: valid fd and pointer to an initialised termios.
+        cvt(unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, &raw) })?;
+        Ok(RawModeGuard { fd: fd.as_raw_fd(), saved })
+    }
+}
+
+impl Drop for RawModeGuard {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes saved from the same fd.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Whether `fd` is a terminal.
+pub fn is_terminal(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(fd.as_raw_fd()) == 1 }
+}
+
+// ------------------------------------------------------------------ misc host facts
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: uname NUL-terminates its fields.
+    unsafe { CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// Effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Changes the owner of a path without following a final symlink.
+pub fn lchown(path: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid C string; plain integers.
+    cvt(unsafe { libc::lchown(path.as_ptr(), uid, gid) })?;
+    Ok(())
+}
+
+// ================================================================== sandbox spawning
+
+/// One filesystem action the child performs before pivoting, in order.
+#[derive(Debug)]
+pub enum ChildOp {
+    /// `mount(source, target, fstype, flags, data)`.
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    /// `mkdir(path, mode)`; an existing directory is fine.
+    Mkdir { path: CString, mode: libc::mode_t },
+    /// `symlink(target, path)`; an existing entry is fine.
+    Symlink { target: CString, path: CString },
+    /// Creates an empty file to bind a device node onto.
+    Touch { path: CString },
+    /// Bind-mounts an existing file/dir, then remounts it read-only if
+    /// asked (a bind can't be made read-only in one call).
+    Bind { source: CString, target: CString, readonly: bool, recursive: bool },
+}
+
+/// Everything the child needs, prepared before `clone3` so that the child
+/// allocates nothing.
+#[derive(Debug)]
+pub struct ChildPlan {
+    /// Where the new root is assembled (an empty directory on the host).
+    pub root: CString,
+    /// Filesystem actions in order; `root` itself is mounted by the first.
+    pub ops: Vec<ChildOp>,
+    /// Make `/` read-only after pivoting (host image roots).
+    pub readonly_root: bool,
+    /// Working directory after pivoting.
+    pub cwd: CString,
+    pub hostname: CString,
+    /// The agent executable, opened on the host (exec'd by fd).
+    pub exe: OwnedFd,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    /// fd 0, 1, 2 and 3, 4 of the agent: stdin, stdout, stderr, the
+    /// listening socket, the readiness pipe.
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub listener: OwnedFd,
+    pub ready: OwnedFd,
+    /// Seccomp programs, installed in order (see `seccomp`).
+    pub seccomp: Vec<Vec<libc::sock_filter>>,
+}
+
+/// The setup step a child failed at, reported over the error pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ChildStep {
+    WaitParent = 1,
+    SetIds,
+    Unshare,
+    MakePrivate,
+    Op,
+    Pivot,
+    ReadonlyRoot,
+    Chdir,
+    Hostname,
+    Loopback,
+    NoNewPrivs,
+    DropCaps,
+    Fds,
+    Seccomp,
+    Exec,
+}
+
+impl ChildStep {
+    fn from_u32(v: u32) -> Option<ChildStep> {
+        use ChildStep::*;
+        [
+            WaitParent,
+            SetIds,
+            Unshare,
+            MakePrivate,
+            Op,
+            Pivot,
+            ReadonlyRoot,
+            Chdir,
+            Hostname,
+            Loopback,
+            NoNewPrivs,
+            DropCaps,
+            Fds,
+            Seccomp,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ChildStep::WaitParent => "wait for the node",
+            ChildStep::SetIds => "become root of the user namespace",
+            ChildStep::Unshare => "unshare the cgroup namespace",
+            ChildStep::MakePrivate => "make mounts private",
+            ChildStep::Op => "set up the root filesystem",
+            ChildStep::Pivot => "pivot_root into the sandbox root",
+            ChildStep::ReadonlyRoot => "make the root read-only",
+            ChildStep::Chdir => "enter the working directory",
+            ChildStep::Hostname => "set the hostname",
+            ChildStep::Loopback => "bring up loopback",
+            ChildStep::NoNewPrivs => "set no_new_privs",
+            ChildStep::DropCaps => "drop capabilities",
+            ChildStep::Fds => "arrange file descriptors",
+            ChildStep::Seccomp => "install the seccomp filter",
+            ChildStep::Exec => "exec the agent",
+        }
+    }
+}
+
+/// Why a sandbox child failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("clone3 with new namespaces failed")]
+    Clone(#[source] io::Error),
+    #[error("sandbox setup failed at step `{}` (operation {op})", step.describe())]
+    Child {
+        step: ChildStep,
+        op: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the id maps of pid {pid} failed")]
+    IdMap {
+        pid: i32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("talking to the sandbox child failed")]
+    Pipe(#[source] io::Error),
+}
+
+/// A cloned child that waits for [`PendingChild::release`].
+#[derive(Debug)]
+pub struct PendingChild {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+    sync_w: Option<OwnedFd>,
+    err_r: OwnedFd,
+}
+
+impl PendingChild {
+    /// Maps uid and gid 0..count of the child's user namespace to
+    /// `base..base+count` on the host.
+    pub fn write_id_maps(&self, base: u32, count: u32) -> Result<(), SpawnError> {
+        let line = format!("0 {base} {count}\n");
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{}/{file}", self.pid), &line)
+                .map_err(|source| SpawnError::IdMap { pid: self.pid, source })?;
+        }
+        Ok(())
+    }
+
+    /// Lets the child go on and blocks until it has exec'd the agent (or
+    /// failed, in which case the error names its step). On error the child
+    /// is killed and reaped.
+    pub fn release(mut self) -> Result<(i32, OwnedFd), SpawnError> {
+        let sync = self.sync_w.take().expect("released once");
+        let r = write_all_fd(sync.as_raw_fd(), &[1]);
+        drop(sync);
+        if let Err(e) = r {
+            self.abort();
+            return Err(SpawnError::Pipe(e));
+        }
+        let mut buf = [0u8; 12];
+        let n = match read_full(self.err_r.as_raw_fd(), &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.abort();
+                return Err(SpawnError::Pipe(e));
+            }
+        };
+        if n == 0 {
+            return Ok((self.pid, self.pidfd));
+        }
+        let step = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes"));
+        let op = u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
+        let errno = i32::from_ne_bytes(buf[8..12].try_into().expect("4 bytes"));
+        self.abort();
+        Err(SpawnError::Child {
+            step: ChildStep::from_u32(step).unwrap_or(ChildStep::Exec),
+            op,
+            source: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    /// Kills and reaps the child.
+    pub fn abort(&self) {
+        let _ = pidfd_send_signal(std::os::fd::AsFd::as_fd(&self.pidfd), libc::SIGKILL);
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        unsafe {
+            let mut st = 0;
+            libc::waitpid(self.pid, &mut st, 0);
+        }
+    }
+}
+
+fn write_all_fd(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: data is a valid readable slice.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: buf[got..] is a valid writable slice.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    Ok(got)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Namespaces every sandbox gets.
+const NS_FLAGS: u64 = (libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC) as u64;
+
+/// Clones a child into new namespaces. The child blocks until
+/// [`PendingChild::release`], then carries out `plan` and execs the agent.
+pub fn spawn_sandbox(plan: &ChildPlan) -> Result<PendingChild, SpawnError> {
+    let (sync_r, sync_w) = pipe().map_err(SpawnError::Pipe)?;
+    let (err_r, err_w) = pipe().map_err(SpawnError::Pipe)?;
+    // Null-terminated pointer arrays, built before the clone.
+    let argv: Vec<*const libc::c_char> =
+        plan.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: Vec<*const libc::c_char> =
+        plan.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let progs: Vec<libc::sock_fprog> = plan
+        .seccomp
+        .iter()
+        .map(|p| libc::sock_fprog { len: p.len() as u16, filter: p.as_ptr() as *mut libc::sock_filter })
+        .collect();
+
+    let mut pidfd: RawFd = -1;
+    let args = CloneArgs {
+        flags: NS_FLAGS | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut RawFd as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM behaves like fork: the child gets a
+    // copy of the address space and continues here with return value 0. The
+    // child then runs only `child_main`, which makes raw syscalls on data
+    // prepared above and never returns (it execs or _exits).
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if ret == -1 {
+        return Err(SpawnError::Clone(io::Error::last_os_error()));
+    }
+    if ret == 0 {
+        // SAFETY: we are the child; see `child_main`'s contract.
+        unsafe { child_main(plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), &argv, &envp, &progs) }
+    }
+    drop(sync_r);
+    drop(err_w);
+    // SAFETY: CLONE_PIDFD stored a new fd that we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(PendingChild { pid: ret as i32, pidfd, sync_w: Some(sync_w), err_r })
+}
+
+/// Reports `(step, op, errno)` and exits. Async-signal-safe.
+fn child_fail(err_fd: RawFd, step: ChildStep, op: u32) -> ! {
+    // SAFETY: errno location is thread-local and valid.
+    let errno = unsafe { *libc::__errno_location() };
+    let mut buf = [0u8; 12];
+    buf[0..4].copy_from_slice(&(step as u32).to_ne_bytes());
+    buf[4..8].copy_from_slice(&op.to_ne_bytes());
+    buf[8..12].copy_from_slice(&errno.to_ne_bytes());
+    // SAFETY: writing a stack buffer to a pipe, then exiting without
+    // running any destructors or atexit handlers.
+    unsafe {
+        libc::write(err_fd, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child side of [`spawn_sandbox`].
+///
+/// # Safety
+/// Must only be called in the child of `clone3`, before exec. It relies on
+/// every pointer in its arguments staying valid, which holds because the
+/// child owns a copy of the parent's memory and nothing frees it.
+unsafe fn child_main(
+    plan: &ChildPlan,
+    sync_fd: RawFd,
+    err_fd: RawFd,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    progs: &[libc::sock_fprog],
+) -> ! {
+    // SAFETY (whole function): only raw syscalls on pointers into `plan`,
+    // `argv`, `envp` and `progs`, which live for the child's whole life.
+    unsafe {
+        let fail = |step: ChildStep, op: u32| -> ! { child_fail(err_fd, step, op) };
+
+        // 1. Wait until the parent has written our id maps and cgroup.
+        let mut b = [0u8; 1];
+        loop {
+            let n = libc::read(sync_fd, b.as_mut_ptr().cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n == -1 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            fail(ChildStep::WaitParent, 0);
+        }
+
+        // 2. Become root of the namespace; shed the host's supplementary
+        //    groups so host group permissions never apply inside.
+        if libc::setresgid(0, 0, 0) != 0 || libc::setgroups(0, std::ptr::null()) != 0 || libc::setresuid(0, 0, 0) != 0 {
+            fail(ChildStep::SetIds, 0);
+        }
+        // 3. A cgroup namespace rooted at the cgroup the parent put us in.
+        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+            fail(ChildStep::Unshare, 0);
+        }
+        // 4. Nothing we mount may propagate back to the host.
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(ChildStep::MakePrivate, 0);
+        }
+        // 5. Assemble the root.
+        for (i, op) in plan.ops.iter().enumerate() {
+            let i = i as u32;
+            match op {
+                ChildOp::Mount { source, target, fstype, flags, data } => {
+                    let p = |o: &Option<CString>| o.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+                    if libc::mount(p(source), target.as_ptr(), p(fstype), *flags, p(data).cast()) != 0 {
+                        fail(ChildStep::Op, i);
+                    }
+                }
+                ChildOp::Mkdir { path, mode } => {
+                    if libc::mkdir(path.as_ptr(), *mode) != 0 && *libc::__errno_location() != libc::EEXIST {
+                        fail(ChildStep::Op, i);
+                    }
+                }
+                ChildOp::Symlink { target, path } => {
+                    if libc::symlink(target.as_ptr(), path.as_ptr()) != 0 && *libc::__errno_location() != libc::EEXIST {
+                        fail(ChildStep::Op, i);
+                    }
+                }
+                ChildOp::Touch { path } => {
+                    let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);
+                    if fd < 0 {
+                        fail(ChildStep::Op, i);
+                    }
+                    libc::close(fd);
+                }
+                ChildOp::Bind { source, target, readonly, recursive } => {
+                    let rec = if *recursive { libc::MS_REC } else { 0 };
+                    if libc::mount(
+                        source.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | rec,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        fail(ChildStep::Op, i);
+                    }
+                    if *readonly {
+                        // Keep the flags the kernel locks on binds made in
+                        // a user namespace (nosuid/nodev/noexec of the
+                        // source), or the remount is refused.
+                        let mut sfs: libc::statvfs = std::mem::zeroed();
+                        if libc::statvfs(target.as_ptr(), &mut sfs) != 0 {
+                            fail(ChildStep::Op, i);
+                        }
+                        let keep = sfs.f_flag
+                            & (libc::ST_NOSUID
+                                | libc::ST_NODEV
+                                | libc::ST_NOEXEC
+                                | libc::ST_NOATIME
+                                | libc::ST_NODIRATIME
+                                | libc::ST_RELATIME);
+                        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID;
+                        if keep & libc::ST_NODEV != 0 {
+                            flags |= libc::MS_NODEV;
+                        }
+                        if keep & libc::ST_NOEXEC != 0 {
+                            flags |= libc::MS_NOEXEC;
+                        }
+                        if keep & libc::ST_NOATIME != 0 {
+                            flags |= libc::MS_NOATIME;
+                        }
+                        if keep & libc::ST_NODIRATIME != 0 {
+                            flags |= libc::MS_NODIRATIME;
+                        }
+                        if keep & libc::ST_RELATIME != 0 {
+                            flags |= libc::MS_RELATIME;
+                        }
+                        if libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), flags, std::ptr::null())
+                            != 0
+                        {
+                            fail(ChildStep::Op, i);
+                        }
+                    }
+                }
+            }
+        }
+        // 6. Pivot into the new root and let go of the host's tree.
+        if libc::chdir(plan.root.as_ptr()) != 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+            || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0
+            || libc::chdir(c"/".as_ptr()) != 0
+        {
+            fail(ChildStep::Pivot, 0);
+        }
+        if plan.readonly_root
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                std::ptr::null(),
+            ) != 0
+        {
+            fail(ChildStep::ReadonlyRoot, 0);
+        }
+        if libc::chdir(plan.cwd.as_ptr()) != 0 {
+            fail(ChildStep::Chdir, 0);
+        }
+        let hn = plan.hostname.as_bytes();
+        if libc::sethostname(hn.as_ptr().cast(), hn.len()) != 0 {
+            fail(ChildStep::Hostname, 0);
+        }
+        // 7. Loopback up (the net namespace starts with it down).
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            fail(ChildStep::Loopback, 0);
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut ifr) != 0 {
+            fail(ChildStep::Loopback, 1);
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &ifr) != 0 {
+            fail(ChildStep::Loopback, 2);
+        }
+        libc::close(sock);
+
+        // 8. Give up every privilege, for good.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(ChildStep::NoNewPrivs, 0);
+        }
+        drop_all_capabilities().unwrap_or_else(|op| fail(ChildStep::DropCaps, op));
+
+        // 9. fds: 0 stdin, 1+2 log, 3 listener, 4 ready; everything else
+        //    closes at exec (the error pipe included, which tells the
+        //    parent the exec happened).
+        let fds = [
+            (plan.stdin.as_raw_fd(), 0),
+            (plan.stdout.as_raw_fd(), 1),
+            (plan.stdout.as_raw_fd(), 2),
+            (plan.listener.as_raw_fd(), 3),
+            (plan.ready.as_raw_fd(), 4),
+        ];
+        for (i, (from, to)) in fds.into_iter().enumerate() {
+            if libc::dup2(from, to) != to {
+                fail(ChildStep::Fds, i as u32);
+            }
+        }
+        if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+            fail(ChildStep::Fds, 9);
+        }
+
+        // 10. Seccomp last: from here on only execveat is needed.
+        for (i, prog) in progs.iter().enumerate() {
+            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, prog as *const libc::sock_fprog) != 0
+            {
+                fail(ChildStep::Seccomp, i as u32);
+            }
+        }
+        libc::syscall(
+            libc::SYS_execveat,
+            plan.exe.as_raw_fd(),
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
+        fail(ChildStep::Exec, 0)
+    }
+}
+
+/// Empties the bounding, ambient, inheritable, permitted and effective
+/// capability sets, and locks root out of regaining them on exec.
+/// Returns the failing sub-step on error. Async-signal-safe.
+fn drop_all_capabilities() -> Result<(), u32> {
+    // SAFETY: prctl/capset with plain integers and stack structs.
+    unsafe {
+        // Root must never regain capabilities through exec or setuid.
+        let bits = 0x2f; // SECBIT_NOROOT|_LOCKED|SECBIT_NO_SETUID_FIXUP|_LOCKED|SECBIT_KEEP_CAPS_LOCKED
+        if libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) != 0 {
+            return Err(1);
+        }
+        let mut cap = 0;
+        while libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) >= 0 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                return Err(2);
+            }
+            cap += 1;
+        }
+        if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 {
+            return Err(3);
+        }
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let hdr = Header { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
+        let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        if libc::syscall(libc::SYS_capset, &hdr as *const Header, data.as_ptr()) != 0 {
+            return Err(4);
+        }
+    }
+    Ok(())
+}
+
+/// The pid's start time in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`): with the pid, it names a process uniquely, so a
+/// restarted node can tell its sandbox from a stranger that reused the pid.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_and_number() {
+        assert_eq!(signal_from_str("TERM"), Some(libc::SIGTERM));
+        assert_eq!(signal_from_str("sigkill"), Some(libc::SIGKILL));
+        assert_eq!(signal_from_str("2"), Some(2));
+        assert_eq!(signal_from_str("NOPE"), None);
+        assert_eq!(signal_from_str("0"), None);
+    }
+
+    #[test]
+    fn start_time_of_self_is_stable() {
+        let me = std::process::id() as i32;
+        let a = process_start_time(me).unwrap();
+        assert_eq!(process_start_time(me), Some(a));
+        assert_eq!(process_start_time(i32::MAX), None);
+    }
+
+    #[test]
+    fn ptys_open_and_resize() {
+        let (m, s) = openpty(100, 40).unwrap();
+        assert_eq!(window_size(std::os::fd::AsFd::as_fd(&s)), Some((100, 40)));
+        assert!(is_terminal(std::os::fd::AsFd::as_fd(&m)));
+    }
+}
