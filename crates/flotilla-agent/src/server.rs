@@ -107,7 +107,7 @@ async fn put_workspace(
 ) -> Result<Json<ImportSummary>> {
     let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     let compression = Compression::from_content_encoding(encoding).map_err(extract_error)?;
-    let dest = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
+    let dest = tarx::ensure_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
     let limits = TarLimits {
         max_bytes: q.max_bytes.unwrap_or(DEFAULT_TAR_MAX_BYTES),
         max_entries: q.max_entries.unwrap_or(DEFAULT_TAR_MAX_ENTRIES),

@@ -59,6 +59,9 @@ pub async fn run(agent: Arc<Agent>, q: SessionQuery, socket: WebSocket) {
             return;
         }
     };
+    // The Command holds copies of the slave: drop them, or the master
+    // never reads end-of-file when the program exits.
+    drop(cmd);
     drop(slave);
     let pid = child.id() as i32;
     // Two independent handles, so a pending read never blocks a write.
@@ -76,8 +79,12 @@ pub async fn run(agent: Arc<Agent>, q: SessionQuery, socket: WebSocket) {
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     let mut exit = Box::pin(exit);
     let mut exited: Option<sys::Reaped> = None;
+    // Once the program has exited, keep reading only until its last output
+    // is out (a background child may hold the terminal open forever).
+    let mut drain_deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365);
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(drain_deadline) => break,
             r = reader.read(&mut buf) => match r {
                 // EIO once the last slave handle is closed: the program ended.
                 Ok(0) | Err(_) => break,
@@ -116,6 +123,7 @@ pub async fn run(agent: Arc<Agent>, q: SessionQuery, socket: WebSocket) {
             },
             r = &mut exit, if exited.is_none() => {
                 exited = r.ok();
+                drain_deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
             },
             _ = heartbeat.tick() => {
                 if ws_tx.send(send(Frame::heartbeat())).await.is_err() {

@@ -18,13 +18,14 @@
 //!    the `tar` crate buffer a long-name member of any size. A pax `size`
 //!    that disagrees with the header is refused, so this reader and any
 //!    other can never disagree about where a member ends.
-//! 2. The member path is checked lexically ([`normalize`]): no absolute
+//! 2. The member path is checked lexically (`normalize`): no absolute
 //!    path, no `..`, no NUL, components within `NAME_MAX`. `.` components
 //!    and a leading `./` are dropped; a member naming `dest` itself is
 //!    skipped.
-//! 3. Limits are counted before anything is written: every member against
-//!    `max_entries`, every member's data size against `max_bytes` (so data
-//!    that is skipped still counts, which bounds decompression bombs too).
+//! 3. Limits are counted before anything is written: every member, and
+//!    every parent directory created for one, against `max_entries`; every
+//!    member's data size against `max_bytes` (so data that is skipped still
+//!    counts, which bounds decompression bombs too).
 //! 4. Only regular files, directories, symlinks and hard links are accepted.
 //!    Devices, fifos and sparse files are refused.
 //! 5. Nothing is written through a symlink. Each parent directory is checked
@@ -107,6 +108,14 @@ const NAME_MAX: usize = 255;
 /// terminating NUL).
 const PATH_MAX: usize = 4095;
 
+/// Cap on the memory of the known-directories cache (sum of path
+/// lengths). It is only a cache: when full it is emptied and refilled.
+const KNOWN_DIRS_MAX_BYTES: usize = 16 << 20;
+
+/// Member names longer than this are shortened in errors, so a hostile
+/// long name does not come back as a megabyte of error message.
+const MAX_NAME_IN_ERROR: usize = PATH_MAX + 1;
+
 /// Mode for directories while an import runs (implicit parents keep it,
 /// minus the umask, as `tar -x` does): owner-writable so members can be
 /// written into directories the archive marks read-only.
@@ -118,7 +127,8 @@ pub struct TarLimits {
     /// Total data size of all members (file contents, plus any data carried
     /// by other members, which is read and discarded).
     pub max_bytes: u64,
-    /// Number of members (files, directories, links, global pax headers).
+    /// Number of members (files, directories, links, global pax headers)
+    /// plus parent directories created because a member needed them.
     pub max_entries: u64,
 }
 
@@ -210,6 +220,12 @@ fn corrupt(kind: io::ErrorKind, msg: String) -> ExtractError {
 /// wrote: `entries` counts the members processed, `bytes` the file content
 /// written. On error, members before the failing one remain in `dest`;
 /// nothing is ever written outside it. See the module docs for the rules.
+///
+/// After the end-of-archive marker the rest of the stream is read (up to
+/// 1 MiB) so a compressed stream's checksum is verified: a corrupt or
+/// truncated trailer is a `Format` error even though every member was
+/// written. Memory use is bounded except for the list of directory
+/// members whose modes are applied at the end (as in GNU tar).
 pub fn extract<R: Read>(
     reader: R,
     compression: Compression,
@@ -406,6 +422,16 @@ fn check_symlink_target(rel: &Path, target: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A member name for errors: lossy UTF-8, shortened if absurdly long.
+fn name_of(raw: &[u8]) -> String {
+    if raw.len() <= MAX_NAME_IN_ERROR {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    let mut name = String::from_utf8_lossy(&raw[..MAX_NAME_IN_ERROR]).into_owned();
+    name.push_str("...");
+    name
+}
+
 /// GNU long names carry a terminating NUL (sometimes more).
 fn trim_nuls(mut b: &[u8]) -> &[u8] {
     while let [rest @ .., 0] = b {
@@ -425,11 +451,15 @@ struct Extractor<'a> {
     /// Relative paths known to be real directories: checked or created
     /// during this import. Cleared whenever a directory is removed.
     known_dirs: HashSet<PathBuf>,
+    known_dirs_bytes: usize,
     dirs: Vec<DirMeta>,
     pending: Pending,
     buf: Vec<u8>,
-    /// Members counted against `max_entries`.
+    /// Members counted against `max_entries` (and reported).
     entries: u64,
+    /// Parent directories created for members, also counted against
+    /// `max_entries`: otherwise one member could create ~2000 of them.
+    implicit_dirs: u64,
     /// Member data counted against `max_bytes`.
     consumed: u64,
     /// File content written.
@@ -442,10 +472,12 @@ impl<'a> Extractor<'a> {
             dest,
             limits,
             known_dirs: HashSet::new(),
+            known_dirs_bytes: 0,
             dirs: Vec::new(),
             pending: Pending::default(),
             buf: vec![0; COPY_BUF_BYTES],
             entries: 0,
+            implicit_dirs: 0,
             consumed: 0,
             written: 0,
         }
@@ -453,7 +485,11 @@ impl<'a> Extractor<'a> {
 
     fn count_entry(&mut self, name: &str) -> Result<(), ExtractError> {
         self.entries += 1;
-        if self.entries > self.limits.max_entries {
+        self.check_entries(name)
+    }
+
+    fn check_entries(&self, name: &str) -> Result<(), ExtractError> {
+        if self.entries.saturating_add(self.implicit_dirs) > self.limits.max_entries {
             return Err(ExtractError::OverLimit {
                 entry: name.to_owned(),
                 what: "entries",
@@ -478,7 +514,7 @@ impl<'a> Extractor<'a> {
         let size = member.size();
         match kind {
             EntryType::GNULongName | EntryType::GNULongLink | EntryType::XHeader => {
-                let name = String::from_utf8_lossy(&member.header().path_bytes()).into_owned();
+                let name = name_of(&member.header().path_bytes());
                 self.count_bytes(&name, size)?;
                 let data = read_extension(member, size)?;
                 let slot = match kind {
@@ -498,7 +534,7 @@ impl<'a> Extractor<'a> {
             EntryType::XGlobalHeader => {
                 // Global pax records (git archive's commit id) carry nothing
                 // we use; the data is skipped, but counted.
-                let name = String::from_utf8_lossy(&member.header().path_bytes()).into_owned();
+                let name = name_of(&member.header().path_bytes());
                 self.count_entry(&name)?;
                 self.count_bytes(&name, size)
             }
@@ -532,7 +568,7 @@ impl<'a> Extractor<'a> {
             (None, Some(long)) => trim_nuls(long).to_vec(),
             (None, None) => header.path_bytes().into_owned(),
         };
-        let name = String::from_utf8_lossy(&path).into_owned();
+        let name = name_of(&path);
         self.count_entry(&name)?;
         self.count_bytes(&name, size)?;
         if pax.sparse || kind == EntryType::GNUSparse {
@@ -598,13 +634,24 @@ impl<'a> Extractor<'a> {
                     return Err(hostile(name, format!("{} is not a directory", cur.display())));
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.implicit_dirs += 1;
+                    self.check_entries(name)?;
                     fs::DirBuilder::new().mode(WORK_DIR_MODE).create(&full).map_err(|e| io_error(name, e))?;
                 }
                 Err(e) => return Err(io_error(name, e)),
             }
-            self.known_dirs.insert(cur.clone());
+            self.remember_dir(cur.clone());
         }
         Ok(())
+    }
+
+    fn remember_dir(&mut self, rel: PathBuf) {
+        self.known_dirs_bytes += rel.as_os_str().len();
+        if self.known_dirs_bytes > KNOWN_DIRS_MAX_BYTES {
+            self.known_dirs.clear();
+            self.known_dirs_bytes = rel.as_os_str().len();
+        }
+        self.known_dirs.insert(rel);
     }
 
     /// Removes whatever is at `path` without following it.
@@ -613,6 +660,7 @@ impl<'a> Extractor<'a> {
             Ok(m) if m.is_dir() => {
                 // Directories under it may be in `known_dirs`.
                 self.known_dirs.clear();
+                self.known_dirs_bytes = 0;
                 remove_tree(path)
             }
             Ok(_) => fs::remove_file(path),
@@ -697,7 +745,7 @@ impl<'a> Extractor<'a> {
             },
             Err(e) => return Err(io_error(name, e)),
         }
-        self.known_dirs.insert(rel.clone());
+        self.remember_dir(rel.clone());
         self.dirs.push(DirMeta { rel, mode, mtime });
         Ok(())
     }
@@ -711,7 +759,7 @@ impl<'a> Extractor<'a> {
     }
 
     fn hard_link(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<(), ExtractError> {
-        let target_name = String::from_utf8_lossy(target);
+        let target_name = name_of(target);
         let bad = |reason: &str| hostile(name, format!("hard link target {target_name:?}: {reason}"));
         let target_rel = match normalize(target) {
             Ok(Some(t)) => t,
@@ -1057,6 +1105,14 @@ mod tests {
         Fixture { _tmp: tmp, root, dest, outside }
     }
 
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            // Archives create read-only directories; without this a
+            // non-root run could not remove the temp dir.
+            make_dirs_writable(&self.root);
+        }
+    }
+
     impl Fixture {
         fn extract(&self, tar: &[u8]) -> Result<ImportSummary, ExtractError> {
             extract(tar, Compression::None, &self.dest, &TarLimits::default())
@@ -1208,6 +1264,7 @@ mod tests {
             .sum();
         assert_eq!(summary.bytes, bytes);
         f.assert_contained();
+        make_dirs_writable(src.path());
     }
 
     #[test]
@@ -1516,6 +1573,17 @@ mod tests {
             other => panic!("expected OverLimit entries, got {other:?}"),
         }
         assert!(!f.dest.join("c").exists());
+
+        // Parent directories a member makes us create count too.
+        let f = fixture();
+        let deep = archive(|b| file(b, "a/b/c/f", b"f"));
+        let limits = TarLimits { max_bytes: 1 << 20, max_entries: 3 };
+        match extract(&deep[..], Compression::None, &f.dest, &limits) {
+            Err(ExtractError::OverLimit { entry, what: "entries", .. }) => assert_eq!(entry, "a/b/c/f"),
+            other => panic!("expected OverLimit entries, got {other:?}"),
+        }
+        let limits = TarLimits { max_bytes: 1 << 20, max_entries: 4 };
+        assert_eq!(extract(&deep[..], Compression::None, &f.dest, &limits).unwrap().entries, 1);
     }
 
     #[test]

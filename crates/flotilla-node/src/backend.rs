@@ -22,7 +22,7 @@ impl ProcessNodeBackend {
     /// Sets up the backend under `home`: the sandboxes directory and the
     /// generated `/etc` of the host image. `agent_exe` is the binary that
     /// implements `agent --init`, `agent_args` the words before `--init`.
-    pub fn new(home: PathBuf, agent_exe: PathBuf, agent_args: Vec<String>, node_id: &str) -> Result<Self, ApiError> {
+    pub fn new(home: PathBuf, agent_exe: PathBuf, agent_args: Vec<String>) -> Result<Self, ApiError> {
         let host_etc = home.join("images/host/etc");
         let io = |what: &str, e: std::io::Error| ApiError::internal(format!("{what}: {e}"));
         std::fs::create_dir_all(home.join("sandboxes")).map_err(|e| io("creating the sandboxes directory", e))?;
@@ -35,7 +35,7 @@ impl ProcessNodeBackend {
             agent_exe,
             agent_args,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
-            cgroup_group: format!("flotilla-{node_id}"),
+            cgroup_group: cgroup_group_for(&home),
         };
         let inner =
             ProcessBackend::new(config).map_err(|e| ApiError::internal(flotilla_agent::http::error_chain(&e)))?;
@@ -45,6 +45,18 @@ impl ProcessNodeBackend {
     pub fn inner(&self) -> &ProcessBackend {
         &self.inner
     }
+}
+
+/// One cgroup group per data directory, so that two nodes on one machine
+/// (tests run several) never see each other's sandboxes as orphans.
+fn cgroup_group_for(home: &std::path::Path) -> String {
+    let canon = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
+    // FNV-1a: stable across runs and Rust versions, unlike DefaultHasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canon.as_os_str().as_encoded_bytes() {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("flotilla-{:08x}", h as u32)
 }
 
 fn boot_error(e: BootError) -> ApiError {

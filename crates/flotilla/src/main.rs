@@ -1,1 +1,33 @@
-fn main() {}
+//! `flotilla`: one binary for every role. This file only parses, sets up
+//! logging, runs, and maps the outcome to an exit code.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod daemon;
+mod output;
+mod sandbox;
+mod transfer;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.command.is_daemon() { "info" } else { "warn" }));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let code = match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            // A closed pipe (`flotilla ... | head`) is not a failure.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                0
+            } else {
+                eprintln!("error: {}", output::error_text(&e));
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,316 @@
+//! Command-line arguments, and dispatch to the command modules.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Fast, disposable, isolated sandboxes, and the system that runs builds on them.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How a command finds its node.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Data directory; the node's socket is DIR/node.sock.
+    #[arg(long, env = "FLOTILLA_HOME", global = true)]
+    pub home: Option<PathBuf>,
+    /// Node API address (unix:///path/node.sock or http://host:port); overrides --home.
+    #[arg(long, env = "FLOTILLA_NODE", global = true)]
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole system on this machine with embedded defaults (today: a node).
+    Dev(DaemonArgs),
+    /// Run a node daemon: owns the sandboxes on this machine.
+    Node(DaemonArgs),
+    /// Create and use sandboxes.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Describe the node: OS, CPUs, memory, backends, images, sandbox counts.
+    Info {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The in-sandbox agent (started by the node; useful by hand for debugging).
+    Agent(AgentArgs),
+}
+
+impl Command {
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::Dev(_) | Command::Node(_) | Command::Agent(_))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
+    #[arg(long, env = "FLOTILLA_HOME")]
+    pub home: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Run as the sandbox's init (reap every orphan).
+    #[arg(long)]
+    pub init: bool,
+    /// Serve on this inherited listening socket.
+    #[arg(long)]
+    pub listen_fd: Option<i32>,
+    /// Serve on this Unix socket path.
+    #[arg(long, conflicts_with = "listen_fd")]
+    pub listen: Option<PathBuf>,
+    /// Write one byte to this inherited fd once serving.
+    #[arg(long)]
+    pub ready_fd: Option<i32>,
+    /// The workspace directory.
+    #[arg(long, default_value = "/workspace")]
+    pub workspace: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox and wait until its agent is up; prints its id.
+    Create(CreateArgs),
+    /// List sandboxes.
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox, with the steps of its last boot.
+    Show {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Sandbox id or name.
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a sandbox, streaming its output; exits with its status.
+    Exec(ExecArgs),
+    /// Re-attach to a detached process's output (resumes after dropped connections).
+    Attach {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        /// Process id from `exec --detach` or `ps`.
+        process: String,
+        /// Byte offset to resume from (printed when a connection drops).
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// List a sandbox's detached processes.
+    Ps {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a signal to a detached process.
+    Kill {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        process: String,
+        #[arg(long, short, default_value = "TERM")]
+        signal: String,
+    },
+    /// Open an interactive shell in a sandbox.
+    Shell {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        /// Run this command on the terminal instead of a login shell.
+        #[arg(long)]
+        cmd: Option<String>,
+    },
+    /// Stream files into the workspace: a directory, .tar, .tar.gz, .tar.zst, or - (tar on stdin).
+    Put {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        /// Destination directory inside the workspace.
+        #[arg(long)]
+        dir: Option<String>,
+        src: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream the workspace (or a directory of it) out as a tar.
+    Get {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        /// Directory inside the workspace.
+        #[arg(long)]
+        dir: Option<String>,
+        /// Output file, or - for stdout (the default when stdout is not a terminal).
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+    },
+    /// List a directory of the workspace.
+    Files {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        #[arg(long)]
+        dir: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a sandbox; its workspace is kept. Always works, and repeating it is harmless.
+    Stop(IdArgs),
+    /// Start a stopped sandbox.
+    Start(IdArgs),
+    /// Stop and start a sandbox.
+    Restart(IdArgs),
+    /// Delete a sandbox and its workspace.
+    #[command(alias = "delete")]
+    Rm(IdArgs),
+    /// Change labels, deadline or limits (limits apply live).
+    Set(SetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Sandbox ids or names.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// `host` (the host's system directories, read-only) or `dir:/path` (a root filesystem directory).
+    #[arg(long, default_value = "host")]
+    pub image: String,
+    /// Isolation backend.
+    #[arg(long, default_value = "process", value_parser = ["process"])]
+    pub backend: String,
+    /// CPU quota in cores (e.g. 0.5, 2).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory limit (e.g. 512M, 2G).
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Maximum number of processes and threads.
+    #[arg(long)]
+    pub pids: Option<u64>,
+    /// Delete the sandbox after this long (e.g. 30m, 2h).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<std::time::Duration>,
+    /// A unique name; usable wherever an id is.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Label KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_kv)]
+    pub labels: Vec<(String, String)>,
+    /// Environment KEY=VALUE for every command in the sandbox (repeatable).
+    #[arg(long = "env", value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// `none` (loopback only) or `outbound` (NAT through pasta or slirp4netns).
+    #[arg(long, default_value = "none", value_parser = ["none", "outbound"])]
+    pub network: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    pub id: String,
+    /// Working directory (default /workspace).
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Environment KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// Kill the command (and everything it started) after this long.
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Start it in the background; prints its process id for `attach`.
+    #[arg(long)]
+    pub detach: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    pub id: String,
+    /// New deadline counted from now; 0 removes it.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<std::time::Duration>,
+    /// Label KEY=VALUE; KEY= removes it (repeatable).
+    #[arg(long = "label", value_parser = parse_kv)]
+    pub labels: Vec<(String, String)>,
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    #[arg(long)]
+    pub pids: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))?;
+    if k.is_empty() {
+        return Err(format!("empty key in {s:?}"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    flotilla_api::units::parse_size(s)
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    flotilla_api::units::parse_duration(s)
+}
+
+/// Runs a command; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Dev(a) => crate::daemon::node(a, true),
+        Command::Node(a) => crate::daemon::node(a, false),
+        Command::Agent(a) => crate::daemon::agent(a),
+        Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),
+        Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd)),
+    }
+}
+
+/// The data directory: `--home`, `$FLOTILLA_HOME`, else the XDG data dir.
+pub fn default_home(home: Option<PathBuf>) -> PathBuf {
+    if let Some(h) = home {
+        return h;
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("flotilla");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/flotilla")
+}

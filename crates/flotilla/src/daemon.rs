@@ -1,0 +1,78 @@
+//! `flotilla dev`, `flotilla node` and `flotilla agent`.
+
+use std::os::unix::fs::PermissionsExt;
+
+use anyhow::{Context, bail};
+use flotilla_node::backend::ProcessNodeBackend;
+use flotilla_node::{Node, NodeConfig};
+
+use crate::cli::{AgentArgs, DaemonArgs};
+
+pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
+    if flotilla_sandbox::sys::euid() != 0 {
+        bail!(
+            "the node must run as root: it gives every sandbox its own range of user ids and its own cgroup \
+             (try: sudo flotilla {})",
+            if dev { "dev" } else { "node" }
+        );
+    }
+    let home = crate::cli::default_home(args.home);
+    std::fs::create_dir_all(&home).with_context(|| format!("creating the data directory {}", home.display()))?;
+    // Traversable but not listable: each sandbox's own (unprivileged) uid must
+    // reach its mount points under here; the node socket itself is 0600.
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("securing {}", home.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let exe = std::env::current_exe().context("finding our own executable (the sandbox agent)")?;
+        let backend = ProcessNodeBackend::new(home.clone(), exe, vec!["agent".into()]).map_err(anyhow::Error::new)?;
+        let node = Node::open(backend, NodeConfig::new(home.clone())).await.map_err(anyhow::Error::new)?;
+        let socket = home.join("node.sock");
+        let info = node.info();
+        tracing::info!(
+            node_id = %info.node_id,
+            socket = %socket.display(),
+            cgroup = %info.cgroup,
+            "node ready"
+        );
+        if dev {
+            eprintln!(
+                "flotilla dev: node {} ready on unix://{}\n  try:  flotilla sandbox create --home {}\n  stop: Ctrl-C (running sandboxes are stopped; workspaces are kept)",
+                info.node_id,
+                socket.display(),
+                home.display()
+            );
+        }
+        flotilla_node::serve_unix(node, &socket, shutdown_signal())
+            .await
+            .with_context(|| format!("serving on {}", socket.display()))?;
+        Ok(0)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down: stopping running sandboxes");
+}
+
+pub fn agent(args: AgentArgs) -> anyhow::Result<i32> {
+    flotilla_agent::run(flotilla_agent::AgentConfig {
+        listen_fd: args.listen_fd,
+        listen_path: args.listen,
+        ready_fd: args.ready_fd,
+        workspace: args.workspace,
+        init: args.init,
+    })
+    .context("agent")?;
+    Ok(0)
+}

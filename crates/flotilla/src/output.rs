@@ -1,0 +1,112 @@
+//! Human and JSON output.
+
+use flotilla_api::units::format_duration;
+use flotilla_api::{Sandbox, Timestamp};
+
+/// Prints a value as pretty JSON.
+pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `error: cause: cause`, with the API error's details when useful.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut parts = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if parts.last() != Some(&s) && !parts.iter().any(|p: &String| p.ends_with(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// "in 59m", "3s ago".
+pub fn relative(t: Timestamp) -> String {
+    let now = Timestamp::now();
+    if t >= now {
+        format!("in {}", format_duration(now.until(t)))
+    } else {
+        format!("{} ago", format_duration(t.until(now)))
+    }
+}
+
+/// A left-aligned table with a header row.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+pub fn sandbox_rows(list: &[Sandbox]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.name.clone(),
+                s.state.to_string(),
+                s.image.clone(),
+                relative(s.created_at),
+                s.delete_at.map(relative).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "STATE", "IMAGE", "CREATED", "DELETE AT"], &rows);
+}
+
+pub fn sandbox_detail(s: &Sandbox) {
+    let r = &s.resources;
+    println!("id:         {}", s.id);
+    println!("name:       {}", s.name);
+    println!("state:      {}", s.state);
+    if let Some(e) = &s.error {
+        println!("error:      {e}");
+    }
+    println!("image:      {}", s.image);
+    println!("backend:    {}", s.backend.as_str());
+    println!("network:    {}", s.network.as_str());
+    println!(
+        "limits:     cpus {}, memory {}, pids {}",
+        r.cpus.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into()),
+        r.memory_bytes.map(flotilla_api::units::format_size).unwrap_or_else(|| "unlimited".into()),
+        r.pids.map(|p| p.to_string()).unwrap_or_else(|| "unlimited".into()),
+    );
+    println!("created:    {} ({})", s.created_at, relative(s.created_at));
+    match s.delete_at {
+        Some(d) => println!("delete at:  {d} ({})", relative(d)),
+        None => println!("delete at:  never"),
+    }
+    for (k, v) in &s.labels {
+        println!("label:      {k}={v}");
+    }
+    for (k, v) in &s.env {
+        println!("env:        {k}={v}");
+    }
+    if !s.steps.is_empty() {
+        println!("steps:");
+        let first = s.steps[0].at;
+        for st in &s.steps {
+            let detail = st.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
+            println!("  +{:>6}ms  {:<18}{detail}", first.until(st.at).as_millis(), st.name);
+        }
+    }
+}

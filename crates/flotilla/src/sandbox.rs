@@ -1,0 +1,363 @@
+//! `flotilla sandbox ...` and `flotilla info`: the node API from the shell.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use flotilla_agent::client::drain_exec;
+use flotilla_agent::http::{ClientError, Endpoint, HttpClient};
+use flotilla_api::{
+    BackendKind, CreateSandboxRequest, ExecRequest, FrameKind, NetworkMode, Resources, SessionQuery,
+    UpdateSandboxRequest,
+};
+use flotilla_node::NodeClient;
+use futures_util::{SinkExt, StreamExt};
+
+use crate::cli::{CreateArgs, ExecArgs, IdArgs, NodeArgs, SandboxCommand, SetArgs};
+use crate::output;
+
+/// Client commands run on one thread: their own start-up stays near a
+/// millisecond, and they only wait on sockets.
+pub fn block_on<F: std::future::Future<Output = anyhow::Result<i32>>>(f: F) -> anyhow::Result<i32> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?.block_on(f)
+}
+
+fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
+    let ep = match &args.node {
+        Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
+        None => {
+            let home = crate::cli::default_home(args.home.clone());
+            let sock = home.join("node.sock");
+            if !sock.exists() {
+                anyhow::bail!(
+                    "no node socket at {}: is the node running? Start one with `sudo flotilla dev --home {}`, \
+                     or point at one with --home DIR or --node URL",
+                    sock.display(),
+                    home.display()
+                );
+            }
+            Endpoint::Unix(sock)
+        }
+    };
+    Ok(NodeClient::new(HttpClient::new(ep)))
+}
+
+pub async fn info(node: NodeArgs, json: bool) -> anyhow::Result<i32> {
+    let i = client(&node)?.info().await?;
+    if json {
+        output::json(&i)?;
+        return Ok(0);
+    }
+    println!("node:       {}", i.node_id);
+    println!("version:    {}", i.version);
+    println!("platform:   {}-{} (kernel {})", i.os, i.arch, i.kernel);
+    println!("cpus:       {}", i.cpus);
+    println!("memory:     {}", flotilla_api::units::format_size(i.memory_bytes));
+    println!("cgroup:     {}", i.cgroup);
+    for b in &i.backends {
+        let why = b.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+        println!("backend:    {} {}{why}", b.kind.as_str(), if b.available { "available" } else { "unavailable" });
+    }
+    println!("images:     {}", i.images.join(", "));
+    println!("networks:   {}", i.network_modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", "));
+    let counts: Vec<String> = i.sandboxes.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!("sandboxes:  {}", if counts.is_empty() { "none".into() } else { counts.join(", ") });
+    Ok(0)
+}
+
+pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
+    match cmd {
+        SandboxCommand::Create(a) => create(a).await,
+        SandboxCommand::Ls { node, json } => {
+            let list = client(&node)?.list().await?;
+            if json {
+                output::json(&list)?
+            } else {
+                output::sandbox_rows(&list)
+            }
+            Ok(0)
+        }
+        SandboxCommand::Show { node, id, json } => {
+            let s = client(&node)?.get(&id).await?;
+            if json {
+                output::json(&s)?
+            } else {
+                output::sandbox_detail(&s)
+            }
+            Ok(0)
+        }
+        SandboxCommand::Exec(a) => exec(a).await,
+        SandboxCommand::Attach { node, id, process, from } => attach(&client(&node)?, &id, &process, from).await,
+        SandboxCommand::Ps { node, id, json } => {
+            let procs = client(&node)?.sandbox(&id).processes().await?;
+            if json {
+                output::json(&procs)?;
+            } else {
+                let rows: Vec<Vec<String>> = procs
+                    .iter()
+                    .map(|p| {
+                        let state = match &p.exit {
+                            Some(e) => format!("exited {}", e.shell_code()),
+                            None => "running".into(),
+                        };
+                        vec![p.id.clone(), p.pid.to_string(), state, output::relative(p.started_at), p.argv.join(" ")]
+                    })
+                    .collect();
+                output::table(&["PROCESS", "PID", "STATE", "STARTED", "COMMAND"], &rows);
+            }
+            Ok(0)
+        }
+        SandboxCommand::Kill { node, id, process, signal } => {
+            client(&node)?.sandbox(&id).signal(&process, &signal).await?;
+            Ok(0)
+        }
+        SandboxCommand::Shell { node, id, cmd } => shell(&client(&node)?, &id, cmd).await,
+        SandboxCommand::Put { node, id, dir, src, json } => {
+            let c = client(&node)?;
+            let s = crate::transfer::put(&c.sandbox(&id), &src, dir).await?;
+            if json {
+                output::json(&s)?;
+            } else {
+                eprintln!(
+                    "wrote {} entries, {} in {}",
+                    s.entries,
+                    flotilla_api::units::format_size(s.bytes),
+                    flotilla_api::units::format_duration(Duration::from_millis(s.duration_ms))
+                );
+            }
+            Ok(0)
+        }
+        SandboxCommand::Get { node, id, dir, output } => {
+            crate::transfer::get(&client(&node)?.sandbox(&id), dir, output).await?;
+            Ok(0)
+        }
+        SandboxCommand::Files { node, id, dir, json } => {
+            let entries = client(&node)?.sandbox(&id).ls(dir.as_deref()).await?;
+            if json {
+                output::json(&entries)?;
+            } else {
+                let rows: Vec<Vec<String>> = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            format!("{:o}", e.mode),
+                            e.size.to_string(),
+                            format!("{:?}", e.kind).to_lowercase(),
+                            e.name.clone(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["MODE", "SIZE", "KIND", "NAME"], &rows);
+            }
+            Ok(0)
+        }
+        SandboxCommand::Stop(a) => action(a, "stop").await,
+        SandboxCommand::Start(a) => action(a, "start").await,
+        SandboxCommand::Restart(a) => action(a, "restart").await,
+        SandboxCommand::Rm(a) => {
+            let c = client(&a.node)?;
+            let mut code = 0;
+            for id in &a.ids {
+                match c.delete(id).await {
+                    Ok(()) => println!("{id}"),
+                    Err(e) => {
+                        eprintln!("error: deleting {id}: {}", flotilla_agent::http::error_chain(&e));
+                        code = 1;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        SandboxCommand::Set(a) => set(a).await,
+    }
+}
+
+async fn create(a: CreateArgs) -> anyhow::Result<i32> {
+    let req = CreateSandboxRequest {
+        image: Some(a.image),
+        // clap only accepts `process` today; `vm` joins it with its backend.
+        backend: BackendKind::Process,
+        name: a.name,
+        resources: Resources { cpus: a.cpus, memory_bytes: a.memory, pids: a.pids },
+        ttl_s: a.ttl.map(|d| d.as_secs().max(1)),
+        labels: a.labels.into_iter().collect(),
+        env: a.env.into_iter().collect(),
+        network: if a.network == "outbound" { NetworkMode::Outbound } else { NetworkMode::None },
+    };
+    let s = client(&a.node)?.create(&req).await.context("creating the sandbox")?;
+    if a.json {
+        output::json(&s)?
+    } else {
+        println!("{}", s.id)
+    }
+    Ok(0)
+}
+
+async fn action(a: IdArgs, what: &str) -> anyhow::Result<i32> {
+    let c = client(&a.node)?;
+    let mut code = 0;
+    for id in &a.ids {
+        match c.action(id, what).await {
+            Ok(s) if a.json => output::json(&s)?,
+            Ok(s) => println!("{} {}", s.id, s.state),
+            Err(e) => {
+                eprintln!("error: {what} {id}: {}", flotilla_agent::http::error_chain(&e));
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+async fn set(a: SetArgs) -> anyhow::Result<i32> {
+    let resources = (a.cpus.is_some() || a.memory.is_some() || a.pids.is_some()).then_some(Resources {
+        cpus: a.cpus,
+        memory_bytes: a.memory,
+        pids: a.pids,
+    });
+    let req = UpdateSandboxRequest {
+        labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        ttl_s: a.ttl.map(|d| d.as_secs()),
+        resources,
+    };
+    let s = client(&a.node)?.update(&a.id, &req).await?;
+    if a.json {
+        output::json(&s)?
+    } else {
+        output::sandbox_detail(&s)
+    }
+    Ok(0)
+}
+
+async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+    let c = client(&a.node)?;
+    let req = ExecRequest {
+        argv: a.argv,
+        env: a.env.into_iter().collect(),
+        cwd: a.cwd,
+        timeout_ms: a.timeout.map(|d| d.as_millis() as u64),
+        stdin: None,
+        detach: a.detach,
+    };
+    let agent = c.sandbox(&a.id);
+    if a.detach {
+        let p = agent.exec_detached(&req).await?;
+        if a.json {
+            output::json(&p)?
+        } else {
+            println!("{}", p.id)
+        }
+        return Ok(0);
+    }
+    let mut stream = agent.exec(&req).await?;
+    let status = drain_exec(&mut stream, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+    if status.timed_out {
+        eprintln!(
+            "flotilla: command timed out after {}",
+            flotilla_api::units::format_duration(Duration::from_millis(status.duration_ms))
+        );
+    }
+    Ok(status.shell_code())
+}
+
+/// Follows a detached process's output, reconnecting (and resuming from the
+/// last byte received) when the connection drops.
+async fn attach(c: &NodeClient, id: &str, process: &str, from: u64) -> anyhow::Result<i32> {
+    let agent = c.sandbox(id);
+    let mut offset = from;
+    let mut failures = 0;
+    loop {
+        let result = async {
+            let (mut stream, start) = agent.output(process, offset, true).await?;
+            if start > offset {
+                eprintln!("flotilla: output before offset {start} was dropped from the process's buffer");
+            }
+            let r = drain_exec(&mut stream, &mut std::io::stdout(), &mut std::io::stderr()).await;
+            offset = stream.offset;
+            r
+        }
+        .await;
+        match result {
+            Ok(status) => return Ok(status.shell_code()),
+            Err(ClientError::Api(e)) => return Err(e.into()),
+            Err(e) if failures < 5 => {
+                failures += 1;
+                eprintln!("flotilla: connection lost at offset {offset} ({e}); reconnecting");
+                tokio::time::sleep(Duration::from_millis(200 * failures)).await;
+            }
+            Err(e) => {
+                return Err(anyhow!(e).context(format!(
+                    "giving up; resume with: flotilla sandbox attach {id} {process} --from {offset}"
+                )));
+            }
+        }
+    }
+}
+
+async fn shell(c: &NodeClient, id: &str, cmd: Option<String>) -> anyhow::Result<i32> {
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let tty = flotilla_sandbox::sys::is_terminal(stdin.as_fd());
+    let (cols, rows) = flotilla_sandbox::sys::window_size(std::io::stdout().as_fd()).unwrap_or((80, 24));
+    let q = SessionQuery { cmd, cols: Some(cols), rows: Some(rows), term: std::env::var("TERM").ok() };
+    let ws = c.sandbox(id).session(&q).await?;
+    let _raw = if tty { Some(flotilla_sandbox::sys::RawModeGuard::enable(stdin.as_fd())?) } else { None };
+    let (mut tx, mut rx) = ws.split();
+    use tokio_tungstenite::tungstenite::Message;
+    // stdin -> Stdin frames, on a thread: terminal reads block.
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        let mut input = std::io::stdin();
+        while let Ok(n) = input.read(&mut buf) {
+            if n == 0 || in_tx.blocking_send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+    let mut out = std::io::stdout();
+    loop {
+        tokio::select! {
+            data = in_rx.recv() => match data {
+                Some(d) => {
+                    let f = flotilla_api::Frame::new(FrameKind::Stdin, d);
+                    if tx.send(Message::Binary(f.to_bytes())).await.is_err() { break; }
+                }
+                None => {
+                    // stdin closed (non-interactive use): send EOF (Ctrl-D).
+                    let f = flotilla_api::Frame::new(FrameKind::Stdin, &b"\x04"[..]);
+                    let _ = tx.send(Message::Binary(f.to_bytes())).await;
+                    in_rx.close();
+                }
+            },
+            _ = winch.recv() => {
+                if let Some((c, r)) = flotilla_sandbox::sys::window_size(std::io::stdout().as_fd()) {
+                    let _ = tx.send(Message::Binary(flotilla_api::Frame::resize(c, r).to_bytes())).await;
+                }
+            }
+            msg = rx.next() => match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    for f in flotilla_api::frame::decode_all(&b).unwrap_or_default() {
+                        match f.kind {
+                            FrameKind::Stdout | FrameKind::Stderr => {
+                                out.write_all(&f.payload)?;
+                                out.flush()?;
+                            }
+                            // The exit frame is the session's last word.
+                            FrameKind::Exit => return Ok(f.as_exit().map(|e| e.shell_code()).unwrap_or(1)),
+                            FrameKind::Error => return Err(f.as_error().expect("error frame").into()),
+                            FrameKind::Heartbeat | FrameKind::Stdin | FrameKind::Resize => {}
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(anyhow!("session connection failed: {e}")),
+            }
+        }
+    }
+    Err(anyhow!("the session ended without an exit status (the sandbox stopped?)"))
+}
