@@ -116,7 +116,7 @@ async fn export<B: Backend>(
     // The workspace lock travels with the body and is released when the
     // last byte has gone (or the client hangs up).
     let lock = exported.lock;
-    let stream = http_body_util::BodyExt::into_data_stream(exported.body);
+    let stream = exported.body.into_data_stream();
     let guarded = futures_util::StreamExt::map(stream, move |chunk| {
         let _held = &lock;
         chunk

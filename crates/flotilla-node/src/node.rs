@@ -32,7 +32,6 @@ use flotilla_api::{
     ApiError, BackendInfo, CreateSandboxRequest, ErrorCode, ImportSummary, NodeInfo, Page, PageQuery, Resources,
     Sandbox, SandboxState, Step, Timestamp, UpdateSandboxRequest, WorkspaceQuery,
 };
-use hyper::body::Incoming;
 
 use crate::state::{self, Event};
 use crate::store::{SandboxRecord, Store, StoreError};
@@ -86,12 +85,8 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Streams the workspace out.
-    fn export(
-        &self,
-        agent: AgentClient,
-        q: WorkspaceQuery,
-    ) -> impl Future<Output = Result<Incoming, ClientError>> + Send {
-        async move { agent.get_workspace(&q).await }
+    fn export(&self, agent: AgentClient, q: WorkspaceQuery) -> impl Future<Output = Result<Body, ClientError>> + Send {
+        async move { agent.get_workspace(&q).await.map(Body::new) }
     }
 
     /// What this backend can do on this host.
@@ -679,7 +674,7 @@ impl<B: Backend> Node<B> {
 /// A workspace export in flight; holds the sandbox's workspace lock until
 /// the body has been sent (or dropped).
 pub struct Exported {
-    pub body: Incoming,
+    pub body: Body,
     pub lock: tokio::sync::OwnedMutexGuard<()>,
 }
 

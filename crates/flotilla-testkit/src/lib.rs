@@ -1,1 +1,146 @@
-//! placeholder
+//! Test support for Flotilla: waiting with deadlines, and a real node
+//! process that is always cleaned up.
+//!
+//! Tests never sleep to wait for something: they poll a condition with a
+//! deadline ([`wait_until`]). Every process a test starts is owned by a
+//! guard whose `Drop` stops it, so a failing test leaks nothing.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Polls `f` every few milliseconds until it returns `Some`, or panics
+/// with `what` once `timeout` has passed.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A `flotilla node` process on a throwaway data directory.
+pub struct NodeProcess {
+    child: Option<Child>,
+    home: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts `bin node --home <tmp>` and waits for its socket.
+    pub fn start(bin: &Path) -> NodeProcess {
+        let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
+        let mut n = NodeProcess { child: None, home, bin: bin.to_path_buf() };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.home.path().join("node.log")).expect("log file");
+        let child = Command::new(&self.bin)
+            .args(["node", "--home"])
+            .arg(self.home.path())
+            .env("FLOTILLA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning flotilla node");
+        self.child = Some(child);
+        let sock = self.socket();
+        let child = self.child.as_mut().expect("child");
+        wait_until(Duration::from_secs(20), "the node socket", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("flotilla node exited early with {status}");
+            }
+            sock.exists().then_some(())
+        });
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.home.path().join("node.sock")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The node's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// Stops the node gracefully (it stops its sandboxes) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// Kills the node with SIGKILL (its sandboxes survive, as after a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the node again on the same data directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.socket());
+        self.spawn();
+    }
+
+    /// Starts the node again after a `kill9`.
+    pub fn start_again(&mut self) {
+        let _ = std::fs::remove_file(self.socket());
+        self.spawn();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            // Killed with -9 and not restarted: its sandboxes are still
+            // running. Bring the node back once so it stops them.
+            let _ = std::fs::remove_file(self.socket());
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.spawn())).is_err() {
+                return;
+            }
+        }
+        self.stop();
+    }
+}
+
+/// Whether this process runs as root (the node needs it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
