@@ -1,1 +1,218 @@
-fn main() {}
+//! `flotilla-bench`: measures Flotilla against a baseline run on the same
+//! machine in the same run (DESIGN.md §8), and prints a table (and, with
+//! `--json`, one JSON object per scenario).
+//!
+//! Scenarios: `create` (sandbox create → agent ready, vs `bwrap … true` and
+//! `unshare … true`), `exec` (round trip of `true`, vs fork+exec of
+//! `/bin/true`), `import` (workspace import MB/s of a ~1 GiB tar, vs
+//! `cat | tar -x`), `stop-during-import` (stop latency while an import
+//! streams, vs stopping an idle sandbox), and `all`.
+//!
+//! It starts its own throwaway `flotilla node` (which needs root) in a
+//! scratch directory and stops it on the way out, even on error.
+//!
+//! It must never assert on timings: a slow run is a finding to report, not a
+//! failure. Targets are printed as met or missed and the exit status only
+//! says whether every scenario could run. It is a program, not a test, so it
+//! never runs under `cargo test` on a busy machine.
+
+#![forbid(unsafe_code)]
+
+mod data;
+mod node;
+mod report;
+mod scenarios;
+mod stats;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+
+use crate::node::Node;
+use crate::report::{Machine, Report};
+
+/// Where the node home and the baseline's directories go (both on one
+/// filesystem, and a disk rather than a tmpfs on hosts that mount /tmp so).
+const SCRATCH_PARENT: &str = "/var/tmp";
+
+const USAGE: &str = "usage: flotilla-bench <create|exec|import|stop-during-import|all> [--iterations N] [--json]
+
+Runs each scenario against its baseline in the same run and prints a table;
+--json also prints one JSON object per scenario on stdout (tables go to stderr).
+The node is started from the `flotilla` binary next to this one, or $FLOTILLA_BIN.
+Must run as root (the node does).";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Create,
+    Exec,
+    Import,
+    StopDuringImport,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 4] = [Scenario::Create, Scenario::Exec, Scenario::Import, Scenario::StopDuringImport];
+
+    fn parse(s: &str) -> Option<Vec<Scenario>> {
+        Some(match s {
+            "create" => vec![Scenario::Create],
+            "exec" => vec![Scenario::Exec],
+            "import" => vec![Scenario::Import],
+            "stop-during-import" => vec![Scenario::StopDuringImport],
+            "all" => Scenario::ALL.to_vec(),
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Create => "create",
+            Scenario::Exec => "exec",
+            Scenario::Import => "import",
+            Scenario::StopDuringImport => "stop-during-import",
+        }
+    }
+
+    fn default_iterations(self) -> usize {
+        match self {
+            Scenario::Create => 30,
+            Scenario::Exec => 200,
+            Scenario::Import => 3,
+            Scenario::StopDuringImport => 5,
+        }
+    }
+
+    fn needs_workload(self) -> bool {
+        matches!(self, Scenario::Import | Scenario::StopDuringImport)
+    }
+}
+
+#[derive(Debug)]
+struct Args {
+    scenarios: Vec<Scenario>,
+    iterations: Option<usize>,
+    json: bool,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<Args>> {
+    let (mut scenarios, mut iterations, mut json) = (None, None, false);
+    while let Some(a) = args.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--json" => json = true,
+            "--iterations" | "-n" => {
+                let v = inline.or_else(|| args.next()).context("--iterations needs a number")?;
+                let n: usize = v.parse().with_context(|| format!("--iterations {v:?} is not a number"))?;
+                anyhow::ensure!(n > 0, "--iterations must be at least 1");
+                iterations = Some(n);
+            }
+            s if !s.starts_with('-') && scenarios.is_none() => {
+                scenarios = Some(Scenario::parse(s).with_context(|| format!("unknown scenario {s:?}\n\n{USAGE}"))?);
+            }
+            other => bail!("unexpected argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    let scenarios = scenarios.with_context(|| format!("which scenario?\n\n{USAGE}"))?;
+    Ok(Some(Args { scenarios, iterations, json }))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("flotilla-bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("flotilla-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the scenarios; `Ok(false)` if any of them could not finish.
+fn run(args: &Args) -> anyhow::Result<bool> {
+    let workload = if args.scenarios.iter().any(|s| s.needs_workload()) { Some(data::ensure()?) } else { None };
+    let bin = Node::binary()?;
+    // One lean thread for the client, as the CLI does: the node gets the
+    // machine's cores.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async {
+        let node = Node::start(&bin, Path::new(SCRATCH_PARENT)).await?;
+        let machine = Machine::probe(node.home());
+        eprintln!(
+            "flotilla-bench: node {} ({} cpus, {:.1} GiB, kernel {}, {}; home on {})",
+            bin.display(),
+            machine.nproc,
+            machine.memory_bytes as f64 / (1u64 << 30) as f64,
+            machine.kernel,
+            machine.cpu,
+            machine.node_home_fs
+        );
+        let mut all_ran = true;
+        for &s in &args.scenarios {
+            let n = args.iterations.unwrap_or_else(|| s.default_iterations());
+            eprintln!("flotilla-bench: running {} ({n} iterations)", s.name());
+            let result: anyhow::Result<Report> = match s {
+                Scenario::Create => scenarios::create(&node, &machine, n).await,
+                Scenario::Exec => scenarios::exec(&node, &machine, n).await,
+                Scenario::Import => scenarios::import(&node, &machine, n, workload.as_ref().expect("loaded")).await,
+                Scenario::StopDuringImport => {
+                    scenarios::stop_during_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
+                }
+            };
+            match result {
+                Ok(report) => {
+                    if args.json {
+                        eprint!("{}", report.table());
+                        println!("{}", serde_json::to_string(&report)?);
+                    } else {
+                        print!("{}", report.table());
+                    }
+                }
+                Err(e) => {
+                    all_ran = false;
+                    eprintln!("flotilla-bench: scenario {} failed: {e:#}\nthe node's log ends:\n{}", s.name(), {
+                        node.log_tail()
+                    });
+                }
+            }
+        }
+        Ok(all_ran)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> anyhow::Result<Option<Args>> {
+        parse_args(s.split_whitespace().map(str::to_string))
+    }
+
+    #[test]
+    fn arguments() {
+        let a = parse("all --iterations 3 --json").unwrap().unwrap();
+        assert_eq!((a.scenarios.len(), a.iterations, a.json), (4, Some(3), true));
+        let a = parse("--iterations=7 exec").unwrap().unwrap();
+        assert_eq!((a.scenarios, a.iterations, a.json), (vec![Scenario::Exec], Some(7), false));
+        assert!(parse("--help").unwrap().is_none());
+        assert!(parse("bogus").is_err());
+        assert!(parse("create --iterations 0").is_err());
+        assert!(parse("create extra").is_err());
+        assert!(parse("").is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! A sandbox sees its image, its workspace and nothing else of the host:
+//! not host files outside the image, not other sandboxes, not the node's
+//! socket or data, not host processes, not the host's loopback.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+
+use flotilla_api::{CreateSandboxRequest, NetworkMode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_cannot_see_the_host_or_each_other() {
+    let env = common::env();
+    let a = env.sandbox().await;
+    let b = env.sandbox().await;
+    env.ok(&b.id, "echo b-secret > /workspace/secret").await;
+
+    // A host file outside the image (host /tmp is not part of it).
+    let host_secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(host_secret.path(), "host-secret").unwrap();
+    let home = env.node.home().display().to_string();
+    let sock = env.node.socket().display().to_string();
+    let probe = format!(
+        "set -u
+         test ! -e {secret} || echo LEAK host tmp file
+         test ! -e {home} || echo LEAK node home
+         test ! -e {sock} || echo LEAK node socket
+         test ! -e /workspace/secret || echo LEAK other sandbox workspace
+         for d in /home /var /run /srv /mnt /media; do test ! -e $d || echo LEAK $d; done
+         test -z \"$(ls -A /root)\" || echo LEAK /root not empty
+         test ! -e /etc/shadow || echo LEAK shadow
+         test ! -e /etc/ssh || echo LEAK ssh
+         test ! -e /etc/ssl/private || echo LEAK ssl private
+         n=$(ls /proc | grep -c '^[0-9]')
+         test $n -le 6 || echo LEAK $n processes visible
+         grep -q flotilla-agent /proc/1/cmdline || echo LEAK pid 1 is not our agent
+         echo done",
+        secret = host_secret.path().display(),
+    );
+    let out = env.ok(&a.id, &probe).await;
+    assert_eq!(out.trim(), "done", "isolation leaks:\n{out}");
+
+    // Privileges: no capabilities, no_new_privs, seccomp on; root inside
+    // is an unprivileged uid outside.
+    let status = env.ok(&a.id, "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status").await;
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert!(status.contains("Seccomp:\t2"), "{status}");
+    let denied = env.sh(&a.id, "unshare -U true; echo rc=$?; mount -t tmpfs x /tmp; echo rc=$?").await.0;
+    assert_eq!(denied.matches("rc=1").count() + denied.matches("rc=32").count(), 2, "{denied}");
+    env.ok(&a.id, "touch /workspace/mine").await;
+    let host_path = env.node.home().join("sandboxes").join(&a.id).join("workspace/mine");
+    let uid = std::fs::metadata(&host_path).unwrap().uid();
+    assert!(uid >= 1 << 30, "sandbox root is host uid {uid}, expected an unprivileged range");
+    // The image is read-only.
+    let (_, _, st) = env.sh(&a.id, "touch /usr/pwned").await;
+    assert!(!st.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_loopback_is_out_of_reach() {
+    let env = common::env();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = env.sandbox().await;
+    let (_, _, st) = env.sh(&s.id, &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")).await;
+    // `sh` is dash here, without /dev/tcp: use bash, which the host image has.
+    let (out, err, st2) = env
+        .exec(
+            &s.id,
+            flotilla_api::ExecRequest {
+                argv: vec!["bash".into(), "-c".into(), format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo CONNECTED")],
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(!st.success() && !st2.success(), "connected to the host's loopback: {out} {err}");
+    assert!(listener.accept().is_err(), "the host listener saw a connection");
+    let ip = env.ok(&s.id, "cat /proc/net/dev | grep -c ':'").await;
+    assert_eq!(ip.trim(), "1", "only loopback exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_network_reaches_the_world_but_not_host_loopback() {
+    let Some(helper) = ["slirp4netns", "pasta"]
+        .into_iter()
+        .find(|h| std::process::Command::new("which").arg(h).output().is_ok_and(|o| o.status.success()))
+    else {
+        panic!("outbound networking needs slirp4netns or pasta; .ci/run installs slirp4netns");
+    };
+    let host_ip = std::process::Command::new("hostname").arg("-I").output().unwrap();
+    let host_ip = String::from_utf8_lossy(&host_ip.stdout).split_whitespace().next().map(str::to_string);
+    let Some(host_ip) = host_ip else { panic!("the host has no non-loopback address to test outbound with") };
+    let env = common::env();
+    let world = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = world.local_addr().unwrap().port();
+    let s = env.create(CreateSandboxRequest { network: NetworkMode::Outbound, ..Default::default() }).await;
+    let bash = |script: String| flotilla_api::ExecRequest {
+        argv: vec!["bash".into(), "-c".into(), script],
+        timeout_ms: Some(10_000),
+        ..Default::default()
+    };
+    let (out, err, st) = env.exec(&s.id, bash(format!("echo hi >/dev/tcp/{host_ip}/{port} && echo SENT"))).await;
+    assert!(st.success() && out.contains("SENT"), "outbound via {helper} failed: {out} {err}");
+    world.set_nonblocking(false).unwrap();
+    assert!(world.accept().is_ok());
+    // The host's loopback, as slirp4netns/pasta would map it, is refused.
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    local.set_nonblocking(true).unwrap();
+    let lport = local.local_addr().unwrap().port();
+    for gw in ["10.0.2.2", "127.0.0.1"] {
+        let (out, _, st) = env.exec(&s.id, bash(format!("echo hi >/dev/tcp/{gw}/{lport} && echo SENT"))).await;
+        assert!(!st.success() && !out.contains("SENT"), "reached host loopback through {gw}");
+    }
+    assert!(local.accept().is_err(), "the host loopback listener saw a connection");
+}

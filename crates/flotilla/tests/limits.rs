@@ -1,0 +1,67 @@
+//! Resource limits: a fork bomb and a memory hog are contained to their
+//! sandbox, and the node and the sandbox itself stay usable.
+
+mod common;
+
+use flotilla_api::{CreateSandboxRequest, ExecRequest, Resources};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_is_contained() {
+    let env = common::env();
+    let s = env
+        .create(CreateSandboxRequest {
+            resources: Resources { pids: Some(64), ..Default::default() },
+            ..Default::default()
+        })
+        .await;
+    let bomb = ExecRequest {
+        argv: vec!["bash".into(), "-c".into(), "f() { f | f & }; f; sleep 3".into()],
+        timeout_ms: Some(4000),
+        ..Default::default()
+    };
+    let _ = env.exec(&s.id, bomb).await;
+    // The node answers and the sandbox recovers once the bomb is gone.
+    env.client.info().await.unwrap();
+    let out = common::eventually(std::time::Duration::from_secs(20), "the sandbox to recover", || {
+        let c = env.client.sandbox(&s.id);
+        async move {
+            let mut stream = c
+                .exec(&ExecRequest { argv: vec!["sh".into(), "-c".into(), "echo alive".into()], ..Default::default() })
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            let st = flotilla_agent::client::drain_exec(&mut stream, &mut out, &mut std::io::sink()).await.ok()?;
+            st.success().then_some(out)
+        }
+    })
+    .await;
+    assert_eq!(out, b"alive\n");
+    // Other sandboxes never noticed.
+    let other = env.sandbox().await;
+    env.ok(&other.id, "true").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_is_killed_and_the_sandbox_survives() {
+    let env = common::env();
+    let s = env
+        .create(CreateSandboxRequest {
+            resources: Resources { memory_bytes: Some(64 << 20), ..Default::default() },
+            ..Default::default()
+        })
+        .await;
+    // `tail` keeps its current line in memory; a newline-free stream makes
+    // it grow without bound.
+    let (_, _, st) = env.sh(&s.id, "head -c 1G /dev/zero | tail -n 1 >/dev/null").await;
+    assert!(!st.success(), "the hog finished: {st:?}");
+    assert_eq!(env.ok(&s.id, "echo alive").await, "alive\n");
+    assert_eq!(env.client.get(&s.id).await.unwrap().state, flotilla_api::SandboxState::Running);
+    // Limits change live.
+    let upd = flotilla_api::UpdateSandboxRequest {
+        resources: Some(Resources { pids: Some(100), ..Default::default() }),
+        ..Default::default()
+    };
+    let after = env.client.update(&s.id, &upd).await.unwrap();
+    assert_eq!(after.resources.pids, Some(100));
+    assert_eq!(after.resources.memory_bytes, Some(64 << 20));
+}

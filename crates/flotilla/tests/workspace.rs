@@ -1,0 +1,229 @@
+//! Workspace import and export through the real daemon: formats, hostile
+//! tarballs refused with the entry named, nothing written outside, stop
+//! during a stalled import, persistence across stop/start, directory images.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_agent::http::ClientError;
+use flotilla_api::{CreateSandboxRequest, ErrorCode, WorkspaceQuery};
+
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// One raw entry with any name (the tar crate's builder refuses `..`).
+fn raw_entry(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    let bytes = name.as_bytes();
+    h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    if let Some(l) = link {
+        h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+    }
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+fn archive(entries: Vec<Vec<u8>>) -> Vec<u8> {
+    let mut out: Vec<u8> = entries.concat();
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tarballs_in_every_encoding_round_trip() {
+    let env = common::env();
+    let s = env.sandbox().await;
+    let agent = env.client.sandbox(&s.id);
+    let plain = tar_of(&[("a/hello.txt", b"hello"), ("b.txt", b"bee")]);
+    let q = WorkspaceQuery::default();
+    let sum = agent.put_workspace(common::body(plain.clone()), None, &q).await.unwrap();
+    assert_eq!((sum.entries, sum.bytes), (2, 8));
+    let gz = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, &tar_of(&[("gz.txt", b"gzip")])).unwrap();
+        e.finish().unwrap()
+    };
+    agent
+        .put_workspace(common::body(gz), Some("gzip"), &WorkspaceQuery { dir: Some("sub".into()), ..q.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        env.ok(&s.id, "cat /workspace/a/hello.txt /workspace/b.txt /workspace/sub/gz.txt").await,
+        "hellobeegzip"
+    );
+    // Listing and export.
+    let names: Vec<String> = agent.ls(None).await.unwrap().into_iter().map(|e| e.name).collect();
+    assert_eq!(names, ["a", "b.txt", "sub"]);
+    let body = agent.get_workspace(&WorkspaceQuery { dir: Some("a".into()), ..Default::default() }).await.unwrap();
+    let bytes = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+    let mut ar = tar::Archive::new(&bytes[..]);
+    let got: Vec<String> = ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+    assert_eq!(got, ["hello.txt"]);
+    agent.remove_all(vec!["sub".into()]).await.unwrap();
+    assert_eq!(agent.ls(None).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_tarballs_are_refused_and_nothing_escapes() {
+    let env = common::env();
+    let s = env.sandbox().await;
+    let agent = env.client.sandbox(&s.id);
+    let ok = raw_entry("fine.txt", tar::EntryType::Regular, None, b"ok");
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("/abs-pwned", vec![ok.clone(), raw_entry("/abs-pwned", tar::EntryType::Regular, None, b"x")]),
+        ("../dotdot-pwned", vec![raw_entry("../dotdot-pwned", tar::EntryType::Regular, None, b"x")]),
+        ("a/../../deep-pwned", vec![raw_entry("a/../../deep-pwned", tar::EntryType::Regular, None, b"x")]),
+        ("esc", vec![raw_entry("esc", tar::EntryType::Symlink, Some("/"), b"")]),
+        ("up", vec![raw_entry("up", tar::EntryType::Symlink, Some("../.."), b"")]),
+        ("hl", vec![raw_entry("hl", tar::EntryType::Link, Some("/etc/passwd"), b"")]),
+        ("dev", vec![raw_entry("dev", tar::EntryType::Char, None, b"")]),
+        ("fifo", vec![raw_entry("fifo", tar::EntryType::Fifo, None, b"")]),
+    ];
+    for (entry, entries) in cases {
+        let err = agent.put_workspace(common::body(archive(entries)), None, &WorkspaceQuery::default()).await;
+        match err {
+            Err(ClientError::Api(e)) => {
+                assert_eq!(e.code, ErrorCode::UnprocessableTar, "{entry}: {e:?}");
+                assert_eq!(e.details.as_ref().and_then(|d| d["entry"].as_str()), Some(entry), "{e:?}");
+            }
+            other => panic!("{entry}: expected a 422, got {other:?}"),
+        }
+    }
+    // A symlink inside the tree, then a file through it, is refused too.
+    let through = archive(vec![
+        raw_entry("link", tar::EntryType::Symlink, Some("sub"), b""),
+        raw_entry("link/../../through-pwned", tar::EntryType::Regular, None, b"x"),
+    ]);
+    assert!(agent.put_workspace(common::body(through), None, &WorkspaceQuery::default()).await.is_err());
+    // Nothing landed outside the workspace, in the sandbox or on the host.
+    let out = env.ok(&s.id, "ls / /tmp; ls -a /workspace").await;
+    assert!(!out.contains("pwned"), "{out}");
+    let sbx_dir = env.node.home().join("sandboxes").join(&s.id);
+    for e in std::fs::read_dir(&sbx_dir).unwrap() {
+        assert!(!e.unwrap().file_name().to_string_lossy().contains("pwned"));
+    }
+    assert!(!std::path::Path::new("/abs-pwned").exists());
+    // Garbage is a 422 as well, never a 500.
+    let e =
+        agent.put_workspace(common::body(b"not a tar at all, not at all".repeat(40)), None, &Default::default()).await;
+    assert!(matches!(e, Err(ClientError::Api(ref a)) if a.code == ErrorCode::UnprocessableTar), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_never_waits_for_a_stalled_import() {
+    let env = common::env();
+    let s = env.sandbox().await;
+    let agent = env.client.sandbox(&s.id);
+    // A tar whose one big file never finishes arriving.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(4);
+    let mut h = tar::Header::new_gnu();
+    h.set_path("huge.bin").unwrap();
+    h.set_size(1 << 30);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tx.send(Ok(hyper::body::Frame::data(Bytes::copy_from_slice(h.as_bytes())))).await.unwrap();
+    tx.send(Ok(hyper::body::Frame::data(Bytes::from(vec![7u8; 1 << 20])))).await.unwrap();
+    let body = http_body_util::StreamBody::new(tokio_stream(rx));
+    let import = tokio::spawn(async move { agent.put_workspace(body, None, &WorkspaceQuery::default()).await });
+    // Wait until bytes are landing in the sandbox.
+    let file = env.node.home().join("sandboxes").join(&s.id).join("workspace/huge.bin");
+    common::eventually(Duration::from_secs(10), "the import to start writing", || {
+        let f = file.clone();
+        async move { (std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0) > 0).then_some(()) }
+    })
+    .await;
+    let started = Instant::now();
+    let stopped = env.client.action(&s.id, "stop").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(stopped.state, flotilla_api::SandboxState::Stopped);
+    assert!(took < Duration::from_secs(5), "stop waited {took:?} for the import");
+    let r = tokio::time::timeout(Duration::from_secs(20), import).await.expect("import ended").unwrap();
+    assert!(r.is_err(), "the import cannot succeed once the sandbox is stopped");
+    drop(tx);
+}
+
+fn tokio_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workspace_survives_stop_and_start() {
+    let env = common::env();
+    let s = env.sandbox().await;
+    env.ok(&s.id, "echo kept > /workspace/state; echo gone > /tmp/scratch").await;
+    env.client.action(&s.id, "stop").await.unwrap();
+    let started = env.client.action(&s.id, "start").await.unwrap();
+    assert_eq!(started.state, flotilla_api::SandboxState::Running);
+    assert_eq!(
+        env.ok(&s.id, "cat /workspace/state; test ! -e /tmp/scratch && echo fresh-tmp").await,
+        "kept\nfresh-tmp\n"
+    );
+    let restarted = env.client.action(&s.id, "restart").await.unwrap();
+    assert_eq!(restarted.state, flotilla_api::SandboxState::Running);
+    assert_eq!(env.ok(&s.id, "cat /workspace/state").await, "kept\n");
+}
+
+/// Builds a minimal root filesystem from host binaries: a shell, a few
+/// tools, their libraries, and the libraries the agent needs.
+fn minimal_rootfs(dir: &std::path::Path) {
+    let bins = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/touch", common::BIN];
+    for d in ["bin", "etc", "proc", "dev", "tmp", "workspace", "root"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+    for b in bins {
+        let real = std::fs::canonicalize(b).unwrap();
+        if b != common::BIN {
+            std::fs::copy(&real, dir.join("bin").join(std::path::Path::new(b).file_name().unwrap())).unwrap();
+        }
+        let out = std::process::Command::new("ldd").arg(&real).output().unwrap();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let path = line.split_whitespace().find(|w| w.starts_with('/'));
+            if let Some(p) = path {
+                let dst = dir.join(p.trim_start_matches('/'));
+                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+                if !dst.exists() {
+                    std::fs::copy(p, &dst).unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_image_is_copy_on_write() {
+    let env = common::env();
+    let img = tempfile::tempdir().unwrap();
+    minimal_rootfs(img.path());
+    let image = format!("dir:{}", img.path().display());
+    let a = env.create(CreateSandboxRequest { image: Some(image.clone()), ..Default::default() }).await;
+    let b = env.create(CreateSandboxRequest { image: Some(image), ..Default::default() }).await;
+    let out = env.ok(&a.id, "echo a > /newfile; cat /newfile; ls /bin").await;
+    assert!(out.starts_with("a\n") && out.contains("cat"), "{out}");
+    assert!(!img.path().join("newfile").exists(), "the image was written to");
+    let (_, _, st) = env.sh(&b.id, "cat /newfile").await;
+    assert!(!st.success(), "sandbox b saw a's write");
+    // Bad image references are refused before anything is made.
+    let e =
+        env.client.create(&CreateSandboxRequest { image: Some("dir:/no/such/dir".into()), ..Default::default() }).await;
+    assert!(matches!(e, Err(ClientError::Api(ref a)) if a.code == ErrorCode::InvalidArgument), "{e:?}");
+}
