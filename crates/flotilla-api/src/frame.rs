@@ -328,7 +328,7 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 // Bias towards small kinds and lengths so some frames parse.
-                data.push(if x % 3 == 0 { (x >> 8) as u8 % 7 } else { (x >> 16) as u8 % 4 });
+                data.push(if x.is_multiple_of(3) { (x >> 8) as u8 % 7 } else { (x >> 16) as u8 % 4 });
             }
             let _ = decode_all(&data);
         }

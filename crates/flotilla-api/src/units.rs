@@ -50,7 +50,7 @@ pub fn format_duration(d: Duration) -> String {
         (0, m, 0) => format!("{m}m"),
         (0, m, s) => format!("{m}m{s}s"),
         (h, 0, _) if h % 24 == 0 => format!("{}d", h / 24),
-        (h, m, _) if m == 0 => format!("{h}h"),
+        (h, 0, _) => format!("{h}h"),
         (h, m, _) => format!("{h}h{m}m"),
     }
 }

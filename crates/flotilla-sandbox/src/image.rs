@@ -146,10 +146,8 @@ fn copy_entry(src: &Path, dst: &Path, meta: &std::fs::Metadata) -> io::Result<()
         // absolute ones (they resolve inside the sandbox), copy the rest.
         if target.is_absolute() {
             std::os::unix::fs::symlink(&target, dst)?;
-        } else if let Ok(m) = std::fs::metadata(src) {
-            if m.is_file() {
-                std::fs::copy(src, dst)?;
-            }
+        } else if std::fs::metadata(src).is_ok_and(|m| m.is_file()) {
+            std::fs::copy(src, dst)?;
         }
     } else if meta.is_file() {
         std::fs::copy(src, dst)?;

@@ -728,8 +728,9 @@ unsafe fn child_main(
     envp: &[*const libc::c_char],
     progs: &[libc::sock_fprog],
 ) -> ! {
-    // SAFETY (whole function): only raw syscalls on pointers into `plan`,
-    // `argv`, `envp` and `progs`, which live for the child's whole life.
+    // SAFETY: the whole body makes only raw syscalls on pointers into
+    // `plan`, `argv`, `envp` and `progs`, which live for the child's whole
+    // life (it owns a copy of the parent's memory and never frees it).
     unsafe {
         let fail = |step: ChildStep, op: u32| -> ! { child_fail(err_fd, step, op) };
 
