@@ -43,6 +43,7 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/sandboxes/{id}/processes", get(proxy::<B>))
         .route("/v1/sandboxes/{id}/processes/{*rest}", get(proxy::<B>).post(proxy::<B>))
         .route("/v1/sandboxes/{id}/session", get(proxy::<B>))
+        .route("/v1/sandboxes/{id}/halt", post(proxy::<B>))
         .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
         .with_state(node)
 }

@@ -114,8 +114,13 @@ impl Backend for ProcessNodeBackend {
         (h.pid, h.start_time)
     }
 
-    async fn exited(&self, h: &Running) -> String {
-        h.exited().await.to_string()
+    async fn exited(&self, h: &Running) -> (bool, String) {
+        let e = h.exited().await;
+        (e == flotilla_sandbox::ExitInfo::Exited(0), e.to_string())
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown()
     }
 
     async fn kill(&self, id: &str, h: &Running) -> Result<(), ApiError> {

@@ -55,8 +55,12 @@ pub trait Backend: Send + Sync + 'static {
     /// `(pid, start_time)` to record for re-adoption.
     fn identity(&self, h: &Self::Handle) -> (i32, u64);
 
-    /// Resolves when the sandbox's process is gone; says how it ended.
-    fn exited(&self, h: &Self::Handle) -> impl Future<Output = String> + Send;
+    /// Resolves when the sandbox's process is gone: whether it ended
+    /// cleanly (the agent halted on request), and how, in words.
+    fn exited(&self, h: &Self::Handle) -> impl Future<Output = (bool, String)> + Send;
+
+    /// Releases node-wide resources at shutdown, after every sandbox stopped.
+    fn shutdown(&self) {}
 
     /// Kills the sandbox and waits until it is gone. Idempotent.
     fn kill(&self, id: &str, h: &Self::Handle) -> impl Future<Output = Result<(), ApiError>> + Send;
@@ -396,18 +400,27 @@ impl<B: Backend> Node<B> {
         let node = self.clone();
         let entry = entry.clone();
         tokio::spawn(async move {
-            let how = node.backend.exited(&h).await;
+            let (clean, how) = node.backend.exited(&h).await;
             let mut life = entry.lifecycle.lock().await;
             if life.generation != generation || life.rec.sandbox.state != SandboxState::Running {
                 return;
             }
-            tracing::warn!(sandbox = %entry.id, "sandbox process {how}");
-            let Ok(next) = state::transition(life.rec.sandbox.state, Event::Died) else { return };
+            // A clean exit is the agent halting on request: a stop, not a
+            // failure. Anything else is the sandbox dying under us.
+            let event = if clean { Event::Stopped } else { Event::Died };
+            let Ok(next) = state::transition(life.rec.sandbox.state, event) else { return };
             life.rec.sandbox.state = next;
-            life.rec.sandbox.error = Some(format!("the sandbox's init {how}"));
+            if clean {
+                tracing::info!(sandbox = %entry.id, "sandbox halted");
+                push_step(&mut life.rec.sandbox, "halted", None);
+            } else {
+                tracing::warn!(sandbox = %entry.id, "sandbox process {how}");
+                life.rec.sandbox.error = Some(format!("the sandbox's init {how}"));
+                push_step(&mut life.rec.sandbox, "died", Some(how));
+            }
             life.rec.pid = None;
+            life.rec.start_time = None;
             life.handle = None;
-            push_step(&mut life.rec.sandbox, "died", Some(how));
             node.backend.cleanup(&entry.id).await;
             let _ = node.commit(&entry, &life.rec);
         });
@@ -643,6 +656,7 @@ impl<B: Backend> Node<B> {
                 tracing::warn!(sandbox = %e.id, error = %err, "stopping at shutdown failed");
             }
         }
+        self.backend.shutdown();
     }
 
     pub fn info(&self) -> NodeInfo {

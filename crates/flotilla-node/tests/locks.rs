@@ -61,7 +61,7 @@ impl Backend for FakeBackend {
     fn identity(&self, _: &FakeHandle) -> (i32, u64) {
         (1, 1)
     }
-    async fn exited(&self, _: &FakeHandle) -> String {
+    async fn exited(&self, _: &FakeHandle) -> (bool, String) {
         std::future::pending().await
     }
     async fn kill(&self, _: &str, _: &FakeHandle) -> Result<(), ApiError> {

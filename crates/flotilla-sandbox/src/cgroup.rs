@@ -298,6 +298,22 @@ impl CgroupManager {
 
     /// Ids of the groups under our parent group in any hierarchy, sorted;
     /// used to find groups left behind by a crash.
+    /// Removes our (empty) parent group from every hierarchy: called when
+    /// the node shuts down, so that nodes that come and go (tests, `dev`)
+    /// leave nothing behind. A group that still has members stays.
+    pub fn remove_group(&self) {
+        let dirs: Vec<&PathBuf> = match &self.hierarchy {
+            Hierarchy::V2 { group_dir, .. } => vec![group_dir],
+            Hierarchy::V1 { memory, pids, cpu, unified } => {
+                [memory, pids, cpu, unified].into_iter().flatten().collect()
+            }
+            Hierarchy::None { .. } => vec![],
+        };
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
     pub fn list(&self) -> Vec<String> {
         let mut ids = BTreeSet::new();
         for dir in self.group_dirs() {

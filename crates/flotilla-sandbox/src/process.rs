@@ -394,6 +394,12 @@ impl ProcessBackend {
         let _ = std::fs::remove_file(self.sandbox_dir(id).join("agent.sock"));
     }
 
+    /// Releases what the backend holds for the node as a whole (its cgroup
+    /// parent group). Call after every sandbox is stopped.
+    pub fn shutdown(&self) {
+        self.cgroups.remove_group();
+    }
+
     /// Deletes everything the sandbox has on disk. The sandbox must be
     /// stopped.
     pub fn destroy(&self, id: &str) -> io::Result<()> {

@@ -222,3 +222,38 @@ async fn sessions_give_a_terminal() {
     assert_eq!(code, Some(7), "{text}");
     assert!(text.contains("/dev/pts/0") && text.contains("30 100"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_takes_its_command_with_it() {
+    let env = common::env();
+    let s = env.sandbox().await;
+    let stream = env.client.sandbox(&s.id).exec(&sh("sleep 600 & sleep 600")).await.unwrap();
+    env.ok(&s.id, "while ! pgrep -x sleep >/dev/null; do sleep 0.01; done").await;
+    drop(stream);
+    // Noticed at the next write at the latest (a heartbeat, every 2 s).
+    let left = env
+        .ok(
+            &s.id,
+            "for i in $(seq 100); do pgrep -x sleep >/dev/null || break; sleep 0.1; done; pgrep -c -x sleep || true",
+        )
+        .await;
+    assert_eq!(left.trim(), "0", "commands outlived their client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halting_the_agent_stops_the_sandbox() {
+    let env = common::env();
+    let s = env.sandbox().await;
+    env.client.sandbox(&s.id).halt().await.unwrap();
+    let client = env.client.clone();
+    let id = s.id.clone();
+    let after = common::eventually(Duration::from_secs(10), "the sandbox to stop", || {
+        let c = client.clone();
+        let id = id.clone();
+        async move { c.get(&id).await.ok().filter(|s| s.state != flotilla_api::SandboxState::Running) }
+    })
+    .await;
+    assert_eq!(after.state, flotilla_api::SandboxState::Stopped, "{after:?}");
+    assert!(after.error.is_none());
+    env.client.action(&s.id, "start").await.unwrap();
+}
