@@ -465,27 +465,26 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
+    const ALL: [ChildStep; 15] = [
+        ChildStep::WaitParent,
+        ChildStep::SetIds,
+        ChildStep::Unshare,
+        ChildStep::MakePrivate,
+        ChildStep::Op,
+        ChildStep::Pivot,
+        ChildStep::ReadonlyRoot,
+        ChildStep::Chdir,
+        ChildStep::Hostname,
+        ChildStep::Loopback,
+        ChildStep::NoNewPrivs,
+        ChildStep::DropCaps,
+        ChildStep::Fds,
+        ChildStep::Seccomp,
+        ChildStep::Exec,
+    ];
+
     fn from_u32(v: u32) -> Option<ChildStep> {
-        use ChildStep::*;
-        [
-            WaitParent,
-            SetIds,
-            Unshare,
-            MakePrivate,
-            Op,
-            Pivot,
-            ReadonlyRoot,
-            Chdir,
-            Hostname,
-            Loopback,
-            NoNewPrivs,
-            DropCaps,
-            Fds,
-            Seccomp,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
+        Self::ALL.into_iter().find(|s| *s as u32 == v)
     }
 
     pub fn describe(self) -> &'static str {

@@ -203,15 +203,8 @@ pub struct CreateArgs {
     /// Isolation backend.
     #[arg(long, default_value = "process", value_parser = ["process"])]
     pub backend: String,
-    /// CPU quota in cores (e.g. 0.5, 2).
-    #[arg(long)]
-    pub cpus: Option<f64>,
-    /// Memory limit (e.g. 512M, 2G).
-    #[arg(long, value_parser = parse_size)]
-    pub memory: Option<u64>,
-    /// Maximum number of processes and threads.
-    #[arg(long)]
-    pub pids: Option<u64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Delete the sandbox after this long (e.g. 30m, 2h).
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
@@ -266,14 +259,36 @@ pub struct SetArgs {
     /// Label KEY=VALUE; KEY= removes it (repeatable).
     #[arg(long = "label", value_parser = parse_kv)]
     pub labels: Vec<(String, String)>,
-    #[arg(long)]
-    pub cpus: Option<f64>,
-    #[arg(long, value_parser = parse_size)]
-    pub memory: Option<u64>,
-    #[arg(long)]
-    pub pids: Option<u64>,
+    /// New limits, applied live to a running sandbox.
+    #[command(flatten)]
+    pub limits: LimitArgs,
     #[arg(long)]
     pub json: bool,
+}
+
+/// Resource limits, shared by `create` and `set`.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// CPU quota in cores (e.g. 0.5, 2).
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory limit (e.g. 512M, 2G).
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// Maximum number of processes and threads.
+    #[arg(long)]
+    pub pids: Option<u64>,
+}
+
+impl LimitArgs {
+    /// The limits as the API takes them; `None` when none was given.
+    pub fn resources(&self) -> Option<flotilla_api::Resources> {
+        (self.cpus.is_some() || self.memory.is_some() || self.pids.is_some()).then_some(flotilla_api::Resources {
+            cpus: self.cpus,
+            memory_bytes: self.memory,
+            pids: self.pids,
+        })
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {

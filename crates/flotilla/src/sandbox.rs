@@ -8,8 +8,7 @@ use anyhow::{Context, anyhow};
 use flotilla_agent::client::drain_exec;
 use flotilla_agent::http::{ClientError, Endpoint, HttpClient};
 use flotilla_api::{
-    BackendKind, CreateSandboxRequest, ExecRequest, FrameKind, NetworkMode, Resources, SessionQuery,
-    UpdateSandboxRequest,
+    BackendKind, CreateSandboxRequest, ExecRequest, FrameKind, NetworkMode, SessionQuery, UpdateSandboxRequest,
 };
 use flotilla_node::NodeClient;
 use futures_util::{SinkExt, StreamExt};
@@ -179,7 +178,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         // clap only accepts `process` today; `vm` joins it with its backend.
         backend: BackendKind::Process,
         name: a.name,
-        resources: Resources { cpus: a.cpus, memory_bytes: a.memory, pids: a.pids },
+        resources: a.limits.resources().unwrap_or_default(),
         ttl_s: a.ttl.map(|d| d.as_secs().max(1)),
         labels: a.labels.into_iter().collect(),
         env: a.env.into_iter().collect(),
@@ -211,15 +210,10 @@ async fn action(a: IdArgs, what: &str) -> anyhow::Result<i32> {
 }
 
 async fn set(a: SetArgs) -> anyhow::Result<i32> {
-    let resources = (a.cpus.is_some() || a.memory.is_some() || a.pids.is_some()).then_some(Resources {
-        cpus: a.cpus,
-        memory_bytes: a.memory,
-        pids: a.pids,
-    });
     let req = UpdateSandboxRequest {
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
         ttl_s: a.ttl.map(|d| d.as_secs()),
-        resources,
+        resources: a.limits.resources(),
     };
     let s = client(&a.node)?.update(&a.id, &req).await?;
     if a.json {
