@@ -185,9 +185,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 }
                 Err(e) => {
                     all_ran = false;
-                    eprintln!("flotilla-bench: scenario {} failed: {e:#}\nthe node's log ends:\n{}", s.name(), {
-                        node.log_tail()
-                    });
+                    let tail = node.log_tail();
+                    eprintln!("flotilla-bench: scenario {} failed: {e:#}\nthe node's log ends:\n{tail}", s.name());
                 }
             }
         }

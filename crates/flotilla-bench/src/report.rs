@@ -53,6 +53,8 @@ pub struct Case {
     /// Why the case has no numbers (a baseline tool that is missing).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<String>,
+    /// Every timed sample, in the order taken.
+    pub samples: Vec<f64>,
 }
 
 impl Case {
@@ -64,6 +66,7 @@ impl Case {
             stats: Stats::from_samples(samples),
             ratio_to_baseline: None,
             unavailable: None,
+            samples: samples.to_vec(),
         }
     }
 
@@ -75,6 +78,7 @@ impl Case {
             stats: None,
             ratio_to_baseline: None,
             unavailable: Some(reason),
+            samples: Vec::new(),
         }
     }
 
