@@ -36,7 +36,16 @@ pub async fn serve_unix<B: Backend>(
     let listener = tokio::net::UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     node.spawn_janitor();
+    // Graceful shutdown waits for open connections, and exec or session
+    // streams stay open as long as their sandbox runs: stop the sandboxes
+    // first, which ends those streams, then let the server drain.
+    let stopping = node.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.shutdown().await;
+    };
     axum::serve(listener, api::router(node.clone())).with_graceful_shutdown(shutdown).await?;
+    // Anything created while draining.
     node.shutdown().await;
     let _ = std::fs::remove_file(socket);
     Ok(())

@@ -30,6 +30,8 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 /// A `flotilla node` process on a throwaway data directory.
 pub struct NodeProcess {
     child: Option<Child>,
+    /// Killed with -9 and not started again: its sandboxes still run.
+    crashed: bool,
     home: tempfile::TempDir,
     bin: PathBuf,
 }
@@ -38,7 +40,7 @@ impl NodeProcess {
     /// Starts `bin node --home <tmp>` and waits for its socket.
     pub fn start(bin: &Path) -> NodeProcess {
         let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
-        let mut n = NodeProcess { child: None, home, bin: bin.to_path_buf() };
+        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf() };
         n.spawn();
         n
     }
@@ -55,6 +57,7 @@ impl NodeProcess {
             .spawn()
             .expect("spawning flotilla node");
         self.child = Some(child);
+        self.crashed = false;
         let sock = self.socket();
         let child = self.child.as_mut().expect("child");
         wait_until(Duration::from_secs(20), "the node socket", || {
@@ -106,6 +109,7 @@ impl NodeProcess {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.crashed = true;
         }
     }
 
@@ -125,7 +129,7 @@ impl NodeProcess {
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
-        if self.child.is_none() {
+        if self.crashed {
             // Killed with -9 and not restarted: its sandboxes are still
             // running. Bring the node back once so it stops them.
             let _ = std::fs::remove_file(self.socket());

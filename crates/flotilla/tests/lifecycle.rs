@@ -108,3 +108,30 @@ async fn a_crashed_node_re_adopts_its_running_sandboxes() {
     env.client.action(&s.id, "start").await.unwrap();
     assert_eq!(env.ok(&s.id, "cat /workspace/f").await, "before\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_shuts_down_promptly_with_streams_open() {
+    let mut env = common::env();
+    let s = env.sandbox().await;
+    let mut stream = env
+        .client
+        .sandbox(&s.id)
+        .exec(&flotilla_api::ExecRequest { argv: vec!["sleep".into(), "3600".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    env.node.stop();
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown waited {:?} for an open stream", started.elapsed());
+    // The stream has ended (with no exit frame: the sandbox was stopped).
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Ok(Some(f)) if f.kind == flotilla_api::FrameKind::Exit => return Some(f),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(end, Ok(None)), "the stream outlived its node: {end:?}");
+}
