@@ -151,6 +151,14 @@ impl Backend for ProcessNodeBackend {
         self.inner.cgroups().version().to_string()
     }
 
+    fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
+        let mut modes = vec![flotilla_api::NetworkMode::None];
+        if ProcessBackend::network_helper().is_some() {
+            modes.push(flotilla_api::NetworkMode::Outbound);
+        }
+        modes
+    }
+
     fn images(&self) -> Vec<String> {
         vec!["host".into()]
     }

@@ -99,6 +99,9 @@ pub trait Backend: Send + Sync + 'static {
     /// `v1`, `v2` or `none`.
     fn cgroup_version(&self) -> String;
 
+    /// Network modes this backend can give a sandbox on this host.
+    fn network_modes(&self) -> Vec<flotilla_api::NetworkMode>;
+
     /// Images this backend can start from.
     fn images(&self) -> Vec<String>;
 
@@ -664,10 +667,6 @@ impl<B: Backend> Node<B> {
         for e in self.entries.lock().expect("entries").values() {
             *counts.entry(e.view.lock().expect("view").state.as_str().to_string()).or_insert(0) += 1;
         }
-        let mut network_modes = vec![flotilla_api::NetworkMode::None];
-        if flotilla_sandbox::ProcessBackend::network_helper().is_some() {
-            network_modes.push(flotilla_api::NetworkMode::Outbound);
-        }
         NodeInfo {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -678,7 +677,7 @@ impl<B: Backend> Node<B> {
             memory_bytes: mem_total(),
             backends: vec![self.backend.info()],
             images: self.backend.images(),
-            network_modes,
+            network_modes: self.backend.network_modes(),
             cgroup: self.backend.cgroup_version(),
             sandboxes: counts,
         }

@@ -105,6 +105,9 @@ impl Backend for FakeBackend {
     fn cgroup_version(&self) -> String {
         "none".into()
     }
+    fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
+        vec![flotilla_api::NetworkMode::None]
+    }
     fn images(&self) -> Vec<String> {
         vec!["host".into()]
     }
