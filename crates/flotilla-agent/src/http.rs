@@ -1,12 +1,24 @@
 //! HTTP plumbing shared by every Flotilla client and server: the
-//! transport (Unix socket or TCP), the error envelope as a response, and
-//! frame streams with dead-peer detection.
+//! transport (Unix socket, TCP, or TCP with TLS), the error envelope as a
+//! response, and frame streams with dead-peer detection.
 //!
 //! Clients open one HTTP/1.1 connection per request over a Unix socket: a
 //! connect there costs tens of microseconds, far below anything else in a
 //! request, and it keeps streams (exec, tar) independent of each other.
+//!
+//! # TLS
+//!
+//! A remote node (`https://host:port`) usually has a self-signed
+//! certificate, which no system CA vouches for. A client trusts it in one
+//! of three ways ([`TlsClientConfig`]): the node's certificate (or the CA
+//! that issued it) from a PEM file, checked like any web PKI chain including
+//! the host name; the SHA-256 fingerprint of the node's certificate,
+//! pinned (the name and dates are then not checked, since the operator
+//! named the exact certificate, but the handshake signature still proves
+//! the server holds its key); or, by default, the system CA bundle.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
@@ -16,18 +28,36 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+/// How long a client waits for a TLS handshake to finish: a live server
+/// answers within a round trip or two, so a stall means a wrong port or a
+/// hung peer, reported instead of waited on forever.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the system CA bundle is looked for (Debian, Fedora, Alpine/BSD),
+/// after `$SSL_CERT_FILE`.
+const SYSTEM_CA_BUNDLES: [&str; 3] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"];
 
 /// Where a server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
+    /// `host:port`, spoken to over TLS.
+    Https(String),
 }
 
 impl Endpoint {
-    /// Parses `unix:///path`, `/path`, `http://host:port`.
+    /// Parses `unix:///path`, `/path`, `http://host:port`, `https://host:port`.
     pub fn parse(s: &str) -> Result<Endpoint, String> {
         if let Some(p) = s.strip_prefix("unix://") {
             return Ok(Endpoint::Unix(PathBuf::from(p)));
@@ -38,15 +68,30 @@ impl Endpoint {
         if let Some(hp) = s.strip_prefix("http://") {
             return Ok(Endpoint::Tcp(hp.trim_end_matches('/').to_string()));
         }
-        Err(format!("bad endpoint {s:?}: use unix:///path/to/node.sock or http://host:port"))
+        if let Some(hp) = s.strip_prefix("https://") {
+            let hp = hp.trim_end_matches('/');
+            server_name(hp).map_err(|e| format!("bad endpoint {s:?}: {e}"))?;
+            return Ok(Endpoint::Https(hp.to_string()));
+        }
+        Err(format!("bad endpoint {s:?}: use unix:///path/to/node.sock, http://host:port or https://host:port"))
     }
 
     fn host_header(&self) -> &str {
         match self {
             Endpoint::Unix(_) => "localhost",
-            Endpoint::Tcp(hp) => hp,
+            Endpoint::Tcp(hp) | Endpoint::Https(hp) => hp,
         }
     }
+}
+
+/// The name a TLS server at `host:port` must prove it is: the host, or
+/// the IP address (`[v6]:port` included).
+fn server_name(host_port: &str) -> Result<ServerName<'static>, String> {
+    let host = match host_port.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map(|(h, _)| h).ok_or("unclosed [ in the address")?,
+        None => host_port.rsplit_once(':').map(|(h, _)| h).unwrap_or(host_port),
+    };
+    ServerName::try_from(host.to_string()).map_err(|e| format!("{host:?} is not a host name or IP address: {e}"))
 }
 
 impl std::fmt::Display for Endpoint {
@@ -54,6 +99,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
             Endpoint::Tcp(hp) => write!(f, "http://{hp}"),
+            Endpoint::Https(hp) => write!(f, "https://{hp}"),
         }
     }
 }
@@ -62,19 +108,48 @@ impl std::fmt::Display for Endpoint {
 pub enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+    /// Boxed: a TLS session's state is some kilobytes, the others a few words.
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
 }
 
 impl Conn {
+    /// Connects; an `https` endpoint trusts the system CA bundle.
     pub async fn connect(ep: &Endpoint) -> std::io::Result<Conn> {
+        Conn::connect_with(ep, None).await
+    }
+
+    /// Connects; an `https` endpoint is trusted as `tls` says (the system
+    /// CA bundle when `None`). `tls` is ignored for other endpoints.
+    pub async fn connect_with(ep: &Endpoint, tls: Option<&TlsClientConfig>) -> std::io::Result<Conn> {
         Ok(match ep {
             Endpoint::Unix(p) => Conn::Unix(tokio::net::UnixStream::connect(p).await?),
-            Endpoint::Tcp(hp) => {
-                let s = tokio::net::TcpStream::connect(hp).await?;
-                s.set_nodelay(true)?;
-                Conn::Tcp(s)
+            Endpoint::Tcp(hp) => Conn::Tcp(tcp_connect(hp).await?),
+            Endpoint::Https(hp) => {
+                let config = match tls {
+                    Some(t) => t.config.clone(),
+                    None => TlsClientConfig::system_cached().map_err(std::io::Error::other)?.config,
+                };
+                let name = server_name(hp).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                let tcp = tcp_connect(hp).await?;
+                let connector = tokio_rustls::TlsConnector::from(config);
+                let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await.map_err(
+                    |_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"),
+                        )
+                    },
+                )??;
+                Conn::Tls(Box::new(tls))
             }
         })
     }
+}
+
+async fn tcp_connect(host_port: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let s = tokio::net::TcpStream::connect(host_port).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
 }
 
 macro_rules! delegate_io {
@@ -82,6 +157,7 @@ macro_rules! delegate_io {
         match $self.get_mut() {
             Conn::Unix($s) => $e,
             Conn::Tcp($s) => $e,
+            Conn::Tls($s) => $e,
         }
     };
 }
@@ -115,6 +191,175 @@ impl tokio::io::AsyncWrite for Conn {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         delegate_io!(self, s => std::pin::Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+/// Why a TLS client configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("reading certificates from {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{path} holds no usable certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("no system CA bundle found (looked at $SSL_CERT_FILE and {})", SYSTEM_CA_BUNDLES.join(", "))]
+    NoSystemBundle,
+    #[error("bad certificate fingerprint {0:?}: want 64 hex digits (SHA-256), colons allowed")]
+    BadFingerprint(String),
+    #[error("setting up TLS")]
+    Rustls(#[source] rustls::Error),
+}
+
+/// Which server certificates a client trusts. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TlsClientConfig {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl TlsClientConfig {
+    /// Trusts the certificates in a PEM file: the node's own self-signed
+    /// certificate, or the CA that issued it. The host name is checked.
+    pub fn from_ca_file(path: &Path) -> Result<TlsClientConfig, TlsConfigError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| TlsConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(TlsConfigError::NoCertificate { path: path.to_path_buf() });
+        }
+        TlsClientConfig::finish(client_builder()?.with_root_certificates(roots))
+    }
+
+    /// Trusts exactly the server certificate whose SHA-256 is `fingerprint`
+    /// (hex, any case, colons allowed, optional `sha256:` prefix).
+    pub fn pinned(fingerprint: &str) -> Result<TlsClientConfig, TlsConfigError> {
+        let pin = parse_fingerprint(fingerprint)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = Arc::new(PinnedCert { pin, algorithms: provider.signature_verification_algorithms });
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(TlsConfigError::Rustls)?;
+        TlsClientConfig::finish(builder.dangerous().with_custom_certificate_verifier(verifier))
+    }
+
+    /// Trusts the system CA bundle (`$SSL_CERT_FILE` or the usual paths):
+    /// for a node whose certificate a real CA issued.
+    pub fn system() -> Result<TlsClientConfig, TlsConfigError> {
+        let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+        let bundle = env
+            .into_iter()
+            .chain(SYSTEM_CA_BUNDLES.iter().map(PathBuf::from))
+            .find(|p| p.is_file())
+            .ok_or(TlsConfigError::NoSystemBundle)?;
+        TlsClientConfig::from_ca_file(&bundle)
+    }
+
+    /// [`TlsClientConfig::system`], read once per process.
+    fn system_cached() -> Result<TlsClientConfig, String> {
+        static SYSTEM: OnceLock<Result<TlsClientConfig, String>> = OnceLock::new();
+        SYSTEM.get_or_init(|| TlsClientConfig::system().map_err(|e| error_chain(&e))).clone()
+    }
+
+    fn finish(
+        builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    ) -> Result<TlsClientConfig, TlsConfigError> {
+        let mut config = builder.with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsClientConfig { config: Arc::new(config) })
+    }
+}
+
+fn client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, TlsConfigError> {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(TlsConfigError::Rustls)
+}
+
+/// The SHA-256 of a certificate (DER) as lowercase hex: the fingerprint
+/// the node logs and clients pin.
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses a SHA-256 fingerprint as printed by the node or by
+/// `openssl x509 -fingerprint -sha256` (colons, any case, `sha256:` prefix).
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], TlsConfigError> {
+    let bad = || TlsConfigError::BadFingerprint(text.to_string());
+    let trimmed = text.trim();
+    let trimmed = trimmed.get(..7).filter(|p| p.eq_ignore_ascii_case("sha256:")).map_or(trimmed, |_| &trimmed[7..]);
+    let digits: Vec<u8> = trimmed.bytes().filter(|b| *b != b':').collect();
+    if digits.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let pair = std::str::from_utf8(pair).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(pair, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Accepts exactly one server certificate, named by its SHA-256, and
+/// still checks the handshake signatures, so a server that merely replays
+/// the certificate without its key is refused.
+#[derive(Debug)]
+struct PinnedCert {
+    pin: [u8; 32],
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// The certificate a server presented is not the pinned one. rustls shows
+/// this error with `Debug`, so the names are chosen to read as the message.
+#[derive(Debug, thiserror::Error)]
+#[error("the server presented a certificate with SHA-256 {presented}, not the pinned {pinned}")]
+struct CertificateNotPinned {
+    presented: String,
+    pinned: String,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got: [u8; 32] = Sha256::digest(end_entity).into();
+        if got == self.pin {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+            CertificateNotPinned { presented: hex(&got), pinned: hex(&self.pin) },
+        )))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -165,20 +410,48 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A minimal HTTP/1.1 client for one endpoint.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpClient {
     endpoint: Endpoint,
     token: Option<String>,
+    tls: Option<TlsClientConfig>,
+}
+
+/// Written out so that the token never reaches a log.
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl HttpClient {
     pub fn new(endpoint: Endpoint) -> HttpClient {
-        HttpClient { endpoint, token: None }
+        HttpClient { endpoint, token: None, tls: None }
     }
 
     pub fn with_token(mut self, token: Option<String>) -> HttpClient {
         self.token = token;
         self
+    }
+
+    /// Trusts `https` servers as `tls` says (instead of the system CAs).
+    pub fn with_tls(mut self, tls: TlsClientConfig) -> HttpClient {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Trusts `https` servers whose certificate chains to one in `ca_file`.
+    pub fn with_tls_ca(self, ca_file: &Path) -> Result<HttpClient, TlsConfigError> {
+        Ok(self.with_tls(TlsClientConfig::from_ca_file(ca_file)?))
+    }
+
+    /// Trusts only the `https` server certificate with this SHA-256.
+    pub fn with_cert_sha256(self, fingerprint: &str) -> Result<HttpClient, TlsConfigError> {
+        Ok(self.with_tls(TlsClientConfig::pinned(fingerprint)?))
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -205,7 +478,7 @@ impl HttpClient {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let ep = self.endpoint.to_string();
-        let conn = Conn::connect(&self.endpoint)
+        let conn = Conn::connect_with(&self.endpoint, self.tls.as_ref())
             .await
             .map_err(|source| ClientError::Connect { endpoint: ep.clone(), source })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
@@ -382,5 +655,39 @@ mod tests {
         assert_eq!(Endpoint::parse("unix:///a/b").unwrap(), Endpoint::Unix("/a/b".into()));
         assert_eq!(Endpoint::parse("http://127.0.0.1:7000/").unwrap(), Endpoint::Tcp("127.0.0.1:7000".into()));
         assert!(Endpoint::parse("ftp://x").is_err());
+        assert_eq!(Endpoint::parse("https://node1:7443/").unwrap(), Endpoint::Https("node1:7443".into()));
+        assert_eq!(Endpoint::parse("https://[::1]:7443").unwrap(), Endpoint::Https("[::1]:7443".into()));
+        assert_eq!(Endpoint::parse("https://node1:7443").unwrap().to_string(), "https://node1:7443");
+        assert!(Endpoint::parse("https://bad name:1").is_err());
+    }
+
+    #[test]
+    fn tls_server_names_come_from_the_host() {
+        let ip = |s: &str| ServerName::IpAddress(s.parse::<std::net::IpAddr>().unwrap().into());
+        assert_eq!(server_name("127.0.0.1:7443").unwrap(), ip("127.0.0.1"));
+        assert_eq!(server_name("[::1]:7443").unwrap(), ip("::1"));
+        assert_eq!(server_name("node1.example:7443").unwrap(), ServerName::try_from("node1.example").unwrap());
+        assert!(server_name("[::1:7443").is_err());
+    }
+
+    #[test]
+    fn fingerprints_parse_in_common_spellings() {
+        let der = b"not really a certificate";
+        let fp = cert_fingerprint(der);
+        assert_eq!(fp.len(), 64);
+        let want: [u8; 32] = Sha256::digest(der).into();
+        assert_eq!(parse_fingerprint(&fp).unwrap(), want);
+        assert_eq!(parse_fingerprint(&fp.to_uppercase()).unwrap(), want);
+        let colons: Vec<String> = fp.as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        assert_eq!(parse_fingerprint(&format!("SHA256:{}", colons.join(":"))).unwrap(), want);
+        assert!(parse_fingerprint(&fp[..62]).is_err());
+        assert!(parse_fingerprint(&format!("{}zz", &fp[..62])).is_err());
+        assert!(parse_fingerprint("").is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let c = HttpClient::new(Endpoint::Tcp("h:1".into())).with_token(Some("s3cret-s3cret-s3cret".into()));
+        assert!(!format!("{c:?}").contains("s3cret"));
     }
 }

@@ -13,6 +13,7 @@
 pub mod error;
 pub mod frame;
 pub mod limits;
+pub mod names;
 pub mod time;
 pub mod types;
 pub mod units;

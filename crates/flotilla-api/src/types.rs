@@ -130,6 +130,10 @@ pub struct CreateSandboxRequest {
     /// Seconds until the sandbox is deleted; no deadline when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<u64>,
+    /// Seconds of inactivity after which the sandbox is deleted: every exec,
+    /// put, get and session pushes `delete_at` this far into the future.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ttl_s: Option<u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Environment every exec in the sandbox starts with.
@@ -149,6 +153,9 @@ pub struct UpdateSandboxRequest {
     /// New deadline, counted from now; `0` removes the deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<u64>,
+    /// New idle TTL in seconds (renews the deadline now); `0` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ttl_s: Option<u64>,
     /// Limits to change; applied live to a running sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
@@ -182,6 +189,9 @@ pub struct Sandbox {
     /// When the node will delete this sandbox, if ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_at: Option<Timestamp>,
+    /// Inactivity allowed before deletion; activity renews `delete_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ttl_s: Option<u64>,
     /// Why the sandbox failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -359,6 +369,207 @@ pub struct AgentHealth {
     pub pid: i32,
     pub workspace: String,
     pub processes: usize,
+}
+
+// ---------------------------------------------------------------- operations
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl OperationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationState::Running => "running",
+            OperationState::Succeeded => "succeeded",
+            OperationState::Failed => "failed",
+        }
+    }
+
+    pub fn is_done(self) -> bool {
+        self != OperationState::Running
+    }
+}
+
+impl fmt::Display for OperationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    CreateSandbox,
+    StartSandbox,
+    RestartSandbox,
+    ImportImage,
+    WorkspaceGit,
+}
+
+impl OperationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationKind::CreateSandbox => "create_sandbox",
+            OperationKind::StartSandbox => "start_sandbox",
+            OperationKind::RestartSandbox => "restart_sandbox",
+            OperationKind::ImportImage => "import_image",
+            OperationKind::WorkspaceGit => "workspace_git",
+        }
+    }
+}
+
+/// A long-running request: returned at once by the call that starts it,
+/// then waited on with `GET /v1/operations/{id}?wait=DUR`. Persisted, so it
+/// can be waited on across a node restart (an operation the restart
+/// interrupted ends `failed`, saying so).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: String,
+    pub kind: OperationKind,
+    pub state: OperationState,
+    /// What it works on: a sandbox id or an image reference.
+    pub target: String,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    /// The steps so far, oldest first.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Why it failed; `details.step` names the step that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::ApiError>,
+    /// What it produced (a sandbox, an image, an import summary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+/// Query of `GET /v1/operations/{id}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationQuery {
+    /// Wait up to this long (`30s`, `5m`; at most 10 minutes) for the
+    /// operation to finish before answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<String>,
+}
+
+// ---------------------------------------------------------------- events
+
+/// One entry of `GET /v1/events` (server-sent events). `id` grows
+/// monotonically, also across node restarts, so a client resumes with
+/// `Last-Event-ID`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeEvent {
+    pub id: u64,
+    pub at: Timestamp,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    /// A sandbox changed (state, step, deadline, limits).
+    Sandbox { sandbox: Box<Sandbox> },
+    /// A sandbox is gone for good.
+    SandboxDeleted { id: String, name: String },
+    /// An operation started, took a step or finished.
+    Operation { operation: Box<Operation> },
+    /// An image was imported, promoted or deleted.
+    Image { action: String, image: String },
+    /// The janitor removed something, and why.
+    Reaped { what: String, id: String, reason: String },
+    /// Events before `Last-Event-ID` are no longer kept: re-list, then follow.
+    Reset { reason: String },
+}
+
+impl EventBody {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventBody::Sandbox { .. } => "sandbox",
+            EventBody::SandboxDeleted { .. } => "sandbox_deleted",
+            EventBody::Operation { .. } => "operation",
+            EventBody::Image { .. } => "image",
+            EventBody::Reaped { .. } => "reaped",
+            EventBody::Reset { .. } => "reset",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- images
+
+/// An image version as the node stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    /// `name:tag`.
+    pub reference: String,
+    /// `sha256:...` of the image content (the OCI manifest digest where the
+    /// source has one, else of the imported archive).
+    pub digest: String,
+    /// What it was imported from: `dir`, `rootfs_tar`, `oci_layout`, `docker_archive`.
+    pub source_format: String,
+    pub source: String,
+    pub size_bytes: u64,
+    pub layers: Vec<String>,
+    pub created_at: Timestamp,
+    /// Sandboxes that use this version now.
+    #[serde(default)]
+    pub used_by: Vec<String>,
+    /// Other tags that point at the same version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+}
+
+/// `POST /v1/images`: import from a path on the node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageRequest {
+    /// `name:tag` to give the image.
+    pub reference: String,
+    /// A directory, a rootfs tarball (.tar, .tar.gz, .tar.zst), an OCI image
+    /// layout (directory or tar) or a `docker save` archive, on the node.
+    pub path: String,
+}
+
+/// `POST /v1/images/{ref}/promote`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteImageRequest {
+    /// The tag to point at this image's version (`name:tag`).
+    pub to: String,
+}
+
+// ---------------------------------------------------------------- git
+
+/// `POST /v1/sandboxes/{id}/workspace/git`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitImportRequest {
+    /// A local path or a URL `git` can fetch.
+    pub repo: String,
+    /// Branch, tag or commit; `HEAD` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    /// Directory in the workspace (default: the root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+/// What a git import wrote.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GitImportSummary {
+    /// The commit exported.
+    pub commit: String,
+    pub import: ImportSummary,
 }
 
 // ---------------------------------------------------------------- node

@@ -17,7 +17,8 @@ use axum::routing::{get, post};
 use flotilla_agent::AgentClient;
 use flotilla_agent::http::HttpError;
 use flotilla_api::{
-    ApiError, CreateSandboxRequest, NodeInfo, Page, PageQuery, Sandbox, UpdateSandboxRequest, WorkspaceQuery,
+    ApiError, CreateSandboxRequest, NodeInfo, Operation, OperationQuery, Page, PageQuery, Sandbox,
+    UpdateSandboxRequest, WorkspaceQuery,
 };
 use http::{StatusCode, header};
 use hyper_util::rt::TokioIo;
@@ -36,6 +37,10 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/sandboxes/{id}/start", post(start::<B>))
         .route("/v1/sandboxes/{id}/stop", post(stop::<B>))
         .route("/v1/sandboxes/{id}/restart", post(restart::<B>))
+        .route("/v1/operations", get(list_operations::<B>))
+        .route("/v1/operations/{id}", get(operation::<B>))
+        .route("/v1/events", get(events::<B>))
+        .route("/metrics", get(metrics::<B>))
         .route("/v1/sandboxes/{id}/workspace", get(export::<B>).put(import::<B>))
         .route("/v1/sandboxes/{id}/ls", get(proxy::<B>))
         .route("/v1/sandboxes/{id}/removeall", post(proxy::<B>))
@@ -54,9 +59,101 @@ async fn node_info<B: Backend>(State(n): NodeState<B>) -> Json<NodeInfo> {
     Json(n.info())
 }
 
-async fn create<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<(StatusCode, Json<Sandbox>)> {
+async fn create<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
     let req: CreateSandboxRequest = parse_json(&body)?;
-    Ok((StatusCode::CREATED, Json(n.create(req).await?)))
+    Ok(accepted(n.create_operation(req).await?))
+}
+
+/// `202 Accepted` with the operation and where to wait for it.
+fn accepted(op: Operation) -> Response {
+    let location = format!("/v1/operations/{}", op.id);
+    (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(op)).into_response()
+}
+
+async fn operation<B: Backend>(
+    State(n): NodeState<B>,
+    Path(id): Path<String>,
+    Query(q): Query<OperationQuery>,
+) -> Result<Json<Operation>> {
+    let op = match q.wait.as_deref() {
+        None => n.operations().get(&id)?,
+        Some(w) => {
+            let d = flotilla_api::units::parse_duration(w)
+                .map_err(|e| HttpError(ApiError::invalid(format!("bad wait {w:?}: {e}"))))?;
+            n.operations().wait(&id, d).await?
+        }
+    };
+    Ok(Json(op))
+}
+
+async fn list_operations<B: Backend>(State(n): NodeState<B>, Query(q): Query<PageQuery>) -> Json<Page<Operation>> {
+    let all = n.operations().list();
+    Json(paginate(all, &q, |o| o.id.clone()))
+}
+
+/// Pages a list that is already in order; the token is the last key seen.
+fn paginate<T>(items: Vec<T>, q: &PageQuery, key: impl Fn(&T) -> String) -> Page<T> {
+    let limit =
+        q.limit.unwrap_or(flotilla_api::limits::DEFAULT_PAGE_SIZE).clamp(1, flotilla_api::limits::MAX_PAGE_SIZE);
+    let start = match &q.page_token {
+        Some(t) => items.iter().position(|i| &key(i) == t).map(|p| p + 1).unwrap_or(items.len()),
+        None => 0,
+    };
+    let mut page: Vec<T> = items.into_iter().skip(start).take(limit + 1).collect();
+    let next_page_token = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(&key).unwrap_or_default()
+    });
+    Page { items: page, next_page_token }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Resume after this event id (like the `Last-Event-ID` header).
+    after: Option<u64>,
+}
+
+/// Server-sent events: every state change and operation step. Resumes
+/// after `Last-Event-ID` (or `?after=`).
+async fn events<B: Backend>(State(n): NodeState<B>, Query(q): Query<EventsQuery>, req: Request) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let sub = n.events().subscribe(q.after.or(last));
+    let to_sse = |e: &flotilla_api::NodeEvent| -> std::result::Result<Event, std::convert::Infallible> {
+        Ok(Event::default()
+            .id(e.id.to_string())
+            .event(e.body.name())
+            .data(serde_json::to_string(e).unwrap_or_default()))
+    };
+    let replay = futures_util::stream::iter(sub.replay.into_iter().map(move |e| to_sse(&e)));
+    let live = futures_util::stream::unfold(sub.live, move |mut rx| async move {
+        match rx.recv().await {
+            Ok(e) => Some((to_sse(&e), rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                let reset = flotilla_api::NodeEvent {
+                    id: 0,
+                    at: flotilla_api::Timestamp::now(),
+                    body: flotilla_api::EventBody::Reset {
+                        reason: format!("this client fell {missed} events behind; re-list"),
+                    },
+                };
+                Some((to_sse(&reset), rx))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    Sse::new(futures_util::StreamExt::chain(replay, live)).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn metrics<B: Backend>(State(n): NodeState<B>) -> Response {
+    let gauges: Vec<_> = n
+        .info()
+        .sandboxes
+        .into_iter()
+        .map(|(state, count)| ("flotilla_sandboxes", vec![("state".to_string(), state)], count as f64))
+        .collect();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], n.metrics().render(&gauges)).into_response()
 }
 
 /// JSON bodies parsed here so a bad one gets our envelope, not axum's text.
@@ -86,16 +183,16 @@ async fn delete<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> R
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn start<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
-    Ok(Json(n.start(&id).await?))
+async fn start<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Response> {
+    Ok(accepted(n.start_operation(&id).await?))
 }
 
 async fn stop<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
     Ok(Json(n.stop(&id).await?))
 }
 
-async fn restart<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Json<Sandbox>> {
-    Ok(Json(n.restart(&id).await?))
+async fn restart<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Result<Response> {
+    Ok(accepted(n.restart_operation(&id).await?))
 }
 
 async fn import<B: Backend>(

@@ -159,6 +159,10 @@ impl Backend for ProcessNodeBackend {
         modes
     }
 
+    fn resident(&self) -> Vec<String> {
+        self.inner.resident()
+    }
+
     fn images(&self) -> Vec<String> {
         vec!["host".into()]
     }

@@ -2,7 +2,11 @@
 
 use flotilla_agent::AgentClient;
 use flotilla_agent::http::{ClientError, HttpClient};
-use flotilla_api::{CreateSandboxRequest, NodeInfo, Page, Sandbox, UpdateSandboxRequest};
+use std::time::{Duration, Instant};
+
+use flotilla_api::{
+    ApiError, CreateSandboxRequest, ErrorCode, NodeInfo, Operation, Page, Sandbox, UpdateSandboxRequest,
+};
 use http::Method;
 
 #[derive(Debug, Clone)]
@@ -28,20 +32,77 @@ impl NodeClient {
         self.http.json(Method::GET, "/v1/node", None::<&()>).await
     }
 
+    /// Creates a sandbox and waits until it runs (or its boot failed, in
+    /// which case the error names the step).
     pub async fn create(&self, req: &CreateSandboxRequest) -> Result<Sandbox, ClientError> {
+        let op = self.create_operation(req).await?;
+        self.sandbox_result(op, None).await
+    }
+
+    /// Starts creating a sandbox; returns the operation at once.
+    pub async fn create_operation(&self, req: &CreateSandboxRequest) -> Result<Operation, ClientError> {
         self.http.json(Method::POST, "/v1/sandboxes", Some(req)).await
+    }
+
+    /// The operation as it is now.
+    pub async fn operation(&self, id: &str) -> Result<Operation, ClientError> {
+        self.http.json(Method::GET, &format!("/v1/operations/{id}"), None::<&()>).await
+    }
+
+    /// Waits for an operation to finish, for at most `timeout` (`None`:
+    /// as long as it takes), calling `progress` whenever it took a step.
+    pub async fn wait_operation(
+        &self,
+        id: &str,
+        timeout: Option<Duration>,
+        mut progress: impl FnMut(&Operation),
+    ) -> Result<Operation, ClientError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut seen = usize::MAX;
+        loop {
+            // Short server-side waits, so progress shows as steps happen.
+            let slice = deadline
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
+            let path = format!("/v1/operations/{id}?wait={}ms", slice.as_millis());
+            let op: Operation = self.http.json(Method::GET, &path, None::<&()>).await?;
+            if op.steps.len() != seen {
+                seen = op.steps.len();
+                progress(&op);
+            }
+            if op.state.is_done() || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(op);
+            }
+        }
+    }
+
+    /// Waits for a sandbox operation and turns its outcome into a result.
+    pub async fn sandbox_result(&self, op: Operation, timeout: Option<Duration>) -> Result<Sandbox, ClientError> {
+        let op = self.wait_operation(&op.id, timeout, |_| {}).await?;
+        operation_outcome(op)
     }
 
     /// Every sandbox, following pages.
     pub async fn list(&self) -> Result<Vec<Sandbox>, ClientError> {
+        self.list_all("/v1/sandboxes").await
+    }
+
+    /// Every operation kept, newest first.
+    pub async fn operations(&self) -> Result<Vec<Operation>, ClientError> {
+        self.list_all("/v1/operations").await
+    }
+
+    /// Follows the pages of a list endpoint.
+    pub async fn list_all<T: serde::de::DeserializeOwned>(&self, base: &str) -> Result<Vec<T>, ClientError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let path = match &token {
-                Some(t) => format!("/v1/sandboxes?page_token={t}"),
-                None => "/v1/sandboxes".to_string(),
+                Some(t) => format!("{base}?page_token={t}"),
+                None => base.to_string(),
             };
-            let page: Page<Sandbox> = self.http.json(Method::GET, &path, None::<&()>).await?;
+            let page: Page<T> = self.http.json(Method::GET, &path, None::<&()>).await?;
             out.extend(page.items);
             match page.next_page_token {
                 Some(t) => token = Some(t),
@@ -62,8 +123,32 @@ impl NodeClient {
         self.http.json_empty(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await
     }
 
-    /// `start`, `stop` or `restart`.
+    /// `start`, `stop` or `restart`, waiting for start and restart to finish.
     pub async fn action(&self, id: &str, action: &str) -> Result<Sandbox, ClientError> {
-        self.http.json(Method::POST, &format!("/v1/sandboxes/{id}/{action}"), None::<&()>).await
+        let path = format!("/v1/sandboxes/{id}/{action}");
+        if action == "stop" {
+            return self.http.json(Method::POST, &path, None::<&()>).await;
+        }
+        let op: Operation = self.http.json(Method::POST, &path, None::<&()>).await?;
+        self.sandbox_result(op, None).await
     }
+}
+
+/// The sandbox an operation produced, or its error.
+pub fn operation_outcome(op: Operation) -> Result<Sandbox, ClientError> {
+    if let Some(e) = op.error {
+        return Err(ClientError::Api(e));
+    }
+    match op.result {
+        Some(v) => serde_json::from_value(v).map_err(|e| ClientError::Api(ApiError::internal(e.to_string()))),
+        None => Err(ClientError::Api(ApiError::new(
+            ErrorCode::Timeout,
+            format!("operation {} is still {} (last step: {})", op.id, op.state, last_step(&op)),
+        ))),
+    }
+}
+
+/// The name of the operation's latest step, or `-`.
+pub fn last_step(op: &Operation) -> &str {
+    op.steps.last().map(|s| s.name.as_str()).unwrap_or("-")
 }

@@ -14,9 +14,13 @@
 pub mod api;
 pub mod backend;
 pub mod client;
+pub mod events;
+pub mod metrics;
 pub mod node;
+pub mod ops;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -29,10 +29,14 @@ use axum::body::Body;
 use flotilla_agent::AgentClient;
 use flotilla_agent::http::ClientError;
 use flotilla_api::{
-    ApiError, BackendInfo, CreateSandboxRequest, ErrorCode, ImportSummary, NodeInfo, Page, PageQuery, Resources,
-    Sandbox, SandboxState, Step, Timestamp, UpdateSandboxRequest, WorkspaceQuery,
+    ApiError, BackendInfo, CreateSandboxRequest, ErrorCode, EventBody, ImportSummary, NodeInfo, Operation,
+    OperationKind, Page, PageQuery, Resources, Sandbox, SandboxState, Step, Timestamp, UpdateSandboxRequest,
+    WorkspaceQuery,
 };
 
+use crate::events::EventBus;
+use crate::metrics::Metrics;
+use crate::ops::{OpHandle, Operations};
 use crate::state::{self, Event};
 use crate::store::{SandboxRecord, Store, StoreError};
 
@@ -105,6 +109,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Images this backend can start from.
     fn images(&self) -> Vec<String>;
 
+    /// Ids of every sandbox that has something on this host (a directory,
+    /// a cgroup, a process), known to the registry or not: the janitor
+    /// removes those the registry does not know.
+    fn resident(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Validates an image reference, returning its canonical form.
     fn check_image(&self, image: &str) -> Result<String, ApiError>;
 }
@@ -153,7 +164,10 @@ struct Entry<H> {
 /// The node.
 pub struct Node<B: Backend> {
     backend: B,
-    store: Store,
+    store: Arc<Store>,
+    events: Arc<EventBus>,
+    metrics: Arc<Metrics>,
+    ops: Arc<Operations>,
     config: NodeConfig,
     node_id: String,
     entries: Mutex<BTreeMap<String, Arc<Entry<B::Handle>>>>,
@@ -194,7 +208,10 @@ impl<B: Backend> Node<B> {
     pub async fn open(backend: B, config: NodeConfig) -> Result<Arc<Node<B>>, ApiError> {
         std::fs::create_dir_all(&config.home)
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", config.home.display())))?;
-        let store = Store::open(&config.home.join("node.db")).map_err(store_err)?;
+        let store = Arc::new(Store::open(&config.home.join("node.db")).map_err(store_err)?);
+        let events = Arc::new(EventBus::new());
+        let metrics = Arc::new(Metrics::default());
+        let ops = Arc::new(Operations::open(store.clone(), events.clone(), metrics.clone())?);
         let node_id = match store.meta("node_id").map_err(store_err)? {
             Some(id) => id,
             None => {
@@ -206,13 +223,29 @@ impl<B: Backend> Node<B> {
         let node = Arc::new(Node {
             backend,
             store,
+            events,
+            metrics,
+            ops,
             config,
             node_id,
             entries: Mutex::new(BTreeMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
         });
         node.recover().await?;
+        node.reap_orphans().await;
         Ok(node)
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn operations(&self) -> &Arc<Operations> {
+        &self.ops
     }
 
     pub fn node_id(&self) -> &str {
@@ -286,10 +319,11 @@ impl<B: Backend> Node<B> {
             .ok_or_else(|| ApiError::not_found(format!("no sandbox {id_or_name:?}")))
     }
 
-    /// Writes a record: store first, then the public view.
+    /// Writes a record: store first, then the public view, then the event.
     fn commit(&self, entry: &Entry<B::Handle>, rec: &SandboxRecord) -> Result<(), ApiError> {
         self.store.put(rec).map_err(store_err)?;
         *entry.view.lock().expect("view") = rec.sandbox.clone();
+        self.events.publish(EventBody::Sandbox { sandbox: Box::new(rec.sandbox.clone()) });
         Ok(())
     }
 
@@ -297,6 +331,24 @@ impl<B: Backend> Node<B> {
 
     /// Creates a sandbox and boots it; returns once its agent is up.
     pub async fn create(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<Sandbox, ApiError> {
+        let op = self.create_operation(req).await?;
+        self.finished(op).await
+    }
+
+    /// Waits for an operation that yields a sandbox and returns the sandbox.
+    async fn finished(&self, op: Operation) -> Result<Sandbox, ApiError> {
+        let op = self.ops.wait(&op.id, Duration::from_secs(3600)).await?;
+        match (op.error, op.result) {
+            (Some(e), _) => Err(e),
+            (None, Some(v)) => serde_json::from_value(v).map_err(|e| ApiError::internal(e.to_string())),
+            (None, None) => Err(ApiError::new(ErrorCode::Timeout, format!("operation {} did not finish", op.id))),
+        }
+    }
+
+    /// Starts creating a sandbox and returns the operation at once. The
+    /// request is checked (name, image, limits) before it returns, so a bad
+    /// request is a plain error, not a failed operation.
+    pub async fn create_operation(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<Operation, ApiError> {
         let image = self.backend.check_image(req.image.as_deref().unwrap_or("host"))?;
         if let Some(n) = &req.name
             && !valid_name(n)
@@ -311,6 +363,9 @@ impl<B: Backend> Node<B> {
             }
         }
         validate_resources(&req.resources)?;
+        if req.idle_ttl_s == Some(0) {
+            return Err(ApiError::invalid("idle_ttl_s must be at least 1 second"));
+        }
         let now = Timestamp::now();
         let entry = {
             // Name uniqueness and uid-range allocation, nothing else.
@@ -336,7 +391,8 @@ impl<B: Backend> Node<B> {
                 env: req.env.clone(),
                 network: req.network,
                 created_at: now,
-                delete_at: req.ttl_s.map(|s| now.plus(Duration::from_secs(s))),
+                delete_at: deadline(now, req.ttl_s, req.idle_ttl_s),
+                idle_ttl_s: req.idle_ttl_s,
                 error: None,
                 steps: vec![],
             };
@@ -354,8 +410,62 @@ impl<B: Backend> Node<B> {
             self.entries.lock().expect("entries").insert(id, entry.clone());
             entry
         };
-        let mut life = entry.lifecycle.lock().await;
-        self.boot_locked(&entry, &mut life).await
+        let op = self.ops.begin(OperationKind::CreateSandbox, &entry.id)?;
+        op.step("create_requested", None);
+        let snapshot = op.snapshot();
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut life = entry.lifecycle.lock().await;
+            if life.rec.sandbox.state != SandboxState::Creating {
+                // Deleted (or stopped) before the boot began.
+                let s = life.rec.sandbox.state;
+                op.fail(ApiError::conflict(format!("sandbox {} was {s} before it booted", entry.id)));
+                return;
+            }
+            let result = node.boot_locked(&entry, &mut life, Some(&op)).await;
+            drop(life);
+            finish_op(op, result);
+        });
+        Ok(snapshot)
+    }
+
+    /// Starts a stopped or failed sandbox, as an operation.
+    pub async fn start_operation(self: &Arc<Self>, id: &str) -> Result<Operation, ApiError> {
+        self.boot_operation(id, OperationKind::StartSandbox).await
+    }
+
+    /// Stops (if running) and boots a sandbox again, as an operation.
+    pub async fn restart_operation(self: &Arc<Self>, id: &str) -> Result<Operation, ApiError> {
+        self.boot_operation(id, OperationKind::RestartSandbox).await
+    }
+
+    async fn boot_operation(self: &Arc<Self>, id: &str, kind: OperationKind) -> Result<Operation, ApiError> {
+        let entry = self.find(id)?;
+        if entry.view.lock().expect("view").state == SandboxState::Deleted {
+            return Err(ApiError::not_found(format!("no sandbox {id:?}")));
+        }
+        let op = self.ops.begin(kind, &entry.id)?;
+        let snapshot = op.snapshot();
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut life = entry.lifecycle.lock().await;
+            let result = async {
+                if kind == OperationKind::StartSandbox && life.rec.sandbox.state == SandboxState::Running {
+                    return Ok(life.rec.sandbox.clone());
+                }
+                if kind == OperationKind::RestartSandbox {
+                    node.stop_locked(&entry, &mut life).await?;
+                    op.step("stopped", None);
+                }
+                node.begin_boot(&entry, &mut life)?;
+                op.step("start_requested", None);
+                node.boot_locked(&entry, &mut life, Some(&op)).await
+            }
+            .await;
+            drop(life);
+            finish_op(op, result);
+        });
+        Ok(snapshot)
     }
 
     /// Boots with the lifecycle lock held; the record is already `creating`.
@@ -363,10 +473,14 @@ impl<B: Backend> Node<B> {
         self: &Arc<Self>,
         entry: &Arc<Entry<B::Handle>>,
         life: &mut Life<B::Handle>,
+        op: Option<&OpHandle>,
     ) -> Result<Sandbox, ApiError> {
         let steps: Arc<Mutex<Vec<Step>>> = Arc::new(Mutex::new(Vec::new()));
         let sink = steps.clone();
         let on_step = move |name: &str, detail: Option<String>| {
+            if let Some(op) = op {
+                op.step(name, detail.clone());
+            }
             sink.lock().expect("steps").push(Step { name: name.into(), at: Timestamp::now(), detail });
         };
         let result = self.backend.boot(&life.rec, &on_step).await;
@@ -379,6 +493,9 @@ impl<B: Backend> Node<B> {
                 life.rec.pid = Some(pid);
                 life.rec.start_time = Some(start_time);
                 push_step(&mut life.rec.sandbox, "agent_up", None);
+                if let Some(op) = op {
+                    op.step("agent_up", None);
+                }
                 life.handle = Some(h.clone());
                 life.generation += 1;
                 self.commit(entry, &life.rec)?;
@@ -454,21 +571,13 @@ impl<B: Backend> Node<B> {
     }
 
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
-        let entry = self.find(id)?;
-        let mut life = entry.lifecycle.lock().await;
-        if life.rec.sandbox.state == SandboxState::Running {
-            return Ok(life.rec.sandbox.clone());
-        }
-        self.begin_boot(&entry, &mut life)?;
-        self.boot_locked(&entry, &mut life).await
+        let op = self.start_operation(id).await?;
+        self.finished(op).await
     }
 
     pub async fn restart(self: &Arc<Self>, id: &str) -> Result<Sandbox, ApiError> {
-        let entry = self.find(id)?;
-        let mut life = entry.lifecycle.lock().await;
-        self.stop_locked(&entry, &mut life).await?;
-        self.begin_boot(&entry, &mut life)?;
-        self.boot_locked(&entry, &mut life).await
+        let op = self.restart_operation(id).await?;
+        self.finished(op).await
     }
 
     fn begin_boot(&self, entry: &Entry<B::Handle>, life: &mut Life<B::Handle>) -> Result<(), ApiError> {
@@ -484,17 +593,23 @@ impl<B: Backend> Node<B> {
     pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
         let entry = self.find(id)?;
         let mut life = entry.lifecycle.lock().await;
-        if life.rec.sandbox.state == SandboxState::Deleted {
-            return Ok(());
+        if life.rec.sandbox.state != SandboxState::Deleted {
+            // Recorded before anything is killed or removed, so a crash
+            // mid-delete finishes the delete at the next start instead of
+            // resurrecting (or failing) the sandbox.
+            life.rec.sandbox.state = state::transition(life.rec.sandbox.state, Event::Delete).map_err(invalid)?;
+            push_step(&mut life.rec.sandbox, "delete_requested", None);
+            self.commit(&entry, &life.rec)?;
         }
-        self.stop_locked(&entry, &mut life).await?;
-        life.rec.sandbox.state = state::transition(life.rec.sandbox.state, Event::Delete).map_err(invalid)?;
-        // Recorded before the files go, so a crash mid-delete finishes the
-        // delete at the next start instead of resurrecting the sandbox.
-        self.commit(&entry, &life.rec)?;
+        life.generation += 1;
+        match life.handle.take() {
+            Some(h) => self.backend.kill(&entry.id, &h).await?,
+            None => self.backend.cleanup(&entry.id).await,
+        }
         self.backend.destroy(&entry.id)?;
         self.store.delete(&entry.id).map_err(store_err)?;
         self.entries.lock().expect("entries").remove(&entry.id);
+        self.events.publish(EventBody::SandboxDeleted { id: entry.id.clone(), name: entry.name.clone() });
         Ok(())
     }
 
@@ -514,6 +629,14 @@ impl<B: Backend> Node<B> {
             } else {
                 life.rec.sandbox.labels.insert(k, v);
             }
+        }
+        match req.idle_ttl_s {
+            Some(0) => life.rec.sandbox.idle_ttl_s = None,
+            Some(s) => {
+                life.rec.sandbox.idle_ttl_s = Some(s);
+                life.rec.sandbox.delete_at = Some(Timestamp::now().plus(Duration::from_secs(s)));
+            }
+            None => {}
         }
         match req.ttl_s {
             Some(0) => life.rec.sandbox.delete_at = None,
@@ -559,8 +682,24 @@ impl<B: Backend> Node<B> {
     /// which is released before the caller does any I/O.
     pub async fn agent(&self, id: &str) -> Result<AgentClient, ApiError> {
         let entry = self.find(id)?;
-        let life = entry.lifecycle.lock().await;
-        self.agent_locked(&life, id)
+        let mut life = entry.lifecycle.lock().await;
+        let agent = self.agent_locked(&life, id)?;
+        self.touch(&entry, &mut life);
+        Ok(agent)
+    }
+
+    /// Activity: pushes `delete_at` out by the idle TTL, if the sandbox has
+    /// one. Written at most once a second per sandbox.
+    fn touch(&self, entry: &Entry<B::Handle>, life: &mut Life<B::Handle>) {
+        let Some(idle) = life.rec.sandbox.idle_ttl_s else { return };
+        let next = Timestamp::now().plus(Duration::from_secs(idle));
+        if life.rec.sandbox.delete_at.is_some_and(|d| d.0 + 1000 > next.0) {
+            return;
+        }
+        life.rec.sandbox.delete_at = Some(next);
+        if let Err(e) = self.commit(entry, &life.rec) {
+            tracing::warn!(sandbox = %entry.id, error = %e, "renewing the idle deadline failed");
+        }
     }
 
     fn agent_locked(&self, life: &Life<B::Handle>, id: &str) -> Result<AgentClient, ApiError> {
@@ -582,8 +721,10 @@ impl<B: Backend> Node<B> {
     ) -> Result<ImportSummary, ApiError> {
         let entry = self.find(id)?;
         let agent = {
-            let life = entry.lifecycle.lock().await;
-            self.agent_locked(&life, id)?
+            let mut life = entry.lifecycle.lock().await;
+            let agent = self.agent_locked(&life, id)?;
+            self.touch(&entry, &mut life);
+            agent
         };
         let _ws = entry.workspace.lock().await;
         let q = WorkspaceQuery {
@@ -591,7 +732,9 @@ impl<B: Backend> Node<B> {
             max_bytes: Some(self.config.tar_max_bytes),
             max_entries: Some(self.config.tar_max_entries),
         };
-        self.backend.import(agent, body, encoding, q).await.map_err(|e| e.to_api())
+        let summary = self.backend.import(agent, body, encoding, q).await.map_err(|e| e.to_api())?;
+        self.metrics.imported("workspace", summary.bytes);
+        Ok(summary)
     }
 
     /// Streams the workspace out. Waits for an import in flight, so it never
@@ -600,8 +743,10 @@ impl<B: Backend> Node<B> {
     pub async fn export(&self, id: &str, dir: Option<String>) -> Result<Exported, ApiError> {
         let entry = self.find(id)?;
         let agent = {
-            let life = entry.lifecycle.lock().await;
-            self.agent_locked(&life, id)?
+            let mut life = entry.lifecycle.lock().await;
+            let agent = self.agent_locked(&life, id)?;
+            self.touch(&entry, &mut life);
+            agent
         };
         let lock = entry.workspace.clone().lock_owned().await;
         let q = WorkspaceQuery { dir, ..Default::default() };
@@ -627,12 +772,44 @@ impl<B: Backend> Node<B> {
             match self.delete(&id).await {
                 Ok(()) => {
                     tracing::info!(sandbox = %id, "janitor deleted sandbox: its delete_at passed");
+                    self.metrics.reaped("expired");
+                    self.events.publish(EventBody::Reaped {
+                        what: "sandbox".into(),
+                        id: id.clone(),
+                        reason: "its delete_at passed".into(),
+                    });
                     reaped.push(id);
                 }
                 Err(e) => tracing::warn!(sandbox = %id, error = %e, "janitor could not delete expired sandbox"),
             }
         }
         reaped
+    }
+
+    /// Removes what the backend has on this host for sandboxes the registry
+    /// does not know (left by a crash between a sandbox's files appearing and
+    /// its record, or by a record lost with a data directory). Returns their ids.
+    pub async fn reap_orphans(&self) -> Vec<String> {
+        let resident = self.backend.resident();
+        let orphans: Vec<String> = {
+            let entries = self.entries.lock().expect("entries");
+            resident.into_iter().filter(|id| !entries.contains_key(id)).collect()
+        };
+        for id in &orphans {
+            self.backend.cleanup(id).await;
+            let how = match self.backend.destroy(id) {
+                Ok(()) => "removed".to_string(),
+                Err(e) => format!("not removed: {e}"),
+            };
+            tracing::warn!(sandbox = %id, outcome = %how, "janitor reaped an orphan: the registry does not know this sandbox");
+            self.metrics.reaped("orphan");
+            self.events.publish(EventBody::Reaped {
+                what: "orphan".into(),
+                id: id.clone(),
+                reason: "on this host but not in the registry".into(),
+            });
+        }
+        orphans
     }
 
     /// Runs the janitor until the node is dropped.
@@ -644,6 +821,8 @@ impl<B: Backend> Node<B> {
                 tokio::time::sleep(period).await;
                 let Some(node) = weak.upgrade() else { return };
                 node.reap_expired().await;
+                node.reap_orphans().await;
+                node.ops.prune();
             }
         });
     }
@@ -689,6 +868,23 @@ impl<B: Backend> Node<B> {
 pub struct Exported {
     pub body: Body,
     pub lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Ends a sandbox operation with its result.
+fn finish_op(op: OpHandle, result: Result<Sandbox, ApiError>) {
+    match result {
+        Ok(s) => op.succeed(serde_json::to_value(&s).unwrap_or_default()),
+        Err(e) => op.fail(e),
+    }
+}
+
+/// The first deadline of a new sandbox: the sooner of its TTL and idle TTL.
+fn deadline(now: Timestamp, ttl_s: Option<u64>, idle_ttl_s: Option<u64>) -> Option<Timestamp> {
+    let at = |s: u64| now.plus(Duration::from_secs(s));
+    match (ttl_s.map(at), idle_ttl_s.map(at)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 fn invalid(e: state::InvalidTransition) -> ApiError {

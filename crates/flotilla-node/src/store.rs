@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use flotilla_api::Sandbox;
+use flotilla_api::{Image, Operation, Sandbox};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,18 @@ impl Store {
                  state TEXT NOT NULL,
                  record TEXT NOT NULL
              );
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS operations (
+                 id TEXT PRIMARY KEY,
+                 state TEXT NOT NULL,
+                 created_ms INTEGER NOT NULL,
+                 record TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS images (
+                 reference TEXT PRIMARY KEY,
+                 digest TEXT NOT NULL,
+                 record TEXT NOT NULL
+             );",
         )
         .map_err(open_err)?;
         Ok(Store { conn: Mutex::new(conn) })
@@ -83,8 +94,53 @@ impl Store {
     }
 
     pub fn load_all(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        self.load_json("SELECT record FROM sandboxes ORDER BY id")
+    }
+
+    pub fn put_operation(&self, op: &Operation) -> Result<(), StoreError> {
+        let json = serde_json::to_string(op)?;
+        self.conn.lock().expect("store lock").execute(
+            "INSERT INTO operations (id, state, created_ms, record) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET state = ?2, record = ?4",
+            params![op.id, op.state.as_str(), op.created_at.0 as i64, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn load_operations(&self) -> Result<Vec<Operation>, StoreError> {
+        self.load_json("SELECT record FROM operations ORDER BY created_ms")
+    }
+
+    /// Forgets finished operations created before `before_ms`.
+    pub fn prune_operations(&self, before_ms: u64) -> Result<usize, StoreError> {
+        Ok(self.conn.lock().expect("store lock").execute(
+            "DELETE FROM operations WHERE state != 'running' AND created_ms < ?1",
+            params![before_ms as i64],
+        )?)
+    }
+
+    pub fn put_image(&self, img: &Image) -> Result<(), StoreError> {
+        let json = serde_json::to_string(img)?;
+        self.conn.lock().expect("store lock").execute(
+            "INSERT INTO images (reference, digest, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT(reference) DO UPDATE SET digest = ?2, record = ?3",
+            params![img.reference, img.digest, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_image(&self, reference: &str) -> Result<(), StoreError> {
+        self.conn.lock().expect("store lock").execute("DELETE FROM images WHERE reference = ?1", params![reference])?;
+        Ok(())
+    }
+
+    pub fn load_images(&self) -> Result<Vec<Image>, StoreError> {
+        self.load_json("SELECT record FROM images ORDER BY reference")
+    }
+
+    fn load_json<T: serde::de::DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>, StoreError> {
         let conn = self.conn.lock().expect("store lock");
-        let mut stmt = conn.prepare("SELECT record FROM sandboxes ORDER BY id")?;
+        let mut stmt = conn.prepare(sql)?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for row in rows {
@@ -126,6 +182,7 @@ mod tests {
                 network: NetworkMode::None,
                 created_at: Timestamp(5),
                 delete_at: None,
+                idle_ttl_s: None,
                 error: None,
                 steps: vec![],
             },

@@ -273,7 +273,17 @@ impl ProcessBackend {
         let net_helper = match spec.network {
             NetworkMode::None => None,
             NetworkMode::Outbound => match start_network_helper(pid).await {
-                Ok(child) => child,
+                Ok(child) => {
+                    // The helper joins the sandbox's cgroup: killing the
+                    // cgroup then takes it along, also when a crashed node
+                    // restarts and no longer holds its handle.
+                    if let Some(hpid) = child.as_ref().and_then(|c| c.id())
+                        && let Err(e) = cgroup.add_pid(hpid as i32)
+                    {
+                        tracing::warn!(sandbox = %spec.id, error = %e, "network helper not moved into the cgroup");
+                    }
+                    child
+                }
                 Err(e) => {
                     pending.abort();
                     let _ = cgroup.remove();
@@ -398,6 +408,15 @@ impl ProcessBackend {
     /// parent group). Call after every sandbox is stopped.
     pub fn shutdown(&self) {
         self.cgroups.remove_group();
+    }
+
+    /// Ids of every sandbox with a directory or a cgroup on this host.
+    pub fn resident(&self) -> Vec<String> {
+        let mut ids: std::collections::BTreeSet<String> = self.cgroups.list().into_iter().collect();
+        if let Ok(rd) = std::fs::read_dir(&self.config.sandboxes_dir) {
+            ids.extend(rd.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)));
+        }
+        ids.into_iter().collect()
     }
 
     /// Deletes everything the sandbox has on disk. The sandbox must be

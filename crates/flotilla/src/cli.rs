@@ -32,6 +32,19 @@ pub enum Command {
     /// Create and use sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Long-running requests (create, start, image import, git import): list, show, wait.
+    #[command(subcommand, alias = "op")]
+    Operation(OperationCommand),
+    /// Follow the node's events (state changes, operation steps, janitor reaps) as they happen.
+    Events {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Resume after this event id (printed with --json).
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe the node: OS, CPUs, memory, backends, images, sandbox counts.
     Info {
         #[command(flatten)]
@@ -182,6 +195,37 @@ pub enum SandboxCommand {
     Set(SetArgs),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum OperationCommand {
+    /// Operations the node keeps (24 hours), newest first.
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one operation with its steps.
+    Show {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait for an operation to finish (also across a node restart); exits 1 if it failed.
+    Wait {
+        #[command(flatten)]
+        node: NodeArgs,
+        id: String,
+        /// Give up after this long.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct IdArgs {
     #[command(flatten)]
@@ -208,6 +252,12 @@ pub struct CreateArgs {
     /// Delete the sandbox after this long (e.g. 30m, 2h).
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
+    /// Delete the sandbox after this long without an exec, put, get or session.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_ttl: Option<std::time::Duration>,
+    /// Print the operation id and return at once instead of waiting for the agent.
+    #[arg(long)]
+    pub no_wait: bool,
     /// A unique name; usable wherever an id is.
     #[arg(long)]
     pub name: Option<String>,
@@ -256,6 +306,9 @@ pub struct SetArgs {
     /// New deadline counted from now; 0 removes it.
     #[arg(long, value_parser = parse_duration)]
     pub ttl: Option<std::time::Duration>,
+    /// New idle TTL (renews the deadline now); 0 removes it.
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_ttl: Option<std::time::Duration>,
     /// Label KEY=VALUE; KEY= removes it (repeatable).
     #[arg(long = "label", value_parser = parse_kv)]
     pub labels: Vec<(String, String)>,
@@ -314,6 +367,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Node(a) => crate::daemon::node(a, false),
         Command::Agent(a) => crate::daemon::agent(a),
         Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),
+        Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd)),
+        Command::Events { node, after, json } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
         Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd)),
     }
 }

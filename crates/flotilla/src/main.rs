@@ -4,6 +4,7 @@
 
 mod cli;
 mod daemon;
+mod ops;
 mod output;
 mod sandbox;
 mod transfer;

@@ -1,7 +1,7 @@
 //! Human and JSON output.
 
 use flotilla_api::units::format_duration;
-use flotilla_api::{Sandbox, Timestamp};
+use flotilla_api::{Operation, Sandbox, Step, Timestamp};
 
 /// Prints a value as pretty JSON.
 pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -95,18 +95,76 @@ pub fn sandbox_detail(s: &Sandbox) {
         Some(d) => println!("delete at:  {d} ({})", relative(d)),
         None => println!("delete at:  never"),
     }
+    if let Some(idle) = s.idle_ttl_s {
+        println!(
+            "idle ttl:   {} (every exec, put, get or session renews the deadline)",
+            format_duration(std::time::Duration::from_secs(idle))
+        );
+    }
     for (k, v) in &s.labels {
         println!("label:      {k}={v}");
     }
     for (k, v) in &s.env {
         println!("env:        {k}={v}");
     }
-    if !s.steps.is_empty() {
+    steps(&s.steps);
+}
+
+fn steps(steps: &[Step]) {
+    if let Some(first) = steps.first() {
         println!("steps:");
-        let first = s.steps[0].at;
-        for st in &s.steps {
+        for st in steps {
             let detail = st.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
-            println!("  +{:>6}ms  {:<18}{detail}", first.until(st.at).as_millis(), st.name);
+            println!("  +{:>6}ms  {:<22}{detail}", first.at.until(st.at).as_millis(), st.name);
         }
+    }
+}
+
+pub fn operation_rows(list: &[Operation]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|o| {
+            vec![
+                o.id.clone(),
+                o.kind.as_str().to_string(),
+                o.state.to_string(),
+                o.target.clone(),
+                o.steps.last().map(|s| s.name.clone()).unwrap_or_else(|| "-".into()),
+                relative(o.created_at),
+            ]
+        })
+        .collect();
+    table(&["ID", "KIND", "STATE", "TARGET", "LAST STEP", "CREATED"], &rows);
+}
+
+pub fn operation_detail(o: &Operation) {
+    println!("id:         {}", o.id);
+    println!("kind:       {}", o.kind.as_str());
+    println!("state:      {}", o.state);
+    println!("target:     {}", o.target);
+    println!("created:    {} ({})", o.created_at, relative(o.created_at));
+    if let Some(f) = o.finished_at {
+        println!("finished:   {f} (took {})", format_duration(o.created_at.until(f)));
+    }
+    if let Some(e) = &o.error {
+        println!("error:      {}", operation_error(o, e));
+    }
+    steps(&o.steps);
+}
+
+/// "step `agent_up` failed: ..." for a failed operation.
+pub fn operation_error(o: &Operation, e: &flotilla_api::ApiError) -> String {
+    let step = e
+        .details
+        .as_ref()
+        .and_then(|d| d.get("step"))
+        .and_then(|s| s.as_str())
+        .map(str::to_string)
+        .or_else(|| o.steps.last().map(|s| s.name.clone()));
+    match step {
+        Some(step) if !e.message.contains(&format!("`{step}`")) => {
+            format!("{} failed at step `{step}`: {} ({})", o.kind.as_str(), e.message, e.code.as_str())
+        }
+        _ => format!("{} ({})", e.message, e.code.as_str()),
     }
 }

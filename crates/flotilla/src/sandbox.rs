@@ -22,7 +22,7 @@ pub fn block_on<F: std::future::Future<Output = anyhow::Result<i32>>>(f: F) -> a
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?.block_on(f)
 }
 
-fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
+pub fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
     let ep = match &args.node {
         Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
         None => {
@@ -160,6 +160,10 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             for id in &a.ids {
                 match c.delete(id).await {
                     Ok(()) => println!("{id}"),
+                    // Repeating an rm is harmless: gone is what was asked for.
+                    Err(e) if e.to_api().code == flotilla_api::ErrorCode::NotFound => {
+                        eprintln!("{id}: already gone")
+                    }
                     Err(e) => {
                         eprintln!("error: deleting {id}: {}", flotilla_agent::http::error_chain(&e));
                         code = 1;
@@ -180,11 +184,22 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         name: a.name,
         resources: a.limits.resources().unwrap_or_default(),
         ttl_s: a.ttl.map(|d| d.as_secs().max(1)),
+        idle_ttl_s: a.idle_ttl.map(|d| d.as_secs().max(1)),
         labels: a.labels.into_iter().collect(),
         env: a.env.into_iter().collect(),
         network: if a.network == "outbound" { NetworkMode::Outbound } else { NetworkMode::None },
     };
-    let s = client(&a.node)?.create(&req).await.context("creating the sandbox")?;
+    let c = client(&a.node)?;
+    let op = c.create_operation(&req).await.context("creating the sandbox")?;
+    if a.no_wait {
+        if a.json {
+            output::json(&op)?
+        } else {
+            println!("{}", op.id)
+        }
+        return Ok(0);
+    }
+    let s = crate::ops::wait_sandbox(&c, op).await.context("creating the sandbox")?;
     if a.json {
         output::json(&s)?
     } else {
@@ -213,6 +228,7 @@ async fn set(a: SetArgs) -> anyhow::Result<i32> {
     let req = UpdateSandboxRequest {
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
         ttl_s: a.ttl.map(|d| d.as_secs()),
+        idle_ttl_s: a.idle_ttl.map(|d| d.as_secs()),
         resources: a.limits.resources(),
     };
     let s = client(&a.node)?.update(&a.id, &req).await?;

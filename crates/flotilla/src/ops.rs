@@ -1,0 +1,139 @@
+//! `flotilla operation ...` and `flotilla events`: long requests and the
+//! node's event feed from the shell.
+
+use std::io::IsTerminal;
+
+use anyhow::{Context, anyhow};
+use flotilla_api::{Operation, OperationState, Sandbox};
+use flotilla_node::NodeClient;
+use http_body_util::BodyExt;
+
+use crate::cli::{NodeArgs, OperationCommand};
+use crate::output;
+use crate::sandbox::client;
+
+pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
+    match cmd {
+        OperationCommand::Ls { node, json } => {
+            let list = client(&node)?.operations().await?;
+            if json {
+                output::json(&list)?
+            } else {
+                output::operation_rows(&list)
+            }
+            Ok(0)
+        }
+        OperationCommand::Show { node, id, json } => {
+            let op = client(&node)?.operation(&id).await?;
+            if json {
+                output::json(&op)?
+            } else {
+                output::operation_detail(&op)
+            }
+            Ok(0)
+        }
+        OperationCommand::Wait { node, id, timeout, json } => {
+            let c = client(&node)?;
+            let op = wait(&c, &id, timeout).await?;
+            if json {
+                output::json(&op)?
+            } else {
+                output::operation_detail(&op)
+            }
+            Ok(match op.state {
+                OperationState::Succeeded => 0,
+                OperationState::Failed => 1,
+                OperationState::Running => 2,
+            })
+        }
+    }
+}
+
+/// Waits for an operation, printing its steps on a terminal as they happen.
+pub async fn wait(c: &NodeClient, id: &str, timeout: Option<std::time::Duration>) -> anyhow::Result<Operation> {
+    let tty = std::io::stderr().is_terminal();
+    let mut printed = 0;
+    let op = c
+        .wait_operation(id, timeout, |op| {
+            if tty {
+                for st in &op.steps[printed.min(op.steps.len())..] {
+                    let detail = st.detail.as_deref().map(|d| format!("  {d}")).unwrap_or_default();
+                    eprintln!("  {:<20}{detail}", st.name);
+                }
+            }
+            printed = op.steps.len();
+        })
+        .await
+        .with_context(|| format!("waiting for operation {id}"))?;
+    Ok(op)
+}
+
+/// Waits for a sandbox operation; a failure names the step that failed.
+pub async fn wait_sandbox(c: &NodeClient, op: Operation) -> anyhow::Result<Sandbox> {
+    let op = wait(c, &op.id, None).await?;
+    if let Some(e) = &op.error {
+        return Err(anyhow!("{}", output::operation_error(&op, e)));
+    }
+    Ok(flotilla_node::client::operation_outcome(op)?)
+}
+
+/// Follows `GET /v1/events`, one line per event (or one JSON object per
+/// line with `--json`), until interrupted or the node goes away.
+pub async fn events(node: NodeArgs, after: Option<u64>, json: bool) -> anyhow::Result<i32> {
+    let c = client(&node)?;
+    let path = match after {
+        Some(a) => format!("/v1/events?after={a}"),
+        None => "/v1/events".to_string(),
+    };
+    let req = c.http().request(http::Method::GET, &path).body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = c.http().send_ok(req).await.context("subscribing to the node's events")?;
+    let mut body = resp.into_body();
+    let mut buf = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the event stream")?;
+        let Ok(data) = frame.into_data() else { continue };
+        buf.push_str(&String::from_utf8_lossy(&data));
+        // SSE messages end with a blank line.
+        while let Some(end) = buf.find("\n\n") {
+            let msg: String = buf.drain(..end + 2).collect();
+            let data: String = msg
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.trim_start())
+                .collect::<Vec<_>>()
+                .join("\n");
+            if data.is_empty() {
+                continue; // a keep-alive comment
+            }
+            if json {
+                println!("{data}");
+                continue;
+            }
+            match serde_json::from_str::<flotilla_api::NodeEvent>(&data) {
+                Ok(ev) => println!("{}", describe(&ev)),
+                Err(_) => println!("{data}"),
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn describe(ev: &flotilla_api::NodeEvent) -> String {
+    use flotilla_api::EventBody as B;
+    let what = match &ev.body {
+        B::Sandbox { sandbox: s } => {
+            let step = s.steps.last().map(|st| format!(" ({})", st.name)).unwrap_or_default();
+            format!("sandbox {} {} {}{step}", s.id, s.name, s.state)
+        }
+        B::SandboxDeleted { id, name } => format!("sandbox {id} {name} deleted"),
+        B::Operation { operation: o } => {
+            let step = o.steps.last().map(|st| st.name.as_str()).unwrap_or("-");
+            let err = o.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default();
+            format!("operation {} {} {} {} [{step}]{err}", o.id, o.kind.as_str(), o.target, o.state)
+        }
+        B::Image { action, image } => format!("image {image} {action}"),
+        B::Reaped { what, id, reason } => format!("janitor reaped {what} {id}: {reason}"),
+        B::Reset { reason } => format!("reset: {reason}"),
+    };
+    format!("{}  {what}", ev.at)
+}
