@@ -55,6 +55,15 @@
 //! so winning the race gains it nothing it could not do directly; what the
 //! checks defend against is the archive, which comes from outside.
 //!
+//! # Image layers
+//!
+//! [`extract_layer`] applies one layer of a container image with the same
+//! checks, plus two things layers need: OCI whiteouts (`.wh.NAME` removes
+//! `NAME` from the layers below, `.wh..wh..opq` empties its directory of
+//! what the layers below put there; neither touches what this layer itself
+//! created), and the owners recorded in the archive (the node extracts
+//! images as root).
+//!
 //! Symlink targets are checked lexically only: a chain of in-tree symlinks
 //! can still resolve outside `dest`. Extraction itself never follows a
 //! symlink, and code in the sandbox can create any symlink it likes anyway,
@@ -232,23 +241,44 @@ pub fn extract<R: Read>(
     dest: &Path,
     limits: &TarLimits,
 ) -> Result<ImportSummary, ExtractError> {
+    extract_with(reader, compression, dest, limits, false)
+}
+
+/// Applies one image layer onto `dest`: [`extract`] plus whiteouts and
+/// owners (see the module docs).
+pub fn extract_layer<R: Read>(
+    reader: R,
+    compression: Compression,
+    dest: &Path,
+    limits: &TarLimits,
+) -> Result<ImportSummary, ExtractError> {
+    extract_with(reader, compression, dest, limits, true)
+}
+
+fn extract_with<R: Read>(
+    reader: R,
+    compression: Compression,
+    dest: &Path,
+    limits: &TarLimits,
+    layer: bool,
+) -> Result<ImportSummary, ExtractError> {
     let started = Instant::now();
     let (entries, bytes) = match compression {
-        Compression::None => extract_tar(BufReader::with_capacity(READ_BUF_BYTES, reader), dest, limits),
+        Compression::None => extract_tar(BufReader::with_capacity(READ_BUF_BYTES, reader), dest, limits, layer),
         Compression::Gzip => {
             let decoder = flate2::read::MultiGzDecoder::new(reader);
-            extract_tar(BufReader::with_capacity(READ_BUF_BYTES, decoder), dest, limits)
+            extract_tar(BufReader::with_capacity(READ_BUF_BYTES, decoder), dest, limits, layer)
         }
         Compression::Zstd => {
             let decoder = zstd::stream::read::Decoder::new(reader).map_err(format)?;
-            extract_tar(BufReader::with_capacity(READ_BUF_BYTES, decoder), dest, limits)
+            extract_tar(BufReader::with_capacity(READ_BUF_BYTES, decoder), dest, limits, layer)
         }
     }?;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(ImportSummary { entries, bytes, duration_ms })
 }
 
-fn extract_tar<R: Read>(reader: R, dest: &Path, limits: &TarLimits) -> Result<(u64, u64), ExtractError> {
+fn extract_tar<R: Read>(reader: R, dest: &Path, limits: &TarLimits, layer: bool) -> Result<(u64, u64), ExtractError> {
     match fs::metadata(dest) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
@@ -258,6 +288,9 @@ fn extract_tar<R: Read>(reader: R, dest: &Path, limits: &TarLimits) -> Result<(u
     }
     let mut archive = Archive::new(reader);
     let mut x = Extractor::new(dest, limits);
+    if layer {
+        x.layer = Some(HashSet::new());
+    }
     for member in archive.entries().map_err(format)?.raw(true) {
         x.member(&mut member.map_err(format)?)?;
     }
@@ -293,6 +326,8 @@ struct PaxFields<'a> {
     path: Option<&'a [u8]>,
     linkpath: Option<&'a [u8]>,
     size: Option<&'a [u8]>,
+    uid: Option<&'a [u8]>,
+    gid: Option<&'a [u8]>,
     sparse: bool,
 }
 
@@ -325,6 +360,8 @@ impl<'a> PaxFields<'a> {
                 b"path" => f.path = value,
                 b"linkpath" => f.linkpath = value,
                 b"size" => f.size = value,
+                b"uid" => f.uid = value,
+                b"gid" => f.gid = value,
                 k if k.starts_with(b"GNU.sparse.") => f.sparse = true,
                 _ => {}
             }
@@ -464,6 +501,9 @@ struct Extractor<'a> {
     consumed: u64,
     /// File content written.
     written: u64,
+    /// Image layer mode: whiteouts and owners apply. Holds every path this
+    /// layer created (and their parents), which whiteouts leave alone.
+    layer: Option<HashSet<PathBuf>>,
 }
 
 impl<'a> Extractor<'a> {
@@ -480,6 +520,7 @@ impl<'a> Extractor<'a> {
             implicit_dirs: 0,
             consumed: 0,
             written: 0,
+            layer: None,
         }
     }
 
@@ -581,32 +622,113 @@ impl<'a> Extractor<'a> {
         };
         let mode = header.mode().map_err(format)? & MODE_MASK;
         let mtime = mtime_of(header);
+        if self.layer.is_some() {
+            let id = |pax: Option<&[u8]>, hdr: io::Result<u64>| -> Result<u32, ExtractError> {
+                let v = match pax {
+                    Some(v) => std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()),
+                    // An empty numeric field (some writers leave it so) is 0.
+                    None => Some(hdr.unwrap_or(0)),
+                };
+                v.and_then(|v| u32::try_from(v).ok()).ok_or_else(|| hostile(&name, "owner id out of range"))
+            };
+            let owner = (id(pax.uid, header.uid())?, id(pax.gid, header.gid())?);
+            if self.whiteout(&rel, &name)? {
+                return Ok(());
+            }
+            let mut p = rel.clone();
+            let created = self.layer.as_mut().expect("layer mode");
+            while created.insert(p.clone()) && p.pop() && !p.as_os_str().is_empty() {}
+            self.create_member(kind, &rel, &name, mode, mtime, size, &path, &pax, &pending, member)?;
+            return self.owned(&rel, &name, kind, owner);
+        }
+        self.create_member(kind, &rel, &name, mode, mtime, size, &path, &pax, &pending, member)
+    }
+
+    /// Creates a checked member's file, directory or link.
+    #[allow(clippy::too_many_arguments)]
+    fn create_member<R: Read>(
+        &mut self,
+        kind: EntryType,
+        rel: &Path,
+        name: &str,
+        mode: u32,
+        mtime: Option<SystemTime>,
+        size: u64,
+        path: &[u8],
+        pax: &PaxFields<'_>,
+        pending: &Pending,
+        member: &mut tar::Entry<'_, R>,
+    ) -> Result<(), ExtractError> {
         let link = || -> Vec<u8> {
             match (pax.linkpath, &pending.long_link) {
                 (Some(l), _) => l.to_vec(),
                 (None, Some(long)) => trim_nuls(long).to_vec(),
-                (None, None) => header.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default(),
+                (None, None) => member.header().link_name_bytes().map(|l| l.into_owned()).unwrap_or_default(),
             }
         };
         match kind {
             EntryType::Regular | EntryType::Continuous if path.ends_with(b"/") => {
-                // Pre-POSIX archives mark directories with a trailing slash.
-                self.dir(rel, &name, mode, mtime)
+                self.dir(rel.to_path_buf(), name, mode, mtime)
             }
-            EntryType::Regular | EntryType::Continuous => self.file(&rel, &name, mode, mtime, size, member),
-            EntryType::Directory => self.dir(rel, &name, mode, mtime),
+            EntryType::Regular | EntryType::Continuous => self.file(rel, name, mode, mtime, size, member),
+            EntryType::Directory => self.dir(rel.to_path_buf(), name, mode, mtime),
             EntryType::Symlink => {
                 let target = link();
-                self.symlink(&rel, &name, &target)
+                self.symlink(rel, name, &target)
             }
             EntryType::Link => {
                 let target = link();
-                self.hard_link(&rel, &name, &target)
+                self.hard_link(rel, name, &target)
             }
-            EntryType::Char | EntryType::Block => Err(hostile(&name, "device nodes are not allowed")),
-            EntryType::Fifo => Err(hostile(&name, "fifos are not allowed")),
-            other => Err(hostile(&name, format!("unsupported entry type {:?}", char::from(other.as_byte())))),
+            EntryType::Char | EntryType::Block => Err(hostile(name, "device nodes are not allowed")),
+            EntryType::Fifo => Err(hostile(name, "fifos are not allowed")),
+            other => Err(hostile(name, format!("unsupported entry type {:?}", char::from(other.as_byte())))),
         }
+    }
+
+    /// Applies a whiteout member; `false` if `rel` is not one.
+    fn whiteout(&mut self, rel: &Path, name: &str) -> Result<bool, ExtractError> {
+        let Some(file) = rel.file_name().and_then(|f| f.to_str()) else { return Ok(false) };
+        let Some(hidden) = file.strip_prefix(".wh.") else { return Ok(false) };
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        match reach(self.dest, parent).map_err(|e| io_error(name, e))? {
+            Reach::Dirs => {}
+            // Nothing below to hide.
+            Reach::Stopped => return Ok(true),
+            Reach::Symlink(p) => {
+                return Err(hostile(name, format!("{} is a symlink; refusing to remove through it", p.display())));
+            }
+        }
+        let created = self.layer.as_ref().expect("layer mode");
+        let victims: Vec<PathBuf> = if hidden == ".wh..opq" {
+            let dir = self.dest.join(parent);
+            let children = fs::read_dir(&dir).map_err(|e| io_error(name, e))?;
+            children
+                .filter_map(|c| c.ok())
+                .map(|c| parent.join(c.file_name()))
+                .filter(|c| !created.contains(c))
+                .collect()
+        } else {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(hostile(name, "whiteout of nothing"));
+            }
+            let target = parent.join(hidden);
+            if created.contains(&target) { vec![] } else { vec![target] }
+        };
+        for v in victims {
+            let full = self.dest.join(&v);
+            self.clear(&full, name)?;
+        }
+        Ok(true)
+    }
+
+    /// Gives a layer member the owner its archive records.
+    fn owned(&mut self, rel: &Path, name: &str, kind: EntryType, (uid, gid): (u32, u32)) -> Result<(), ExtractError> {
+        if kind == EntryType::Link {
+            return Ok(()); // the same inode as its target, already owned
+        }
+        let path = self.dest.join(rel);
+        std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| io_error(name, e))
     }
 
     /// Makes sure every parent of `rel` is a real directory, creating
@@ -1151,6 +1273,82 @@ mod tests {
 
     fn file(b: &mut Builder<Vec<u8>>, name: &str, data: &[u8]) {
         raw(b, EntryType::Regular, name.as_bytes(), b"", data);
+    }
+
+    fn layer(f: &Fixture, tar: &[u8]) -> Result<ImportSummary, ExtractError> {
+        extract_layer(tar, Compression::None, &f.dest, &TarLimits::default())
+    }
+
+    #[test]
+    fn layers_apply_whiteouts_to_lower_layers_only() {
+        let f = fixture();
+        layer(
+            &f,
+            &archive(|b| {
+                file(b, "etc/keep", b"k");
+                file(b, "etc/gone", b"g");
+                file(b, "opq/old1", b"1");
+                file(b, "opq/sub/old2", b"2");
+                file(b, "d/x", b"x");
+            }),
+        )
+        .unwrap();
+        layer(
+            &f,
+            &archive(|b| {
+                file(b, "etc/.wh.gone", b"");
+                file(b, "opq/new", b"n");
+                file(b, "opq/.wh..wh..opq", b"");
+                file(b, "d/.wh.x", b"");
+                file(b, "nowhere/.wh.thing", b"");
+            }),
+        )
+        .unwrap();
+        assert!(f.dest.join("etc/keep").exists());
+        assert!(!f.dest.join("etc/gone").exists());
+        assert!(!f.dest.join("etc/.wh.gone").exists(), "whiteouts themselves are not written");
+        assert!(!f.dest.join("opq/old1").exists() && !f.dest.join("opq/sub").exists(), "opaque dir emptied");
+        assert_eq!(
+            fs::read(f.dest.join("opq/new")).unwrap(),
+            b"n",
+            "this layer's own entry survives its opaque marker"
+        );
+        assert!(f.dest.join("d").is_dir() && !f.dest.join("d/x").exists());
+        assert!(!f.dest.join("nowhere").exists());
+        f.assert_contained();
+    }
+
+    #[test]
+    fn layers_keep_owners_and_refuse_whiteouts_through_symlinks() {
+        let f = fixture();
+        let mut b = Builder::new(Vec::new());
+        let mut h = Header::new_gnu();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1);
+        h.set_uid(1234);
+        h.set_gid(4321);
+        b.append_data(&mut h, "owned", &b"o"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        layer(&f, &tar).unwrap();
+        let m = fs::symlink_metadata(f.dest.join("owned")).unwrap();
+        if crate::tarx::tests::is_root() {
+            assert_eq!((m.uid(), m.gid()), (1234, 4321));
+        }
+        symlink(&f.outside, f.dest.join("link")).unwrap();
+        fs::write(f.outside.join("victim"), b"v").unwrap();
+        let err = layer(&f, &archive(|b| file(b, "link/.wh.victim", b""))).unwrap_err();
+        assert!(matches!(err, ExtractError::Hostile { .. }), "{err:?}");
+        assert!(f.outside.join("victim").exists(), "a whiteout removed something outside");
+        fs::remove_file(f.outside.join("victim")).unwrap();
+        fs::remove_file(f.dest.join("link")).unwrap();
+        let err = layer(&f, &archive(|b| file(b, "../.wh.dest", b""))).unwrap_err();
+        assert!(matches!(err, ExtractError::Hostile { .. }), "{err:?}");
+        f.assert_contained();
+    }
+
+    fn is_root() -> bool {
+        fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
     }
 
     fn dir_mode(b: &mut Builder<Vec<u8>>, name: &str, mode: u32) {

@@ -37,6 +37,9 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/sandboxes/{id}/start", post(start::<B>))
         .route("/v1/sandboxes/{id}/stop", post(stop::<B>))
         .route("/v1/sandboxes/{id}/restart", post(restart::<B>))
+        .route("/v1/images", get(list_images::<B>).post(import_image::<B>))
+        .route("/v1/images/{reference}", get(show_image::<B>).delete(delete_image::<B>))
+        .route("/v1/images/{reference}/promote", post(promote_image::<B>))
         .route("/v1/operations", get(list_operations::<B>))
         .route("/v1/operations/{id}", get(operation::<B>))
         .route("/v1/events", get(events::<B>))
@@ -62,6 +65,39 @@ async fn node_info<B: Backend>(State(n): NodeState<B>) -> Json<NodeInfo> {
 async fn create<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
     let req: CreateSandboxRequest = parse_json(&body)?;
     Ok(accepted(n.create_operation(req).await?))
+}
+
+async fn list_images<B: Backend>(
+    State(n): NodeState<B>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<Page<flotilla_api::Image>>> {
+    Ok(Json(paginate(n.images()?, &q, |i| i.reference.clone())))
+}
+
+async fn import_image<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
+    let req: flotilla_api::ImportImageRequest = parse_json(&body)?;
+    Ok(accepted(n.import_image_operation(req)?))
+}
+
+async fn show_image<B: Backend>(
+    State(n): NodeState<B>,
+    Path(reference): Path<String>,
+) -> Result<Json<flotilla_api::Image>> {
+    Ok(Json(n.image(&reference)?))
+}
+
+async fn delete_image<B: Backend>(State(n): NodeState<B>, Path(reference): Path<String>) -> Result<StatusCode> {
+    n.delete_image(&reference).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn promote_image<B: Backend>(
+    State(n): NodeState<B>,
+    Path(reference): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<flotilla_api::Image>> {
+    let req: flotilla_api::PromoteImageRequest = parse_json(&body)?;
+    Ok(Json(n.promote_image(&reference, &req.to).await?))
 }
 
 /// `202 Accepted` with the operation and where to wait for it.

@@ -134,6 +134,43 @@ impl NodeClient {
     }
 }
 
+impl NodeClient {
+    pub async fn images(&self) -> Result<Vec<flotilla_api::Image>, ClientError> {
+        self.list_all("/v1/images").await
+    }
+
+    pub async fn image(&self, reference: &str) -> Result<flotilla_api::Image, ClientError> {
+        self.http.json(Method::GET, &format!("/v1/images/{}", segment(reference)), None::<&()>).await
+    }
+
+    /// Starts importing an image from a path on the node's host.
+    pub async fn import_image(&self, req: &flotilla_api::ImportImageRequest) -> Result<Operation, ClientError> {
+        self.http.json(Method::POST, "/v1/images", Some(req)).await
+    }
+
+    pub async fn promote_image(&self, from: &str, to: &str) -> Result<flotilla_api::Image, ClientError> {
+        let req = flotilla_api::PromoteImageRequest { to: to.to_string() };
+        self.http.json(Method::POST, &format!("/v1/images/{}/promote", segment(from)), Some(&req)).await
+    }
+
+    pub async fn delete_image(&self, reference: &str) -> Result<(), ClientError> {
+        self.http.json_empty(Method::DELETE, &format!("/v1/images/{}", segment(reference)), None::<&()>).await
+    }
+}
+
+/// Percent-encodes one path segment (image names may hold `/`).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The sandbox an operation produced, or its error.
 pub fn operation_outcome(op: Operation) -> Result<Sandbox, ClientError> {
     if let Some(e) = op.error {

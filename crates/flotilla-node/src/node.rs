@@ -35,6 +35,7 @@ use flotilla_api::{
 };
 
 use crate::events::EventBus;
+use crate::images::Images;
 use crate::metrics::Metrics;
 use crate::ops::{OpHandle, Operations};
 use crate::state::{self, Event};
@@ -168,6 +169,7 @@ pub struct Node<B: Backend> {
     events: Arc<EventBus>,
     metrics: Arc<Metrics>,
     ops: Arc<Operations>,
+    images: Images,
     config: NodeConfig,
     node_id: String,
     entries: Mutex<BTreeMap<String, Arc<Entry<B::Handle>>>>,
@@ -212,6 +214,7 @@ impl<B: Backend> Node<B> {
         let events = Arc::new(EventBus::new());
         let metrics = Arc::new(Metrics::default());
         let ops = Arc::new(Operations::open(store.clone(), events.clone(), metrics.clone())?);
+        let images = Images::open(&config.home)?;
         let node_id = match store.meta("node_id").map_err(store_err)? {
             Some(id) => id,
             None => {
@@ -226,6 +229,7 @@ impl<B: Backend> Node<B> {
             events,
             metrics,
             ops,
+            images,
             config,
             node_id,
             entries: Mutex::new(BTreeMap::new()),
@@ -233,6 +237,7 @@ impl<B: Backend> Node<B> {
         });
         node.recover().await?;
         node.reap_orphans().await;
+        node.images.collect_unused(&node.store, &node.images_in_use()).await;
         Ok(node)
     }
 
@@ -335,6 +340,90 @@ impl<B: Backend> Node<B> {
         self.finished(op).await
     }
 
+    /// `host`, `dir:/path` and canonical stored references go to the backend
+    /// as they are; `name:tag` is pinned to its current version first.
+    fn resolve_image(&self, image: &str) -> Result<String, ApiError> {
+        if image == "host" || image.starts_with("dir:") || image.contains('@') {
+            return self.backend.check_image(image);
+        }
+        let canonical = self.images.resolve(&self.store, image)?;
+        self.backend.check_image(&canonical)
+    }
+
+    /// `(sandbox id, image digest)` of every sandbox made from a stored image.
+    fn images_in_use(&self) -> Vec<(String, String)> {
+        self.entries
+            .lock()
+            .expect("entries")
+            .values()
+            .filter_map(|e| {
+                let image = e.view.lock().expect("view").image.clone();
+                image.split_once('@').map(|(_, d)| (e.id.clone(), d.to_string()))
+            })
+            .collect()
+    }
+
+    // ------------------------------------------------------------ images
+
+    /// Imports an image from a path on this host, as an operation.
+    pub fn import_image_operation(
+        self: &Arc<Self>,
+        req: flotilla_api::ImportImageRequest,
+    ) -> Result<Operation, ApiError> {
+        crate::images::parse_reference(&req.reference)?;
+        let op = self.ops.begin(OperationKind::ImportImage, &req.reference)?;
+        op.step("import_requested", Some(req.path.clone()));
+        let snapshot = op.snapshot();
+        let node = self.clone();
+        tokio::spawn(async move {
+            let n = node.clone();
+            let op = Arc::new(op);
+            let progress = op.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let step = |name: &str, detail: Option<String>| progress.step(name, detail);
+                n.images.import_blocking(&n.store, &req.reference, std::path::Path::new(&req.path), &step)
+            })
+            .await
+            .unwrap_or_else(|e| Err(ApiError::internal(format!("the import task failed: {e}"))));
+            let op = Arc::into_inner(op).expect("the import task is done");
+            match result {
+                Ok(img) => {
+                    tracing::info!(image = %img.reference, digest = %img.digest, format = %img.source_format, "image imported");
+                    node.metrics.imported("image", img.size_bytes);
+                    node.events.publish(EventBody::Image { action: "imported".into(), image: img.reference.clone() });
+                    op.succeed(serde_json::to_value(&img).unwrap_or_default());
+                }
+                Err(e) => op.fail(e),
+            }
+        });
+        Ok(snapshot)
+    }
+
+    pub fn images(&self) -> Result<Vec<flotilla_api::Image>, ApiError> {
+        self.images.list(&self.store, &self.images_in_use())
+    }
+
+    pub fn image(&self, reference: &str) -> Result<flotilla_api::Image, ApiError> {
+        self.images()?
+            .into_iter()
+            .find(|i| i.reference == reference)
+            .ok_or_else(|| ApiError::not_found(format!("no image {reference:?} (see `flotilla image ls`)")))
+    }
+
+    /// Points tag `to` at the version `from` names.
+    pub async fn promote_image(&self, from: &str, to: &str) -> Result<flotilla_api::Image, ApiError> {
+        let img = self.images.promote(&self.store, from, to, &self.images_in_use()).await?;
+        self.events.publish(EventBody::Image { action: format!("promoted from {from}"), image: to.to_string() });
+        self.image(&img.reference)
+    }
+
+    /// Deletes a tag (409 while a sandbox uses its version).
+    pub async fn delete_image(&self, reference: &str) -> Result<(), ApiError> {
+        self.images.delete(&self.store, reference, &self.images_in_use()).await?;
+        self.events.publish(EventBody::Image { action: "deleted".into(), image: reference.to_string() });
+        Ok(())
+    }
+
     /// Waits for an operation that yields a sandbox and returns the sandbox.
     async fn finished(&self, op: Operation) -> Result<Sandbox, ApiError> {
         let op = self.ops.wait(&op.id, Duration::from_secs(3600)).await?;
@@ -349,7 +438,7 @@ impl<B: Backend> Node<B> {
     /// request is checked (name, image, limits) before it returns, so a bad
     /// request is a plain error, not a failed operation.
     pub async fn create_operation(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<Operation, ApiError> {
-        let image = self.backend.check_image(req.image.as_deref().unwrap_or("host"))?;
+        let image = self.resolve_image(req.image.as_deref().unwrap_or("host"))?;
         if let Some(n) = &req.name
             && !valid_name(n)
         {
@@ -855,7 +944,11 @@ impl<B: Backend> Node<B> {
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             memory_bytes: mem_total(),
             backends: vec![self.backend.info()],
-            images: self.backend.images(),
+            images: {
+                let mut v = self.backend.images();
+                v.extend(self.images().unwrap_or_default().into_iter().map(|i| i.reference));
+                v
+            },
             network_modes: self.backend.network_modes(),
             cgroup: self.backend.cgroup_version(),
             sandboxes: counts,

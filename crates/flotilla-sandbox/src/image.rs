@@ -9,6 +9,8 @@
 //!   `/run`, `/var` or the node's data directory.
 //! * `dir:/path`: a root filesystem directory used as the read-only lower
 //!   layer of an overlay; writes land in the sandbox's own upper layer.
+//! * `name:tag@sha256:<hex>`: a version in the node's image store (the node
+//!   resolves `name:tag` to this form at create), used like a directory.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,12 +20,17 @@ use std::path::{Path, PathBuf};
 pub enum Image {
     Host,
     Dir(PathBuf),
+    /// A stored image version: its reference and its unpacked root.
+    Stored {
+        reference: String,
+        rootfs: PathBuf,
+    },
 }
 
 /// Why an image reference was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("unknown image {0:?}: use `host` or `dir:/absolute/path`")]
+    #[error("unknown image {0:?}: use `host`, `dir:/absolute/path` or an imported NAME:TAG (see `flotilla image ls`)")]
     Unknown(String),
     #[error("image directory {0} must be an absolute path")]
     NotAbsolute(PathBuf),
@@ -43,6 +50,18 @@ impl Image {
     pub fn parse(s: &str, data_dir: &Path) -> Result<Image, ImageError> {
         if s == "host" || s.is_empty() {
             return Ok(Image::Host);
+        }
+        if let Some((_, digest)) = s.split_once('@') {
+            let hex = digest
+                .strip_prefix("sha256:")
+                .filter(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .ok_or_else(|| ImageError::Unknown(s.to_string()))?;
+            let rootfs = data_dir.join("images/versions").join(hex).join("rootfs");
+            if !rootfs.is_dir() {
+                let source = io::Error::new(io::ErrorKind::NotFound, "no such image version on this node");
+                return Err(ImageError::Missing { path: rootfs, source });
+            }
+            return Ok(Image::Stored { reference: s.to_string(), rootfs });
         }
         let Some(p) = s.strip_prefix("dir:") else {
             return Err(ImageError::Unknown(s.to_string()));
@@ -69,6 +88,15 @@ impl Image {
         match self {
             Image::Host => "host".into(),
             Image::Dir(p) => format!("dir:{}", p.display()),
+            Image::Stored { reference, .. } => reference.clone(),
+        }
+    }
+
+    /// The directory an overlay uses as its lower layer, if any.
+    pub fn lower_dir(&self) -> Option<&Path> {
+        match self {
+            Image::Host => None,
+            Image::Dir(p) | Image::Stored { rootfs: p, .. } => Some(p),
         }
     }
 }

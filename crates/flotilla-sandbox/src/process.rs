@@ -486,7 +486,7 @@ impl ProcessBackend {
                     recursive: false,
                 });
             }
-            Image::Dir(lower) => {
+            Image::Dir(lower) | Image::Stored { rootfs: lower, .. } => {
                 let data = format!(
                     "lowerdir={},upperdir={},workdir={},userxattr",
                     lower.display(),

@@ -18,9 +18,18 @@ pub struct NodeArgs {
     /// Data directory; the node's socket is DIR/node.sock.
     #[arg(long, env = "FLOTILLA_HOME", global = true)]
     pub home: Option<PathBuf>,
-    /// Node API address (unix:///path/node.sock or http://host:port); overrides --home.
+    /// Node API address (unix:///path/node.sock or https://host:port); overrides --home.
     #[arg(long, env = "FLOTILLA_NODE", global = true)]
     pub node: Option<String>,
+    /// Bearer token of a remote node (`flotilla node --listen` prints where it is kept).
+    #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Trust this certificate (PEM) for an https node, e.g. a copy of the node's HOME/tls/cert.pem.
+    #[arg(long, env = "FLOTILLA_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Trust the https node whose certificate has this SHA-256 fingerprint (printed at its start).
+    #[arg(long, env = "FLOTILLA_CERT_SHA256", global = true)]
+    pub cert_sha256: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +41,17 @@ pub enum Command {
     /// Create and use sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Root filesystems sandboxes start from: import, list, promote, delete.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Check that this machine can run sandboxes, and say how to fix what is missing.
+    Doctor {
+        /// Data directory to check disk space for.
+        #[arg(long, env = "FLOTILLA_HOME")]
+        home: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Long-running requests (create, start, image import, git import): list, show, wait.
     #[command(subcommand, alias = "op")]
     Operation(OperationCommand),
@@ -67,6 +87,21 @@ pub struct DaemonArgs {
     /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
     #[arg(long, env = "FLOTILLA_HOME")]
     pub home: Option<PathBuf>,
+    /// Also serve the API over TCP with TLS and a bearer token on this address (e.g. 0.0.0.0:7443).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// TLS certificate (PEM) for --listen; a self-signed one is made in HOME/tls when absent.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra host name or address for the self-signed certificate (repeatable).
+    #[arg(long = "tls-name")]
+    pub tls_names: Vec<String>,
+    /// Bearer token clients must send; generated into HOME/tls/token when absent.
+    #[arg(long, env = "FLOTILLA_NODE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -193,6 +228,58 @@ pub enum SandboxCommand {
     Rm(IdArgs),
     /// Change labels, deadline or limits (limits apply live).
     Set(SetArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images (tags, their digests and which sandboxes use them).
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one image.
+    Show {
+        #[command(flatten)]
+        node: NodeArgs,
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import NAME:TAG from a directory, a rootfs tarball (.tar/.tar.gz/.tar.zst),
+    /// an OCI image layout (directory or tar) or a `docker save` archive on the node's host.
+    Import {
+        #[command(flatten)]
+        node: NodeArgs,
+        reference: String,
+        path: PathBuf,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point another tag (default NAME:latest) at the version NAME:TAG names.
+    Promote {
+        #[command(flatten)]
+        node: NodeArgs,
+        reference: String,
+        /// The tag to move.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete tags (refused while a sandbox uses the version).
+    #[command(alias = "delete")]
+    Rm {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -368,6 +455,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Agent(a) => crate::daemon::agent(a),
         Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),
         Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd)),
+        Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd)),
+        Command::Doctor { home, json } => crate::doctor::run(&default_home(home), json),
         Command::Events { node, after, json } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
         Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd)),
     }

@@ -47,7 +47,58 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
                 home.display()
             );
         }
-        flotilla_node::serve_unix(node, &socket, shutdown_signal())
+        // One signal stops both listeners.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Some(addr) = args.listen {
+            let tls_dir = home.join("tls");
+            let mut names = args.tls_names.clone();
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            let identity = flotilla_node::tls::TlsIdentity::load_or_generate(
+                &tls_dir,
+                args.tls_cert.as_deref(),
+                args.tls_key.as_deref(),
+                &names,
+            )
+            .context("setting up TLS for --listen")?;
+            let token = match &args.token {
+                Some(t) => {
+                    flotilla_node::tls::check_token(t).context("checking --token")?;
+                    t.clone()
+                }
+                None => flotilla_node::tls::load_or_generate_token(&tls_dir).context("making the API token")?,
+            };
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+            let bound = listener.local_addr().context("reading the bound address")?;
+            tracing::info!(
+                address = %bound,
+                certificate = %identity.cert_path().display(),
+                sha256 = identity.fingerprint(),
+                "serving the node API over TLS; clients need the bearer token"
+            );
+            eprintln!(
+                "flotilla: node API on https://{bound} (certificate {} sha256 {}; token in {})",
+                identity.cert_path().display(),
+                identity.fingerprint(),
+                if args.token.is_some() { "--token".to_string() } else { tls_dir.join("token").display().to_string() }
+            );
+            let router = flotilla_node::api::router(node.clone());
+            let rx = stop_rx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = flotilla_node::tls::serve_tls(router, listener, &identity, token, stopped(rx)).await {
+                    tracing::error!(error = %e, "the TLS listener failed");
+                }
+            });
+        }
+        flotilla_node::serve_unix(node, &socket, stopped(stop_rx))
             .await
             .with_context(|| format!("serving on {}", socket.display()))?;
         Ok(0)

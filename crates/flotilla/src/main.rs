@@ -4,6 +4,8 @@
 
 mod cli;
 mod daemon;
+mod doctor;
+mod image;
 mod ops;
 mod output;
 mod sandbox;

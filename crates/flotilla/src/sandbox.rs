@@ -39,7 +39,13 @@ pub fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
             Endpoint::Unix(sock)
         }
     };
-    Ok(NodeClient::new(HttpClient::new(ep)))
+    let mut http = HttpClient::new(ep).with_token(args.token.clone());
+    if let Some(ca) = &args.ca {
+        http = http.with_tls_ca(ca).with_context(|| format!("loading {}", ca.display()))?;
+    } else if let Some(fp) = &args.cert_sha256 {
+        http = http.with_cert_sha256(fp).context("reading --cert-sha256")?;
+    }
+    Ok(NodeClient::new(http))
 }
 
 pub async fn info(node: NodeArgs, json: bool) -> anyhow::Result<i32> {

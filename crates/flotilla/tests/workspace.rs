@@ -182,38 +182,11 @@ async fn the_workspace_survives_stop_and_start() {
     assert_eq!(env.ok(&s.id, "cat /workspace/state").await, "kept\n");
 }
 
-/// Builds a minimal root filesystem from host binaries: a shell, a few
-/// tools, their libraries, and the libraries the agent needs.
-fn minimal_rootfs(dir: &std::path::Path) {
-    let bins = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/touch", common::BIN];
-    for d in ["bin", "etc", "proc", "dev", "tmp", "workspace", "root"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
-    for b in bins {
-        let real = std::fs::canonicalize(b).unwrap();
-        if b != common::BIN {
-            std::fs::copy(&real, dir.join("bin").join(std::path::Path::new(b).file_name().unwrap())).unwrap();
-        }
-        let out = std::process::Command::new("ldd").arg(&real).output().unwrap();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let path = line.split_whitespace().find(|w| w.starts_with('/'));
-            if let Some(p) = path {
-                let dst = dir.join(p.trim_start_matches('/'));
-                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-                if !dst.exists() {
-                    std::fs::copy(p, &dst).unwrap();
-                }
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_image_is_copy_on_write() {
     let env = common::env();
     let img = tempfile::tempdir().unwrap();
-    minimal_rootfs(img.path());
+    common::minimal_rootfs(img.path());
     let image = format!("dir:{}", img.path().display());
     let a = env.create(CreateSandboxRequest { image: Some(image.clone()), ..Default::default() }).await;
     let b = env.create(CreateSandboxRequest { image: Some(image), ..Default::default() }).await;
