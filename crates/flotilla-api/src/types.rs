@@ -480,13 +480,13 @@ pub enum EventBody {
     /// A sandbox changed (state, step, deadline, limits).
     Sandbox { sandbox: Box<Sandbox> },
     /// A sandbox is gone for good.
-    SandboxDeleted { id: String, name: String },
+    SandboxDeleted { sandbox_id: String, name: String },
     /// An operation started, took a step or finished.
     Operation { operation: Box<Operation> },
     /// An image was imported, promoted or deleted.
     Image { action: String, image: String },
     /// The janitor removed something, and why.
-    Reaped { what: String, id: String, reason: String },
+    Reaped { what: String, target: String, reason: String },
     /// Events before `Last-Event-ID` are no longer kept: re-list, then follow.
     Reset { reason: String },
 }
@@ -611,6 +611,22 @@ mod tests {
         assert!(err.to_string().contains("unknown field"), "{err}");
         let ok: CreateSandboxRequest = serde_json::from_str(r#"{"image":"host","network":"outbound"}"#).unwrap();
         assert_eq!(ok.network, NetworkMode::Outbound);
+    }
+
+    #[test]
+    fn every_event_round_trips() {
+        // `body` is flattened into the event: no variant may reuse `id` or `at`.
+        let bodies = [
+            EventBody::SandboxDeleted { sandbox_id: "a".into(), name: "n".into() },
+            EventBody::Image { action: "imported".into(), image: "x:1".into() },
+            EventBody::Reaped { what: "orphan".into(), target: "a".into(), reason: "r".into() },
+            EventBody::Reset { reason: "r".into() },
+        ];
+        for body in bodies {
+            let ev = NodeEvent { id: 7, at: Timestamp(1), body };
+            let json = serde_json::to_string(&ev).unwrap();
+            assert_eq!(serde_json::from_str::<NodeEvent>(&json).unwrap(), ev, "{json}");
+        }
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/events", get(events::<B>))
         .route("/metrics", get(metrics::<B>))
         .route("/v1/sandboxes/{id}/workspace", get(export::<B>).put(import::<B>))
+        .route("/v1/sandboxes/{id}/workspace/git", post(git_import::<B>))
         .route("/v1/sandboxes/{id}/ls", get(proxy::<B>))
         .route("/v1/sandboxes/{id}/removeall", post(proxy::<B>))
         .route("/v1/sandboxes/{id}/exec", post(proxy::<B>))
@@ -239,6 +240,15 @@ async fn import<B: Backend>(
 ) -> Result<Json<flotilla_api::ImportSummary>> {
     let encoding = req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
     Ok(Json(n.import(&id, req.into_body(), encoding, q.dir).await?))
+}
+
+async fn git_import<B: Backend>(
+    State(n): NodeState<B>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let req: flotilla_api::GitImportRequest = parse_json(&body)?;
+    Ok(accepted(n.git_import_operation(&id, req).await?))
 }
 
 async fn export<B: Backend>(

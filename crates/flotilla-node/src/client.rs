@@ -153,6 +153,11 @@ impl NodeClient {
         self.http.json(Method::POST, &format!("/v1/images/{}/promote", segment(from)), Some(&req)).await
     }
 
+    /// Starts exporting a git revision into a sandbox's workspace.
+    pub async fn git_import(&self, id: &str, req: &flotilla_api::GitImportRequest) -> Result<Operation, ClientError> {
+        self.http.json(Method::POST, &format!("/v1/sandboxes/{id}/workspace/git"), Some(req)).await
+    }
+
     pub async fn delete_image(&self, reference: &str) -> Result<(), ClientError> {
         self.http.json_empty(Method::DELETE, &format!("/v1/images/{}", segment(reference)), None::<&()>).await
     }

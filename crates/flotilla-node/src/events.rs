@@ -95,7 +95,7 @@ mod tests {
     use super::*;
 
     fn body(n: usize) -> EventBody {
-        EventBody::Reaped { what: "test".into(), id: n.to_string(), reason: String::new() }
+        EventBody::Reaped { what: "test".into(), target: n.to_string(), reason: String::new() }
     }
 
     #[tokio::test]

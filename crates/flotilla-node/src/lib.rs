@@ -15,6 +15,7 @@ pub mod api;
 pub mod backend;
 pub mod client;
 pub mod events;
+pub mod git;
 pub mod images;
 pub mod metrics;
 pub mod node;

@@ -215,6 +215,8 @@ impl<B: Backend> Node<B> {
         let metrics = Arc::new(Metrics::default());
         let ops = Arc::new(Operations::open(store.clone(), events.clone(), metrics.clone())?);
         let images = Images::open(&config.home)?;
+        // Scratch space (git fetches) a crash may have left.
+        let _ = std::fs::remove_dir_all(config.home.join("tmp"));
         let node_id = match store.meta("node_id").map_err(store_err)? {
             Some(id) => id,
             None => {
@@ -698,7 +700,7 @@ impl<B: Backend> Node<B> {
         self.backend.destroy(&entry.id)?;
         self.store.delete(&entry.id).map_err(store_err)?;
         self.entries.lock().expect("entries").remove(&entry.id);
-        self.events.publish(EventBody::SandboxDeleted { id: entry.id.clone(), name: entry.name.clone() });
+        self.events.publish(EventBody::SandboxDeleted { sandbox_id: entry.id.clone(), name: entry.name.clone() });
         Ok(())
     }
 
@@ -826,6 +828,67 @@ impl<B: Backend> Node<B> {
         Ok(summary)
     }
 
+    /// Exports a revision of a git repository into the workspace, as an
+    /// operation, under the same locks as a tar import.
+    pub async fn git_import_operation(
+        self: &Arc<Self>,
+        id: &str,
+        req: flotilla_api::GitImportRequest,
+    ) -> Result<Operation, ApiError> {
+        let entry = self.find(id)?;
+        {
+            let mut life = entry.lifecycle.lock().await;
+            self.agent_locked(&life, id)?;
+            self.touch(&entry, &mut life);
+        }
+        let op = self.ops.begin(OperationKind::WorkspaceGit, &entry.id)?;
+        let snapshot = op.snapshot();
+        let node = self.clone();
+        tokio::spawn(async move {
+            let result = node.git_import(&entry, &req, &op).await;
+            match result {
+                Ok(summary) => op.succeed(serde_json::to_value(&summary).unwrap_or_default()),
+                Err(e) => op.fail(e),
+            }
+        });
+        Ok(snapshot)
+    }
+
+    async fn git_import(
+        &self,
+        entry: &Arc<Entry<B::Handle>>,
+        req: &flotilla_api::GitImportRequest,
+        op: &OpHandle,
+    ) -> Result<flotilla_api::GitImportSummary, ApiError> {
+        let rev = req.rev.as_deref().unwrap_or("HEAD");
+        op.step("inspect_repo", Some(format!("{} {rev}", req.repo)));
+        let revision = crate::git::inspect(&req.repo, rev, &self.config.home.join("tmp")).await?;
+        op.step("resolved", Some(revision.commit.clone()));
+        let _ws = entry.workspace.lock().await;
+        // Checked again now that the lock is ours: the sandbox may have
+        // stopped while the repository was fetched.
+        let agent = {
+            let life = entry.lifecycle.lock().await;
+            self.agent_locked(&life, &entry.id)?
+        };
+        op.step("start_write_tar", None);
+        let mut child = crate::git::archive(&revision)?;
+        let stdout = child.stdout.take().expect("piped");
+        let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(stdout, 256 << 10));
+        let q = WorkspaceQuery {
+            dir: req.dir.clone(),
+            max_bytes: Some(self.config.tar_max_bytes),
+            max_entries: Some(self.config.tar_max_entries),
+        };
+        let imported = self.backend.import(agent, body, None, q).await.map_err(|e| e.to_api());
+        let archived = crate::git::finish(child).await;
+        let import = imported?;
+        archived?;
+        op.step("end_write_tar", Some(format!("{} entries, {} bytes", import.entries, import.bytes)));
+        self.metrics.imported("git", import.bytes);
+        Ok(flotilla_api::GitImportSummary { commit: revision.commit, import })
+    }
+
     /// Streams the workspace out. Waits for an import in flight, so it never
     /// snapshots a half-written tree. The lock is held while the response
     /// streams: `Exported` releases it when dropped.
@@ -864,7 +927,7 @@ impl<B: Backend> Node<B> {
                     self.metrics.reaped("expired");
                     self.events.publish(EventBody::Reaped {
                         what: "sandbox".into(),
-                        id: id.clone(),
+                        target: id.clone(),
                         reason: "its delete_at passed".into(),
                     });
                     reaped.push(id);
@@ -894,7 +957,7 @@ impl<B: Backend> Node<B> {
             self.metrics.reaped("orphan");
             self.events.publish(EventBody::Reaped {
                 what: "orphan".into(),
-                id: id.clone(),
+                target: id.clone(),
                 reason: "on this host but not in the registry".into(),
             });
         }

@@ -34,13 +34,21 @@ pub struct NodeProcess {
     crashed: bool,
     home: tempfile::TempDir,
     bin: PathBuf,
+    /// Extra arguments to `node` (e.g. `--listen`).
+    args: Vec<String>,
 }
 
 impl NodeProcess {
     /// Starts `bin node --home <tmp>` and waits for its socket.
     pub fn start(bin: &Path) -> NodeProcess {
+        NodeProcess::start_with(bin, &[])
+    }
+
+    /// Starts `bin node --home <tmp> ARGS...`.
+    pub fn start_with(bin: &Path, args: &[&str]) -> NodeProcess {
         let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
-        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf() };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf(), args };
         n.spawn();
         n
     }
@@ -50,6 +58,7 @@ impl NodeProcess {
         let child = Command::new(&self.bin)
             .args(["node", "--home"])
             .arg(self.home.path())
+            .args(&self.args)
             .env("FLOTILLA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

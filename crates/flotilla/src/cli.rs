@@ -191,7 +191,11 @@ pub enum SandboxCommand {
         /// Destination directory inside the workspace.
         #[arg(long)]
         dir: Option<String>,
-        src: String,
+        #[arg(required_unless_present = "git")]
+        src: Option<String>,
+        /// Export a git revision instead: REPO[@REV], REPO a path or URL the node can read (REV default HEAD).
+        #[arg(long, conflicts_with = "src")]
+        git: Option<String>,
         #[arg(long)]
         json: bool,
     },

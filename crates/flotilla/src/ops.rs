@@ -125,14 +125,14 @@ fn describe(ev: &flotilla_api::NodeEvent) -> String {
             let step = s.steps.last().map(|st| format!(" ({})", st.name)).unwrap_or_default();
             format!("sandbox {} {} {}{step}", s.id, s.name, s.state)
         }
-        B::SandboxDeleted { id, name } => format!("sandbox {id} {name} deleted"),
+        B::SandboxDeleted { sandbox_id, name } => format!("sandbox {sandbox_id} {name} deleted"),
         B::Operation { operation: o } => {
             let step = o.steps.last().map(|st| st.name.as_str()).unwrap_or("-");
             let err = o.error.as_ref().map(|e| format!(": {}", e.message)).unwrap_or_default();
             format!("operation {} {} {} {} [{step}]{err}", o.id, o.kind.as_str(), o.target, o.state)
         }
         B::Image { action, image } => format!("image {image} {action}"),
-        B::Reaped { what, id, reason } => format!("janitor reaped {what} {id}: {reason}"),
+        B::Reaped { what, target, reason } => format!("janitor reaped {what} {target}: {reason}"),
         B::Reset { reason } => format!("reset: {reason}"),
     };
     format!("{}  {what}", ev.at)

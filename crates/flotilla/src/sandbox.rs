@@ -118,8 +118,32 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         SandboxCommand::Shell { node, id, cmd } => shell(&client(&node)?, &id, cmd).await,
-        SandboxCommand::Put { node, id, dir, src, json } => {
+        SandboxCommand::Put { node, id, dir, src: _, git: Some(git), json } => {
             let c = client(&node)?;
+            let (repo, rev) = split_git(&git);
+            // A local path means the node's host, which is ours for a Unix socket.
+            let repo = match std::path::Path::new(repo) {
+                p if p.exists() => std::path::absolute(p)?.display().to_string(),
+                _ => repo.to_string(),
+            };
+            let req = flotilla_api::GitImportRequest { repo, rev: rev.map(str::to_string), dir };
+            let op = c.git_import(&id, &req).await.context("exporting the revision")?;
+            let op = crate::ops::wait(&c, &op.id, None).await?;
+            if let Some(e) = &op.error {
+                anyhow::bail!("{}", output::operation_error(&op, e));
+            }
+            let s: flotilla_api::GitImportSummary =
+                serde_json::from_value(op.result.unwrap_or_default()).context("reading the result")?;
+            if json {
+                output::json(&s)?;
+            } else {
+                println!("{} {} files, {} bytes", s.commit, s.import.entries, s.import.bytes);
+            }
+            Ok(0)
+        }
+        SandboxCommand::Put { node, id, dir, src, git: None, json } => {
+            let c = client(&node)?;
+            let src = src.context("give a source (a directory, a tarball, or -) or --git REPO[@REV]")?;
             let s = crate::transfer::put(&c.sandbox(&id), &src, dir).await?;
             if json {
                 output::json(&s)?;
@@ -179,6 +203,15 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(code)
         }
         SandboxCommand::Set(a) => set(a).await,
+    }
+}
+
+/// `REPO[@REV]`: the revision follows the last `@`, unless what follows
+/// holds a `:` (then the `@` belonged to an ssh address like `git@host:x`).
+fn split_git(s: &str) -> (&str, Option<&str>) {
+    match s.rsplit_once('@') {
+        Some((repo, rev)) if !repo.is_empty() && !rev.is_empty() && !rev.contains(':') => (repo, Some(rev)),
+        _ => (s, None),
     }
 }
 
@@ -376,4 +409,17 @@ async fn shell(c: &NodeClient, id: &str, cmd: Option<String>) -> anyhow::Result<
         }
     }
     Err(anyhow!("the session ended without an exit status (the sandbox stopped?)"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn git_sources_split_at_the_revision() {
+        use super::split_git;
+        assert_eq!(split_git("/src/repo"), ("/src/repo", None));
+        assert_eq!(split_git("/src/repo@v1.2"), ("/src/repo", Some("v1.2")));
+        assert_eq!(split_git("git@github.com:a/b.git"), ("git@github.com:a/b.git", None));
+        assert_eq!(split_git("git@github.com:a/b.git@main"), ("git@github.com:a/b.git", Some("main")));
+        assert_eq!(split_git("https://h/x.git@feature/y"), ("https://h/x.git", Some("feature/y")));
+    }
 }

@@ -20,12 +20,17 @@ pub struct Env {
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
 pub fn env() -> Env {
+    env_with(&[])
+}
+
+/// A node started with extra `node` arguments.
+pub fn env_with(args: &[&str]) -> Env {
     assert!(
         flotilla_testkit::is_root(),
         "these tests drive a real node, which must run as root (it maps sandboxes to their own uid ranges); \
          run them as root, as .ci/run does"
     );
-    let node = NodeProcess::start(Path::new(BIN));
+    let node = NodeProcess::start_with(Path::new(BIN), args);
     let client = NodeClient::new(HttpClient::new(Endpoint::Unix(node.socket())));
     Env { node, client }
 }
