@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Stable, machine-readable error codes. Adding a code is fine; renaming one
 /// breaks clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request was malformed or a value was out of range.
@@ -85,7 +85,7 @@ impl ErrorCode {
 
 /// The error envelope. `details` carries structured context, such as the tar
 /// entry that was refused or the create step that timed out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error, utoipa::ToSchema)]
 #[error("{message} ({})", code.as_str())]
 pub struct ApiError {
     pub code: ErrorCode,

@@ -205,7 +205,7 @@ pub fn decode_all(data: &[u8]) -> Result<Vec<Frame>, FrameError> {
 }
 
 /// How a process ended, carried by the `Exit` frame.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExitStatus {
     /// Exit code if the process exited normally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -239,7 +239,7 @@ impl ExitStatus {
 }
 
 /// CPU time and peak memory, from `wait4`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rusage {
     pub user_ms: u64,
     pub system_ms: u64,

@@ -16,7 +16,7 @@ use crate::time::Timestamp;
 
 /// The lifecycle of a sandbox. Transitions are in `flotilla-node`'s
 /// `state` module; this is only the name on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// Booting: the process is being made and the agent is not up yet.
@@ -61,7 +61,7 @@ impl fmt::Display for SandboxState {
 }
 
 /// How a sandbox is isolated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     /// Linux namespaces, cgroups, seccomp.
@@ -78,7 +78,7 @@ impl BackendKind {
 }
 
 /// What network a sandbox gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
     /// Its own loopback and nothing else.
@@ -99,7 +99,7 @@ impl NetworkMode {
 }
 
 /// Resource limits. `None` means the node default.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU quota in cores (0.5 = half a core).
@@ -114,7 +114,7 @@ pub struct Resources {
 }
 
 /// `POST /v1/sandboxes`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandboxRequest {
     /// `host` (default) or `dir:/abs/path` for a root filesystem directory.
@@ -144,7 +144,7 @@ pub struct CreateSandboxRequest {
 }
 
 /// `PATCH /v1/sandboxes/{id}`: fields present are changed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateSandboxRequest {
     /// Labels to set; an empty value removes the label.
@@ -163,7 +163,7 @@ pub struct UpdateSandboxRequest {
 
 /// A named, timestamped step in a sandbox's life (`create_requested`,
 /// `created`, `agent_up`, `stopped`, ...), as the build timeline records.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Step {
     pub name: String,
     pub at: Timestamp,
@@ -172,7 +172,7 @@ pub struct Step {
 }
 
 /// A sandbox as the node reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Sandbox {
     pub id: String,
     pub name: String,
@@ -201,7 +201,7 @@ pub struct Sandbox {
 }
 
 /// One page of a list. Pass `next_page_token` back as `page_token`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,7 +209,7 @@ pub struct Page<T> {
 }
 
 /// Query of every list endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -221,7 +221,7 @@ pub struct PageQuery {
 // ---------------------------------------------------------------- workspace
 
 /// Query of `PUT/GET /workspace`, `GET /ls`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceQuery {
     /// Directory relative to the workspace root (default: the root).
@@ -236,7 +236,7 @@ pub struct WorkspaceQuery {
 }
 
 /// What a workspace import wrote.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImportSummary {
     pub entries: u64,
     /// Bytes of file content written.
@@ -245,7 +245,7 @@ pub struct ImportSummary {
 }
 
 /// The kind of a directory entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryKind {
     File,
@@ -254,7 +254,7 @@ pub enum EntryKind {
     Other,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LsEntry {
     pub name: String,
     pub kind: EntryKind,
@@ -263,7 +263,7 @@ pub struct LsEntry {
 }
 
 /// `POST /removeall`: paths relative to the workspace root.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoveAllRequest {
     pub paths: Vec<String>,
@@ -272,7 +272,7 @@ pub struct RemoveAllRequest {
 // ---------------------------------------------------------------- exec
 
 /// `POST /exec`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in `PATH`.
@@ -295,7 +295,7 @@ pub struct ExecRequest {
 }
 
 /// The state of a process the agent tracks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProcessState {
     Running,
@@ -303,7 +303,7 @@ pub enum ProcessState {
 }
 
 /// A detached process.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessInfo {
     pub id: String,
     pub argv: Vec<String>,
@@ -319,7 +319,7 @@ pub struct ProcessInfo {
 }
 
 /// Query of `GET /processes/{id}/output`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
     /// Offset into the process's frame stream to resume from.
@@ -331,7 +331,7 @@ pub struct OutputQuery {
 }
 
 /// `POST /processes/{id}/signal`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalRequest {
     /// A name (`TERM`, `SIGKILL`) or a number.
@@ -339,7 +339,7 @@ pub struct SignalRequest {
 }
 
 /// Query of `POST /processes/{id}/stdin`: the body is the bytes to write.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StdinQuery {
     /// Close stdin after writing.
@@ -348,7 +348,7 @@ pub struct StdinQuery {
 }
 
 /// Query of `GET /session` (WebSocket upgrade).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionQuery {
     /// Command to run on the terminal; the default is a login shell.
@@ -363,7 +363,7 @@ pub struct SessionQuery {
 }
 
 /// `GET /healthz` of the agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AgentHealth {
     pub version: String,
     pub pid: i32,
@@ -374,7 +374,7 @@ pub struct AgentHealth {
 // ---------------------------------------------------------------- operations
 
 /// Where an operation is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationState {
     Running,
@@ -403,7 +403,7 @@ impl fmt::Display for OperationState {
 }
 
 /// What an operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationKind {
     CreateSandbox,
@@ -429,7 +429,7 @@ impl OperationKind {
 /// then waited on with `GET /v1/operations/{id}?wait=DUR`. Persisted, so it
 /// can be waited on across a node restart (an operation the restart
 /// interrupted ends `failed`, saying so).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Operation {
     pub id: String,
     pub kind: OperationKind,
@@ -451,7 +451,7 @@ pub struct Operation {
 }
 
 /// Query of `GET /v1/operations/{id}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OperationQuery {
     /// Wait up to this long (`30s`, `5m`; at most 10 minutes) for the
@@ -465,7 +465,7 @@ pub struct OperationQuery {
 /// One entry of `GET /v1/events` (server-sent events). `id` grows
 /// monotonically, also across node restarts, so a client resumes with
 /// `Last-Event-ID`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeEvent {
     pub id: u64,
     pub at: Timestamp,
@@ -474,7 +474,7 @@ pub struct NodeEvent {
 }
 
 /// What an event is about.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
     /// A sandbox changed (state, step, deadline, limits).
@@ -508,7 +508,7 @@ impl EventBody {
 // ---------------------------------------------------------------- images
 
 /// An image version as the node stores it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Image {
     /// `name:tag`.
     pub reference: String,
@@ -530,7 +530,7 @@ pub struct Image {
 }
 
 /// `POST /v1/images`: import from a path on the node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImportImageRequest {
     /// `name:tag` to give the image.
@@ -541,7 +541,7 @@ pub struct ImportImageRequest {
 }
 
 /// `POST /v1/images/{ref}/promote`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteImageRequest {
     /// The tag to point at this image's version (`name:tag`).
@@ -551,7 +551,7 @@ pub struct PromoteImageRequest {
 // ---------------------------------------------------------------- git
 
 /// `POST /v1/sandboxes/{id}/workspace/git`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitImportRequest {
     /// A local path or a URL `git` can fetch.
@@ -565,7 +565,7 @@ pub struct GitImportRequest {
 }
 
 /// What a git import wrote.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GitImportSummary {
     /// The commit exported.
     pub commit: String,
@@ -575,7 +575,7 @@ pub struct GitImportSummary {
 // ---------------------------------------------------------------- node
 
 /// Whether a backend works on this node, and why not.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackendInfo {
     pub kind: BackendKind,
     pub available: bool,
@@ -584,7 +584,7 @@ pub struct BackendInfo {
 }
 
 /// `GET /v1/node`: what a scheduler needs to know to place work here.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     pub node_id: String,
     pub version: String,

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod data;
+mod durable;
 mod node;
 mod report;
 mod scenarios;
@@ -36,7 +37,8 @@ use crate::report::{Machine, Report};
 /// filesystem, and a disk rather than a tmpfs on hosts that mount /tmp so).
 const SCRATCH_PARENT: &str = "/var/tmp";
 
-const USAGE: &str = "usage: flotilla-bench <create|exec|import|stop-during-import|all> [--iterations N] [--json]
+const USAGE: &str =
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|all> [--iterations N] [--json]
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -49,10 +51,19 @@ enum Scenario {
     Exec,
     Import,
     StopDuringImport,
+    Restart,
+    OciImport,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [Scenario::Create, Scenario::Exec, Scenario::Import, Scenario::StopDuringImport];
+    const ALL: [Scenario; 6] = [
+        Scenario::Create,
+        Scenario::Exec,
+        Scenario::Import,
+        Scenario::StopDuringImport,
+        Scenario::Restart,
+        Scenario::OciImport,
+    ];
 
     fn parse(s: &str) -> Option<Vec<Scenario>> {
         Some(match s {
@@ -60,6 +71,8 @@ impl Scenario {
             "exec" => vec![Scenario::Exec],
             "import" => vec![Scenario::Import],
             "stop-during-import" => vec![Scenario::StopDuringImport],
+            "restart" => vec![Scenario::Restart],
+            "oci-import" => vec![Scenario::OciImport],
             "all" => Scenario::ALL.to_vec(),
             _ => return None,
         })
@@ -71,6 +84,8 @@ impl Scenario {
             Scenario::Exec => "exec",
             Scenario::Import => "import",
             Scenario::StopDuringImport => "stop-during-import",
+            Scenario::Restart => "restart",
+            Scenario::OciImport => "oci-import",
         }
     }
 
@@ -80,11 +95,13 @@ impl Scenario {
             Scenario::Exec => 200,
             Scenario::Import => 3,
             Scenario::StopDuringImport => 5,
+            Scenario::Restart => 5,
+            Scenario::OciImport => 3,
         }
     }
 
     fn needs_workload(self) -> bool {
-        matches!(self, Scenario::Import | Scenario::StopDuringImport)
+        matches!(self, Scenario::Import | Scenario::StopDuringImport | Scenario::OciImport)
     }
 }
 
@@ -151,7 +168,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
     // machine's cores.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
-        let node = Node::start(&bin, Path::new(SCRATCH_PARENT)).await?;
+        let mut node = Node::start(&bin, Path::new(SCRATCH_PARENT)).await?;
         let machine = Machine::probe(node.home());
         eprintln!(
             "flotilla-bench: node {} ({} cpus, {:.1} GiB, kernel {}, {}; home on {})",
@@ -172,6 +189,10 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::Import => scenarios::import(&node, &machine, n, workload.as_ref().expect("loaded")).await,
                 Scenario::StopDuringImport => {
                     scenarios::stop_during_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
+                }
+                Scenario::Restart => durable::restart(&mut node, &bin, &machine, n).await,
+                Scenario::OciImport => {
+                    durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }
             };
             match result {

@@ -93,6 +93,42 @@ impl Node {
         }
     }
 
+    /// Kills the node with SIGKILL (its sandboxes keep running), starts it
+    /// again on the same home and returns how long until it answered and
+    /// listed `expect_running` running sandboxes.
+    pub async fn crash_and_restart(&mut self, bin: &Path, expect_running: usize) -> anyhow::Result<Duration> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let out = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let t = Instant::now();
+        self.child = Command::new(bin)
+            .arg("node")
+            .arg("--home")
+            .arg(&self.home)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {} node again", bin.display()))?;
+        let deadline = Instant::now() + READY_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the node exited during restart ({status}); its log:\n{}", self.log_tail());
+            }
+            if let Ok(list) = self.client.list().await {
+                let running = list.iter().filter(|s| s.state == flotilla_api::SandboxState::Running).count();
+                if running == expect_running {
+                    return Ok(t.elapsed());
+                }
+                bail!("after the restart {running} sandboxes run, expected {expect_running}");
+            }
+            if Instant::now() > deadline {
+                bail!("the node did not answer within {READY_DEADLINE:?} of a restart; its log:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     pub fn client(&self) -> &NodeClient {
         &self.client
     }

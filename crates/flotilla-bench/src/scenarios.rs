@@ -35,18 +35,18 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn now() -> String {
+pub(crate) fn now() -> String {
     flotilla_api::Timestamp::now().to_string()
 }
 
 /// Flushes dirty pages so one run's writeback does not land in the next.
-fn sync() -> anyhow::Result<()> {
+pub(crate) fn sync() -> anyhow::Result<()> {
     let st = Command::new("sync").status().context("running sync")?;
     anyhow::ensure!(st.success(), "sync failed: {st}");
     Ok(())
 }
 
-async fn new_sandbox(node: &Node) -> anyhow::Result<Sandbox> {
+pub(crate) async fn new_sandbox(node: &Node) -> anyhow::Result<Sandbox> {
     let sb = node.client().create(&CreateSandboxRequest::default()).await.context("creating a sandbox")?;
     if sb.state != SandboxState::Running {
         bail!("sandbox {} came back {} (error: {:?})", sb.id, sb.state, sb.error);
@@ -106,7 +106,7 @@ impl Baseline {
     }
 }
 
-fn target(description: &str, met: Option<bool>, observed: String) -> Target {
+pub(crate) fn target(description: &str, met: Option<bool>, observed: String) -> Target {
     Target { description: description.into(), met, observed }
 }
 
@@ -331,14 +331,14 @@ async fn tar_body(path: &Path, mut tap: Option<Tap>) -> anyhow::Result<StreamBod
 }
 
 /// Reads the tarball once so both sides start from the page cache.
-fn warm(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn warm(path: &Path) -> anyhow::Result<()> {
     let mut f = std::fs::File::open(path)?;
     std::io::copy(&mut f, &mut std::io::sink())?;
     Ok(())
 }
 
 /// The two ways `tar -x` reads the tarball in the import baselines.
-const TAR_PIPE: &str = "cat \"$1\" | tar -x -C \"$2\"";
+pub(crate) const TAR_PIPE: &str = "cat \"$1\" | tar -x -C \"$2\"";
 const TAR_FILE: &str = "tar -x -f \"$1\" -C \"$2\"";
 
 #[derive(Debug, Clone, Copy)]
@@ -350,7 +350,7 @@ enum Side {
 
 /// Times `sh -c script tar dir` into a fresh directory beside the node
 /// home; returns seconds. The directory is removed afterwards, untimed.
-fn tar_x(node: &Node, tar: &Path, script: &str, i: usize) -> anyhow::Result<f64> {
+pub(crate) fn tar_x(node: &Node, tar: &Path, script: &str, i: usize) -> anyhow::Result<f64> {
     let dir = node.scratch(&format!("tar-x-{i}"));
     std::fs::create_dir(&dir)?;
     sync()?;

@@ -44,6 +44,7 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/operations/{id}", get(operation::<B>))
         .route("/v1/events", get(events::<B>))
         .route("/metrics", get(metrics::<B>))
+        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
         .route("/v1/sandboxes/{id}/workspace", get(export::<B>).put(import::<B>))
         .route("/v1/sandboxes/{id}/workspace/git", post(git_import::<B>))
         .route("/v1/sandboxes/{id}/ls", get(proxy::<B>))

@@ -19,6 +19,7 @@ pub mod git;
 pub mod images;
 pub mod metrics;
 pub mod node;
+pub mod openapi;
 pub mod ops;
 pub mod state;
 pub mod store;

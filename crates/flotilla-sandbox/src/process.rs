@@ -291,7 +291,19 @@ impl ProcessBackend {
                 }
             },
         };
-        let released = tokio::task::spawn_blocking(move || pending.release()).await.expect("release does not panic");
+        // The child is ours and unreaped, so its pid cannot be reused: if it
+        // never reports (it should take milliseconds), kill it, which ends
+        // the blocking read in `release` with an error.
+        let child_pid = pending.pid;
+        let mut releasing = tokio::task::spawn_blocking(move || pending.release());
+        let released = match tokio::time::timeout(flotilla_api::limits::AGENT_READY_TIMEOUT, &mut releasing).await {
+            Ok(r) => r.expect("release does not panic"),
+            Err(_) => {
+                tracing::error!(sandbox = %spec.id, pid = child_pid, "the sandbox child hung before exec; killing it");
+                let _ = sys::kill(child_pid, libc::SIGKILL);
+                releasing.await.expect("release does not panic")
+            }
+        };
         let (pid, pidfd) = match released {
             Ok(v) => v,
             Err(e) => {

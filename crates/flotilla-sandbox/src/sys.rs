@@ -672,6 +672,7 @@ pub fn spawn_sandbox(plan: &ChildPlan) -> Result<PendingChild, SpawnError> {
         .collect();
 
     let mut pidfd: RawFd = -1;
+    let sync_w_fd = sync_w.as_raw_fd();
     let args = CloneArgs {
         flags: NS_FLAGS | libc::CLONE_PIDFD as u64,
         pidfd: &mut pidfd as *mut RawFd as u64,
@@ -688,7 +689,7 @@ pub fn spawn_sandbox(plan: &ChildPlan) -> Result<PendingChild, SpawnError> {
     }
     if ret == 0 {
         // SAFETY: we are the child; see `child_main`'s contract.
-        unsafe { child_main(plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), &argv, &envp, &progs) }
+        unsafe { child_main(plan, sync_r.as_raw_fd(), sync_w_fd, err_w.as_raw_fd(), &argv, &envp, &progs) }
     }
     drop(sync_r);
     drop(err_w);
@@ -722,6 +723,7 @@ fn child_fail(err_fd: RawFd, step: ChildStep, op: u32) -> ! {
 unsafe fn child_main(
     plan: &ChildPlan,
     sync_fd: RawFd,
+    sync_w_fd: RawFd,
     err_fd: RawFd,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
@@ -732,6 +734,17 @@ unsafe fn child_main(
     // life (it owns a copy of the parent's memory and never frees it).
     unsafe {
         let fail = |step: ChildStep, op: u32| -> ! { child_fail(err_fd, step, op) };
+
+        // 0. Never outlive a node that dies before releasing us: drop our
+        //    copy of the release pipe's write end (else the read below would
+        //    never see EOF when the node dies), and die with the parent
+        //    until we exec (covering a sibling child that holds a copy).
+        //    `getppid` is 0 in our new pid namespace, so a parent that died
+        //    before the prctl shows as EOF on the pipe instead.
+        libc::close(sync_w_fd);
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            libc::_exit(127);
+        }
 
         // 1. Wait until the parent has written our id maps and cgroup.
         let mut b = [0u8; 1];
@@ -748,7 +761,17 @@ unsafe fn child_main(
 
         // 2. Become root of the namespace; shed the host's supplementary
         //    groups so host group permissions never apply inside.
-        if libc::setresgid(0, 0, 0) != 0 || libc::setgroups(0, std::ptr::null()) != 0 || libc::setresuid(0, 0, 0) != 0 {
+        //    Raw syscalls, not glibc's wrappers: those broadcast the change
+        //    to every thread glibc believes exists, taking a lock another
+        //    parent thread may have held at clone time (creating a thread
+        //    does), and the child then waits on that futex forever. We
+        //    cloned with a raw clone3, so glibc never learnt that the child
+        //    has one thread.
+        let (gid0, uid0): (libc::c_long, libc::c_long) = (0, 0);
+        if libc::syscall(libc::SYS_setresgid, gid0, gid0, gid0) != 0
+            || libc::syscall(libc::SYS_setgroups, 0 as libc::c_long, std::ptr::null::<libc::gid_t>()) != 0
+            || libc::syscall(libc::SYS_setresuid, uid0, uid0, uid0) != 0
+        {
             fail(ChildStep::SetIds, 0);
         }
         // 3. A cgroup namespace rooted at the cgroup the parent put us in.
@@ -911,6 +934,12 @@ unsafe fn child_main(
         }
         if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
             fail(ChildStep::Fds, 9);
+        }
+
+        // The sandbox outlives the node from here on (a crashed node
+        // re-adopts it): no more death signal.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, 0 as libc::c_ulong, 0, 0, 0) != 0 {
+            fail(ChildStep::Fds, 10);
         }
 
         // 10. Seccomp last: from here on only execveat is needed.

@@ -141,11 +141,22 @@ impl Tracker {
         let dead: BTreeSet<i32> = self.pids.difference(&running_pids).copied().collect();
         let helpers = helpers_for(&dead);
         assert!(helpers.is_empty(), "{}", ctx(format!("network helpers of dead sandboxes live on: {helpers:?}")));
+        // No half-spawned sandbox child (a fork of a node, stuck before its
+        // exec) outlives the node that made it.
+        let node_pid = env.node.pid().expect("node running") as i32;
+        let home_s = home.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if pid != node_pid && cmd.contains(" node --home ") && cmd.contains(&home_s) && alive(pid) {
+                panic!("{}", ctx(format!("a fork of the node lives on: pid {pid} `{cmd}`")));
+            }
+        }
         // Mounts live in the sandboxes' own namespaces: none on the host.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let home_s = home.to_string_lossy();
         assert!(
-            !mounts.lines().any(|l| l.contains(home_s.as_ref())),
+            !mounts.lines().any(|l| l.contains(home_s.as_str())),
             "{}",
             ctx("mounts under the node's home leaked onto the host".into())
         );
