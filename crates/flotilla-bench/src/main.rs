@@ -20,6 +20,7 @@
 
 mod data;
 mod durable;
+mod names;
 mod node;
 mod report;
 mod scenarios;
@@ -38,7 +39,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|all> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all> [--iterations N] [--json]
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -53,16 +54,18 @@ enum Scenario {
     StopDuringImport,
     Restart,
     OciImport,
+    Names,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Create,
         Scenario::Exec,
         Scenario::Import,
         Scenario::StopDuringImport,
         Scenario::Restart,
         Scenario::OciImport,
+        Scenario::Names,
     ];
 
     fn parse(s: &str) -> Option<Vec<Scenario>> {
@@ -73,6 +76,7 @@ impl Scenario {
             "stop-during-import" => vec![Scenario::StopDuringImport],
             "restart" => vec![Scenario::Restart],
             "oci-import" => vec![Scenario::OciImport],
+            "names" => vec![Scenario::Names],
             "all" => Scenario::ALL.to_vec(),
             _ => return None,
         })
@@ -86,6 +90,7 @@ impl Scenario {
             Scenario::StopDuringImport => "stop-during-import",
             Scenario::Restart => "restart",
             Scenario::OciImport => "oci-import",
+            Scenario::Names => "names",
         }
     }
 
@@ -97,6 +102,7 @@ impl Scenario {
             Scenario::StopDuringImport => 5,
             Scenario::Restart => 5,
             Scenario::OciImport => 3,
+            Scenario::Names => 8,
         }
     }
 
@@ -191,6 +197,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                     scenarios::stop_during_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }
                 Scenario::Restart => durable::restart(&mut node, &bin, &machine, n).await,
+                Scenario::Names => names::names_scenario(&machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

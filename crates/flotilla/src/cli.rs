@@ -21,6 +21,12 @@ pub struct NodeArgs {
     /// Node API address (unix:///path/node.sock or https://host:port); overrides --home.
     #[arg(long, env = "FLOTILLA_NODE", global = true)]
     pub node: Option<String>,
+    /// Find the node by its id in the name table (`nodes/ID`) instead.
+    #[arg(long, global = true, conflicts_with = "node")]
+    pub node_id: Option<String>,
+    /// Name table address (default: the one `flotilla dev` started, from HOME/names.url).
+    #[arg(long, env = "FLOTILLA_NAMES", global = true)]
+    pub names: Option<String>,
     /// Bearer token of a remote node (`flotilla node --listen` prints where it is kept).
     #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
@@ -41,6 +47,9 @@ pub enum Command {
     /// Create and use sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// The name table: where nodes (and later apps) can be reached.
+    #[command(subcommand)]
+    Names(NamesCommand),
     /// Root filesystems sandboxes start from: import, list, promote, delete.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -78,7 +87,10 @@ pub enum Command {
 
 impl Command {
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Dev(_) | Command::Node(_) | Command::Agent(_))
+        matches!(
+            self,
+            Command::Dev(_) | Command::Node(_) | Command::Agent(_) | Command::Names(NamesCommand::Serve { .. })
+        )
     }
 }
 
@@ -99,6 +111,9 @@ pub struct DaemonArgs {
     /// Extra host name or address for the self-signed certificate (repeatable).
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
+    /// Publish this node as `nodes/<id>` in the name table at this URL (`flotilla dev` runs its own).
+    #[arg(long, env = "FLOTILLA_NAMES")]
+    pub names: Option<String>,
     /// Bearer token clients must send; generated into HOME/tls/token when absent.
     #[arg(long, env = "FLOTILLA_NODE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -232,6 +247,55 @@ pub enum SandboxCommand {
     Rm(IdArgs),
     /// Change labels, deadline or limits (limits apply live).
     Set(SetArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NamesCommand {
+    /// Serve a name table over HTTP (in memory, or on etcd with --etcd).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// etcd endpoints (repeatable); TTLs become etcd leases. In memory when absent.
+        #[arg(long = "etcd")]
+        etcd: Vec<String>,
+        /// Key prefix in etcd.
+        #[arg(long, default_value = "/flotilla/names/")]
+        etcd_prefix: String,
+    },
+    /// List mounted names matching PATTERN (`*` one element, `...` any number; default `...`).
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        node: NodeArgs,
+        pattern: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resolve NAME: the servers at its longest mounted prefix, and the rest of the name.
+    Resolve {
+        #[command(flatten)]
+        node: NodeArgs,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount SERVER under NAME for --ttl.
+    Mount {
+        #[command(flatten)]
+        node: NodeArgs,
+        name: String,
+        server: String,
+        #[arg(long, value_parser = parse_duration, default_value = "1m")]
+        ttl: std::time::Duration,
+    },
+    /// Unmount SERVER from NAME.
+    Unmount {
+        #[command(flatten)]
+        node: NodeArgs,
+        name: String,
+        server: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -460,6 +524,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),
         Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd)),
         Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd)),
+        Command::Names(NamesCommand::Serve { listen, etcd, etcd_prefix }) => {
+            crate::names::serve(listen, etcd, etcd_prefix)
+        }
+        Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd)),
         Command::Doctor { home, json } => crate::doctor::run(&default_home(home), json),
         Command::Events { node, after, json } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
         Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd)),

@@ -56,6 +56,7 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
+        let mut https_url = None;
         if let Some(addr) = args.listen {
             let tls_dir = home.join("tls");
             let mut names = args.tls_names.clone();
@@ -78,6 +79,7 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
             };
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
             let bound = listener.local_addr().context("reading the bound address")?;
+            https_url = Some(format!("https://{bound}"));
             tracing::info!(
                 address = %bound,
                 certificate = %identity.cert_path().display(),
@@ -98,14 +100,32 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
                 }
             });
         }
+        // Where others find this node: `nodes/<id>` in the name table, which
+        // `flotilla dev` serves itself (in memory) and a node joins with --names.
+        let mut urls = vec![format!("unix://{}", socket.display())];
+        if let Some(https) = &https_url {
+            urls.insert(0, https.clone());
+        }
+        let names = crate::daemon::names_for(dev, args.names.as_deref(), &home).await?;
+        let publisher = match &names {
+            Some(n) => Some(crate::daemon::publish(n, &info.node_id, &urls).await?),
+            None => None,
+        };
         flotilla_node::serve_unix(node, &socket, stopped(stop_rx))
             .await
             .with_context(|| format!("serving on {}", socket.display()))?;
+        if let Some(p) = publisher {
+            p.stop().await;
+            p.wait_for_stop().await;
+        }
+        if let Some(n) = names {
+            n.shutdown().await;
+        }
         Ok(0)
     })
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -126,4 +146,60 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<i32> {
     })
     .context("agent")?;
     Ok(0)
+}
+
+/// The name table a node publishes to: its own in-memory one for `dev`, a
+/// remote one with `--names URL`, or none.
+pub enum Names {
+    Embedded {
+        server: flotilla_names::ServerHandle,
+        store: std::sync::Arc<dyn flotilla_names::Store>,
+        url_file: std::path::PathBuf,
+    },
+    Remote(String),
+}
+
+impl Names {
+    pub async fn shutdown(self) {
+        if let Names::Embedded { server, url_file, .. } = self {
+            let _ = std::fs::remove_file(url_file);
+            let _ = server.shutdown().await;
+        }
+    }
+}
+
+pub async fn names_for(dev: bool, url: Option<&str>, home: &std::path::Path) -> anyhow::Result<Option<Names>> {
+    if let Some(url) = url {
+        return Ok(Some(Names::Remote(url.to_string())));
+    }
+    if !dev {
+        return Ok(None);
+    }
+    let store: std::sync::Arc<dyn flotilla_names::Store> = std::sync::Arc::new(flotilla_names::MemoryStore::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the name table")?;
+    let server = flotilla_names::ServerHandle::spawn(listener, store.clone()).context("serving the name table")?;
+    let url_file = home.join(crate::names::URL_FILE);
+    std::fs::write(&url_file, format!("{}\n", server.url()))
+        .with_context(|| format!("writing {}", url_file.display()))?;
+    eprintln!("flotilla dev: name table on {} (in memory)", server.url());
+    Ok(Some(Names::Embedded { server, store, url_file }))
+}
+
+/// Publishes `nodes/<id>` → each of `urls`, refreshed every 10 seconds.
+pub async fn publish(names: &Names, node_id: &str, urls: &[String]) -> anyhow::Result<flotilla_names::Publisher> {
+    let table: std::sync::Arc<dyn flotilla_names::NameTable> = match names {
+        Names::Embedded { store, .. } => std::sync::Arc::new(flotilla_names::StoreTable::new(store.clone())),
+        Names::Remote(url) => std::sync::Arc::new(
+            flotilla_names::NamesClient::connect(url)
+                .map_err(|e| anyhow::anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))?,
+        ),
+    };
+    let p =
+        flotilla_names::Publisher::new(table, flotilla_names::PublisherConfig::new(std::time::Duration::from_secs(10)));
+    for u in urls {
+        p.add_server(u).await.map_err(|e| anyhow::anyhow!("publishing {u}: {e}"))?;
+    }
+    p.add_name(&format!("nodes/{node_id}")).await.map_err(|e| anyhow::anyhow!("publishing nodes/{node_id}: {e}"))?;
+    tracing::info!(name = %format!("nodes/{node_id}"), servers = ?urls, "publishing this node in the name table");
+    Ok(p)
 }

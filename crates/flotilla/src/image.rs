@@ -12,7 +12,7 @@ use crate::sandbox::client;
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
     match cmd {
         ImageCommand::Ls { node, json } => {
-            let list = client(&node)?.images().await?;
+            let list = client(&node).await?.images().await?;
             if json {
                 output::json(&list)?
             } else {
@@ -21,7 +21,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCommand::Show { node, reference, json } => {
-            let img = client(&node)?.image(&reference).await?;
+            let img = client(&node).await?.image(&reference).await?;
             if json {
                 output::json(&img)?
             } else {
@@ -33,7 +33,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             // The node reads the path on its own host: make it absolute here,
             // where the user's working directory means something.
             let path = std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?;
-            let c = client(&node)?;
+            let c = client(&node).await?;
             let req = ImportImageRequest { reference: reference.clone(), path: path.display().to_string() };
             let op = c.import_image(&req).await.with_context(|| format!("importing {reference}"))?;
             if no_wait {
@@ -94,7 +94,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                     format!("{name}:latest")
                 }
             };
-            let img = client(&node)?.promote_image(&reference, &to).await?;
+            let img = client(&node).await?.promote_image(&reference, &to).await?;
             if json {
                 output::json(&img)?
             } else {
@@ -103,7 +103,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         ImageCommand::Rm { node, references } => {
-            let c = client(&node)?;
+            let c = client(&node).await?;
             let mut code = 0;
             for r in &references {
                 match c.delete_image(r).await {

@@ -6,6 +6,7 @@ mod cli;
 mod daemon;
 mod doctor;
 mod image;
+mod names;
 mod ops;
 mod output;
 mod sandbox;

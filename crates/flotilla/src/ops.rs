@@ -15,7 +15,7 @@ use crate::sandbox::client;
 pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
     match cmd {
         OperationCommand::Ls { node, json } => {
-            let list = client(&node)?.operations().await?;
+            let list = client(&node).await?.operations().await?;
             if json {
                 output::json(&list)?
             } else {
@@ -24,7 +24,7 @@ pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         OperationCommand::Show { node, id, json } => {
-            let op = client(&node)?.operation(&id).await?;
+            let op = client(&node).await?.operation(&id).await?;
             if json {
                 output::json(&op)?
             } else {
@@ -33,7 +33,7 @@ pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         OperationCommand::Wait { node, id, timeout, json } => {
-            let c = client(&node)?;
+            let c = client(&node).await?;
             let op = wait(&c, &id, timeout).await?;
             if json {
                 output::json(&op)?
@@ -80,7 +80,7 @@ pub async fn wait_sandbox(c: &NodeClient, op: Operation) -> anyhow::Result<Sandb
 /// Follows `GET /v1/events`, one line per event (or one JSON object per
 /// line with `--json`), until interrupted or the node goes away.
 pub async fn events(node: NodeArgs, after: Option<u64>, json: bool) -> anyhow::Result<i32> {
-    let c = client(&node)?;
+    let c = client(&node).await?;
     let path = match after {
         Some(a) => format!("/v1/events?after={a}"),
         None => "/v1/events".to_string(),

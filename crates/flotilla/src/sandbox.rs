@@ -22,8 +22,12 @@ pub fn block_on<F: std::future::Future<Output = anyhow::Result<i32>>>(f: F) -> a
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?.block_on(f)
 }
 
-pub fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
-    let ep = match &args.node {
+pub async fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
+    let by_id = match &args.node_id {
+        Some(id) => Some(crate::names::node_url(args, id).await?),
+        None => None,
+    };
+    let ep = match by_id.as_ref().or(args.node.as_ref()) {
         Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
         None => {
             let home = crate::cli::default_home(args.home.clone());
@@ -49,7 +53,7 @@ pub fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
 }
 
 pub async fn info(node: NodeArgs, json: bool) -> anyhow::Result<i32> {
-    let i = client(&node)?.info().await?;
+    let i = client(&node).await?.info().await?;
     if json {
         output::json(&i)?;
         return Ok(0);
@@ -75,7 +79,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
     match cmd {
         SandboxCommand::Create(a) => create(a).await,
         SandboxCommand::Ls { node, json } => {
-            let list = client(&node)?.list().await?;
+            let list = client(&node).await?.list().await?;
             if json {
                 output::json(&list)?
             } else {
@@ -84,7 +88,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         SandboxCommand::Show { node, id, json } => {
-            let s = client(&node)?.get(&id).await?;
+            let s = client(&node).await?.get(&id).await?;
             if json {
                 output::json(&s)?
             } else {
@@ -93,9 +97,9 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         SandboxCommand::Exec(a) => exec(a).await,
-        SandboxCommand::Attach { node, id, process, from } => attach(&client(&node)?, &id, &process, from).await,
+        SandboxCommand::Attach { node, id, process, from } => attach(&client(&node).await?, &id, &process, from).await,
         SandboxCommand::Ps { node, id, json } => {
-            let procs = client(&node)?.sandbox(&id).processes().await?;
+            let procs = client(&node).await?.sandbox(&id).processes().await?;
             if json {
                 output::json(&procs)?;
             } else {
@@ -114,12 +118,12 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         SandboxCommand::Kill { node, id, process, signal } => {
-            client(&node)?.sandbox(&id).signal(&process, &signal).await?;
+            client(&node).await?.sandbox(&id).signal(&process, &signal).await?;
             Ok(0)
         }
-        SandboxCommand::Shell { node, id, cmd } => shell(&client(&node)?, &id, cmd).await,
+        SandboxCommand::Shell { node, id, cmd } => shell(&client(&node).await?, &id, cmd).await,
         SandboxCommand::Put { node, id, dir, src: _, git: Some(git), json } => {
-            let c = client(&node)?;
+            let c = client(&node).await?;
             let (repo, rev) = split_git(&git);
             // A local path means the node's host, which is ours for a Unix socket.
             let repo = match std::path::Path::new(repo) {
@@ -142,7 +146,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         SandboxCommand::Put { node, id, dir, src, git: None, json } => {
-            let c = client(&node)?;
+            let c = client(&node).await?;
             let src = src.context("give a source (a directory, a tarball, or -) or --git REPO[@REV]")?;
             let s = crate::transfer::put(&c.sandbox(&id), &src, dir).await?;
             if json {
@@ -158,11 +162,11 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         SandboxCommand::Get { node, id, dir, output } => {
-            crate::transfer::get(&client(&node)?.sandbox(&id), dir, output).await?;
+            crate::transfer::get(&client(&node).await?.sandbox(&id), dir, output).await?;
             Ok(0)
         }
         SandboxCommand::Files { node, id, dir, json } => {
-            let entries = client(&node)?.sandbox(&id).ls(dir.as_deref()).await?;
+            let entries = client(&node).await?.sandbox(&id).ls(dir.as_deref()).await?;
             if json {
                 output::json(&entries)?;
             } else {
@@ -185,7 +189,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
         SandboxCommand::Start(a) => action(a, "start").await,
         SandboxCommand::Restart(a) => action(a, "restart").await,
         SandboxCommand::Rm(a) => {
-            let c = client(&a.node)?;
+            let c = client(&a.node).await?;
             let mut code = 0;
             for id in &a.ids {
                 match c.delete(id).await {
@@ -228,7 +232,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         env: a.env.into_iter().collect(),
         network: if a.network == "outbound" { NetworkMode::Outbound } else { NetworkMode::None },
     };
-    let c = client(&a.node)?;
+    let c = client(&a.node).await?;
     let op = c.create_operation(&req).await.context("creating the sandbox")?;
     if a.no_wait {
         if a.json {
@@ -248,7 +252,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
 }
 
 async fn action(a: IdArgs, what: &str) -> anyhow::Result<i32> {
-    let c = client(&a.node)?;
+    let c = client(&a.node).await?;
     let mut code = 0;
     for id in &a.ids {
         match c.action(id, what).await {
@@ -270,7 +274,7 @@ async fn set(a: SetArgs) -> anyhow::Result<i32> {
         idle_ttl_s: a.idle_ttl.map(|d| d.as_secs()),
         resources: a.limits.resources(),
     };
-    let s = client(&a.node)?.update(&a.id, &req).await?;
+    let s = client(&a.node).await?.update(&a.id, &req).await?;
     if a.json {
         output::json(&s)?
     } else {
@@ -280,7 +284,7 @@ async fn set(a: SetArgs) -> anyhow::Result<i32> {
 }
 
 async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
-    let c = client(&a.node)?;
+    let c = client(&a.node).await?;
     let req = ExecRequest {
         argv: a.argv,
         env: a.env.into_iter().collect(),
