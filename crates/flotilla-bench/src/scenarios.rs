@@ -167,7 +167,7 @@ pub async fn create(node: &Node, machine: &Machine, iterations: usize) -> anyhow
     }
     let mut report = Report {
         scenario: "create",
-        description: "sandbox create → agent ready (POST /v1/sandboxes returns once the agent signalled ready)".into(),
+        description: "sandbox create → agent ready (POST /v1/sandboxes, then wait on its operation until the agent signalled ready)".into(),
         date: now(),
         machine: machine.clone(),
         unit: Unit::Millis,

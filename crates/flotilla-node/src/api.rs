@@ -186,8 +186,7 @@ async fn events<B: Backend>(State(n): NodeState<B>, Query(q): Query<EventsQuery>
 
 async fn metrics<B: Backend>(State(n): NodeState<B>) -> Response {
     let gauges: Vec<_> = n
-        .info()
-        .sandboxes
+        .state_counts()
         .into_iter()
         .map(|(state, count)| ("flotilla_sandboxes", vec![("state".to_string(), state)], count as f64))
         .collect();

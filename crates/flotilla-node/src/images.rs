@@ -165,10 +165,8 @@ impl Images {
 
     pub fn get(&self, store: &Store, reference: &str) -> Result<Image, ApiError> {
         store
-            .load_images()
+            .image(reference)
             .map_err(store_err)?
-            .into_iter()
-            .find(|i| i.reference == reference)
             .ok_or_else(|| ApiError::not_found(format!("no image {reference:?} (see `flotilla image ls`)")))
     }
 

@@ -379,15 +379,15 @@ impl<B: Backend> Node<B> {
         let node = self.clone();
         tokio::spawn(async move {
             let n = node.clone();
-            let op = Arc::new(op);
-            let progress = op.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let step = |name: &str, detail: Option<String>| progress.step(name, detail);
-                n.images.import_blocking(&n.store, &req.reference, std::path::Path::new(&req.path), &step)
+            // The handle travels with the blocking work and back; if the
+            // task is lost, dropping the handle fails the operation.
+            let joined = tokio::task::spawn_blocking(move || {
+                let step = |name: &str, detail: Option<String>| op.step(name, detail);
+                let result = n.images.import_blocking(&n.store, &req.reference, std::path::Path::new(&req.path), &step);
+                (op, result)
             })
-            .await
-            .unwrap_or_else(|e| Err(ApiError::internal(format!("the import task failed: {e}"))));
-            let op = Arc::into_inner(op).expect("the import task is done");
+            .await;
+            let Ok((op, result)) = joined else { return };
             match result {
                 Ok(img) => {
                     tracing::info!(image = %img.reference, digest = %img.digest, format = %img.source_format, "image imported");
@@ -773,10 +773,26 @@ impl<B: Backend> Node<B> {
     /// which is released before the caller does any I/O.
     pub async fn agent(&self, id: &str) -> Result<AgentClient, ApiError> {
         let entry = self.find(id)?;
+        self.working_agent(&entry, id).await
+    }
+
+    /// Work is about to start (exec, put, get, session, git): checks the
+    /// sandbox runs and renews its idle deadline, under the lifecycle lock,
+    /// which is released before the caller does any I/O.
+    async fn working_agent(&self, entry: &Entry<B::Handle>, id: &str) -> Result<AgentClient, ApiError> {
         let mut life = entry.lifecycle.lock().await;
         let agent = self.agent_locked(&life, id)?;
-        self.touch(&entry, &mut life);
+        self.touch(entry, &mut life);
         Ok(agent)
+    }
+
+    /// The query of an import: the node's tar limits apply.
+    fn import_query(&self, dir: Option<String>) -> WorkspaceQuery {
+        WorkspaceQuery {
+            dir,
+            max_bytes: Some(self.config.tar_max_bytes),
+            max_entries: Some(self.config.tar_max_entries),
+        }
     }
 
     /// Activity: pushes `delete_at` out by the idle TTL, if the sandbox has
@@ -811,18 +827,9 @@ impl<B: Backend> Node<B> {
         dir: Option<String>,
     ) -> Result<ImportSummary, ApiError> {
         let entry = self.find(id)?;
-        let agent = {
-            let mut life = entry.lifecycle.lock().await;
-            let agent = self.agent_locked(&life, id)?;
-            self.touch(&entry, &mut life);
-            agent
-        };
+        let agent = self.working_agent(&entry, id).await?;
         let _ws = entry.workspace.lock().await;
-        let q = WorkspaceQuery {
-            dir,
-            max_bytes: Some(self.config.tar_max_bytes),
-            max_entries: Some(self.config.tar_max_entries),
-        };
+        let q = self.import_query(dir);
         let summary = self.backend.import(agent, body, encoding, q).await.map_err(|e| e.to_api())?;
         self.metrics.imported("workspace", summary.bytes);
         Ok(summary)
@@ -836,11 +843,7 @@ impl<B: Backend> Node<B> {
         req: flotilla_api::GitImportRequest,
     ) -> Result<Operation, ApiError> {
         let entry = self.find(id)?;
-        {
-            let mut life = entry.lifecycle.lock().await;
-            self.agent_locked(&life, id)?;
-            self.touch(&entry, &mut life);
-        }
+        self.working_agent(&entry, id).await?;
         let op = self.ops.begin(OperationKind::WorkspaceGit, &entry.id)?;
         let snapshot = op.snapshot();
         let node = self.clone();
@@ -875,11 +878,7 @@ impl<B: Backend> Node<B> {
         let mut child = crate::git::archive(&revision)?;
         let stdout = child.stdout.take().expect("piped");
         let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(stdout, 256 << 10));
-        let q = WorkspaceQuery {
-            dir: req.dir.clone(),
-            max_bytes: Some(self.config.tar_max_bytes),
-            max_entries: Some(self.config.tar_max_entries),
-        };
+        let q = self.import_query(req.dir.clone());
         let imported = self.backend.import(agent, body, None, q).await.map_err(|e| e.to_api());
         let archived = crate::git::finish(child).await;
         let import = imported?;
@@ -894,12 +893,7 @@ impl<B: Backend> Node<B> {
     /// streams: `Exported` releases it when dropped.
     pub async fn export(&self, id: &str, dir: Option<String>) -> Result<Exported, ApiError> {
         let entry = self.find(id)?;
-        let agent = {
-            let mut life = entry.lifecycle.lock().await;
-            let agent = self.agent_locked(&life, id)?;
-            self.touch(&entry, &mut life);
-            agent
-        };
+        let agent = self.working_agent(&entry, id).await?;
         let lock = entry.workspace.clone().lock_owned().await;
         let q = WorkspaceQuery { dir, ..Default::default() };
         let body = self.backend.export(agent, q).await.map_err(|e| e.to_api())?;
@@ -993,11 +987,18 @@ impl<B: Backend> Node<B> {
         self.backend.shutdown();
     }
 
-    pub fn info(&self) -> NodeInfo {
+    /// How many sandboxes are in each state (what `/metrics` needs, without
+    /// the rest of [`Node::info`]'s host probing and image listing).
+    pub fn state_counts(&self) -> BTreeMap<String, usize> {
         let mut counts = BTreeMap::new();
         for e in self.entries.lock().expect("entries").values() {
             *counts.entry(e.view.lock().expect("view").state.as_str().to_string()).or_insert(0) += 1;
         }
+        counts
+    }
+
+    pub fn info(&self) -> NodeInfo {
+        let counts = self.state_counts();
         NodeInfo {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),

@@ -134,6 +134,14 @@ impl Store {
         Ok(())
     }
 
+    pub fn image(&self, reference: &str) -> Result<Option<Image>, StoreError> {
+        let conn = self.conn.lock().expect("store lock");
+        let json: Option<String> = conn
+            .query_row("SELECT record FROM images WHERE reference = ?1", params![reference], |r| r.get(0))
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
     pub fn load_images(&self) -> Result<Vec<Image>, StoreError> {
         self.load_json("SELECT record FROM images ORDER BY reference")
     }

@@ -22,12 +22,7 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
     // reach its mount points under here; the node socket itself is 0600.
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711))
         .with_context(|| format!("securing {}", home.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
+    daemon_runtime()?.block_on(async move {
         let exe = std::env::current_exe().context("finding our own executable (the sandbox agent)")?;
         let backend = ProcessNodeBackend::new(home.clone(), exe, vec!["agent".into()]).map_err(anyhow::Error::new)?;
         let node = Node::open(backend, NodeConfig::new(home.clone())).await.map_err(anyhow::Error::new)?;
@@ -123,6 +118,12 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
         }
         Ok(0)
     })
+}
+
+/// The runtime of a long-running role: two workers are plenty, since the
+/// heavy work (tar extraction, sandbox boots) runs on blocking threads.
+pub fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the runtime")
 }
 
 pub async fn shutdown_signal() {

@@ -85,12 +85,7 @@ pub async fn run(cmd: NamesCommand) -> anyhow::Result<i32> {
 
 /// `flotilla names serve`.
 pub fn serve(listen: std::net::SocketAddr, etcd: Vec<String>, prefix: String) -> anyhow::Result<i32> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
+    crate::daemon::daemon_runtime()?.block_on(async move {
         let store: Arc<dyn Store> = if etcd.is_empty() {
             Arc::new(MemoryStore::new())
         } else {
