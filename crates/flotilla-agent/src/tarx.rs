@@ -217,9 +217,23 @@ fn io_error(entry: &str, source: io::Error) -> ExtractError {
     ExtractError::Io { entry: entry.to_owned(), source }
 }
 
+/// A stream error, with the reader's message cut to its first line: the
+/// `tar` crate quotes header bytes in some messages, and a file that is not
+/// a tar at all (say `/etc/passwd` given as an image) must not come back to
+/// the caller in the error.
 fn format(source: io::Error) -> ExtractError {
-    ExtractError::Format { source }
+    let text = source.to_string();
+    let first = text.lines().next().unwrap_or("");
+    if first.len() == text.len() && first.len() <= MAX_FORMAT_MESSAGE {
+        return ExtractError::Format { source };
+    }
+    let mut short: String = first.chars().take(MAX_FORMAT_MESSAGE).collect();
+    short.push('…');
+    ExtractError::Format { source: io::Error::new(source.kind(), short) }
 }
+
+/// Longest reader message kept in a [`ExtractError::Format`].
+const MAX_FORMAT_MESSAGE: usize = 80;
 
 fn corrupt(kind: io::ErrorKind, msg: String) -> ExtractError {
     ExtractError::Format { source: io::Error::new(kind, msg) }
@@ -1273,6 +1287,17 @@ mod tests {
 
     fn file(b: &mut Builder<Vec<u8>>, name: &str, data: &[u8]) {
         raw(b, EntryType::Regular, name.as_bytes(), b"", data);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_tar_is_not_quoted_back() {
+        let f = fixture();
+        let text = "root:x:0:0:root:/root:/bin/bash\n".repeat(40);
+        let err = f.extract(text.as_bytes()).unwrap_err();
+        assert!(matches!(err, ExtractError::Format { .. }), "{err:?}");
+        let msg = crate::http::error_chain(&err);
+        assert!(!msg.contains('\n') && !msg.contains("/bin/bash"), "{msg}");
+        f.assert_contained();
     }
 
     fn layer(f: &Fixture, tar: &[u8]) -> Result<ImportSummary, ExtractError> {
