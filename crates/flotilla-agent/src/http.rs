@@ -54,7 +54,39 @@ pub enum Endpoint {
     Tcp(String),
     /// `host:port`, spoken to over TLS.
     Https(String),
+    /// A stream some code of ours opens (a microVM's multiplexed serial
+    /// channel, say).
+    Dial(Dialer),
 }
+
+/// A byte stream a [`Dial`] opens.
+pub trait DialStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> DialStream for T {}
+
+/// Opens connections to a server that is not at a socket address.
+pub trait Dial: Send + Sync + 'static {
+    /// A short name for errors and logs (`vm:ID`).
+    fn name(&self) -> String;
+    fn dial(&self) -> futures_util::future::BoxFuture<'_, std::io::Result<Box<dyn DialStream>>>;
+}
+
+/// A shared [`Dial`]; two are equal when they are the same dialer.
+#[derive(Clone)]
+pub struct Dialer(pub std::sync::Arc<dyn Dial>);
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dialer({})", self.0.name())
+    }
+}
+
+impl PartialEq for Dialer {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Dialer {}
 
 impl Endpoint {
     /// Parses `unix:///path`, `/path`, `http://host:port`, `https://host:port`.
@@ -78,7 +110,7 @@ impl Endpoint {
 
     fn host_header(&self) -> &str {
         match self {
-            Endpoint::Unix(_) => "localhost",
+            Endpoint::Unix(_) | Endpoint::Dial(_) => "localhost",
             Endpoint::Tcp(hp) | Endpoint::Https(hp) => hp,
         }
     }
@@ -100,6 +132,7 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
             Endpoint::Tcp(hp) => write!(f, "http://{hp}"),
             Endpoint::Https(hp) => write!(f, "https://{hp}"),
+            Endpoint::Dial(d) => write!(f, "{}", d.0.name()),
         }
     }
 }
@@ -110,6 +143,7 @@ pub enum Conn {
     Tcp(tokio::net::TcpStream),
     /// Boxed: a TLS session's state is some kilobytes, the others a few words.
     Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Dialed(Box<dyn DialStream>),
 }
 
 impl Conn {
@@ -124,6 +158,7 @@ impl Conn {
         Ok(match ep {
             Endpoint::Unix(p) => Conn::Unix(tokio::net::UnixStream::connect(p).await?),
             Endpoint::Tcp(hp) => Conn::Tcp(tcp_connect(hp).await?),
+            Endpoint::Dial(d) => Conn::Dialed(d.0.dial().await?),
             Endpoint::Https(hp) => {
                 let config = match tls {
                     Some(t) => t.config.clone(),
@@ -158,6 +193,7 @@ macro_rules! delegate_io {
             Conn::Unix($s) => $e,
             Conn::Tcp($s) => $e,
             Conn::Tls($s) => $e,
+            Conn::Dialed($s) => $e,
         }
     };
 }

@@ -65,6 +65,24 @@ pub enum AgentError {
     NoListener,
 }
 
+/// Serves the agent's API on one connected byte stream (HTTP/1.1 with
+/// upgrades, so sessions work), until the peer closes it.
+pub async fn serve_connection<I>(app: axum::Router, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    use tower::ServiceExt;
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "agent connection ended");
+    }
+}
+
 /// Runs the agent until it is halted or killed.
 pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     // One thread for I/O; tar work runs on the blocking pool. Sandboxes

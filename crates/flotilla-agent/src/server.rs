@@ -261,12 +261,25 @@ async fn session(State(a): AgentState, Query(q): Query<SessionQuery>, ws: WebSoc
     ws.on_upgrade(move |socket| crate::session::run(a, q, socket))
 }
 
+/// What `POST /halt` does after answering: exit (the default, right for
+/// a process sandbox, whose init we are), or what the host of the agent
+/// set here (a microVM's init syncs its disks and powers off).
+static HALT: std::sync::OnceLock<fn() -> !> = std::sync::OnceLock::new();
+
+/// Replaces the default halt (exit 0). Only the first call counts.
+pub fn set_halt(f: fn() -> !) {
+    let _ = HALT.set(f);
+}
+
 async fn halt(State(a): AgentState) -> StatusCode {
     tracing::info!(workspace = %a.workspace.display(), "halt requested");
     tokio::spawn(async {
         // Let the response go out first.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        std::process::exit(0);
+        match HALT.get() {
+            Some(f) => f(),
+            None => std::process::exit(0),
+        }
     });
     StatusCode::ACCEPTED
 }

@@ -67,12 +67,15 @@ pub enum BackendKind {
     /// Linux namespaces, cgroups, seccomp.
     #[default]
     Process,
+    /// A microVM (QEMU): its own kernel, hardware isolation.
+    Vm,
 }
 
 impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Process => "process",
+            BackendKind::Vm => "vm",
         }
     }
 }
@@ -111,6 +114,9 @@ pub struct Resources {
     /// Maximum number of processes and threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Size of a microVM's workspace disk in bytes (sparse; `vm` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// `POST /v1/sandboxes`.
@@ -411,6 +417,7 @@ pub enum OperationKind {
     RestartSandbox,
     ImportImage,
     WorkspaceGit,
+    PullImage,
 }
 
 impl OperationKind {
@@ -421,6 +428,7 @@ impl OperationKind {
             OperationKind::RestartSandbox => "restart_sandbox",
             OperationKind::ImportImage => "import_image",
             OperationKind::WorkspaceGit => "workspace_git",
+            OperationKind::PullImage => "pull_image",
         }
     }
 }
@@ -515,8 +523,10 @@ pub struct Image {
     /// `sha256:...` of the image content (the OCI manifest digest where the
     /// source has one, else of the imported archive).
     pub digest: String,
-    /// What it was imported from: `dir`, `rootfs_tar`, `oci_layout`, `docker_archive`.
+    /// What it was imported from: `dir`, `rootfs_tar`, `oci_layout`,
+    /// `docker_archive`, `oci_registry`.
     pub source_format: String,
+    /// A path on the node, or the registry reference it was pulled from.
     pub source: String,
     pub size_bytes: u64,
     pub layers: Vec<String>,
@@ -538,6 +548,48 @@ pub struct ImportImageRequest {
     /// A directory, a rootfs tarball (.tar, .tar.gz, .tar.zst), an OCI image
     /// layout (directory or tar) or a `docker save` archive, on the node.
     pub path: String,
+}
+
+/// `POST /v1/images/pull`: pull from an OCI registry (Docker Registry v2 /
+/// OCI distribution API).
+///
+/// The credentials are used for this pull only: they are never written to
+/// the operation, the node's store, its logs or its events, and `Debug`
+/// prints them redacted.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImageRequest {
+    /// `host[:port]/repository[:tag]` or `host[:port]/repository@sha256:<hex>`
+    /// (no host means Docker Hub; no tag means `latest`).
+    pub source: String,
+    /// `name:tag` to store it as; default: the repository's last path part and
+    /// the tag (`127.0.0.1:5000/team/app:1` → `app:1`; a digest pull takes the
+    /// first 12 hex digits as its tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Speak plain HTTP instead of HTTPS to this registry (a registry on
+    /// loopback without TLS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain_http: bool,
+    /// Basic credentials: sent to the registry as they are, or exchanged
+    /// for a bearer token where the registry asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(write_only)]
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for PullImageRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PullImageRequest")
+            .field("source", &self.source)
+            .field("reference", &self.reference)
+            .field("plain_http", &self.plain_http)
+            .field("username", &self.username.as_ref().map(|_| "<redacted>"))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `POST /v1/images/{ref}/promote`.
@@ -581,6 +633,12 @@ pub struct BackendInfo {
     pub available: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For `vm`: `kvm` or `tcg` (software: slow boots), once probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
+    /// Why that accelerator was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator_reason: Option<String>,
 }
 
 /// `GET /v1/node`: what a scheduler needs to know to place work here.

@@ -25,6 +25,7 @@ mod node;
 mod report;
 mod scenarios;
 mod stats;
+mod vm;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -39,7 +40,10 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-create|vm-exec|vm-import|vm> [--iterations N] [--json]
+
+`all` runs the process-backend and name-table scenarios; `vm` runs the three
+microVM ones (they need QEMU, a guest kernel and a static flotilla build).
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -55,6 +59,9 @@ enum Scenario {
     Restart,
     OciImport,
     Names,
+    VmCreate,
+    VmExec,
+    VmImport,
 }
 
 impl Scenario {
@@ -78,6 +85,10 @@ impl Scenario {
             "oci-import" => vec![Scenario::OciImport],
             "names" => vec![Scenario::Names],
             "all" => Scenario::ALL.to_vec(),
+            "vm-create" => vec![Scenario::VmCreate],
+            "vm-exec" => vec![Scenario::VmExec],
+            "vm-import" => vec![Scenario::VmImport],
+            "vm" => vec![Scenario::VmCreate, Scenario::VmExec, Scenario::VmImport],
             _ => return None,
         })
     }
@@ -91,6 +102,9 @@ impl Scenario {
             Scenario::Restart => "restart",
             Scenario::OciImport => "oci-import",
             Scenario::Names => "names",
+            Scenario::VmCreate => "vm-create",
+            Scenario::VmExec => "vm-exec",
+            Scenario::VmImport => "vm-import",
         }
     }
 
@@ -103,6 +117,9 @@ impl Scenario {
             Scenario::Restart => 5,
             Scenario::OciImport => 3,
             Scenario::Names => 8,
+            Scenario::VmCreate => 8,
+            Scenario::VmExec => 100,
+            Scenario::VmImport => 3,
         }
     }
 
@@ -198,6 +215,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 }
                 Scenario::Restart => durable::restart(&mut node, &bin, &machine, n).await,
                 Scenario::Names => names::names_scenario(&machine, n).await,
+                Scenario::VmCreate => vm::vm_create(&node, &machine, n).await,
+                Scenario::VmExec => vm::vm_exec(&node, &machine, n).await,
+                Scenario::VmImport => vm::vm_import(&node, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

@@ -38,6 +38,7 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/sandboxes/{id}/stop", post(stop::<B>))
         .route("/v1/sandboxes/{id}/restart", post(restart::<B>))
         .route("/v1/images", get(list_images::<B>).post(import_image::<B>))
+        .route("/v1/images/pull", post(pull_image::<B>))
         .route("/v1/images/{reference}", get(show_image::<B>).delete(delete_image::<B>))
         .route("/v1/images/{reference}/promote", post(promote_image::<B>))
         .route("/v1/operations", get(list_operations::<B>))
@@ -79,6 +80,11 @@ async fn list_images<B: Backend>(
 async fn import_image<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
     let req: flotilla_api::ImportImageRequest = parse_json(&body)?;
     Ok(accepted(n.import_image_operation(req)?))
+}
+
+async fn pull_image<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
+    let req: flotilla_api::PullImageRequest = parse_json(&body)?;
+    Ok(accepted(n.pull_image_operation(req)?))
 }
 
 async fn show_image<B: Backend>(

@@ -144,7 +144,13 @@ impl Backend for ProcessNodeBackend {
     }
 
     fn info(&self) -> BackendInfo {
-        BackendInfo { kind: BackendKind::Process, available: true, reason: None }
+        BackendInfo {
+            kind: BackendKind::Process,
+            available: true,
+            reason: None,
+            accelerator: None,
+            accelerator_reason: None,
+        }
     }
 
     fn cgroup_version(&self) -> String {
@@ -169,5 +175,213 @@ impl Backend for ProcessNodeBackend {
 
     fn check_image(&self, image: &str) -> Result<String, ApiError> {
         Image::parse(image, &self.home).map(|i| i.reference()).map_err(|e| ApiError::invalid(e.to_string()))
+    }
+}
+
+// ------------------------------------------------------------------ microVMs
+
+/// The microVM backend, as the node sees it.
+#[derive(Debug)]
+pub struct VmNodeBackend {
+    inner: flotilla_vm::VmBackend,
+    home: PathBuf,
+}
+
+impl VmNodeBackend {
+    pub fn new(home: PathBuf, agent: Option<PathBuf>) -> VmNodeBackend {
+        VmNodeBackend { inner: flotilla_vm::VmBackend::new(&home, agent), home }
+    }
+
+    pub fn inner(&self) -> &flotilla_vm::VmBackend {
+        &self.inner
+    }
+
+    fn spec(&self, rec: &SandboxRecord) -> Result<flotilla_vm::VmSpec, ApiError> {
+        let s = &rec.sandbox;
+        let image = Image::parse(&s.image, &self.home).map_err(|e| ApiError::invalid(e.to_string()))?;
+        Ok(flotilla_vm::VmSpec {
+            id: s.id.clone(),
+            hostname: s.name.clone(),
+            image,
+            memory_bytes: s.resources.memory_bytes.unwrap_or(crate::node::VM_DEFAULT_MEMORY),
+            vcpus: s.resources.cpus.map(|c| c.ceil() as u32).unwrap_or(1).clamp(1, 64),
+            workspace_bytes: s.resources.disk_bytes.unwrap_or(flotilla_vm::DEFAULT_WORKSPACE),
+            network: s.network,
+            env: s.env.clone(),
+        })
+    }
+
+    async fn boot(
+        &self,
+        rec: &SandboxRecord,
+        step: &(dyn Fn(&str, Option<String>) + Send + Sync),
+    ) -> Result<flotilla_vm::VmRunning, ApiError> {
+        let spec = self.spec(rec)?;
+        self.inner.start(&spec, step).await.map_err(|e| {
+            let step = e.step();
+            let code = match &e {
+                flotilla_vm::VmError::Timeout(..) => ErrorCode::Timeout,
+                flotilla_vm::VmError::Image(_) => ErrorCode::InvalidArgument,
+                _ => ErrorCode::Internal,
+            };
+            ApiError::new(code, format!("create failed at step `{step}`: {}", flotilla_agent::http::error_chain(&e)))
+                .with_details(serde_json::json!({ "step": step }))
+        })
+    }
+
+    fn info(&self) -> BackendInfo {
+        let (available, reason) = match self.inner.available() {
+            Ok(version) => (true, Some(version)),
+            Err(why) => (false, Some(why)),
+        };
+        let accel = self.inner.accel_cached();
+        BackendInfo {
+            kind: BackendKind::Vm,
+            available,
+            reason,
+            accelerator: Some(accel.as_ref().map_or("not probed yet".into(), |a| a.accel.as_str().to_string())),
+            accelerator_reason: accel.map(|a| a.reason),
+        }
+    }
+}
+
+/// A running sandbox of either kind.
+#[derive(Debug, Clone)]
+pub enum Handle {
+    Process(Running),
+    Vm(flotilla_vm::VmRunning),
+}
+
+/// Every backend a node runs: process sandboxes always, microVMs beside
+/// them (each sandbox's record says which it is).
+#[derive(Debug)]
+pub struct NodeBackend {
+    pub process: ProcessNodeBackend,
+    pub vm: VmNodeBackend,
+}
+
+impl NodeBackend {
+    fn is_vm(&self, id: &str) -> bool {
+        self.vm.inner.vm_dir(id).exists()
+    }
+}
+
+impl Backend for NodeBackend {
+    type Handle = Handle;
+
+    async fn boot(
+        &self,
+        rec: &SandboxRecord,
+        step: &(dyn Fn(&str, Option<String>) + Send + Sync),
+    ) -> Result<Handle, ApiError> {
+        match rec.sandbox.backend {
+            BackendKind::Process => self.process.boot(rec, step).await.map(Handle::Process),
+            BackendKind::Vm => self.vm.boot(rec, step).await.map(Handle::Vm),
+        }
+    }
+
+    fn adopt(&self, rec: &SandboxRecord) -> Option<Handle> {
+        match rec.sandbox.backend {
+            BackendKind::Process => self.process.adopt(rec).map(Handle::Process),
+            BackendKind::Vm => self.vm.inner.adopt(&rec.sandbox.id, rec.pid?, rec.start_time?).map(Handle::Vm),
+        }
+    }
+
+    fn identity(&self, h: &Handle) -> (i32, u64) {
+        match h {
+            Handle::Process(h) => self.process.identity(h),
+            Handle::Vm(h) => (h.pid, h.start_time),
+        }
+    }
+
+    async fn exited(&self, h: &Handle) -> (bool, String) {
+        match h {
+            Handle::Process(h) => self.process.exited(h).await,
+            Handle::Vm(h) => {
+                let e = h.exited().await;
+                let clean = h.halted_cleanly();
+                let how = if clean {
+                    "the guest halted".to_string()
+                } else {
+                    format!("QEMU {e} (console: {})", flotilla_vm::qemu::console_tail(&h.dir, 3))
+                };
+                (clean, how)
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.process.shutdown()
+    }
+
+    async fn kill(&self, id: &str, h: &Handle) -> Result<(), ApiError> {
+        match h {
+            Handle::Process(h) => self.process.kill(id, h).await,
+            Handle::Vm(h) => {
+                self.vm.inner.kill(h).await.map_err(|e| ApiError::internal(format!("stopping microVM {id}: {e}")))
+            }
+        }
+    }
+
+    async fn cleanup(&self, id: &str) {
+        self.process.cleanup(id).await;
+        // Scans /proc and may wait for a QEMU to die: off the async workers.
+        let vms = self.vm.inner.vms_dir();
+        let id = id.to_string();
+        let _ = tokio::task::spawn_blocking(move || flotilla_vm::cleanup_vm(&vms, &id)).await;
+    }
+
+    fn destroy(&self, id: &str) -> Result<(), ApiError> {
+        self.process.destroy(id)?;
+        self.vm.inner.destroy(id).map_err(|e| ApiError::internal(format!("removing the disks of microVM {id}: {e}")))
+    }
+
+    fn set_limits(&self, id: &str, r: &Resources) -> Result<(), ApiError> {
+        if self.is_vm(id) {
+            // A microVM's memory, vcpus and disk are fixed at boot: the new
+            // values are recorded and apply at its next restart.
+            tracing::info!(sandbox = id, "microVM limits recorded; they apply at the next restart");
+            return Ok(());
+        }
+        self.process.set_limits(id, r)
+    }
+
+    fn agent(&self, h: &Handle) -> AgentClient {
+        match h {
+            Handle::Process(h) => self.process.agent(h),
+            Handle::Vm(h) => h.agent(),
+        }
+    }
+
+    fn info(&self) -> BackendInfo {
+        self.process.info()
+    }
+
+    fn backends(&self) -> Vec<BackendInfo> {
+        vec![self.process.info(), self.vm.info()]
+    }
+
+    fn cgroup_version(&self) -> String {
+        self.process.cgroup_version()
+    }
+
+    fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
+        self.process.network_modes()
+    }
+
+    fn resident(&self) -> Vec<String> {
+        let mut ids = self.process.resident();
+        ids.extend(self.vm.inner.resident());
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    fn images(&self) -> Vec<String> {
+        self.process.images()
+    }
+
+    fn check_image(&self, image: &str) -> Result<String, ApiError> {
+        self.process.check_image(image)
     }
 }

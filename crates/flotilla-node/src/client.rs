@@ -148,6 +148,11 @@ impl NodeClient {
         self.http.json(Method::POST, "/v1/images", Some(req)).await
     }
 
+    /// Starts pulling an image from an OCI registry (the node downloads it).
+    pub async fn pull_image(&self, req: &flotilla_api::PullImageRequest) -> Result<Operation, ClientError> {
+        self.http.json(Method::POST, "/v1/images/pull", Some(req)).await
+    }
+
     pub async fn promote_image(&self, from: &str, to: &str) -> Result<flotilla_api::Image, ClientError> {
         let req = flotilla_api::PromoteImageRequest { to: to.to_string() };
         self.http.json(Method::POST, &format!("/v1/images/{}/promote", segment(from)), Some(&req)).await

@@ -28,6 +28,12 @@
 //!   either is first unpacked into staging, since its blobs must be read in
 //!   manifest order, not archive order.
 //!
+//! * an OCI registry ([`crate::registry`]): the platform manifest and its
+//!   layers are downloaded into staging as an OCI layout (each layer hashed
+//!   as it streams) and then applied by the same code as a local layout
+//!   ([`Images::apply_pulled_blocking`]); the digest is the manifest's, so a
+//!   pull and an import of the same layout give the same version.
+//!
 //! Every archive and layer goes through the agent's hostile-tar extractor
 //! (`flotilla_agent::tarx`): absolute paths, `..`, links out of the tree,
 //! devices and fifos are refused with the entry named.
@@ -115,6 +121,38 @@ pub struct Images {
     lock: tokio::sync::Mutex<()>,
 }
 
+/// One import's staging directory, `images/staging/<id>/`. Dropping it
+/// removes the directory, so an error, a panic or a cancelled pull leaves
+/// nothing behind (and whatever a crash leaves, [`Images::open`] removes).
+#[derive(Debug)]
+pub struct Staging {
+    path: PathBuf,
+}
+
+impl Staging {
+    /// Where the root filesystem is unpacked.
+    pub fn rootfs(&self) -> PathBuf {
+        self.path.join("rootfs")
+    }
+
+    /// Where a pull writes its OCI layout (`oci-layout`, `index.json`,
+    /// `blobs/sha256/<hex>`); removed once applied.
+    pub fn layout(&self) -> PathBuf {
+        self.path.join("src")
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        match fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            // Committed: renamed into `versions/`.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "could not remove a staging directory"),
+        }
+    }
+}
+
 fn store_err(e: StoreError) -> ApiError {
     ApiError::internal(format!("image records: {}", flotilla_agent::http::error_chain(&e)))
 }
@@ -185,6 +223,14 @@ impl Images {
         Ok(all)
     }
 
+    /// A fresh staging directory (with an empty `rootfs`), removed when the
+    /// returned guard drops unless [`Images`] committed it first.
+    pub fn stage(&self) -> Result<Staging, ApiError> {
+        let staging = Staging { path: self.root.join("staging").join(crate::node::new_id()) };
+        fs::create_dir_all(staging.rootfs()).map_err(io_err("creating the staging directory"))?;
+        Ok(staging)
+    }
+
     /// Imports `source` (a path on this host) as `reference`. Blocking: run
     /// it on a blocking thread.
     pub fn import_blocking(
@@ -200,35 +246,60 @@ impl Images {
         }
         let meta =
             fs::metadata(source).map_err(|e| ApiError::invalid(format!("image source {}: {e}", source.display())))?;
-        let staging = self.root.join("staging").join(crate::node::new_id());
-        let rootfs = staging.join("rootfs");
-        fs::create_dir_all(&rootfs).map_err(io_err("creating the staging directory"))?;
-        let result = (|| {
-            let unpacked = if meta.is_dir() {
-                if source.join("oci-layout").is_file() {
-                    oci_layout(source, &rootfs, reference, progress)?
-                } else {
-                    directory(source, &rootfs, progress)?
-                }
+        let staging = self.stage()?;
+        let rootfs = staging.rootfs();
+        let unpacked = if meta.is_dir() {
+            if source.join("oci-layout").is_file() {
+                oci_layout(source, &rootfs, reference, "layer", progress)?
             } else {
-                archive(source, &staging, &rootfs, reference, progress)?
-            };
-            let hex = digest_hex(&unpacked.digest).expect("digests are made here").to_string();
-            Ok::<_, ApiError>((unpacked, hex))
-        })();
-        let (unpacked, hex) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = fs::remove_dir_all(&staging);
-                return Err(e);
+                directory(source, &rootfs, progress)?
             }
+        } else {
+            archive(source, &staging.path, &rootfs, reference, progress)?
         };
+        self.commit(store, staging, reference, &source.display().to_string(), unpacked, progress)
+    }
+
+    /// Applies what a registry pull left in `staging` (an OCI layout at
+    /// [`Staging::layout`] holding one manifest and its layers) and commits
+    /// it as `reference`, through the same layer code as a local OCI layout.
+    /// `source` is the remote reference, recorded as the image's source.
+    /// Blocking: run it on a blocking thread.
+    pub fn apply_pulled_blocking(
+        &self,
+        store: &Store,
+        staging: Staging,
+        reference: &str,
+        source: &str,
+        progress: &dyn Progress,
+    ) -> Result<Image, ApiError> {
+        parse_reference(reference)?;
+        let layout = staging.layout();
+        let mut unpacked = oci_layout(&layout, &staging.rootfs(), reference, "applying", progress)?;
+        unpacked.format = "oci_registry";
+        // The blobs are applied: only the root filesystem is kept.
+        fs::remove_dir_all(&layout).map_err(io_err("removing the downloaded layers"))?;
+        self.commit(store, staging, reference, source, unpacked, progress)
+    }
+
+    /// Moves an unpacked staging directory into `versions/` (unless the same
+    /// content is there already) and points `reference` at it.
+    fn commit(
+        &self,
+        store: &Store,
+        staging: Staging,
+        reference: &str,
+        source: &str,
+        unpacked: Unpacked,
+        progress: &dyn Progress,
+    ) -> Result<Image, ApiError> {
+        let hex = digest_hex(&unpacked.digest).expect("digests are made here").to_string();
         progress.step("committing", Some(unpacked.digest.clone()));
         let img = Image {
             reference: reference.to_string(),
             digest: unpacked.digest,
             source_format: unpacked.format.to_string(),
-            source: source.display().to_string(),
+            source: source.to_string(),
             size_bytes: unpacked.bytes,
             layers: unpacked.layers,
             created_at: Timestamp::now(),
@@ -237,12 +308,12 @@ impl Images {
         };
         let _guard = self.lock.blocking_lock();
         let version = self.root.join("versions").join(&hex);
-        if version.exists() {
-            // The same content was imported before: keep the first copy.
-            let _ = fs::remove_dir_all(&staging);
-        } else {
-            fs::rename(&staging, &version).map_err(io_err("moving the image into place"))?;
+        // The same content imported before keeps its first copy; the
+        // staging guard removes this one.
+        if !version.exists() {
+            fs::rename(&staging.path, &version).map_err(io_err("moving the image into place"))?;
         }
+        drop(staging);
         let previous = self.get(store, reference).ok();
         store.put_image(&img).map_err(store_err)?;
         if let Some(prev) = previous {
@@ -423,7 +494,7 @@ fn archive(
     let summary = tarx::extract_layer(&mut reader, compression, &src, &limits()).map_err(tar_err("image archive"))?;
     let (digest, _) = reader.finish().map_err(io_err(format!("reading {}", source.display())))?;
     let unpacked = if src.join("oci-layout").is_file() && src.join("index.json").is_file() {
-        oci_layout(&src, rootfs, reference, progress)?
+        oci_layout(&src, rootfs, reference, "layer", progress)?
     } else if src.join("manifest.json").is_file() && !src.join("etc").exists() {
         docker_archive(&src, rootfs, reference, progress)?
     } else {
@@ -496,7 +567,16 @@ fn json_blob<T: serde::de::DeserializeOwned>(path: &Path, expect: Option<&str>, 
     serde_json::from_slice(&data).map_err(|e| bad(format!("{what} is not valid: {e}")))
 }
 
-fn oci_layout(layout: &Path, rootfs: &Path, reference: &str, progress: &dyn Progress) -> Result<Unpacked, ApiError> {
+/// Applies the manifest of an OCI layout that `reference`'s tag names (else
+/// this machine's platform, else the only one), each layer reported as step
+/// `step` with detail `i/n digest`.
+fn oci_layout(
+    layout: &Path,
+    rootfs: &Path,
+    reference: &str,
+    step: &str,
+    progress: &dyn Progress,
+) -> Result<Unpacked, ApiError> {
     let index: Index = json_blob(&layout.join("index.json"), None, "index.json")?;
     let tag = reference.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
     let pick = |ds: &[Descriptor]| -> Option<usize> {
@@ -526,7 +606,7 @@ fn oci_layout(layout: &Path, rootfs: &Path, reference: &str, progress: &dyn Prog
     let mut bytes = 0;
     let mut layers = Vec::new();
     for (i, l) in manifest.layers.iter().enumerate() {
-        progress.step("layer", Some(format!("{}/{n} {}", i + 1, l.digest)));
+        progress.step(step, Some(format!("{}/{n} {}", i + 1, l.digest)));
         let (_, b) = apply_layer(&blob(layout, &l.digest)?, Some(&l.digest), rootfs, &l.digest)?;
         bytes += b;
         layers.push(l.digest.clone());
@@ -589,7 +669,7 @@ fn docker_archive(src: &Path, rootfs: &Path, reference: &str, progress: &dyn Pro
 }
 
 /// This machine's architecture as OCI names it.
-fn go_arch() -> &'static str {
+pub(crate) fn go_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod node;
 pub mod openapi;
 pub mod ops;
+pub mod registry;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -101,6 +101,11 @@ pub trait Backend: Send + Sync + 'static {
     /// What this backend can do on this host.
     fn info(&self) -> BackendInfo;
 
+    /// Every backend behind this one (a node may run several kinds).
+    fn backends(&self) -> Vec<BackendInfo> {
+        vec![self.info()]
+    }
+
     /// `v1`, `v2` or `none`.
     fn cgroup_version(&self) -> String;
 
@@ -121,6 +126,9 @@ pub trait Backend: Send + Sync + 'static {
     fn check_image(&self, image: &str) -> Result<String, ApiError>;
 }
 
+/// Guest memory of a microVM whose create call sets none.
+pub const VM_DEFAULT_MEMORY: u64 = 512 << 20;
+
 /// Node settings.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -137,7 +145,12 @@ impl NodeConfig {
     pub fn new(home: PathBuf) -> NodeConfig {
         NodeConfig {
             home,
-            default_resources: Resources { cpus: None, memory_bytes: Some(4 << 30), pids: Some(8192) },
+            default_resources: Resources {
+                cpus: None,
+                memory_bytes: Some(4 << 30),
+                pids: Some(8192),
+                disk_bytes: None,
+            },
             tar_max_bytes: flotilla_api::limits::DEFAULT_TAR_MAX_BYTES,
             tar_max_entries: flotilla_api::limits::DEFAULT_TAR_MAX_ENTRIES,
             janitor_period: Duration::from_secs(1),
@@ -401,6 +414,51 @@ impl<B: Backend> Node<B> {
         Ok(snapshot)
     }
 
+    /// Pulls an image from an OCI registry, as an operation: the download
+    /// (async) and the layer application (blocking) share one staging
+    /// directory, removed on any failure. The credentials stay in `req`
+    /// and never reach the operation, the log or the events.
+    pub fn pull_image_operation(self: &Arc<Self>, req: flotilla_api::PullImageRequest) -> Result<Operation, ApiError> {
+        let (remote, reference) = crate::registry::check(&req)?;
+        let op = self.ops.begin(OperationKind::PullImage, &reference)?;
+        op.step("pull_requested", Some(remote.whole()));
+        let snapshot = op.snapshot();
+        let node = self.clone();
+        tokio::spawn(async move {
+            let step = |name: &str, detail: Option<String>| op.step(name, detail);
+            let fetched = match node.images.stage() {
+                Ok(staging) => {
+                    crate::registry::fetch(&req, &remote, &staging, &step).await.map(|fetched| (staging, fetched))
+                }
+                Err(e) => Err(e),
+            };
+            drop(req);
+            let (staging, fetched) = match fetched {
+                Ok(v) => v,
+                Err(e) => return op.fail(e),
+            };
+            tracing::info!(source = %fetched.source, digest = %fetched.digest, layers = fetched.layers, bytes = fetched.bytes, "image layers pulled");
+            let n = node.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let step = |name: &str, detail: Option<String>| op.step(name, detail);
+                let result = n.images.apply_pulled_blocking(&n.store, staging, &reference, &fetched.source, &step);
+                (op, result)
+            })
+            .await;
+            let Ok((op, result)) = joined else { return };
+            match result {
+                Ok(img) => {
+                    tracing::info!(image = %img.reference, digest = %img.digest, source = %img.source, "image pulled");
+                    node.metrics.imported("image", img.size_bytes);
+                    node.events.publish(EventBody::Image { action: "pulled".into(), image: img.reference.clone() });
+                    op.succeed(serde_json::to_value(&img).unwrap_or_default());
+                }
+                Err(e) => op.fail(e),
+            }
+        });
+        Ok(snapshot)
+    }
+
     pub fn images(&self) -> Result<Vec<flotilla_api::Image>, ApiError> {
         self.images.list(&self.store, &self.images_in_use())
     }
@@ -477,7 +535,7 @@ impl<B: Backend> Node<B> {
                 image,
                 backend: req.backend,
                 state: SandboxState::Creating,
-                resources: merge_resources(&self.config.default_resources, &req.resources),
+                resources: merge_resources(&self.defaults_for(req.backend), &req.resources),
                 labels: req.labels.clone(),
                 env: req.env.clone(),
                 network: req.network,
@@ -958,6 +1016,16 @@ impl<B: Backend> Node<B> {
         orphans
     }
 
+    /// Default limits for a backend: a microVM's memory is reserved for its
+    /// guest, so it gets less than a process sandbox's ceiling.
+    fn defaults_for(&self, backend: flotilla_api::BackendKind) -> Resources {
+        let mut r = self.config.default_resources.clone();
+        if backend == flotilla_api::BackendKind::Vm {
+            r.memory_bytes = Some(VM_DEFAULT_MEMORY);
+        }
+        r
+    }
+
     /// Runs the janitor until the node is dropped.
     pub fn spawn_janitor(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
@@ -1007,7 +1075,7 @@ impl<B: Backend> Node<B> {
             kernel: flotilla_sandbox::sys::kernel_release(),
             cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             memory_bytes: mem_total(),
-            backends: vec![self.backend.info()],
+            backends: self.backend.backends(),
             images: {
                 let mut v = self.backend.images();
                 v.extend(self.images().unwrap_or_default().into_iter().map(|i| i.reference));
@@ -1057,6 +1125,7 @@ fn merge_resources(base: &Resources, over: &Resources) -> Resources {
         cpus: over.cpus.or(base.cpus),
         memory_bytes: over.memory_bytes.or(base.memory_bytes),
         pids: over.pids.or(base.pids),
+        disk_bytes: over.disk_bytes.or(base.disk_bytes),
     }
 }
 

@@ -43,6 +43,7 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
         api::EventBody,
         api::Image,
         api::ImportImageRequest,
+        api::PullImageRequest,
         api::PromoteImageRequest,
         api::GitImportRequest,
         api::GitImportSummary,
@@ -204,6 +205,14 @@ fn routes() -> Vec<Route> {
             &[],
             (202, O::Json("Operation")),
         ),
+        r(
+            Post,
+            "/v1/images/pull",
+            "Pull an image from an OCI registry (an operation)",
+            B::Json("PullImageRequest"),
+            &[],
+            (202, O::Json("Operation")),
+        ),
         r(Get, "/v1/images/{reference}", "Show an image", B::None, &[], (200, O::Json("Image"))),
         r(Delete, "/v1/images/{reference}", "Delete an image tag", B::None, &[], (204, O::Empty)),
         r(
@@ -332,5 +341,7 @@ mod tests {
         }
         assert!(json["paths"]["/v1/sandboxes"]["post"].is_object());
         assert!(json["paths"]["/v1/sandboxes"]["get"].is_object());
+        assert!(json["paths"]["/v1/images/pull"]["post"].is_object());
+        assert!(schemas.contains_key("PullImageRequest"));
     }
 }

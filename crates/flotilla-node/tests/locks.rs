@@ -100,7 +100,13 @@ impl Backend for FakeBackend {
         Ok(Body::from("tar"))
     }
     fn info(&self) -> BackendInfo {
-        BackendInfo { kind: BackendKind::Process, available: true, reason: None }
+        BackendInfo {
+            kind: BackendKind::Process,
+            available: true,
+            reason: None,
+            accelerator: None,
+            accelerator_reason: None,
+        }
     }
     fn cgroup_version(&self) -> String {
         "none".into()

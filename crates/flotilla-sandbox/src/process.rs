@@ -582,7 +582,9 @@ fn agent_env(extra: &BTreeMap<String, String>) -> Vec<CString> {
     env.into_iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect()
 }
 
-async fn wait_pidfd(fd: Arc<OwnedFd>) -> ExitInfo {
+/// Waits until the process behind `fd` has exited (reaping it when it is our
+/// child) and says how it ended.
+pub async fn wait_pidfd(fd: Arc<OwnedFd>) -> ExitInfo {
     let reap = |fd: &OwnedFd| match sys::pidfd_try_reap(fd.as_fd()) {
         Ok(Some(Some(sys::WaitStatus::Exited(c)))) => Some(ExitInfo::Exited(c)),
         Ok(Some(Some(sys::WaitStatus::Signaled(s)))) => Some(ExitInfo::Signaled(s)),

@@ -157,3 +157,68 @@ pub fn is_root() -> bool {
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
 }
+
+/// The static `flotilla` a microVM boots as its init, built on first use
+/// (`cargo build --release --target x86_64-unknown-linux-gnu` with
+/// `+crt-static`) into this workspace's target directory; later calls find
+/// it up to date in a second. `bin` is the test's own `flotilla`
+/// (`target/debug/flotilla`), which locates the target directory.
+/// `FLOTILLA_GUEST_AGENT` names a prebuilt one instead (`.ci/run` builds it
+/// before the tests).
+pub fn static_flotilla(bin: &Path) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("FLOTILLA_GUEST_AGENT") {
+                return PathBuf::from(p);
+            }
+            let target = bin.parent().and_then(Path::parent).expect("the binary is in target/<profile>/");
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+            let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "build",
+                    "--release",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                    "-p",
+                    "flotilla",
+                    "--manifest-path",
+                ])
+                .arg(&manifest)
+                .env("CARGO_TARGET_DIR", target)
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .status()
+                .expect("running cargo to build the static guest agent");
+            assert!(status.success(), "building the static guest agent failed");
+            target.join("x86_64-unknown-linux-gnu/release/flotilla")
+        })
+        .clone()
+}
+
+/// Builds a minimal root filesystem in `dir` from host binaries: `bins`
+/// copied into `/bin`, and the shared libraries of `bins` and of `libs_of`
+/// (programs that run in the sandbox from outside it, like a dynamically
+/// linked agent) at their host paths.
+pub fn minimal_rootfs(dir: &Path, bins: &[&str], libs_of: &[&str]) {
+    for d in ["bin", "etc", "proc", "dev", "tmp", "workspace", "root"] {
+        std::fs::create_dir_all(dir.join(d)).expect("creating rootfs directories");
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").expect("writing /etc/passwd");
+    for b in bins.iter().chain(libs_of) {
+        let real = std::fs::canonicalize(b).unwrap_or_else(|e| panic!("{b}: {e}"));
+        if bins.contains(b) {
+            let name = Path::new(b).file_name().expect("a file name");
+            std::fs::copy(&real, dir.join("bin").join(name)).unwrap_or_else(|e| panic!("copying {b}: {e}"));
+        }
+        let out = std::process::Command::new("ldd").arg(&real).output().expect("running ldd");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                let dst = dir.join(p.trim_start_matches('/'));
+                std::fs::create_dir_all(dst.parent().expect("a parent")).expect("creating a library directory");
+                if !dst.exists() {
+                    std::fs::copy(p, &dst).unwrap_or_else(|e| panic!("copying {p}: {e}"));
+                }
+            }
+        }
+    }
+}

@@ -43,14 +43,14 @@ pub enum Command {
     /// Run the whole system on this machine with embedded defaults (today: a node).
     Dev(DaemonArgs),
     /// Run a node daemon: owns the sandboxes on this machine.
-    Node(DaemonArgs),
+    Node(NodeCmd),
     /// Create and use sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
     /// The name table: where nodes (and later apps) can be reached.
     #[command(subcommand)]
     Names(NamesCommand),
-    /// Root filesystems sandboxes start from: import, list, promote, delete.
+    /// Root filesystems sandboxes start from: import, pull from a registry, list, promote, delete.
     #[command(subcommand)]
     Image(ImageCommand),
     /// Check that this machine can run sandboxes, and say how to fix what is missing.
@@ -89,9 +89,34 @@ impl Command {
     pub fn is_daemon(&self) -> bool {
         matches!(
             self,
-            Command::Dev(_) | Command::Node(_) | Command::Agent(_) | Command::Names(NamesCommand::Serve { .. })
+            Command::Dev(_)
+                | Command::Node(NodeCmd { command: None, .. })
+                | Command::Agent(_)
+                | Command::Names(NamesCommand::Serve { .. })
         )
     }
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct NodeCmd {
+    #[command(subcommand)]
+    pub command: Option<NodeSub>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeSub {
+    /// Prepare microVM guest assets now (kernel, initramfs, accelerator probe) instead of at the first
+    /// `sandbox create --backend vm`.
+    SetupVm {
+        /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
+        #[arg(long, env = "FLOTILLA_HOME")]
+        home: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -99,6 +124,10 @@ pub struct DaemonArgs {
     /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
     #[arg(long, env = "FLOTILLA_HOME")]
     pub home: Option<PathBuf>,
+    /// Static flotilla binary to run as each microVM's init (default: this binary when it is static,
+    /// else a static build in the cargo target directory).
+    #[arg(long, env = "FLOTILLA_GUEST_AGENT")]
+    pub guest_agent: Option<PathBuf>,
     /// Also serve the API over TCP with TLS and a bearer token on this address (e.g. 0.0.0.0:7443).
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
@@ -136,6 +165,12 @@ pub struct AgentArgs {
     /// The workspace directory.
     #[arg(long, default_value = "/workspace")]
     pub workspace: PathBuf,
+    /// Run as a microVM's PID 1: mount the disks, serve on the virtio-serial port.
+    #[arg(long, requires = "init")]
+    pub vm: bool,
+    /// With --vm: only prove the kernel reached init, then power off (accelerator probe).
+    #[arg(long, requires = "vm")]
+    pub probe: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -329,6 +364,44 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Pull an image from an OCI registry (Docker Registry v2 / OCI distribution).
+    ///
+    /// SOURCE is HOST[:PORT]/REPOSITORY[:TAG] or HOST[:PORT]/REPOSITORY@sha256:HEX; without a
+    /// host it is Docker Hub, without a tag `latest`. The node downloads it (over HTTPS, checked
+    /// against the system's trust store), picks the linux manifest for its architecture from a
+    /// multi-platform index, verifies every layer's digest and stores it as NAME:TAG (default:
+    /// the repository's last part and the tag, e.g. registry.example.com/team/app:1 → app:1).
+    ///
+    /// Credentials: --username plus the password on standard input (--password-stdin) or in
+    /// FLOTILLA_REGISTRY_PASSWORD. They are used for this pull only and never stored or logged.
+    #[command(after_help = "Examples:\n  \
+        flotilla image pull registry.example.com/team/app:1\n  \
+        flotilla image pull --plain-http 127.0.0.1:5000/team/app:1 --as app:dev\n  \
+        echo \"$TOKEN\" | flotilla image pull ghcr.io/org/img:2 --username bot --password-stdin")]
+    Pull {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// HOST[:PORT]/REPOSITORY[:TAG|@sha256:HEX].
+        source: String,
+        /// Store it as NAME:TAG instead of the default.
+        #[arg(long = "as", value_name = "NAME:TAG")]
+        reference: Option<String>,
+        /// Speak plain HTTP to this registry (a local registry without TLS).
+        #[arg(long)]
+        plain_http: bool,
+        /// Registry user name; the password comes from --password-stdin or FLOTILLA_REGISTRY_PASSWORD.
+        #[arg(long, value_name = "USER")]
+        username: Option<String>,
+        /// Read the registry password from standard input (one line).
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// Print the operation id and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the pulled image as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Point another tag (default NAME:latest) at the version NAME:TAG names.
     Promote {
         #[command(flatten)]
@@ -396,11 +469,12 @@ pub struct IdArgs {
 pub struct CreateArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// `host` (the host's system directories, read-only) or `dir:/path` (a root filesystem directory).
+    /// `host` (the host's system directories, read-only), `dir:/path` (a root filesystem directory)
+    /// or an imported image `NAME:TAG`. A `vm` needs an image with its own root filesystem.
     #[arg(long, default_value = "host")]
     pub image: String,
-    /// Isolation backend.
-    #[arg(long, default_value = "process", value_parser = ["process"])]
+    /// Isolation backend: `process` (namespaces, cgroups, seccomp) or `vm` (a QEMU microVM with its own kernel).
+    #[arg(long, default_value = "process", value_parser = ["process", "vm"])]
     pub backend: String,
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -486,16 +560,22 @@ pub struct LimitArgs {
     /// Maximum number of processes and threads.
     #[arg(long)]
     pub pids: Option<u64>,
+    /// Workspace disk size of a microVM (e.g. 8G; sparse).
+    #[arg(long, value_parser = parse_size)]
+    pub disk: Option<u64>,
 }
 
 impl LimitArgs {
     /// The limits as the API takes them; `None` when none was given.
     pub fn resources(&self) -> Option<flotilla_api::Resources> {
-        (self.cpus.is_some() || self.memory.is_some() || self.pids.is_some()).then_some(flotilla_api::Resources {
-            cpus: self.cpus,
-            memory_bytes: self.memory,
-            pids: self.pids,
-        })
+        (self.cpus.is_some() || self.memory.is_some() || self.pids.is_some() || self.disk.is_some()).then_some(
+            flotilla_api::Resources {
+                cpus: self.cpus,
+                memory_bytes: self.memory,
+                pids: self.pids,
+                disk_bytes: self.disk,
+            },
+        )
     }
 }
 
@@ -519,7 +599,10 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Dev(a) => crate::daemon::node(a, true),
-        Command::Node(a) => crate::daemon::node(a, false),
+        Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, false),
+        Command::Node(NodeCmd { command: Some(NodeSub::SetupVm { home, json }), .. }) => {
+            crate::daemon::setup_vm(default_home(home), json)
+        }
         Command::Agent(a) => crate::daemon::agent(a),
         Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),
         Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd)),

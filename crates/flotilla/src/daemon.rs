@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{Context, bail};
-use flotilla_node::backend::ProcessNodeBackend;
+use flotilla_node::backend::{NodeBackend, ProcessNodeBackend, VmNodeBackend};
 use flotilla_node::{Node, NodeConfig};
 
 use crate::cli::{AgentArgs, DaemonArgs};
@@ -24,7 +24,9 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
         .with_context(|| format!("securing {}", home.display()))?;
     daemon_runtime()?.block_on(async move {
         let exe = std::env::current_exe().context("finding our own executable (the sandbox agent)")?;
-        let backend = ProcessNodeBackend::new(home.clone(), exe, vec!["agent".into()]).map_err(anyhow::Error::new)?;
+        let process =
+            ProcessNodeBackend::new(home.clone(), exe, vec!["agent".into()]).map_err(anyhow::Error::new)?;
+        let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone()) };
         let node = Node::open(backend, NodeConfig::new(home.clone())).await.map_err(anyhow::Error::new)?;
         let socket = home.join("node.sock");
         let info = node.info();
@@ -137,7 +139,44 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: stopping running sandboxes");
 }
 
+/// `flotilla node setup-vm`: makes the guest kernel and initramfs and
+/// probes the accelerator, printing what it found.
+pub fn setup_vm(home: std::path::PathBuf, json: bool) -> anyhow::Result<i32> {
+    std::fs::create_dir_all(&home).with_context(|| format!("creating the data directory {}", home.display()))?;
+    daemon_runtime()?.block_on(async move {
+        let vm = flotilla_vm::VmBackend::new(&home, None);
+        if let Err(why) = vm.available() {
+            bail!("microVMs cannot run here: {why}");
+        }
+        eprintln!("preparing the guest kernel and initramfs in {} ...", home.join("vm").display());
+        let assets = vm.assets().await.map_err(|e| anyhow::anyhow!(flotilla_agent::http::error_chain(&e)))?;
+        eprintln!("probing the accelerator (boots a guest under KVM with a deadline) ...");
+        let accel = vm.accel().await.map_err(|e| anyhow::anyhow!(flotilla_agent::http::error_chain(&e)))?;
+        if json {
+            crate::output::json(&serde_json::json!({
+                "kernel": assets.vmlinux, "initramfs": assets.initramfs, "release": assets.release,
+                "accelerator": accel.accel, "reason": accel.reason,
+            }))?;
+        } else {
+            println!("kernel       {} ({})", assets.vmlinux.display(), assets.release);
+            println!("initramfs    {}", assets.initramfs.display());
+            println!("accelerator  {}: {}", accel.accel.as_str(), accel.reason);
+        }
+        Ok(0)
+    })
+}
+
 pub fn agent(args: AgentArgs) -> anyhow::Result<i32> {
+    if args.vm {
+        // The guest's PID 1: nothing to return to, so report and power off.
+        if args.probe {
+            flotilla_vm::guest::probe();
+        }
+        let e = flotilla_vm::guest::run();
+        eprintln!("flotilla: guest init failed: {e}");
+        println!("flotilla: guest init failed: {e}");
+        flotilla_vm::guest::power_off();
+    }
     flotilla_agent::run(flotilla_agent::AgentConfig {
         listen_fd: args.listen_fd,
         listen_path: args.listen,

@@ -126,6 +126,9 @@ fn all_checks(host: &Host, home: &Path) -> Vec<Check> {
         kvm_check(host),
         git_check(host),
     ]
+    .into_iter()
+    .chain(vm_checks(home))
+    .collect()
 }
 
 /// 1 if any check failed, else 0.
@@ -613,8 +616,52 @@ fn kvm_check(host: &Host) -> Check {
         (true, false) => "/dev/kvm present",
         (false, _) => "no /dev/kvm",
     };
-    // Information only: sandboxes use the process backend today.
-    Check::ok(NAME, format!("{detail}; the vm backend (microVMs) comes later, nothing needs it yet"))
+    Check::ok(NAME, format!("{detail}; the vm backend probes whether a guest boots under it (see `accelerator`)"))
+}
+
+/// QEMU, the guest kernel and the static guest agent: what `--backend vm`
+/// needs. Warnings only: process sandboxes work without them.
+fn vm_checks(home: &Path) -> Vec<Check> {
+    let vm = flotilla_vm::VmBackend::new(home, None);
+    let mut checks = Vec::new();
+    checks.push(match flotilla_vm::qemu::version(&flotilla_vm::Qemu::default()) {
+        Ok(v) => Check::ok("qemu", v),
+        Err(why) => Check::warn("qemu", why, "apt-get install -y qemu-system-x86 qemu-utils"),
+    });
+    checks.push(match flotilla_vm::assets::find_kernel() {
+        Ok(k) => Check::ok(
+            "guest kernel",
+            format!(
+                "{} (modules: {})",
+                k.image.display(),
+                k.modules.as_ref().map_or("none".into(), |m| m.display().to_string())
+            ),
+        ),
+        Err(e) => Check::warn("guest kernel", e.to_string(), "apt-get install -y linux-image-cloud-amd64"),
+    });
+    checks.push(match vm.available() {
+        Ok(_) => Check::ok("guest agent", "a static flotilla build is available for the guest's init"),
+        Err(why) if why.contains("static") => Check::warn(
+            "guest agent",
+            "no static flotilla build for the guest's init",
+            "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --target x86_64-unknown-linux-gnu -p flotilla",
+        ),
+        Err(_) => Check::ok("guest agent", "not checked (QEMU or the kernel is missing)"),
+    });
+    checks.push(match vm.accel_cached() {
+        Some(a) if a.accel == flotilla_vm::Accel::Kvm => Check::ok("accelerator", format!("kvm: {}", a.reason)),
+        Some(a) => Check::warn(
+            "accelerator",
+            format!("tcg (software): microVMs boot in seconds, not milliseconds: {}", a.reason),
+            "run on a host with hardware virtualisation (vmx/svm) and a usable /dev/kvm",
+        ),
+        None => Check::warn(
+            "accelerator",
+            "not probed yet in this data directory",
+            "flotilla node setup-vm (or create a --backend vm sandbox once)",
+        ),
+    });
+    checks
 }
 
 fn git_check(host: &Host) -> Check {

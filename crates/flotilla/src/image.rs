@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use anyhow::{Context, anyhow};
-use flotilla_api::{Image, ImportImageRequest, OperationState};
+use flotilla_api::{Image, ImportImageRequest, OperationState, PullImageRequest};
 
 use crate::cli::ImageCommand;
 use crate::output;
@@ -36,55 +36,25 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             let c = client(&node).await?;
             let req = ImportImageRequest { reference: reference.clone(), path: path.display().to_string() };
             let op = c.import_image(&req).await.with_context(|| format!("importing {reference}"))?;
-            if no_wait {
-                if json {
-                    output::json(&op)?
-                } else {
-                    println!("{}", op.id)
+            follow(&c, op, &format!("the import of {reference}"), no_wait, json).await
+        }
+        ImageCommand::Pull { node, source, reference, plain_http, username, password_stdin, no_wait, json } => {
+            let password = match (&username, password_stdin) {
+                (None, _) => None,
+                (Some(_), true) => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).context("reading the password from standard input")?;
+                    Some(line.trim_end_matches(['\n', '\r']).to_string())
                 }
-                return Ok(0);
-            }
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let bar = indicatif::ProgressBar::new(1);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} layers  {msg}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-                );
-                bar.enable_steady_tick(std::time::Duration::from_millis(120));
-                bar
-            });
-            let op = c
-                .wait_operation(&op.id, None, |op| {
-                    let (Some(bar), Some(st)) = (&bar, op.steps.last()) else { return };
-                    // Layer steps read "i/n digest".
-                    if st.name == "layer"
-                        && let Some((i, n)) =
-                            st.detail.as_deref().and_then(|d| d.split_whitespace().next()?.split_once('/'))
-                    {
-                        bar.set_length(n.parse().unwrap_or(1));
-                        bar.set_position(i.parse::<u64>().unwrap_or(1).saturating_sub(1));
-                    }
-                    bar.set_message(format!("{} {}", st.name, st.detail.as_deref().unwrap_or("")));
-                })
-                .await
-                .with_context(|| format!("waiting for the import of {reference}"))?;
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            if op.state != OperationState::Succeeded {
-                let e = op.error.clone().unwrap_or_else(|| flotilla_api::ApiError::internal("no result"));
-                return Err(anyhow!("{}", output::operation_error(&op, &e)));
-            }
-            let img: Image = serde_json::from_value(op.result.unwrap_or_default()).context("reading the result")?;
-            if json {
-                output::json(&img)?
-            } else {
-                println!("{} {}", img.reference, img.digest);
-            }
-            Ok(0)
+                (Some(_), false) => Some(std::env::var(PASSWORD_ENV).map_err(|_| {
+                    anyhow!("--username needs a password: pipe it to --password-stdin or set {PASSWORD_ENV}")
+                })?),
+            };
+            let c = client(&node).await?;
+            let req = PullImageRequest { source: source.clone(), reference, plain_http, username, password };
+            let op = c.pull_image(&req).await.with_context(|| format!("pulling {source}"))?;
+            drop(req);
+            follow(&c, op, &format!("the pull of {source}"), no_wait, json).await
         }
         ImageCommand::Promote { node, reference, to, json } => {
             let to = match to {
@@ -117,6 +87,68 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             Ok(code)
         }
     }
+}
+
+/// The environment variable `image pull --username` reads the password
+/// from when `--password-stdin` is not given.
+const PASSWORD_ENV: &str = "FLOTILLA_REGISTRY_PASSWORD";
+
+/// Follows an import or pull operation with a progress bar (on a terminal)
+/// and prints the image it made.
+async fn follow(
+    c: &flotilla_node::NodeClient,
+    op: flotilla_api::Operation,
+    what: &str,
+    no_wait: bool,
+    json: bool,
+) -> anyhow::Result<i32> {
+    if no_wait {
+        if json {
+            output::json(&op)?
+        } else {
+            println!("{}", op.id)
+        }
+        return Ok(0);
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(1);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} [{bar:30}] {pos}/{len} layers  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    });
+    let op = c
+        .wait_operation(&op.id, None, |op| {
+            let (Some(bar), Some(st)) = (&bar, op.steps.last()) else { return };
+            // Per-layer steps (`layer` of an import, `pulling_layer` and
+            // `applying` of a pull) read "i/n digest ...".
+            if matches!(st.name.as_str(), "layer" | "pulling_layer" | "applying")
+                && let Some((i, n)) = st.detail.as_deref().and_then(|d| d.split_whitespace().next()?.split_once('/'))
+            {
+                bar.set_length(n.parse().unwrap_or(1));
+                bar.set_position(i.parse::<u64>().unwrap_or(1).saturating_sub(1));
+            }
+            bar.set_message(format!("{} {}", st.name, st.detail.as_deref().unwrap_or("")));
+        })
+        .await
+        .with_context(|| format!("waiting for {what}"))?;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    if op.state != OperationState::Succeeded {
+        let e = op.error.clone().unwrap_or_else(|| flotilla_api::ApiError::internal("no result"));
+        return Err(anyhow!("{}", output::operation_error(&op, &e)));
+    }
+    let img: Image = serde_json::from_value(op.result.unwrap_or_default()).context("reading the result")?;
+    if json {
+        output::json(&img)?
+    } else {
+        println!("{} {}", img.reference, img.digest);
+    }
+    Ok(0)
 }
 
 fn short(digest: &str) -> String {

@@ -14,8 +14,20 @@ mod transfer;
 
 use clap::Parser;
 
+/// Our arguments. As a microVM's PID 1 the kernel may put command-line
+/// words it did not recognise before ours: start at `agent` there.
+fn argv() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if std::process::id() == 1
+        && let Some(i) = args.iter().position(|a| a == "agent")
+    {
+        args.drain(1..i);
+    }
+    args
+}
+
 fn main() {
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_from(argv());
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.command.is_daemon() { "info" } else { "warn" }));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

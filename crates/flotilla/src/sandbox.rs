@@ -222,8 +222,7 @@ fn split_git(s: &str) -> (&str, Option<&str>) {
 async fn create(a: CreateArgs) -> anyhow::Result<i32> {
     let req = CreateSandboxRequest {
         image: Some(a.image),
-        // clap only accepts `process` today; `vm` joins it with its backend.
-        backend: BackendKind::Process,
+        backend: if a.backend == "vm" { BackendKind::Vm } else { BackendKind::Process },
         name: a.name,
         resources: a.limits.resources().unwrap_or_default(),
         ttl_s: a.ttl.map(|d| d.as_secs().max(1)),

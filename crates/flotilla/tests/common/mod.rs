@@ -101,26 +101,5 @@ pub fn agent_pid(s: &Sandbox) -> i32 {
 /// Builds a minimal root filesystem from host binaries: a shell, a few
 /// tools, their libraries, and the libraries the agent needs.
 pub fn minimal_rootfs(dir: &std::path::Path) {
-    let bins = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/touch", BIN];
-    for d in ["bin", "etc", "proc", "dev", "tmp", "workspace", "root"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
-    for b in bins {
-        let real = std::fs::canonicalize(b).unwrap();
-        if b != BIN {
-            std::fs::copy(&real, dir.join("bin").join(std::path::Path::new(b).file_name().unwrap())).unwrap();
-        }
-        let out = std::process::Command::new("ldd").arg(&real).output().unwrap();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let path = line.split_whitespace().find(|w| w.starts_with('/'));
-            if let Some(p) = path {
-                let dst = dir.join(p.trim_start_matches('/'));
-                std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-                if !dst.exists() {
-                    std::fs::copy(p, &dst).unwrap();
-                }
-            }
-        }
-    }
+    flotilla_testkit::minimal_rootfs(dir, &["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/touch"], &[BIN]);
 }

@@ -1,0 +1,341 @@
+//! MicroVM scenarios: `vm-create` (create → agent ready, against a raw QEMU
+//! boot of the same kernel on the same accelerator to a trivial static
+//! init), `vm-exec` (round trip of `true` in a booted VM, against the same
+//! in a process sandbox) and `vm-import` (workspace import MB/s into a VM,
+//! against the same tar into a process sandbox).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flotilla_agent::client::drain_exec;
+use flotilla_api::{
+    BackendKind, CreateSandboxRequest, ExecRequest, ImportImageRequest, OperationState, Resources, Sandbox,
+    SandboxState, WorkspaceQuery,
+};
+use serde_json::json;
+
+use flotilla_vm::Accel;
+
+use crate::node::Node;
+use crate::report::{Case, Machine, Report, Unit};
+use crate::scenarios::{new_sandbox, now, target};
+
+const IMAGE: &str = "bench-vm:1";
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Imports a minimal rootfs (host shell and tools) once per node.
+async fn ensure_image(node: &Node) -> anyhow::Result<()> {
+    if node.client().image(IMAGE).await.is_ok() {
+        return Ok(());
+    }
+    let dir = node.scratch("vm-rootfs");
+    flotilla_testkit::minimal_rootfs(&dir, &["/bin/sh", "/bin/true", "/bin/cat"], &[]);
+    let req = ImportImageRequest { reference: IMAGE.into(), path: dir.display().to_string() };
+    let op = node.client().import_image(&req).await.context("importing the VM image")?;
+    let op = node.client().wait_operation(&op.id, Some(Duration::from_secs(300)), |_| {}).await?;
+    anyhow::ensure!(op.state == OperationState::Succeeded, "importing the VM image: {:?}", op.error);
+    Ok(())
+}
+
+async fn new_vm(node: &Node) -> anyhow::Result<Sandbox> {
+    let req = CreateSandboxRequest {
+        image: Some(IMAGE.into()),
+        backend: BackendKind::Vm,
+        resources: Resources { memory_bytes: Some(256 << 20), ..Default::default() },
+        ..Default::default()
+    };
+    let sb = node.client().create(&req).await.context("creating a microVM")?;
+    if sb.state != SandboxState::Running {
+        bail!("microVM {} came back {} (error: {:?})", sb.id, sb.state, sb.error);
+    }
+    Ok(sb)
+}
+
+/// The guest kernel the node made, and its accelerator.
+fn node_assets(node: &Node) -> anyhow::Result<(PathBuf, String)> {
+    let dir = node.home().join("vm");
+    let mut vmlinux = None;
+    let mut accel = None;
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("vmlinux-") {
+            vmlinux = Some(e.path());
+        }
+        if name.starts_with("accel-") {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path())?)?;
+            accel = v["accel"].as_str().map(str::to_owned);
+        }
+    }
+    Ok((vmlinux.context("no vmlinux in the node's vm directory")?, accel.context("no accelerator decision")?))
+}
+
+/// A one-file initramfs whose `/init` (a static C program, built here with
+/// `gcc -static`) prints a line and resets the machine: the least a boot
+/// can do, so the time is QEMU + kernel + nothing.
+fn trivial_initramfs(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let src = dir.join("init.c");
+    std::fs::write(
+        &src,
+        "#include <unistd.h>\n#include <sys/reboot.h>\nint main(void){write(1,\"TRIVIAL-INIT\\n\",13);reboot(RB_AUTOBOOT);return 0;}\n",
+    )?;
+    let bin = dir.join("init");
+    let st = Command::new("gcc").args(["-static", "-O2", "-o"]).arg(&bin).arg(&src).status().context("running gcc")?;
+    anyhow::ensure!(st.success(), "gcc -static failed (install gcc and libc6-dev)");
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("dev"))?;
+    std::fs::copy(&bin, root.join("init"))?;
+    let out = dir.join("trivial.cpio");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && find . | cpio -o -H newc > {} 2>/dev/null", root.display(), out.display()))
+        .status()?;
+    anyhow::ensure!(st.success(), "cpio failed (install cpio)");
+    Ok(out)
+}
+
+/// One raw QEMU boot to the trivial init and out again.
+fn raw_boot(vmlinux: &Path, initrd: &Path, accel: &str, log: &Path) -> anyhow::Result<Duration> {
+    let _ = std::fs::remove_file(log);
+    let t = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm", "-accel", accel, "-cpu", if accel == "kvm" { "host" } else { "max" }])
+        .args(["-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinux)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &flotilla_vm::qemu::cmdline(if accel == "kvm" { Accel::Kvm } else { Accel::Tcg })])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            let elapsed = t.elapsed();
+            anyhow::ensure!(st.success(), "raw QEMU boot ended {st}");
+            anyhow::ensure!(
+                std::fs::read_to_string(log).unwrap_or_default().contains("TRIVIAL-INIT"),
+                "the trivial init did not run"
+            );
+            return Ok(elapsed);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("raw QEMU boot hung for 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+// ------------------------------------------------------------------ vm-create
+
+pub async fn vm_create(node: &Node, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
+    const WARMUPS: usize = 1;
+    ensure_image(node).await?;
+    // The first VM makes the assets and probes the accelerator: untimed.
+    let first = new_vm(node).await?;
+    node.client().delete(&first.id).await?;
+    let (vmlinux, accel) = node_assets(node)?;
+    let scratch = node.scratch("vm-raw");
+    let initrd = trivial_initramfs(&scratch)?;
+    let log = scratch.join("console.log");
+    let (mut create, mut raw, mut hung) = (Vec::new(), Vec::new(), 0usize);
+    let mut retries = 0;
+    for i in 0..WARMUPS + iterations {
+        let record = i >= WARMUPS;
+        let t = Instant::now();
+        let sb = new_vm(node).await?;
+        let elapsed = t.elapsed();
+        retries += sb.steps.iter().filter(|s| s.name == "boot_retry").count();
+        node.client().delete(&sb.id).await?;
+        match raw_boot(&vmlinux, &initrd, &accel, &log) {
+            Ok(d) if record => raw.push(ms(d)),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("flotilla-bench: raw boot: {e:#}");
+                hung += 1;
+            }
+        }
+        if record {
+            create.push(ms(elapsed));
+        }
+    }
+    let mut report = Report {
+        scenario: "vm-create",
+        description: format!("microVM create → agent ready, accelerator {accel}"),
+        date: now(),
+        machine: machine.clone(),
+        unit: Unit::Millis,
+        warmups: WARMUPS,
+        cases: vec![
+            Case::measured(
+                "flotilla_vm_create_cold",
+                "client.create(backend vm, 256 MiB) until Running: disks, QEMU, kernel, init, agent on virtio-serial",
+                false,
+                &create,
+            ),
+            Case::measured(
+                "raw_qemu_boot_trivial_init",
+                "qemu-system-x86_64 microvm, same kernel/accelerator/cmdline, static /init that resets at once; spawn → exit",
+                true,
+                &raw,
+            ),
+        ],
+        targets: vec![],
+        notes: vec![],
+        details: json!({ "raw_boots_failed": hung, "create_boot_retries": retries, "accelerator": accel }),
+    };
+    report.set_ratios("raw_qemu_boot_trivial_init");
+    let ratio = report.case("flotilla_vm_create_cold").and_then(|c| c.ratio_to_baseline);
+    report.targets = vec![target(
+        "cold create within 1.5x of a raw QEMU boot",
+        ratio.map(|r| r <= 1.5),
+        ratio.map_or("baseline unavailable".into(), |r| format!("{r:.2}x")),
+    )];
+    report.notes.push("warm pools and snapshot restore are not built yet: every create is a cold boot".into());
+    Ok(report)
+}
+
+// ------------------------------------------------------------------ vm-exec
+
+async fn exec_samples(node: &Node, sb: &Sandbox, warmups: usize, n: usize) -> anyhow::Result<Vec<f64>> {
+    let agent = node.client().sandbox(&sb.id);
+    let req = ExecRequest { argv: vec!["true".into()], ..Default::default() };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..warmups + n {
+        let t = Instant::now();
+        let mut frames = agent.exec(&req).await.context("exec of `true`")?;
+        let status = drain_exec(&mut frames, &mut std::io::sink(), &mut std::io::sink()).await?;
+        anyhow::ensure!(status.code == Some(0), "`true` ended {status:?}");
+        if i >= warmups {
+            out.push(ms(t.elapsed()));
+        }
+    }
+    Ok(out)
+}
+
+pub async fn vm_exec(node: &Node, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
+    const WARMUPS: usize = 5;
+    ensure_image(node).await?;
+    let vm = new_vm(node).await?;
+    let sb = new_sandbox(node).await?;
+    let (mut in_vm, mut in_proc) = (Vec::new(), Vec::new());
+    // Interleaved in rounds of 10 so load changes hit both alike.
+    let rounds = iterations.div_ceil(10);
+    let mut result = Ok(());
+    for r in 0..rounds {
+        let w = if r == 0 { WARMUPS } else { 0 };
+        match (exec_samples(node, &vm, w, 10).await, exec_samples(node, &sb, w, 10).await) {
+            (Ok(a), Ok(b)) => {
+                in_vm.extend(a);
+                in_proc.extend(b);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let _ = node.client().delete(&vm.id).await;
+    let _ = node.client().delete(&sb.id).await;
+    result?;
+    let mut report = Report {
+        scenario: "vm-exec",
+        description: "exec round trip of `true` in a booted microVM (agent over virtio-serial + yamux)".into(),
+        date: now(),
+        machine: machine.clone(),
+        unit: Unit::Millis,
+        warmups: WARMUPS,
+        cases: vec![
+            Case::measured("flotilla_vm_exec_true", "POST exec {argv:[true]} to a vm sandbox, drained", false, &in_vm),
+            Case::measured("process_sandbox_exec_true", "the same against a process sandbox", true, &in_proc),
+        ],
+        targets: vec![],
+        notes: vec![],
+        details: serde_json::Value::Null,
+    };
+    report.set_ratios("process_sandbox_exec_true");
+    let median = report.case("flotilla_vm_exec_true").and_then(Case::median).unwrap_or(f64::NAN);
+    report.targets = vec![target("median < 6 ms", Some(median < 6.0), format!("median {median:.3} ms"))];
+    Ok(report)
+}
+
+// ------------------------------------------------------------------ vm-import
+
+/// A tar of `files` files of `size` bytes each (compressible but not
+/// trivially: a counter pattern).
+fn workload_tar(files: usize, size: usize) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::with_capacity(files * (size + 1024)));
+    let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+    for i in 0..files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("d{}/f{i}.bin", i % 16), &data[..]).expect("in-memory tar");
+    }
+    b.into_inner().expect("in-memory tar")
+}
+
+async fn import_mbps(node: &Node, sb: &Sandbox, tar: &bytes::Bytes) -> anyhow::Result<f64> {
+    let agent = node.client().sandbox(&sb.id);
+    let t = Instant::now();
+    let body = http_body_util::Full::new(tar.clone());
+    agent.put_workspace(body, None, &WorkspaceQuery::default()).await.context("importing")?;
+    Ok(tar.len() as f64 / 1e6 / t.elapsed().as_secs_f64())
+}
+
+pub async fn vm_import(node: &Node, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
+    ensure_image(node).await?;
+    let tar = bytes::Bytes::from(workload_tar(256, 1 << 20));
+    let (mut in_vm, mut in_proc) = (Vec::new(), Vec::new());
+    for _ in 0..iterations {
+        let vm = new_vm(node).await?;
+        let sb = new_sandbox(node).await?;
+        let a = import_mbps(node, &vm, &tar).await;
+        let b = import_mbps(node, &sb, &tar).await;
+        let _ = node.client().delete(&vm.id).await;
+        let _ = node.client().delete(&sb.id).await;
+        in_vm.push(a?);
+        in_proc.push(b?);
+    }
+    let mut report = Report {
+        scenario: "vm-import",
+        description: format!("workspace import of a {} MB tar (256 files of 1 MiB)", tar.len() / 1_000_000),
+        date: now(),
+        machine: machine.clone(),
+        unit: Unit::MegabytesPerSec,
+        warmups: 0,
+        cases: vec![
+            Case::measured(
+                "flotilla_vm_import",
+                "PUT workspace into a fresh microVM (ext4 workspace disk)",
+                false,
+                &in_vm,
+            ),
+            Case::measured("process_sandbox_import", "the same tar into a fresh process sandbox", true, &in_proc),
+        ],
+        targets: vec![],
+        notes: vec![],
+        details: serde_json::Value::Null,
+    };
+    report.set_ratios("process_sandbox_import");
+    let ratio = report.case("flotilla_vm_import").and_then(|c| c.ratio_to_baseline);
+    report.targets = vec![target(
+        "at least 50% of the process backend",
+        ratio.map(|r| r >= 0.5),
+        ratio.map_or("baseline unavailable".into(), |r| format!("{:.0}%", r * 100.0)),
+    )];
+    Ok(report)
+}

@@ -1,0 +1,371 @@
+//! The host–guest channel: many HTTP connections over one virtio-serial
+//! port.
+//!
+//! A virtio-serial port is a single byte stream (the host end is a QEMU
+//! chardev socket, the guest end `/dev/vportNpM`), and it survives the host
+//! side going away: a node that crashed and came back reconnects to the same
+//! port of the same running guest. So each attachment starts with a
+//! handshake that both sides can find in a stream that may hold leftovers of
+//! an earlier attachment:
+//!
+//! ```text
+//! host  -> guest   FLOTILLA-HELLO <nonce>\n     (repeated until answered)
+//! guest -> host    FLOTILLA-READY <nonce>\n
+//! host  -> guest   FLOTILLA-GO <nonce>\n
+//! ```
+//!
+//! Each side skips everything before the line it waits for; then both run
+//! yamux (host = client) and every HTTP connection is one yamux stream. The
+//! hello is repeated because a guest whose previous host vanished (a node
+//! killed with -9) may still be in that old session: it takes the first
+//! hello for a broken frame, ends the session and only then listens for
+//! hellos. Repeats that arrive after the guest answered are skipped while it
+//! waits for `GO`, after which the host sends only yamux. The guest goes
+//! back to waiting for a hello whenever its session breaks.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use flotilla_agent::http::{Dial, DialStream};
+use flotilla_sandbox::sys::SharedFd;
+use futures_util::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+const HELLO: &str = "FLOTILLA-HELLO ";
+const READY: &str = "FLOTILLA-READY ";
+const GO: &str = "FLOTILLA-GO ";
+/// How often the host repeats its hello while the guest does not answer.
+const HELLO_EVERY: Duration = Duration::from_millis(250);
+/// Longest handshake line we accept; anything longer is a leftover.
+const MAX_LINE: usize = 128;
+
+fn config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    c.set_max_num_streams(512);
+    c
+}
+
+/// Reads bytes until a line `prefix<rest>\n` arrives, returning `rest`.
+/// Anything else (leftovers of an earlier session) is skipped. `Ok(None)`
+/// at end of file.
+async fn read_line_with<R: AsyncRead + Unpin>(r: &mut R, prefix: &str) -> io::Result<Option<String>> {
+    let mut line = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    loop {
+        if r.read(&mut byte).await? == 0 {
+            return Ok(None);
+        }
+        if byte[0] == b'\n' {
+            if let Some(rest) = line.strip_prefix(prefix.as_bytes()) {
+                return Ok(Some(String::from_utf8_lossy(rest).into_owned()));
+            }
+            line.clear();
+        } else if line.len() < MAX_LINE {
+            line.push(byte[0]);
+        } else {
+            line.clear();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ host
+
+type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
+
+/// Dials the agent of one microVM through its serial port socket.
+pub struct HostDialer {
+    name: String,
+    socket: PathBuf,
+    /// How long one attach may take (the guest may still be booting: then
+    /// the dial fails and the caller retries).
+    attach_timeout: Duration,
+    session: tokio::sync::Mutex<Option<mpsc::Sender<OpenReply>>>,
+    nonce: Mutex<u64>,
+}
+
+impl HostDialer {
+    pub fn new(name: String, socket: PathBuf, attach_timeout: Duration) -> Arc<HostDialer> {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+            as u64
+            ^ u64::from(std::process::id()) << 32;
+        Arc::new(HostDialer { name, socket, attach_timeout, session: Default::default(), nonce: Mutex::new(seed) })
+    }
+
+    fn next_nonce(&self) -> String {
+        let mut n = self.nonce.lock().expect("nonce lock");
+        *n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        format!("{:016x}", *n)
+    }
+
+    /// Attaches now if not attached, waiting up to `within` for the guest
+    /// to answer (a booting guest answers once its init serves: one
+    /// connection that waits is faster than many that give up).
+    pub async fn attach_within(&self, within: Duration) -> io::Result<()> {
+        let mut session = self.session.lock().await;
+        if session.as_ref().is_some_and(|tx| !tx.is_closed()) {
+            return Ok(());
+        }
+        *session = Some(self.attach(within).await?);
+        Ok(())
+    }
+
+    async fn attach(&self, within: Duration) -> io::Result<mpsc::Sender<OpenReply>> {
+        let sock = tokio::net::UnixStream::connect(&self.socket).await?;
+        let nonce = self.next_nonce();
+        let hello = format!("\n{HELLO}{nonce}\n");
+        let (mut rd, mut wr) = sock.into_split();
+        let wait = async {
+            let answered = async {
+                loop {
+                    match read_line_with(&mut rd, READY).await? {
+                        Some(n) if n == nonce => return Ok(()),
+                        Some(_) => continue,
+                        None => {
+                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the VM's serial port closed"));
+                        }
+                    }
+                }
+            };
+            tokio::pin!(answered);
+            loop {
+                wr.write_all(hello.as_bytes()).await?;
+                tokio::select! {
+                    r = &mut answered => return r,
+                    _ = tokio::time::sleep(HELLO_EVERY) => {}
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the guest agent did not answer on its serial port within {within:?}"),
+            )
+        })??;
+        wr.write_all(format!("{GO}{nonce}\n").as_bytes()).await?;
+        let sock = rd.reunite(wr).map_err(io::Error::other)?;
+        let conn = yamux::Connection::new(sock.compat(), config(), yamux::Mode::Client);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(drive_client(conn, rx));
+        Ok(tx)
+    }
+
+    async fn open(&self) -> io::Result<yamux::Stream> {
+        let mut session = self.session.lock().await;
+        for attempt in 0..2 {
+            let tx = match session.as_ref() {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let tx = self.attach(self.attach_timeout).await?;
+                    *session = Some(tx.clone());
+                    tx
+                }
+            };
+            let (reply, answer) = oneshot::channel();
+            if tx.send(reply).await.is_ok()
+                && let Ok(Ok(stream)) = answer.await
+            {
+                return Ok(stream);
+            }
+            // The session broke (the guest restarted its side): attach anew.
+            *session = None;
+            if attempt == 1 {
+                break;
+            }
+        }
+        Err(io::Error::new(io::ErrorKind::ConnectionReset, "the VM's agent channel broke"))
+    }
+}
+
+impl Dial for HostDialer {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn dial(&self) -> BoxFuture<'_, io::Result<Box<dyn DialStream>>> {
+        Box::pin(async move {
+            let s = self.open().await?;
+            Ok(Box::new(s.compat()) as Box<dyn DialStream>)
+        })
+    }
+}
+
+/// Runs a client session: opens the streams asked for, refuses inbound
+/// ones, until the connection ends or every sender is gone.
+async fn drive_client<T>(mut conn: yamux::Connection<T>, mut rx: mpsc::Receiver<OpenReply>)
+where
+    T: futures_util::AsyncRead + futures_util::AsyncWrite + Unpin,
+{
+    let mut waiting: VecDeque<OpenReply> = VecDeque::new();
+    let mut senders_gone = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            while !senders_gone {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(r)) => waiting.push_back(r),
+                    Poll::Ready(None) => senders_gone = true,
+                    Poll::Pending => break,
+                }
+            }
+            while !waiting.is_empty() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(r) => {
+                        let failed = r.is_err();
+                        let _ = waiting.pop_front().expect("not empty").send(r);
+                        if failed {
+                            return Poll::Ready(());
+                        }
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(_refused))) => continue,
+                Poll::Ready(_) => return Poll::Ready(()),
+                // Open streams keep the connection driven from here, even
+                // once nobody can ask for new ones.
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    tracing::debug!("VM agent channel session ended");
+}
+
+// ------------------------------------------------------------------ guest
+
+/// The guest side: waits for a host, then serves every stream it opens
+/// with `serve`, forever (re-attaching whenever a host goes away).
+pub async fn serve_port<F>(path: PathBuf, serve: F) -> io::Result<()>
+where
+    F: Fn(Box<dyn DialStream>) -> BoxFuture<'static, ()> + Send + Sync + 'static,
+{
+    let serve = Arc::new(serve);
+    loop {
+        let port = open_port(&path)?;
+        let mut port = port;
+        let nonce = match read_line_with(&mut port, HELLO).await {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                // No host attached: the port reads end-of-file until one is.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the agent port");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = port.write_all(format!("{READY}{nonce}\n").as_bytes()).await {
+            tracing::warn!(error = %e, "answering the host");
+            continue;
+        }
+        // Skip repeated hellos until the host says go.
+        match read_line_with(&mut port, GO).await {
+            Ok(Some(n)) if n == nonce => {}
+            _ => continue,
+        }
+        let mut conn = yamux::Connection::new(port.compat(), config(), yamux::Mode::Server);
+        loop {
+            let next = std::future::poll_fn(|cx| conn.poll_next_inbound(cx)).await;
+            match next {
+                Some(Ok(stream)) => {
+                    let serve = serve.clone();
+                    tokio::spawn(async move { serve(Box::new(stream.compat())).await });
+                }
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "host session ended");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// A character device opened non-blocking and driven by the reactor.
+pub struct Port(tokio::io::unix::AsyncFd<SharedFd>);
+
+fn open_port(path: &std::path::Path) -> io::Result<Port> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let fd = SharedFd(Arc::new(std::os::fd::OwnedFd::from(f)));
+    Ok(Port(flotilla_sandbox::sys::async_fd(fd, tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE)?))
+}
+
+impl AsyncRead for Port {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = std::task::ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|f| nix::unistd::read(&*f.get_ref().0, unfilled).map_err(io::Error::from)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Port {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = std::task::ready!(self.0.poll_write_ready(cx))?;
+            match guard.try_io(|f| nix::unistd::write(&*f.get_ref().0, data).map_err(io::Error::from)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn handshake_skips_leftovers() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(b"garbage\x00\x01 from an old session\nFLOTILLA-READY 12\nFLOTILLA-READY abc\n").await.unwrap();
+        assert_eq!(read_line_with(&mut b, READY).await.unwrap().as_deref(), Some("12"));
+        assert_eq!(read_line_with(&mut b, READY).await.unwrap().as_deref(), Some("abc"));
+        drop(a);
+        assert_eq!(read_line_with(&mut b, READY).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn overlong_lines_are_dropped() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let mut junk = vec![b'x'; 300];
+        junk.extend_from_slice(b"FLOTILLA-HELLO 1\n");
+        a.write_all(&junk).await.unwrap();
+        drop(a);
+        // The hello is glued to a 300-byte line: not a hello.
+        assert_eq!(read_line_with(&mut b, HELLO).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,228 @@
+//! The VMM: what the backend needs from a virtual machine monitor, and
+//! QEMU's `microvm` machine as the one we have. A Firecracker or Cloud
+//! Hypervisor driver would implement [`Vmm`] with its own launch line and
+//! control socket.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::{CONFIG_FW_CFG, PORT_NAME};
+
+/// How the guest's CPU is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Everything one launch needs; paths are inside the sandbox's directory.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Copy-on-write root disk (qcow2 over the image's base disk).
+    pub root_disk: PathBuf,
+    pub workspace_disk: PathBuf,
+    /// The guest config file handed over through fw_cfg.
+    pub config: PathBuf,
+    pub network: Option<NetDevice>,
+}
+
+/// A guest NIC.
+#[derive(Debug, Clone)]
+pub enum NetDevice {
+    /// QEMU's user-mode NAT, with `restrict` lifted but the host's
+    /// loopback kept out by the guest's address plan.
+    User,
+}
+
+/// Files of one VM under its directory.
+pub fn qmp_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+pub fn agent_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+pub fn console_log(dir: &Path) -> PathBuf {
+    dir.join("console.log")
+}
+pub fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("vmm.pid")
+}
+
+/// A virtual machine monitor.
+pub trait Vmm: Send + Sync + 'static {
+    /// A short name (`qemu`).
+    fn name(&self) -> &'static str;
+    /// The program and its arguments for `spec`.
+    fn command(&self, spec: &LaunchSpec) -> std::process::Command;
+    /// Asks the VMM, over its control socket, to end the VM now.
+    fn quit(&self, dir: &Path) -> futures_util::future::BoxFuture<'static, std::io::Result<()>>;
+}
+
+/// The kernel command line. `quiet` and the i8042 switches skip probing
+/// that costs hundreds of milliseconds under TCG; `panic=-1 reboot=t` turn
+/// a dead guest into a reset, which ends QEMU (`-no-reboot`).
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=t i8042.noaux i8042.nomux i8042.nopnp \
+                                  i8042.dumbkbd no_timer_check";
+
+/// The kernel command line for `accel`. Under TCG the guest calibrates its
+/// TSC against the emulated PIT, which fails when the host is busy ("tsc:
+/// Unable to calibrate against PIT"), and the guest then hangs before init
+/// (3 boots in 5 under load here). TCG's TSC runs at the host's rate, so
+/// telling the guest that rate skips the calibration: 0 hangs in many
+/// boots under the same load.
+pub fn cmdline(accel: Accel) -> String {
+    match (accel, host_tsc_khz()) {
+        (Accel::Tcg, Some(khz)) => format!("{KERNEL_CMDLINE} tsc_early_khz={khz}"),
+        _ => KERNEL_CMDLINE.to_string(),
+    }
+}
+
+/// The host's TSC rate in kHz, from `/proc/cpuinfo`.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
+}
+
+/// QEMU's `microvm` machine.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Qemu { binary: PathBuf::from(std::env::var_os("FLOTILLA_QEMU").unwrap_or_else(|| "qemu-system-x86_64".into())) }
+    }
+}
+
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn command(&self, s: &LaunchSpec) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.binary);
+        let p = |p: &Path| p.display().to_string();
+        c.args(["-M", "microvm", "-accel", s.accel.as_str()]);
+        c.args(["-cpu", if s.accel == Accel::Kvm { "host" } else { "max" }]);
+        c.args(["-m", &format!("{}M", s.memory_mib), "-smp", &s.vcpus.to_string()]);
+        c.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        c.args(["-kernel", &p(&s.kernel), "-initrd", &p(&s.initramfs)]);
+        c.args(["-append", &format!("{} -- agent --init --vm", cmdline(s.accel))]);
+        c.args(["-serial", &format!("file:{}", p(&console_log(&s.dir)))]);
+        c.args(["-qmp", &format!("unix:{},server=on,wait=off", p(&qmp_socket(&s.dir)))]);
+        c.args(["-pidfile", &p(&pid_file(&s.dir))]);
+        c.args(["-chardev", &format!("socket,id=agent,path={},server=on,wait=off", p(&agent_socket(&s.dir)))]);
+        c.args([
+            "-device",
+            "virtio-serial-device",
+            "-device",
+            &format!("virtserialport,chardev=agent,name={PORT_NAME}"),
+        ]);
+        let disk = |c: &mut std::process::Command, id: &str, file: &Path, format: &str| {
+            c.args(["-drive", &format!("id={id},file={},format={format},if=none,discard=unmap", p(file))]);
+            c.args(["-device", &format!("virtio-blk-device,drive={id},serial=flotilla-{id}")]);
+        };
+        disk(&mut c, "root", &s.root_disk, "qcow2");
+        disk(&mut c, "workspace", &s.workspace_disk, "raw");
+        c.args(["-fw_cfg", &format!("name={CONFIG_FW_CFG},file={}", p(&s.config))]);
+        match s.network {
+            None => {}
+            Some(NetDevice::User) => {
+                c.args(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
+            }
+        }
+        c.stdin(Stdio::null()).stdout(Stdio::null());
+        c
+    }
+
+    fn quit(&self, dir: &Path) -> futures_util::future::BoxFuture<'static, std::io::Result<()>> {
+        let sock = qmp_socket(dir);
+        Box::pin(async move {
+            let qmp = Qmp::connect(&sock, Duration::from_secs(2)).await?;
+            qmp.quit().await
+        })
+    }
+}
+
+/// A QMP session (the `qapi` crate's typed client).
+pub struct Qmp {
+    inner: qapi::futures::QapiService<qapi::futures::QmpStreamTokio<tokio::io::WriteHalf<tokio::net::UnixStream>>>,
+}
+
+impl Qmp {
+    /// Connects and negotiates capabilities, within `within`.
+    pub async fn connect(sock: &Path, within: Duration) -> std::io::Result<Qmp> {
+        let fut = async {
+            let stream = qapi::futures::QmpStreamTokio::open_uds(sock).await?;
+            let stream = stream.negotiate().await?;
+            let (inner, _events) = stream.spawn_tokio();
+            Ok::<_, std::io::Error>(Qmp { inner })
+        };
+        tokio::time::timeout(within, fut).await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("QMP on {} did not answer", sock.display()))
+        })?
+    }
+
+    /// `query-status`: whether the VM's CPUs run.
+    pub async fn running(&self) -> std::io::Result<bool> {
+        let s = self.inner.execute(qapi::qmp::query_status {}).await.map_err(qmp_err)?;
+        Ok(s.running)
+    }
+
+    /// `quit`: QEMU exits at once.
+    pub async fn quit(&self) -> std::io::Result<()> {
+        match self.inner.execute(qapi::qmp::quit {}).await {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before it answers.
+            Err(e) if matches!(&e, qapi::ExecuteError::Io(_)) => Ok(()),
+            Err(e) => Err(qmp_err(e)),
+        }
+    }
+}
+
+fn qmp_err(e: qapi::ExecuteError) -> std::io::Error {
+    std::io::Error::other(format!("QMP: {e}"))
+}
+
+/// QEMU's version line, or why it cannot run.
+pub fn version(qemu: &Qemu) -> Result<String, String> {
+    match std::process::Command::new(&qemu.binary).arg("--version").output() {
+        Ok(o) if o.status.success() => {
+            Ok(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string())
+        }
+        Ok(o) => Err(format!("{} --version failed: {}", qemu.binary.display(), String::from_utf8_lossy(&o.stderr))),
+        Err(e) => Err(format!(
+            "{} not found ({e}): install QEMU (apt-get install -y qemu-system-x86 qemu-utils)",
+            qemu.binary.display()
+        )),
+    }
+}
+
+/// The last `n` lines of a VM's console, for error messages.
+pub fn console_tail(dir: &Path, n: usize) -> String {
+    let text = std::fs::read(console_log(dir)).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}

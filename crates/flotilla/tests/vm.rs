@@ -1,0 +1,201 @@
+//! MicroVM sandboxes (`--backend vm`) through the real node: QEMU on the
+//! accelerator the node probes (TCG on hosts whose /dev/kvm cannot boot a
+//! stock kernel), the Debian cloud kernel, the static `flotilla` as the
+//! guest's init, the agent over virtio-serial.
+//!
+//! Each test boots its own VMs; a boot that hangs is cut off by the node's
+//! deadline and retried, so a test sees a slow create, never a stuck one.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_api::{
+    BackendKind, CreateSandboxRequest, ImportImageRequest, OperationState, Resources, SandboxState,
+    UpdateSandboxRequest, WorkspaceQuery,
+};
+
+/// Starts a node that boots microVMs with a static build of this tree.
+fn vm_env() -> common::Env {
+    let agent = flotilla_testkit::static_flotilla(Path::new(common::BIN));
+    common::env_with(&["--guest-agent", agent.to_str().unwrap()])
+}
+
+/// Imports a minimal root filesystem (a shell and a few tools from the
+/// host) as `vmtest:1`.
+async fn image(env: &common::Env) -> String {
+    let dir = env.node.home().join("rootfs-src");
+    let bins = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/uname", "/bin/grep", "/bin/tr", "/usr/bin/cut"];
+    flotilla_testkit::minimal_rootfs(&dir, &bins, &[]);
+    let req = ImportImageRequest { reference: "vmtest:1".into(), path: dir.display().to_string() };
+    let op = env.client.import_image(&req).await.unwrap();
+    let op = env.client.wait_operation(&op.id, Some(Duration::from_secs(120)), |_| {}).await.unwrap();
+    assert_eq!(op.state, OperationState::Succeeded, "{op:?}");
+    "vmtest:1".into()
+}
+
+fn vm(image: &str) -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        image: Some(image.into()),
+        backend: BackendKind::Vm,
+        resources: Resources { memory_bytes: Some(256 << 20), ..Default::default() },
+        ..Default::default()
+    }
+}
+
+/// QEMU processes started for this node's data directory.
+fn qemus(home: &Path) -> Vec<i32> {
+    let needle = format!("{}/vms/", home.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            (String::from_utf8_lossy(&cmd).contains(&needle)
+                && std::fs::read_to_string(e.path().join("stat")).ok()?.split_whitespace().nth(2)? != "Z")
+                .then_some(pid)
+        })
+        .collect()
+}
+
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_lifecycle_workspace_and_exec() {
+    let env = vm_env();
+    let img = image(&env).await;
+    let s = env.create(vm(&img)).await;
+    assert_eq!(s.backend, BackendKind::Vm);
+    assert_eq!(s.state, SandboxState::Running);
+    let steps: Vec<_> = s.steps.iter().map(|s| s.name.as_str()).collect();
+    for want in ["assets", "disks", "created", "agent_up"] {
+        assert!(steps.contains(&want), "step {want} missing from {steps:?}");
+    }
+
+    // Its own kernel: the guest's release is the cloud kernel's, not the host's.
+    let guest = env.ok(&s.id, "uname -r").await;
+    assert!(guest.trim().ends_with("cloud-amd64"), "guest kernel {guest:?}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(guest.trim(), host.trim());
+
+    // Exec: stdout, stderr and exit codes come back as from a process sandbox.
+    let (out, err, st) = env.sh(&s.id, "echo out; echo err >&2; exit 7").await;
+    assert_eq!((out.as_str(), err.as_str(), st.code), ("out\n", "err\n", Some(7)));
+
+    // Workspace in and out, through the serial channel.
+    let agent = env.client.sandbox(&s.id);
+    let big = vec![b'x'; 3 << 20];
+    let tar = tar_of(&[("a.txt", b"hello vm\n"), ("dir/big.bin", &big)]);
+    let sum = agent.put_workspace(common::body(tar), None, &WorkspaceQuery::default()).await.unwrap();
+    assert_eq!(sum.entries, 2);
+    assert_eq!(env.ok(&s.id, "cat /workspace/a.txt").await, "hello vm\n");
+    assert_eq!(env.ok(&s.id, "ls -l /workspace/dir/big.bin | tr -s ' ' | cut -d' ' -f5").await.trim(), "3145728");
+
+    // Hostile input is refused inside the guest too, and nothing is written.
+    let mut evil = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    evil.append_data(&mut h, "ok.txt", &b"fine"[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.as_gnu_mut().unwrap().name[..12].copy_from_slice(b"../../escape");
+    h.set_cksum();
+    evil.append(&h, &b"evil"[..]).unwrap();
+    let err = agent.put_workspace(common::body(evil.into_inner().unwrap()), None, &WorkspaceQuery::default()).await;
+    assert!(err.is_err(), "a tar climbing out must be refused");
+    // Entries before the hostile one land (the stream is not buffered);
+    // nothing lands outside the workspace.
+    assert_eq!(env.ok(&s.id, "ls /workspace; ls / | grep -c escape || true").await, "a.txt\ndir\nok.txt\n0\n");
+
+    // Stop and start: a new boot, the workspace disk kept.
+    let stopped = env.client.action(&s.id, "stop").await.unwrap();
+    assert_eq!(stopped.state, SandboxState::Stopped);
+    assert!(qemus(env.node.home()).is_empty(), "QEMU left after stop");
+    let started = env.client.action(&s.id, "start").await.unwrap();
+    assert_eq!(started.state, SandboxState::Running);
+    assert_eq!(env.ok(&s.id, "cat /workspace/a.txt").await, "hello vm\n");
+
+    // `set` of limits is accepted (recorded for the next boot).
+    let upd = UpdateSandboxRequest {
+        resources: Some(Resources { memory_bytes: Some(300 << 20), ..Default::default() }),
+        ..Default::default()
+    };
+    let updated = env.client.update(&s.id, &upd).await.unwrap();
+    assert_eq!(updated.resources.memory_bytes, Some(300 << 20));
+
+    env.client.delete(&s.id).await.unwrap();
+    assert!(qemus(env.node.home()).is_empty(), "QEMU left after rm");
+    assert!(!env.node.home().join("vms").join(&s.id).exists(), "disks left after rm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_survives_a_node_crash_and_rm_mid_boot_leaks_nothing() {
+    let mut env = vm_env();
+    let img = image(&env).await;
+    let s = env.create(vm(&img)).await;
+    env.ok(&s.id, "echo before > /workspace/mark").await;
+
+    // kill -9 of the node: the VM keeps running and is re-adopted.
+    let before = qemus(env.node.home());
+    assert_eq!(before.len(), 1);
+    env.node.kill9();
+    env.node.start_again();
+    let again = env.client.get(&s.id).await.unwrap();
+    assert_eq!(again.state, SandboxState::Running, "{again:?}");
+    assert_eq!(qemus(env.node.home()), before, "the same QEMU must be re-adopted");
+    assert_eq!(env.ok(&s.id, "cat /workspace/mark").await, "before\n");
+
+    // rm while a second VM is still booting: no QEMU, disk or socket left.
+    let op = env.client.create_operation(&vm(&img)).await.unwrap();
+    let id = op.target.clone();
+    common::eventually(Duration::from_secs(60), "the second VM's QEMU to start", || async {
+        (qemus(env.node.home()).len() == 2).then_some(())
+    })
+    .await;
+    env.client.delete(&id).await.unwrap();
+    common::eventually(Duration::from_secs(30), "the mid-boot VM to be gone", || async {
+        (qemus(env.node.home()).len() == 1 && !env.node.home().join("vms").join(&id).exists()).then_some(())
+    })
+    .await;
+
+    env.client.delete(&s.id).await.unwrap();
+    assert!(qemus(env.node.home()).is_empty());
+    let left: Vec<_> =
+        std::fs::read_dir(env.node.home().join("vms")).map(|rd| rd.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "VM directories left: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_reports_the_vm_backend_and_its_accelerator() {
+    let env = vm_env();
+    let img = image(&env).await;
+    // A VM from `host` is refused with the fix, before anything boots.
+    let err = env.client.create(&CreateSandboxRequest { backend: BackendKind::Vm, ..Default::default() }).await;
+    let msg = format!("{:?}", err.unwrap_err().to_api());
+    assert!(msg.contains("flotilla image import"), "{msg}");
+
+    let s = env.create(vm(&img)).await;
+    let info = env.client.info().await.unwrap();
+    let vmb = info.backends.iter().find(|b| b.kind == BackendKind::Vm).expect("vm backend listed");
+    assert!(vmb.available, "{vmb:?}");
+    let accel = vmb.accelerator.as_deref().unwrap();
+    assert!(accel == "kvm" || accel == "tcg", "{vmb:?}");
+    assert!(vmb.accelerator_reason.is_some());
+    env.client.delete(&s.id).await.unwrap();
+}
