@@ -701,3 +701,33 @@ mod tests {
         }
     }
 }
+
+// ---------------------------------------------------------------- microVM pools
+
+/// `PUT /v1/node/pools`: keep `size` microVMs of this shape booted, so that
+/// a matching `create` (same image, memory, cpus, disk; no network, no env)
+/// claims one in milliseconds. `size` 0 removes the pool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPoolRequest {
+    /// `name:tag` (pinned to its current version) or `dir:/path`.
+    pub image: String,
+    pub size: u32,
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// A pool as the node reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmPool {
+    /// The pinned image reference.
+    pub image: String,
+    pub size: u32,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub disk_bytes: u64,
+    /// Booted and waiting.
+    pub ready: u32,
+    /// Booting now.
+    pub booting: u32,
+}

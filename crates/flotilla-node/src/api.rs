@@ -32,6 +32,7 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/node", get(node_info::<B>))
+        .route("/v1/node/pools", get(list_pools::<B>).put(set_pool::<B>))
         .route("/v1/sandboxes", post(create::<B>).get(list::<B>))
         .route("/v1/sandboxes/{id}", get(show::<B>).patch(update::<B>).delete(delete::<B>))
         .route("/v1/sandboxes/{id}/start", post(start::<B>))
@@ -68,6 +69,25 @@ async fn node_info<B: Backend>(State(n): NodeState<B>) -> Json<NodeInfo> {
 async fn create<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
     let req: CreateSandboxRequest = parse_json(&body)?;
     Ok(accepted(n.create_operation(req).await?))
+}
+
+async fn list_pools<B: Backend>(
+    State(n): NodeState<B>,
+    Query(q): Query<PageQuery>,
+) -> Json<Page<flotilla_api::VmPool>> {
+    Json(paginate(n.pools(), &q, pool_key))
+}
+
+async fn set_pool<B: Backend>(
+    State(n): NodeState<B>,
+    body: axum::body::Bytes,
+) -> Result<Json<Page<flotilla_api::VmPool>>> {
+    let req: flotilla_api::VmPoolRequest = parse_json(&body)?;
+    Ok(Json(paginate(n.set_pool(req)?, &PageQuery::default(), pool_key)))
+}
+
+fn pool_key(p: &flotilla_api::VmPool) -> String {
+    format!("{}/{}/{}/{}", p.image, p.memory_bytes, p.vcpus, p.disk_bytes)
 }
 
 async fn list_images<B: Backend>(

@@ -183,13 +183,16 @@ impl Backend for ProcessNodeBackend {
 /// The microVM backend, as the node sees it.
 #[derive(Debug)]
 pub struct VmNodeBackend {
-    inner: flotilla_vm::VmBackend,
+    inner: std::sync::Arc<flotilla_vm::VmBackend>,
     home: PathBuf,
 }
 
 impl VmNodeBackend {
+    /// Must be called inside a tokio runtime: it starts the pool refill.
     pub fn new(home: PathBuf, agent: Option<PathBuf>) -> VmNodeBackend {
-        VmNodeBackend { inner: flotilla_vm::VmBackend::new(&home, agent), home }
+        let inner = std::sync::Arc::new(flotilla_vm::VmBackend::new(&home, agent));
+        inner.start_pool();
+        VmNodeBackend { inner, home }
     }
 
     pub fn inner(&self) -> &flotilla_vm::VmBackend {
@@ -204,7 +207,7 @@ impl VmNodeBackend {
             hostname: s.name.clone(),
             image,
             memory_bytes: s.resources.memory_bytes.unwrap_or(crate::node::VM_DEFAULT_MEMORY),
-            vcpus: s.resources.cpus.map(|c| c.ceil() as u32).unwrap_or(1).clamp(1, 64),
+            vcpus: vcpus(&s.resources),
             workspace_bytes: s.resources.disk_bytes.unwrap_or(flotilla_vm::DEFAULT_WORKSPACE),
             network: s.network,
             env: s.env.clone(),
@@ -217,6 +220,10 @@ impl VmNodeBackend {
         step: &(dyn Fn(&str, Option<String>) + Send + Sync),
     ) -> Result<flotilla_vm::VmRunning, ApiError> {
         let spec = self.spec(rec)?;
+        if let Some(claimed) = self.inner.claim(&spec) {
+            step("claimed", Some(format!("a booted microVM from the warm pool, pid {}", claimed.pid)));
+            return Ok(claimed);
+        }
         self.inner.start(&spec, step).await.map_err(|e| {
             let step = e.step();
             let code = match &e {
@@ -243,6 +250,11 @@ impl VmNodeBackend {
             accelerator_reason: accel.map(|a| a.reason),
         }
     }
+}
+
+/// vCPUs for a microVM: its CPU quota rounded up.
+fn vcpus(r: &Resources) -> u32 {
+    r.cpus.map(|c| c.ceil() as u32).unwrap_or(1).clamp(1, 64)
 }
 
 /// A running sandbox of either kind.
@@ -311,6 +323,7 @@ impl Backend for NodeBackend {
     }
 
     fn shutdown(&self) {
+        self.vm.inner.drain_pool();
         self.process.shutdown()
     }
 
@@ -359,6 +372,36 @@ impl Backend for NodeBackend {
 
     fn backends(&self) -> Vec<BackendInfo> {
         vec![self.process.info(), self.vm.info()]
+    }
+
+    fn pools(&self) -> Vec<flotilla_api::VmPool> {
+        self.vm
+            .inner
+            .pools()
+            .into_iter()
+            .map(|p| flotilla_api::VmPool {
+                image: p.target.key.image,
+                size: p.target.size as u32,
+                memory_bytes: p.target.key.memory_bytes,
+                vcpus: p.target.key.vcpus,
+                disk_bytes: p.target.key.workspace_bytes,
+                ready: p.ready as u32,
+                booting: p.booting as u32,
+            })
+            .collect()
+    }
+
+    fn set_pool(&self, image: String, size: u32, r: &Resources) -> Result<(), ApiError> {
+        let rec_like = flotilla_vm::pool::PoolKey {
+            image,
+            memory_bytes: r.memory_bytes.unwrap_or(crate::node::VM_DEFAULT_MEMORY),
+            vcpus: vcpus(r),
+            workspace_bytes: r.disk_bytes.unwrap_or(flotilla_vm::DEFAULT_WORKSPACE),
+        };
+        self.vm
+            .inner
+            .set_pool(flotilla_vm::pool::PoolTarget { key: rec_like, size: size as usize })
+            .map_err(|e| ApiError::internal(format!("saving the pool settings: {e}")))
     }
 
     fn cgroup_version(&self) -> String {

@@ -135,6 +135,18 @@ impl NodeClient {
 }
 
 impl NodeClient {
+    /// Warm pools of microVMs.
+    pub async fn pools(&self) -> Result<Vec<flotilla_api::VmPool>, ClientError> {
+        self.list_all("/v1/node/pools").await
+    }
+
+    /// Sets a warm pool (size 0 removes it); returns every pool.
+    pub async fn set_pool(&self, req: &flotilla_api::VmPoolRequest) -> Result<Vec<flotilla_api::VmPool>, ClientError> {
+        let page: flotilla_api::Page<flotilla_api::VmPool> =
+            self.http.json(Method::PUT, "/v1/node/pools", Some(req)).await?;
+        Ok(page.items)
+    }
+
     pub async fn images(&self) -> Result<Vec<flotilla_api::Image>, ClientError> {
         self.list_all("/v1/images").await
     }

@@ -106,6 +106,16 @@ pub trait Backend: Send + Sync + 'static {
         vec![self.info()]
     }
 
+    /// Warm pools of microVMs, where the backend has them.
+    fn pools(&self) -> Vec<flotilla_api::VmPool> {
+        Vec::new()
+    }
+
+    /// Sets a warm pool; `image` is already pinned.
+    fn set_pool(&self, _image: String, _size: u32, _r: &Resources) -> Result<(), ApiError> {
+        Err(ApiError::invalid("this node has no microVM backend"))
+    }
+
     /// `v1`, `v2` or `none`.
     fn cgroup_version(&self) -> String;
 
@@ -1014,6 +1024,23 @@ impl<B: Backend> Node<B> {
             });
         }
         orphans
+    }
+
+    /// Sets a warm pool of microVMs of `req.image` (pinned to its current
+    /// version) and shape; size 0 removes it.
+    pub fn set_pool(&self, req: flotilla_api::VmPoolRequest) -> Result<Vec<flotilla_api::VmPool>, ApiError> {
+        validate_resources(&req.resources)?;
+        if req.size > 64 {
+            return Err(ApiError::invalid(format!("a pool of {} is more than 64 microVMs", req.size)));
+        }
+        let image = self.resolve_image(&req.image)?;
+        let r = merge_resources(&self.defaults_for(flotilla_api::BackendKind::Vm), &req.resources);
+        self.backend.set_pool(image, req.size, &r)?;
+        Ok(self.backend.pools())
+    }
+
+    pub fn pools(&self) -> Vec<flotilla_api::VmPool> {
+        self.backend.pools()
     }
 
     /// Default limits for a backend: a microVM's memory is reserved for its

@@ -18,6 +18,7 @@
 pub mod assets;
 pub mod guest;
 pub mod mux;
+pub mod pool;
 pub mod qemu;
 
 use std::collections::BTreeMap;
@@ -136,6 +137,13 @@ impl VmRunning {
         AgentClient::direct(HttpClient::new(Endpoint::Dial(Dialer(self.dialer.clone()))))
     }
 
+    /// The same VM after its directory was renamed to `id`'s (a pool
+    /// member handed to a sandbox): the agent session carries on.
+    fn moved(self, id: &str, dir: PathBuf) -> VmRunning {
+        self.dialer.moved(format!("vm:{id}"), qemu::agent_socket(&dir));
+        VmRunning { dir, ..self }
+    }
+
     /// Whether the guest powered itself off after a halt (rather than
     /// crashing or being killed).
     pub fn halted_cleanly(&self) -> bool {
@@ -166,6 +174,7 @@ pub struct VmBackend {
     accel: tokio::sync::Mutex<Option<AccelChoice>>,
     base_lock: tokio::sync::Mutex<()>,
     boot_timeout: Duration,
+    pool: std::sync::Mutex<pool::Pool>,
 }
 
 impl std::fmt::Debug for VmBackend {
@@ -190,7 +199,7 @@ impl VmBackend {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_secs)
             .unwrap_or(Duration::from_secs(40));
-        VmBackend {
+        let b = VmBackend {
             home: home.to_path_buf(),
             agent: agent.or_else(find_agent),
             vmm: Arc::new(qemu.clone()),
@@ -199,7 +208,12 @@ impl VmBackend {
             accel: Default::default(),
             base_lock: Default::default(),
             boot_timeout,
+            pool: Default::default(),
+        };
+        for t in pool::load_targets(&b) {
+            let _ = b.set_pool(t);
         }
+        b
     }
 
     pub fn vms_dir(&self) -> PathBuf {
@@ -499,15 +513,9 @@ impl VmBackend {
         if let Ok(rd) = std::fs::read_dir(self.vms_dir()) {
             ids.extend(rd.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)));
         }
-        let prefix = format!("{}/", self.vms_dir().display());
-        for (_, arg) in scan_qemus(&self.vms_dir()) {
-            if let Some(rest) = arg.strip_prefix(&prefix)
-                && let Some((id, _)) = rest.split_once('/')
-            {
-                ids.insert(id.to_string());
-            }
-        }
-        ids.into_iter().collect()
+        ids.extend(scan_qemus(&self.vms_dir()).into_iter().map(|(_, id)| id));
+        let pool = self.pool.lock().expect("pool lock");
+        ids.into_iter().filter(|id| !pool.owns(id)).collect()
     }
 
     async fn prepare_disks(
@@ -632,8 +640,7 @@ pub fn cleanup_vm(vms: &Path, id: &str) {
         return;
     }
     let dir = vms.join(id);
-    let needle = format!("{}/", dir.display());
-    for (pid, _) in scan_qemus(vms).into_iter().filter(|(_, arg)| arg.starts_with(&needle)) {
+    for (pid, _) in scan_qemus(vms).into_iter().filter(|(_, of)| of == id) {
         let _ = sys::kill(pid, libc::SIGKILL);
         let start = Instant::now();
         while sys::process_alive(pid) && start.elapsed() < Duration::from_secs(5) {
@@ -679,25 +686,26 @@ async fn run_tool(cmd: &mut std::process::Command) -> Result<(), VmError> {
     Ok(())
 }
 
-/// `(pid, arg)` for every process whose arguments name a path under `vms`
-/// (QEMU's `-pidfile`), so a VM the store lost can still be found.
+/// `(pid, id)` of every QEMU of ours under `vms`: a process whose
+/// `-pidfile` lies under `vms`, named by the directory it runs in (QEMU is
+/// started in its VM's directory, and a process's cwd follows a rename, so
+/// a pool member handed to a sandbox is found under its new id).
 fn scan_qemus(vms: &Path) -> Vec<(i32, String)> {
     let prefix = format!("{}/", vms.display());
+    let id_of = |p: &str| p.strip_prefix(&prefix).and_then(|r| r.split('/').next()).map(str::to_owned);
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else { return out };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
         let mut args = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
-        while let Some(a) = args.next() {
-            if a == "-pidfile" {
-                if let Some(p) = args.next()
-                    && p.starts_with(&prefix)
-                {
-                    out.push((pid, p));
-                }
-                break;
-            }
+        let Some(pidfile) = args.by_ref().skip_while(|a| a != "-pidfile").nth(1) else { continue };
+        if !pidfile.starts_with(&prefix) {
+            continue;
+        }
+        let cwd = std::fs::read_link(e.path().join("cwd")).ok().map(|c| format!("{}/", c.display()));
+        if let Some(id) = cwd.as_deref().and_then(id_of).or_else(|| id_of(&pidfile)) {
+            out.push((pid, id));
         }
     }
     out

@@ -80,8 +80,8 @@ type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
 
 /// Dials the agent of one microVM through its serial port socket.
 pub struct HostDialer {
-    name: String,
-    socket: PathBuf,
+    name: Mutex<String>,
+    socket: Mutex<PathBuf>,
     /// How long one attach may take (the guest may still be booting: then
     /// the dial fails and the caller retries).
     attach_timeout: Duration,
@@ -94,7 +94,20 @@ impl HostDialer {
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
             as u64
             ^ u64::from(std::process::id()) << 32;
-        Arc::new(HostDialer { name, socket, attach_timeout, session: Default::default(), nonce: Mutex::new(seed) })
+        Arc::new(HostDialer {
+            name: Mutex::new(name),
+            socket: Mutex::new(socket),
+            attach_timeout,
+            session: Default::default(),
+            nonce: Mutex::new(seed),
+        })
+    }
+
+    /// The VM's directory was renamed: later attaches use the new socket
+    /// path; a session already up carries on.
+    pub fn moved(&self, name: String, socket: PathBuf) {
+        *self.name.lock().expect("name lock") = name;
+        *self.socket.lock().expect("socket lock") = socket;
     }
 
     fn next_nonce(&self) -> String {
@@ -116,7 +129,8 @@ impl HostDialer {
     }
 
     async fn attach(&self, within: Duration) -> io::Result<mpsc::Sender<OpenReply>> {
-        let sock = tokio::net::UnixStream::connect(&self.socket).await?;
+        let path = self.socket.lock().expect("socket lock").clone();
+        let sock = tokio::net::UnixStream::connect(&path).await?;
         let nonce = self.next_nonce();
         let hello = format!("\n{HELLO}{nonce}\n");
         let (mut rd, mut wr) = sock.into_split();
@@ -184,7 +198,7 @@ impl HostDialer {
 
 impl Dial for HostDialer {
     fn name(&self) -> String {
-        self.name.clone()
+        self.name.lock().expect("name lock").clone()
     }
 
     fn dial(&self) -> BoxFuture<'_, io::Result<Box<dyn DialStream>>> {

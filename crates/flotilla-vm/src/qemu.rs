@@ -152,6 +152,12 @@ impl Vmm for Qemu {
                 c.args(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
             }
         }
+        // QEMU's own seccomp filter: no exec, no privilege changes, no
+        // obsolete syscalls, no resource-control calls, should a guest ever
+        // take over the emulator.
+        c.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        // Run in the VM's directory: the janitor names a QEMU by its cwd.
+        c.current_dir(&s.dir);
         c.stdin(Stdio::null()).stdout(Stdio::null());
         c
     }

@@ -107,7 +107,37 @@ pub struct NodeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Keep SIZE microVMs of this image and shape booted; a matching `sandbox create --backend vm`
+    /// (same image, --memory, --cpus, --disk; no --env, no network) claims one in milliseconds.
+    /// SIZE 0 removes the pool.
+    Set {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// `NAME:TAG` (pinned to its current version) or `dir:/path`.
+        image: String,
+        #[arg(long)]
+        size: u32,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List warm pools: shape, size, ready and booting members.
+    #[command(alias = "list")]
+    Ls {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum NodeSub {
+    /// Warm pools of booted microVMs.
+    #[command(subcommand)]
+    Pool(Box<PoolCommand>),
     /// Prepare microVM guest assets now (kernel, initramfs, accelerator probe) instead of at the first
     /// `sandbox create --backend vm`.
     SetupVm {
@@ -602,6 +632,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, false),
         Command::Node(NodeCmd { command: Some(NodeSub::SetupVm { home, json }), .. }) => {
             crate::daemon::setup_vm(default_home(home), json)
+        }
+        Command::Node(NodeCmd { command: Some(NodeSub::Pool(cmd)), .. }) => {
+            crate::sandbox::block_on(crate::sandbox::pool(*cmd))
         }
         Command::Agent(a) => crate::daemon::agent(a),
         Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),

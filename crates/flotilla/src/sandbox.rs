@@ -414,6 +414,43 @@ async fn shell(c: &NodeClient, id: &str, cmd: Option<String>) -> anyhow::Result<
     Err(anyhow!("the session ended without an exit status (the sandbox stopped?)"))
 }
 
+/// `flotilla node pool set|ls`.
+pub async fn pool(cmd: crate::cli::PoolCommand) -> anyhow::Result<i32> {
+    use crate::cli::PoolCommand;
+    let (node, json, pools) = match cmd {
+        PoolCommand::Set { node, image, size, limits, json } => {
+            let req = flotilla_api::VmPoolRequest { image, size, resources: limits.resources().unwrap_or_default() };
+            let pools = client(&node).await?.set_pool(&req).await.context("setting the pool")?;
+            (node, json, pools)
+        }
+        PoolCommand::Ls { node, json } => {
+            let pools = client(&node).await?.pools().await.context("listing pools")?;
+            (node, json, pools)
+        }
+    };
+    let _ = node;
+    if json {
+        output::json(&pools)?;
+    } else {
+        let rows: Vec<Vec<String>> = pools
+            .iter()
+            .map(|p| {
+                vec![
+                    p.image.clone(),
+                    format!("{}MiB", p.memory_bytes >> 20),
+                    p.vcpus.to_string(),
+                    format!("{}MiB", p.disk_bytes >> 20),
+                    p.size.to_string(),
+                    p.ready.to_string(),
+                    p.booting.to_string(),
+                ]
+            })
+            .collect();
+        output::table(&["IMAGE", "MEMORY", "VCPUS", "DISK", "SIZE", "READY", "BOOTING"], &rows);
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -23,6 +23,12 @@ fn cli(env: &common::Env, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+on_both_backends!(
+    expired_sandboxes_are_reaped,
+    a_crashed_node_re_adopts_its_running_sandboxes,
+    the_node_shuts_down_promptly_with_streams_open,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_a_sandbox_from_create_to_rm() {
     let env = common::env();
@@ -75,10 +81,9 @@ async fn the_cli_drives_a_sandbox_from_create_to_rm() {
     assert!(info.cpus >= 1 && !info.backends.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_sandboxes_are_reaped() {
-    let env = common::env();
-    let s = env.create(CreateSandboxRequest { ttl_s: Some(1), ..Default::default() }).await;
+async fn expired_sandboxes_are_reaped(kind: common::Kind) {
+    let env = common::env_for(kind);
+    let s = env.create(CreateSandboxRequest { ttl_s: Some(1), ..env.request().await }).await;
     let client = env.client.clone();
     let id = s.id.clone();
     common::eventually(Duration::from_secs(15), "the janitor to delete the sandbox", || {
@@ -88,11 +93,11 @@ async fn expired_sandboxes_are_reaped() {
     })
     .await;
     assert!(!env.node.home().join("sandboxes").join(&s.id).exists(), "its files were left behind");
+    assert!(!env.node.home().join("vms").join(&s.id).exists(), "its disks were left behind");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_node_re_adopts_its_running_sandboxes() {
-    let mut env = common::env();
+async fn a_crashed_node_re_adopts_its_running_sandboxes(kind: common::Kind) {
+    let mut env = common::env_for(kind);
     let s = env.sandbox().await;
     env.ok(&s.id, "echo before > /workspace/f").await;
     env.node.kill9();
@@ -109,9 +114,8 @@ async fn a_crashed_node_re_adopts_its_running_sandboxes() {
     assert_eq!(env.ok(&s.id, "cat /workspace/f").await, "before\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_node_shuts_down_promptly_with_streams_open() {
-    let mut env = common::env();
+async fn the_node_shuts_down_promptly_with_streams_open(kind: common::Kind) {
+    let mut env = common::env_for(kind);
     let s = env.sandbox().await;
     let mut stream = env
         .client

@@ -9,13 +9,21 @@ use std::time::{Duration, Instant};
 use flotilla_api::{ExecRequest, FrameKind, SessionQuery};
 use futures_util::{SinkExt, StreamExt};
 
+on_both_backends!(
+    exec_streams_output_and_exit_codes,
+    timeouts_kill_the_whole_process_group,
+    detached_processes_survive_dropped_connections,
+    sessions_give_a_terminal,
+    a_client_that_goes_away_takes_its_command_with_it,
+    halting_the_agent_stops_the_sandbox,
+);
+
 fn sh(script: &str) -> ExecRequest {
     ExecRequest { argv: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_streams_output_and_exit_codes() {
-    let env = common::env();
+async fn exec_streams_output_and_exit_codes(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let (out, err, st) = env.sh(&s.id, "echo out; echo err >&2; exit 42").await;
     assert_eq!((out.as_str(), err.as_str(), st.code), ("out\n", "err\n", Some(42)));
@@ -41,9 +49,8 @@ async fn exec_streams_output_and_exit_codes() {
     assert!(err.to_string().contains("no-such-program"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_kill_the_whole_process_group() {
-    let env = common::env();
+async fn timeouts_kill_the_whole_process_group(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let started = Instant::now();
     let req = ExecRequest { timeout_ms: Some(300), ..sh("sleep 60 & sleep 60; echo never") };
@@ -141,9 +148,8 @@ async fn idle_streams_carry_heartbeats_and_a_hung_agent_is_noticed() {
     env.client.delete(&s.id).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn detached_processes_survive_dropped_connections() {
-    let env = common::env();
+async fn detached_processes_survive_dropped_connections(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let agent = env.client.sandbox(&s.id);
     let p = agent.exec_detached(&sh("for i in $(seq 1 40); do echo $i; sleep 0.05; done; exit 3")).await.unwrap();
@@ -193,10 +199,9 @@ async fn detached_processes_survive_dropped_connections() {
     assert_eq!(agent.processes().await.unwrap().len(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_give_a_terminal() {
+async fn sessions_give_a_terminal(kind: common::Kind) {
     use tokio_tungstenite::tungstenite::Message;
-    let env = common::env();
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let q = SessionQuery { cols: Some(100), rows: Some(30), ..Default::default() };
     let ws = env.client.sandbox(&s.id).session(&q).await.unwrap();
@@ -223,9 +228,8 @@ async fn sessions_give_a_terminal() {
     assert!(text.contains("/dev/pts/0") && text.contains("30 100"), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_goes_away_takes_its_command_with_it() {
-    let env = common::env();
+async fn a_client_that_goes_away_takes_its_command_with_it(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let stream = env.client.sandbox(&s.id).exec(&sh("sleep 600 & sleep 600")).await.unwrap();
     env.ok(&s.id, "while ! pgrep -x sleep >/dev/null; do sleep 0.01; done").await;
@@ -240,9 +244,8 @@ async fn a_client_that_goes_away_takes_its_command_with_it() {
     assert_eq!(left.trim(), "0", "commands outlived their client");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn halting_the_agent_stops_the_sandbox() {
-    let env = common::env();
+async fn halting_the_agent_stops_the_sandbox(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     env.client.sandbox(&s.id).halt().await.unwrap();
     let client = env.client.clone();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use flotilla_api::{
     BackendKind, CreateSandboxRequest, ImportImageRequest, OperationState, Resources, SandboxState,
-    UpdateSandboxRequest, WorkspaceQuery,
+    UpdateSandboxRequest, VmPoolRequest, WorkspaceQuery,
 };
 
 /// Starts a node that boots microVMs with a static build of this tree.
@@ -198,4 +198,57 @@ async fn node_reports_the_vm_backend_and_its_accelerator() {
     assert!(accel == "kvm" || accel == "tcg", "{vmb:?}");
     assert!(vmb.accelerator_reason.is_some());
     env.client.delete(&s.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_hands_each_booted_vm_out_once() {
+    let mut env = vm_env();
+    let img = image(&env).await;
+    let req = VmPoolRequest {
+        image: img.clone(),
+        size: 1,
+        resources: Resources { memory_bytes: Some(256 << 20), ..Default::default() },
+    };
+    let pools = env.client.set_pool(&req).await.unwrap();
+    assert_eq!(pools.len(), 1);
+    assert!(pools[0].image.starts_with("vmtest:1@sha256:"), "pinned: {pools:?}");
+    let ready = || async { env.client.pools().await.ok().filter(|p| p.len() == 1 && p[0].ready == 1).map(|_| ()) };
+    common::eventually(Duration::from_secs(120), "a pool member to boot", ready).await;
+
+    // Two creates at once: exactly one gets the booted member.
+    let (a, b) = tokio::join!(env.create(vm(&img)), env.create(vm(&img)));
+    let claimed = |s: &flotilla_api::Sandbox| s.steps.iter().any(|st| st.name == "claimed");
+    assert_eq!([claimed(&a), claimed(&b)].iter().filter(|c| **c).count(), 1, "{:?}\n{:?}", a.steps, b.steps);
+    for s in [&a, &b] {
+        assert_eq!(s.state, SandboxState::Running);
+        assert_eq!(env.ok(&s.id, "echo $((6*7))").await, "42\n");
+    }
+    // The claimed one is its own sandbox: directory renamed, agent reachable
+    // after a node restart under its new id.
+    let c = if claimed(&a) { &a } else { &b };
+    assert!(env.node.home().join("vms").join(&c.id).join("root.qcow2").exists());
+    env.node.kill9();
+    env.node.start_again();
+    assert_eq!(env.ok(&c.id, "echo still").await, "still\n");
+
+    // A create with its own env is not served from the pool.
+    let mut with_env = vm(&img);
+    with_env.env.insert("K".into(), "v".into());
+    common::eventually(Duration::from_secs(120), "the pool to refill", ready).await;
+    let d = env.create(with_env).await;
+    assert!(!claimed(&d), "{:?}", d.steps);
+    assert_eq!(env.ok(&d.id, "echo $K").await, "v\n");
+
+    // Size 0 removes the pool and stops its member; nothing leaks.
+    let pools = env.client.set_pool(&VmPoolRequest { size: 0, ..req }).await.unwrap();
+    assert!(pools.is_empty());
+    let home = env.node.home().to_path_buf();
+    common::eventually(Duration::from_secs(30), "the pool member to stop", || async {
+        (qemus(&home).len() == 3).then_some(())
+    })
+    .await;
+    for s in [&a, &b, &d] {
+        env.client.delete(&s.id).await.unwrap();
+    }
+    assert!(qemus(&home).is_empty());
 }

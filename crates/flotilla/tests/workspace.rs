@@ -10,6 +10,12 @@ use bytes::Bytes;
 use flotilla_agent::http::ClientError;
 use flotilla_api::{CreateSandboxRequest, ErrorCode, WorkspaceQuery};
 
+on_both_backends!(
+    tarballs_in_every_encoding_round_trip,
+    hostile_tarballs_are_refused_and_nothing_escapes,
+    the_workspace_survives_stop_and_start,
+);
+
 fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in files {
@@ -46,9 +52,8 @@ fn archive(entries: Vec<Vec<u8>>) -> Vec<u8> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tarballs_in_every_encoding_round_trip() {
-    let env = common::env();
+async fn tarballs_in_every_encoding_round_trip(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let agent = env.client.sandbox(&s.id);
     let plain = tar_of(&[("a/hello.txt", b"hello"), ("b.txt", b"bee")]);
@@ -80,9 +85,8 @@ async fn tarballs_in_every_encoding_round_trip() {
     assert_eq!(agent.ls(None).await.unwrap().len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_tarballs_are_refused_and_nothing_escapes() {
-    let env = common::env();
+async fn hostile_tarballs_are_refused_and_nothing_escapes(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     let agent = env.client.sandbox(&s.id);
     let ok = raw_entry("fine.txt", tar::EntryType::Regular, None, b"ok");
@@ -115,9 +119,11 @@ async fn hostile_tarballs_are_refused_and_nothing_escapes() {
     // Nothing landed outside the workspace, in the sandbox or on the host.
     let out = env.ok(&s.id, "ls / /tmp; ls -a /workspace").await;
     assert!(!out.contains("pwned"), "{out}");
-    let sbx_dir = env.node.home().join("sandboxes").join(&s.id);
-    for e in std::fs::read_dir(&sbx_dir).unwrap() {
-        assert!(!e.unwrap().file_name().to_string_lossy().contains("pwned"));
+    if kind == common::Kind::Process {
+        let sbx_dir = env.node.home().join("sandboxes").join(&s.id);
+        for e in std::fs::read_dir(&sbx_dir).unwrap() {
+            assert!(!e.unwrap().file_name().to_string_lossy().contains("pwned"));
+        }
     }
     assert!(!std::path::Path::new("/abs-pwned").exists());
     // Garbage is a 422 as well, never a 500.
@@ -165,9 +171,8 @@ fn tokio_stream<T: Send + 'static>(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_workspace_survives_stop_and_start() {
-    let env = common::env();
+async fn the_workspace_survives_stop_and_start(kind: common::Kind) {
+    let env = common::env_for(kind);
     let s = env.sandbox().await;
     env.ok(&s.id, "echo kept > /workspace/state; echo gone > /tmp/scratch").await;
     env.client.action(&s.id, "stop").await.unwrap();

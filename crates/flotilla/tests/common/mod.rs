@@ -15,6 +15,63 @@ use flotilla_testkit::NodeProcess;
 pub struct Env {
     pub node: NodeProcess,
     pub client: NodeClient,
+    /// Which backend `sandbox()` creates on.
+    pub kind: Kind,
+    vm_image: tokio::sync::OnceCell<String>,
+}
+
+/// A sandbox backend the shared behavioural tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Process,
+    /// A microVM (QEMU; TCG where KVM cannot boot a stock kernel).
+    Vm,
+}
+
+/// A node whose `sandbox()` creates sandboxes of `kind`.
+pub fn env_for(kind: Kind) -> Env {
+    match kind {
+        Kind::Process => env(),
+        Kind::Vm => {
+            let agent = flotilla_testkit::static_flotilla(Path::new(BIN));
+            Env { kind, ..env_with(&["--guest-agent", agent.to_str().expect("utf-8 path")]) }
+        }
+    }
+}
+
+/// Tools the shared tests run inside a microVM's image.
+pub const VM_TOOLS: [&str; 15] = [
+    "/bin/sh",
+    "/bin/cat",
+    "/bin/ls",
+    "/bin/echo",
+    "/bin/touch",
+    "/bin/seq",
+    "/bin/sleep",
+    "/usr/bin/pgrep",
+    "/bin/ps",
+    "/bin/tty",
+    "/bin/stty",
+    "/bin/head",
+    "/usr/bin/tail",
+    "/bin/uname",
+    "/bin/grep",
+];
+
+/// Runs each named `async fn NAME(kind: common::Kind)` as two tests,
+/// `process::NAME` and `vm::NAME`: one behavioural suite for both backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod process {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::common::Kind::Process).await })*
+        }
+        mod vm {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::common::Kind::Vm).await })*
+        }
+    };
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
@@ -32,7 +89,7 @@ pub fn env_with(args: &[&str]) -> Env {
     );
     let node = NodeProcess::start_with(Path::new(BIN), args);
     let client = NodeClient::new(HttpClient::new(Endpoint::Unix(node.socket())));
-    Env { node, client }
+    Env { node, client, kind: Kind::Process, vm_image: Default::default() }
 }
 
 impl Env {
@@ -43,8 +100,40 @@ impl Env {
         }
     }
 
+    /// A sandbox of this env's kind with default settings (a microVM gets
+    /// an image of the host's tools, imported once per node).
     pub async fn sandbox(&self) -> Sandbox {
-        self.create(CreateSandboxRequest::default()).await
+        let req = self.request().await;
+        self.create(req).await
+    }
+
+    /// The create request `sandbox()` sends; tests add their settings.
+    pub async fn request(&self) -> CreateSandboxRequest {
+        match self.kind {
+            Kind::Process => CreateSandboxRequest::default(),
+            Kind::Vm => CreateSandboxRequest {
+                image: Some(self.vm_image().await),
+                backend: flotilla_api::BackendKind::Vm,
+                resources: flotilla_api::Resources { memory_bytes: Some(256 << 20), ..Default::default() },
+                ..Default::default()
+            },
+        }
+    }
+
+    async fn vm_image(&self) -> String {
+        self.vm_image
+            .get_or_init(|| async {
+                let dir = self.node.home().join("vm-rootfs-src");
+                flotilla_testkit::minimal_rootfs(&dir, &VM_TOOLS, &[]);
+                let req =
+                    flotilla_api::ImportImageRequest { reference: "vmtools:1".into(), path: dir.display().to_string() };
+                let op = self.client.import_image(&req).await.expect("image import accepted");
+                let op = self.client.wait_operation(&op.id, Some(Duration::from_secs(120)), |_| {}).await.unwrap();
+                assert_eq!(op.state, flotilla_api::OperationState::Succeeded, "{op:?}");
+                "vmtools:1".to_string()
+            })
+            .await
+            .clone()
     }
 
     /// Runs `sh -c script` and returns (stdout, stderr, status).
