@@ -210,9 +210,7 @@ impl VmBackend {
             boot_timeout,
             pool: Default::default(),
         };
-        for t in pool::load_targets(&b) {
-            let _ = b.set_pool(t);
-        }
+        b.restore_pool();
         b
     }
 

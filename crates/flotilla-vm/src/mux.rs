@@ -261,8 +261,16 @@ where
 {
     let serve = Arc::new(serve);
     loop {
-        let port = open_port(&path)?;
-        let mut port = port;
+        let mut port = match open_port(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                // Busy for a moment while the last session's descriptor
+                // closes: try again rather than take the guest down.
+                tracing::warn!(error = %e, "opening the agent port");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let nonce = match read_line_with(&mut port, HELLO).await {
             Ok(Some(n)) => n,
             Ok(None) => {

@@ -96,6 +96,11 @@ fn new_id() -> String {
 }
 
 impl VmBackend {
+    /// Takes the saved targets (at start-up; nothing is written).
+    pub(crate) fn restore_pool(&self) {
+        self.pool.lock().expect("pool lock").targets = load_targets(self);
+    }
+
     /// Sets (or with `size` 0 removes) the pool for `key`; surplus members
     /// are stopped by the refill task.
     pub fn set_pool(&self, target: PoolTarget) -> std::io::Result<()> {

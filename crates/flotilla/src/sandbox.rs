@@ -277,7 +277,12 @@ async fn set(a: SetArgs) -> anyhow::Result<i32> {
     if a.json {
         output::json(&s)?
     } else {
-        output::sandbox_detail(&s)
+        output::sandbox_detail(&s);
+        if req.resources.is_some() && s.backend == BackendKind::Vm && s.state == flotilla_api::SandboxState::Running {
+            eprintln!(
+                "note: a microVM's memory, cpus and disk are fixed at boot: the new limits apply at its next restart"
+            );
+        }
     }
     Ok(0)
 }
