@@ -375,18 +375,7 @@ impl ProcessBackend {
     /// then releases its cgroup. Idempotent.
     pub async fn stop(&self, id: &str, running: &Running) -> io::Result<()> {
         if running.exit_now().is_none() {
-            match sys::pidfd_send_signal(running.pidfd.as_fd(), libc::SIGKILL) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => return Err(e),
-            }
-            let t = flotilla_api::limits::STOP_TIMEOUT;
-            if tokio::time::timeout(t, running.exited()).await.is_err() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("pid {} still alive after {t:?}", running.pid),
-                ));
-            }
+            kill_and_wait(&running.pidfd, running.pid, running.exited()).await?;
         }
         if let Some(h) = &running.net_helper {
             kill_helper(h.lock().expect("helper lock").take());
@@ -580,6 +569,22 @@ fn agent_env(extra: &BTreeMap<String, String>) -> Vec<CString> {
     .collect();
     env.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.into_iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()).collect()
+}
+
+/// Sends SIGKILL through `pidfd` and waits (up to
+/// [`STOP_TIMEOUT`](flotilla_api::limits::STOP_TIMEOUT)) for `exited`, the
+/// process's exit watch, to resolve. A process already gone is fine.
+pub async fn kill_and_wait(pidfd: &OwnedFd, pid: i32, exited: impl std::future::Future) -> io::Result<()> {
+    match sys::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+        Err(e) => return Err(e),
+    }
+    let t = flotilla_api::limits::STOP_TIMEOUT;
+    if tokio::time::timeout(t, exited).await.is_err() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("pid {pid} still alive after {t:?}")));
+    }
+    Ok(())
 }
 
 /// Waits until the process behind `fd` has exited (reaping it when it is our

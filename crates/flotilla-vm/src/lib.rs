@@ -459,7 +459,6 @@ impl VmBackend {
     /// lives in the guest's page cache until then); one that does not
     /// within a few seconds is killed.
     pub async fn kill(&self, running: &VmRunning) -> io::Result<()> {
-        use std::os::fd::AsFd;
         if running.exit_now().is_none() {
             let halted = async {
                 let agent = running.agent();
@@ -474,18 +473,7 @@ impl VmBackend {
             }
         }
         if running.exit_now().is_none() {
-            match sys::pidfd_send_signal(running.pidfd.as_fd(), libc::SIGKILL) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => return Err(e),
-            }
-            let t = flotilla_api::limits::STOP_TIMEOUT;
-            if tokio::time::timeout(t, running.exited()).await.is_err() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("QEMU pid {} alive after {t:?}", running.pid),
-                ));
-            }
+            flotilla_sandbox::process::kill_and_wait(&running.pidfd, running.pid, running.exited()).await?;
         }
         self.cleanup(running.dir.file_name().and_then(|n| n.to_str()).unwrap_or_default());
         Ok(())

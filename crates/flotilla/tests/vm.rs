@@ -61,18 +61,6 @@ fn qemus(home: &Path) -> Vec<i32> {
         .collect()
 }
 
-fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_lifecycle_workspace_and_exec() {
     let env = vm_env();
@@ -98,7 +86,7 @@ async fn vm_lifecycle_workspace_and_exec() {
     // Workspace in and out, through the serial channel.
     let agent = env.client.sandbox(&s.id);
     let big = vec![b'x'; 3 << 20];
-    let tar = tar_of(&[("a.txt", b"hello vm\n"), ("dir/big.bin", &big)]);
+    let tar = common::tar_of(&[("a.txt", b"hello vm\n"), ("dir/big.bin", &big)]);
     let sum = agent.put_workspace(common::body(tar), None, &WorkspaceQuery::default()).await.unwrap();
     assert_eq!(sum.entries, 2);
     assert_eq!(env.ok(&s.id, "cat /workspace/a.txt").await, "hello vm\n");

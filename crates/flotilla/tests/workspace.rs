@@ -16,18 +16,6 @@ on_both_backends!(
     the_workspace_survives_stop_and_start,
 );
 
-fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, *data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
 /// One raw entry with any name (the tar crate's builder refuses `..`).
 fn raw_entry(name: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) -> Vec<u8> {
     let mut h = tar::Header::new_old();
@@ -56,13 +44,13 @@ async fn tarballs_in_every_encoding_round_trip(kind: common::Kind) {
     let env = common::env_for(kind);
     let s = env.sandbox().await;
     let agent = env.client.sandbox(&s.id);
-    let plain = tar_of(&[("a/hello.txt", b"hello"), ("b.txt", b"bee")]);
+    let plain = common::tar_of(&[("a/hello.txt", b"hello"), ("b.txt", b"bee")]);
     let q = WorkspaceQuery::default();
     let sum = agent.put_workspace(common::body(plain.clone()), None, &q).await.unwrap();
     assert_eq!((sum.entries, sum.bytes), (2, 8));
     let gz = {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut e, &tar_of(&[("gz.txt", b"gzip")])).unwrap();
+        std::io::Write::write_all(&mut e, &common::tar_of(&[("gz.txt", b"gzip")])).unwrap();
         e.finish().unwrap()
     };
     agent

@@ -156,6 +156,19 @@ impl Env {
     }
 }
 
+/// A tar of regular files (mode 0644) with these names and contents.
+pub fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
 /// A request body from fixed bytes.
 pub fn body(b: Vec<u8>) -> http_body_util::Full<Bytes> {
     http_body_util::Full::new(Bytes::from(b))
