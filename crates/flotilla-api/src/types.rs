@@ -87,9 +87,12 @@ pub enum NetworkMode {
     /// Its own loopback and nothing else.
     #[default]
     None,
-    /// Outbound NAT through pasta or slirp4netns; the host's loopback stays
-    /// out of reach.
+    /// Outbound NAT (pasta or slirp4netns for processes, passt for
+    /// microVMs); the host's loopback stays out of reach.
     Outbound,
+    /// MicroVMs only: a TAP device on the node's bridge with an address of
+    /// its own, reachable from the host and from other `tap` sandboxes.
+    Tap,
 }
 
 impl NetworkMode {
@@ -97,6 +100,7 @@ impl NetworkMode {
         match self {
             NetworkMode::None => "none",
             NetworkMode::Outbound => "outbound",
+            NetworkMode::Tap => "tap",
         }
     }
 }
@@ -639,6 +643,9 @@ pub struct BackendInfo {
     /// Why that accelerator was chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accelerator_reason: Option<String>,
+    /// Network modes this backend can give a sandbox on this host.
+    #[serde(default)]
+    pub network_modes: Vec<NetworkMode>,
 }
 
 /// `GET /v1/node`: what a scheduler needs to know to place work here.

@@ -62,7 +62,7 @@ fn cgroup_group_for(home: &std::path::Path) -> String {
 fn boot_error(e: BootError) -> ApiError {
     let code = match &e {
         BootError::AgentTimeout(..) => ErrorCode::Timeout,
-        BootError::NoNetworkHelper => ErrorCode::InvalidArgument,
+        BootError::NoNetworkHelper | BootError::TapUnsupported => ErrorCode::InvalidArgument,
         BootError::Dirs { .. }
         | BootError::Socket { .. }
         | BootError::AgentExe { .. }
@@ -150,6 +150,7 @@ impl Backend for ProcessNodeBackend {
             reason: None,
             accelerator: None,
             accelerator_reason: None,
+            network_modes: self.network_modes(),
         }
     }
 
@@ -163,6 +164,19 @@ impl Backend for ProcessNodeBackend {
             modes.push(flotilla_api::NetworkMode::Outbound);
         }
         modes
+    }
+
+    fn check_network(&self, _kind: BackendKind, mode: flotilla_api::NetworkMode) -> Result<(), String> {
+        match mode {
+            flotilla_api::NetworkMode::None => Ok(()),
+            flotilla_api::NetworkMode::Outbound if ProcessBackend::network_helper().is_some() => Ok(()),
+            flotilla_api::NetworkMode::Outbound => {
+                Err("network `outbound` needs pasta or slirp4netns: apt-get install -y passt".into())
+            }
+            flotilla_api::NetworkMode::Tap => Err("network `tap` is for microVMs (`--backend vm`); a process \
+                                                  sandbox has `none` or `outbound`"
+                .into()),
+        }
     }
 
     fn resident(&self) -> Vec<String> {
@@ -248,6 +262,7 @@ impl VmNodeBackend {
             reason,
             accelerator: Some(accel.as_ref().map_or("not probed yet".into(), |a| a.accel.as_str().to_string())),
             accelerator_reason: accel.map(|a| a.reason),
+            network_modes: self.inner.network_modes(),
         }
     }
 }
@@ -409,7 +424,16 @@ impl Backend for NodeBackend {
     }
 
     fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
-        self.process.network_modes()
+        let mut modes = self.process.network_modes();
+        modes.extend(self.vm.inner.network_modes().into_iter().filter(|m| !modes.contains(m)).collect::<Vec<_>>());
+        modes
+    }
+
+    fn check_network(&self, kind: BackendKind, mode: flotilla_api::NetworkMode) -> Result<(), String> {
+        match kind {
+            BackendKind::Process => self.process.check_network(kind, mode),
+            BackendKind::Vm => self.vm.inner.network_unavailable(mode).map_or(Ok(()), Err),
+        }
     }
 
     fn resident(&self) -> Vec<String> {

@@ -122,6 +122,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Network modes this backend can give a sandbox on this host.
     fn network_modes(&self) -> Vec<flotilla_api::NetworkMode>;
 
+    /// Whether a sandbox of `kind` can have network `mode` here, and if not,
+    /// why (with the fix).
+    fn check_network(&self, kind: flotilla_api::BackendKind, mode: flotilla_api::NetworkMode) -> Result<(), String> {
+        if self.network_modes().contains(&mode) {
+            Ok(())
+        } else {
+            Err(format!("network `{}` is not available for {} sandboxes on this node", mode.as_str(), kind.as_str()))
+        }
+    }
+
     /// Images this backend can start from.
     fn images(&self) -> Vec<String>;
 
@@ -522,6 +532,13 @@ impl<B: Backend> Node<B> {
             }
         }
         validate_resources(&req.resources)?;
+        self.backend.check_network(req.backend, req.network).map_err(ApiError::invalid)?;
+        if req.backend == flotilla_api::BackendKind::Vm && image == "host" {
+            return Err(ApiError::invalid(
+                "a microVM needs an image with its own root filesystem, not `host`: import one \
+                 (`flotilla image import NAME:TAG ./rootfs.tar.gz`) and pass `--image NAME:TAG`",
+            ));
+        }
         if req.idle_ttl_s == Some(0) {
             return Err(ApiError::invalid("idle_ttl_s must be at least 1 second"));
         }

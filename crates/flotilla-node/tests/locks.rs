@@ -106,6 +106,7 @@ impl Backend for FakeBackend {
             reason: None,
             accelerator: None,
             accelerator_reason: None,
+            network_modes: vec![flotilla_api::NetworkMode::None],
         }
     }
     fn cgroup_version(&self) -> String {

@@ -108,6 +108,8 @@ pub enum BootError {
     },
     #[error("outbound networking was asked for, but neither slirp4netns nor pasta is installed")]
     NoNetworkHelper,
+    #[error("network `tap` is for microVMs; a process sandbox has `none` or `outbound`")]
+    TapUnsupported,
     #[error("the agent did not report ready within {0:?}{1}")]
     AgentTimeout(Duration, String),
     #[error("the agent exited before it was ready{0}")]
@@ -204,6 +206,9 @@ impl ProcessBackend {
         spec: &SandboxSpec,
         on_step: impl Fn(&str, Option<String>),
     ) -> Result<Running, BootError> {
+        if spec.network == NetworkMode::Tap {
+            return Err(BootError::TapUnsupported);
+        }
         let dir = self.sandbox_dir(&spec.id);
         let dirs_err = |path: &Path| {
             let path = path.to_path_buf();
@@ -271,7 +276,7 @@ impl ProcessBackend {
             return Err(BootError::Cgroup(e));
         }
         let net_helper = match spec.network {
-            NetworkMode::None => None,
+            NetworkMode::None | NetworkMode::Tap => None,
             NetworkMode::Outbound => match start_network_helper(pid).await {
                 Ok(child) => {
                     // The helper joins the sandbox's cgroup: killing the

@@ -263,12 +263,14 @@ pub fn command_new_session(cmd: &mut Command, ctty: bool) {
 /// Makes `fd` appear as descriptor `target` in the command's process (for
 /// helpers such as slirp4netns that report readiness on a numbered fd).
 pub fn command_pass_fd(cmd: &mut Command, fd: RawFd, target: RawFd) {
-    // SAFETY: the closure runs between fork and exec and only calls dup2,
-    // which is async-signal-safe; `fd` is kept open by the caller until
+    // SAFETY: the closure runs between fork and exec and only calls dup2 or
+    // fcntl, which are async-signal-safe; `fd` is kept open by the caller until
     // spawn returns.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, target) == -1 {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            let r = if fd == target { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
+            if r == -1 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())

@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::guest::MODULE_LIST;
+use crate::guest::{MODULE_LIST, NET_MODULE_LIST};
 
 /// Modules the guest loads, dependencies first. Missing ones are fine
 /// (built into the kernel). No `virtio_net` while guests have no network:
 /// every module costs boot time under TCG.
 pub const GUEST_MODULES: [&str; 4] = ["virtio_mmio", "virtio_blk", "virtio_console", "qemu_fw_cfg"];
+/// Modules a guest with a NIC loads as well (only then: each module costs
+/// boot time under TCG).
+pub const NET_MODULES: [&str; 1] = ["virtio_net"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
@@ -112,9 +115,15 @@ pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestA
     if !is_static(agent).map_err(io_err("reading the guest agent", agent))? {
         return Err(AssetError::DynamicAgent(agent.to_path_buf()));
     }
-    let modules = match &kernel.modules {
-        Some(m) => module_closure(m, &GUEST_MODULES).map_err(io_err("reading modules.dep in", m))?,
-        None => Vec::new(),
+    let (modules, net_modules): (Vec<PathBuf>, Vec<PathBuf>) = match &kernel.modules {
+        Some(m) => {
+            let base = module_closure(m, &GUEST_MODULES).map_err(io_err("reading modules.dep in", m))?;
+            let all = [&GUEST_MODULES[..], &NET_MODULES[..]].concat();
+            let all = module_closure(m, &all).map_err(io_err("reading modules.dep in", m))?;
+            let net = all.into_iter().filter(|p| !base.contains(p)).collect();
+            (base, net)
+        }
+        None => Default::default(),
     };
     // The initramfs is named by what goes in: the agent (by size and
     // mtime: hashing 20 MB per boot would cost more than the boot saves),
@@ -125,13 +134,13 @@ pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestA
     h.update(meta.len().to_le_bytes());
     h.update(format!("{:?}", meta.modified().ok()).as_bytes());
     h.update(kernel.release.as_bytes());
-    for m in &modules {
+    for m in modules.iter().chain(&net_modules) {
         h.update(m.as_os_str().as_encoded_bytes());
     }
     let key: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
     let initramfs = dir.join(format!("initramfs-{key}.cpio"));
     if !initramfs.exists() {
-        let cpio = build_initramfs(agent, &modules)?;
+        let cpio = build_initramfs(agent, &modules, &net_modules)?;
         write_atomic(&initramfs, &cpio)?;
     }
     Ok(GuestAssets { vmlinux, initramfs, release: kernel.release.clone() })
@@ -347,7 +356,7 @@ fn stripped(agent: &Path) -> io::Result<Vec<u8>> {
     data
 }
 
-fn build_initramfs(agent: &Path, modules: &[PathBuf]) -> Result<Vec<u8>, AssetError> {
+fn build_initramfs(agent: &Path, modules: &[PathBuf], net_modules: &[PathBuf]) -> Result<Vec<u8>, AssetError> {
     let mut c = Cpio::default();
     for d in ["dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
         c.dir(d);
@@ -355,14 +364,16 @@ fn build_initramfs(agent: &Path, modules: &[PathBuf]) -> Result<Vec<u8>, AssetEr
     c.char_dev("dev/console", 0o600, 5, 1);
     let bin = stripped(agent).map_err(io_err("reading the guest agent", agent))?;
     c.file("init", 0o755, &bin);
-    let mut list = String::new();
-    for m in modules {
-        let data = std::fs::read(m).map_err(io_err("reading module", m))?;
-        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or("module.ko");
-        c.file(&format!("lib/modules/{name}"), 0o644, &data);
-        list.push_str(&format!("/lib/modules/{name}\n"));
+    for (mods, list_path) in [(modules, MODULE_LIST), (net_modules, NET_MODULE_LIST)] {
+        let mut list = String::new();
+        for m in mods {
+            let data = std::fs::read(m).map_err(io_err("reading module", m))?;
+            let name = m.file_name().and_then(|n| n.to_str()).unwrap_or("module.ko");
+            c.file(&format!("lib/modules/{name}"), 0o644, &data);
+            list.push_str(&format!("/lib/modules/{name}\n"));
+        }
+        c.file(list_path.trim_start_matches('/'), 0o644, list.as_bytes());
     }
-    c.file(MODULE_LIST.trim_start_matches('/'), 0o644, list.as_bytes());
     Ok(c.finish())
 }
 

@@ -19,6 +19,8 @@ use crate::GuestConfig;
 
 /// Where the node puts the ordered list of modules inside the initramfs.
 pub const MODULE_LIST: &str = "/lib/modules/load.list";
+/// ... and of those a guest with a NIC loads too.
+pub const NET_MODULE_LIST: &str = "/lib/modules/net.list";
 /// The fw_cfg file that carries [`GuestConfig`].
 pub const CONFIG_FW_CFG: &str = "opt/flotilla/config";
 /// The name of the agent's virtio-serial port.
@@ -98,9 +100,15 @@ fn setup() -> Result<PathBuf, InitError> {
     mount_fs("proc", "/proc", "proc", nosuid, None)?;
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
     stage("init");
-    load_modules()?;
+    load_modules(MODULE_LIST)?;
     stage("modules loaded");
     let config = read_config()?;
+    crate::net::loopback_up().map_err(sys("bringing the loopback up"))?;
+    if let Some(net) = &config.net {
+        load_modules(NET_MODULE_LIST)?;
+        crate::net::configure_guest(net).map_err(sys("configuring the network"))?;
+        stage(&format!("network up as {}/{}", net.address, net.prefix));
+    }
 
     let root = find_disk("flotilla-root")?;
     let workspace = find_disk("flotilla-workspace")?;
@@ -127,6 +135,9 @@ fn setup() -> Result<PathBuf, InitError> {
     // A fresh /tmp at every boot, as a process sandbox has.
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     let _ = nix::unistd::sethostname(&config.hostname);
+    if let Some(net) = &config.net {
+        crate::net::write_resolv_conf(net).map_err(sys("writing /etc/resolv.conf"))?;
+    }
     stage("disks mounted");
 
     for (k, v) in &config.env {
@@ -140,11 +151,11 @@ fn setup() -> Result<PathBuf, InitError> {
     find_port()
 }
 
-fn load_modules() -> Result<(), InitError> {
-    let list = match std::fs::read_to_string(MODULE_LIST) {
+fn load_modules(list: &str) -> Result<(), InitError> {
+    let list = match std::fs::read_to_string(list) {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(sys(format!("reading {MODULE_LIST}"))(e)),
+        Err(e) => return Err(sys(format!("reading {list}"))(e)),
     };
     for m in list.lines().filter(|l| !l.trim().is_empty()) {
         let f = std::fs::File::open(m).map_err(sys(format!("opening module {m}")))?;

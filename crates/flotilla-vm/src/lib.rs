@@ -18,6 +18,7 @@
 pub mod assets;
 pub mod guest;
 pub mod mux;
+pub mod net;
 pub mod pool;
 pub mod qemu;
 
@@ -43,6 +44,9 @@ pub struct GuestConfig {
     pub hostname: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The NIC's address plan; none: loopback only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<net::GuestNet>,
 }
 
 /// What one boot needs to know.
@@ -173,6 +177,8 @@ pub struct VmBackend {
     assets: tokio::sync::Mutex<Option<assets::GuestAssets>>,
     accel: tokio::sync::Mutex<Option<AccelChoice>>,
     base_lock: tokio::sync::Mutex<()>,
+    /// Held while a `tap` address is leased.
+    net_lock: std::sync::Mutex<()>,
     boot_timeout: Duration,
     pool: std::sync::Mutex<pool::Pool>,
 }
@@ -207,6 +213,7 @@ impl VmBackend {
             assets: Default::default(),
             accel: Default::default(),
             base_lock: Default::default(),
+            net_lock: Default::default(),
             boot_timeout,
             pool: Default::default(),
         };
@@ -227,6 +234,23 @@ impl VmBackend {
     }
 
     /// Whether this host can run microVMs, and if not, why (with the fix).
+    /// Network modes a microVM can have on this host.
+    pub fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
+        use flotilla_api::NetworkMode as N;
+        [N::None, N::Outbound, N::Tap].into_iter().filter(|m| self.network_unavailable(*m).is_none()).collect()
+    }
+
+    /// Why `mode` cannot be given to a microVM here, if it cannot.
+    pub fn network_unavailable(&self, mode: flotilla_api::NetworkMode) -> Option<String> {
+        match mode {
+            flotilla_api::NetworkMode::None => None,
+            flotilla_api::NetworkMode::Outbound => net::passt()
+                .is_none()
+                .then(|| "network `outbound` for microVMs needs passt (apt-get install -y passt)".to_string()),
+            flotilla_api::NetworkMode::Tap => net::tap_unavailable(),
+        }
+    }
+
     pub fn available(&self) -> Result<String, String> {
         let v = qemu::version(&self.qemu)?;
         assets::find_kernel().map_err(|e| e.to_string())?;
@@ -378,11 +402,21 @@ impl VmBackend {
             let _ = std::fs::remove_file(f);
         }
         let mut cmd = self.vmm.command(launch);
+        // The host side of the NIC, new for every launch; QEMU holds the
+        // only copy once it runs, so it goes when QEMU does.
+        let net_fd = match &launch.network {
+            Some(n) => Some(n.open(&dir.join("net.log")).await.map_err(io_step("opening the guest's network"))?),
+            None => None,
+        };
+        if let Some(fd) = &net_fd {
+            sys::command_pass_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(fd), qemu::NET_FD);
+        }
         let qemu_log = dir.join("vmm.log");
         let log = std::fs::File::create(&qemu_log).map_err(io_step("creating vmm.log"))?;
         cmd.stderr(log);
         sys::command_new_session(&mut cmd, false);
         let child = cmd.spawn().map_err(io_step(format!("starting {}", self.vmm.name())))?;
+        drop(net_fd);
         let pid = child.id() as i32;
         // The std Child is dropped without waiting: the pidfd below reaps.
         drop(child);
@@ -510,14 +544,8 @@ impl VmBackend {
         assets: &assets::GuestAssets,
         accel: Accel,
     ) -> Result<qemu::LaunchSpec, VmError> {
-        if spec.network != flotilla_api::NetworkMode::None {
-            // QEMU's user-mode NAT would let the guest reach the host's
-            // loopback (10.0.2.2): refused until the guest gets a NAT that
-            // keeps it out (passt) or a TAP on a bridge.
-            return Err(VmError::Image(format!(
-                "network `{}` is not available for microVMs yet; use `none`",
-                spec.network.as_str()
-            )));
+        if let Some(why) = self.network_unavailable(spec.network) {
+            return Err(VmError::Image(why));
         }
         let dir = self.vm_dir(&spec.id);
         std::fs::create_dir_all(&dir).map_err(io_step(format!("creating {}", dir.display())))?;
@@ -549,7 +577,17 @@ impl VmBackend {
             std::fs::rename(&tmp, &ws).map_err(io_step("moving the workspace disk into place"))?;
         }
         let config = dir.join("config.json");
-        let gc = GuestConfig { id: spec.id.clone(), hostname: spec.hostname.clone(), env: spec.env.clone() };
+        let (guest_net, host_net) = match spec.network {
+            flotilla_api::NetworkMode::None => (None, None),
+            flotilla_api::NetworkMode::Outbound => (Some(net::outbound_guest()), Some(net::HostNet::Passt)),
+            flotilla_api::NetworkMode::Tap => {
+                let _leasing = self.net_lock.lock().expect("net lock");
+                let (g, h) = net::lease(&self.vms_dir(), &spec.id).map_err(io_step("leasing a tap address"))?;
+                (Some(g), Some(h))
+            }
+        };
+        let gc =
+            GuestConfig { id: spec.id.clone(), hostname: spec.hostname.clone(), env: spec.env.clone(), net: guest_net };
         std::fs::write(&config, serde_json::to_vec(&gc).unwrap_or_default()).map_err(io_step("writing config.json"))?;
         Ok(qemu::LaunchSpec {
             dir,
@@ -561,10 +599,7 @@ impl VmBackend {
             root_disk: root,
             workspace_disk: ws,
             config,
-            network: match spec.network {
-                flotilla_api::NetworkMode::None => None,
-                flotilla_api::NetworkMode::Outbound => Some(qemu::NetDevice::User),
-            },
+            network: host_net,
         })
     }
 

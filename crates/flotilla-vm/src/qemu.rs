@@ -42,16 +42,12 @@ pub struct LaunchSpec {
     pub workspace_disk: PathBuf,
     /// The guest config file handed over through fw_cfg.
     pub config: PathBuf,
-    pub network: Option<NetDevice>,
+    /// The guest's NIC; its host side is handed over as fd [`NET_FD`].
+    pub network: Option<crate::net::HostNet>,
 }
 
-/// A guest NIC.
-#[derive(Debug, Clone)]
-pub enum NetDevice {
-    /// QEMU's user-mode NAT, with `restrict` lifted but the host's
-    /// loopback kept out by the guest's address plan.
-    User,
-}
+/// The fd number QEMU finds the host side of the guest's NIC at.
+pub const NET_FD: i32 = 3;
 
 /// Files of one VM under its directory.
 pub fn qmp_socket(dir: &Path) -> PathBuf {
@@ -146,11 +142,13 @@ impl Vmm for Qemu {
         disk(&mut c, "root", &s.root_disk, "qcow2");
         disk(&mut c, "workspace", &s.workspace_disk, "raw");
         c.args(["-fw_cfg", &format!("name={CONFIG_FW_CFG},file={}", p(&s.config))]);
-        match s.network {
-            None => {}
-            Some(NetDevice::User) => {
-                c.args(["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
-            }
+        if let Some(net) = &s.network {
+            let netdev = match net {
+                crate::net::HostNet::Passt => format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+                crate::net::HostNet::Tap { .. } => format!("tap,id=net0,fd={NET_FD}"),
+            };
+            let mac = net.mac().map(|m| format!(",mac={m}")).unwrap_or_default();
+            c.args(["-netdev", &netdev, "-device", &format!("virtio-net-device,netdev=net0{mac}")]);
         }
         // QEMU's own seccomp filter: no exec, no privilege changes, no
         // obsolete syscalls, no resource-control calls, should a guest ever

@@ -526,8 +526,9 @@ pub struct CreateArgs {
     /// Environment KEY=VALUE for every command in the sandbox (repeatable).
     #[arg(long = "env", value_parser = parse_kv)]
     pub env: Vec<(String, String)>,
-    /// `none` (loopback only) or `outbound` (NAT through pasta or slirp4netns).
-    #[arg(long, default_value = "none", value_parser = ["none", "outbound"])]
+    /// `none` (loopback only), `outbound` (NAT: pasta or slirp4netns for processes, passt for microVMs) or `tap`
+    /// (microVMs: a TAP on the node bridge flotilla0, 10.213.0.0/24, reachable from the host).
+    #[arg(long, default_value = "none", value_parser = ["none", "outbound", "tap"])]
     pub network: String,
     #[arg(long)]
     pub json: bool,

@@ -229,7 +229,11 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         idle_ttl_s: a.idle_ttl.map(|d| d.as_secs().max(1)),
         labels: a.labels.into_iter().collect(),
         env: a.env.into_iter().collect(),
-        network: if a.network == "outbound" { NetworkMode::Outbound } else { NetworkMode::None },
+        network: match a.network.as_str() {
+            "outbound" => NetworkMode::Outbound,
+            "tap" => NetworkMode::Tap,
+            _ => NetworkMode::None,
+        },
     };
     let c = client(&a.node).await?;
     let op = c.create_operation(&req).await.context("creating the sandbox")?;

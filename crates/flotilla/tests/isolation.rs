@@ -59,55 +59,48 @@ async fn sandboxes_cannot_see_the_host_or_each_other() {
     assert!(!st.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_hosts_loopback_is_out_of_reach() {
-    let env = common::env();
+on_both_backends!(the_hosts_loopback_is_out_of_reach, outbound_network_reaches_the_world_but_not_host_loopback);
+
+/// `bash -c script`, with a deadline (a connect that hangs must not).
+fn bash(script: String) -> flotilla_api::ExecRequest {
+    flotilla_api::ExecRequest {
+        argv: vec!["bash".into(), "-c".into(), script],
+        timeout_ms: Some(10_000),
+        ..Default::default()
+    }
+}
+
+async fn the_hosts_loopback_is_out_of_reach(kind: common::Kind) {
+    let env = common::env_for(kind);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let s = env.sandbox().await;
-    let (_, _, st) = env.sh(&s.id, &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")).await;
-    // `sh` is dash here, without /dev/tcp: use bash, which the host image has.
-    let (out, err, st2) = env
-        .exec(
-            &s.id,
-            flotilla_api::ExecRequest {
-                argv: vec!["bash".into(), "-c".into(), format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo CONNECTED")],
-                ..Default::default()
-            },
-        )
-        .await;
-    assert!(!st.success() && !st2.success(), "connected to the host's loopback: {out} {err}");
+    // `sh` is dash here, without /dev/tcp: bash, which both images have.
+    let (out, err, st) = env.exec(&s.id, bash(format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo CONNECTED"))).await;
+    assert!(!st.success(), "connected to the host's loopback: {out} {err}");
     assert!(listener.accept().is_err(), "the host listener saw a connection");
-    let ip = env.ok(&s.id, "cat /proc/net/dev | grep -c ':'").await;
-    assert_eq!(ip.trim(), "1", "only loopback exists");
+    let nics = env.ok(&s.id, "cat /proc/net/dev | grep -c ':'").await;
+    assert_eq!(nics.trim(), "1", "only loopback exists");
+    // ... and the sandbox's own loopback is up: a closed port refuses
+    // (a loopback that is down would be "unreachable").
+    let (_, err, _) = env.exec(&s.id, bash("exec 3<>/dev/tcp/127.0.0.1/9".into())).await;
+    assert!(err.contains("refused"), "the sandbox's loopback is not up: {err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_network_reaches_the_world_but_not_host_loopback() {
-    let Some(helper) = ["slirp4netns", "pasta"]
-        .into_iter()
-        .find(|h| std::process::Command::new("which").arg(h).output().is_ok_and(|o| o.status.success()))
-    else {
-        panic!("outbound networking needs slirp4netns or pasta; .ci/run installs slirp4netns");
-    };
+async fn outbound_network_reaches_the_world_but_not_host_loopback(kind: common::Kind) {
     let host_ip = std::process::Command::new("hostname").arg("-I").output().unwrap();
     let host_ip = String::from_utf8_lossy(&host_ip.stdout).split_whitespace().next().map(str::to_string);
     let Some(host_ip) = host_ip else { panic!("the host has no non-loopback address to test outbound with") };
-    let env = common::env();
+    let env = common::env_for(kind);
     let world = TcpListener::bind("0.0.0.0:0").unwrap();
     let port = world.local_addr().unwrap().port();
-    let s = env.create(CreateSandboxRequest { network: NetworkMode::Outbound, ..Default::default() }).await;
-    let bash = |script: String| flotilla_api::ExecRequest {
-        argv: vec!["bash".into(), "-c".into(), script],
-        timeout_ms: Some(10_000),
-        ..Default::default()
-    };
+    let s = env.create(CreateSandboxRequest { network: NetworkMode::Outbound, ..env.request().await }).await;
     let (out, err, st) = env.exec(&s.id, bash(format!("echo hi >/dev/tcp/{host_ip}/{port} && echo SENT"))).await;
-    assert!(st.success() && out.contains("SENT"), "outbound via {helper} failed: {out} {err}");
+    assert!(st.success() && out.contains("SENT"), "outbound on {kind:?} failed: {out} {err}");
     world.set_nonblocking(false).unwrap();
     assert!(world.accept().is_ok());
-    // The host's loopback, as slirp4netns/pasta would map it, is refused.
+    // The host's loopback, as slirp4netns/pasta/passt would map it, is refused.
     let local = TcpListener::bind("127.0.0.1:0").unwrap();
     local.set_nonblocking(true).unwrap();
     let lport = local.local_addr().unwrap().port();
@@ -116,4 +109,9 @@ async fn outbound_network_reaches_the_world_but_not_host_loopback() {
         assert!(!st.success() && !out.contains("SENT"), "reached host loopback through {gw}");
     }
     assert!(local.accept().is_err(), "the host loopback listener saw a connection");
+    if kind == common::Kind::Vm {
+        // The guest was told where DNS is (passt forwards it to the host's resolver).
+        let resolv = env.ok(&s.id, "cat /etc/resolv.conf").await;
+        assert_eq!(resolv.trim(), "nameserver 10.0.2.3");
+    }
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use flotilla_api::{
-    BackendKind, CreateSandboxRequest, ImportImageRequest, OperationState, Resources, SandboxState,
+    BackendKind, CreateSandboxRequest, ImportImageRequest, NetworkMode, OperationState, Resources, SandboxState,
     UpdateSandboxRequest, VmPoolRequest, WorkspaceQuery,
 };
 
@@ -178,10 +178,17 @@ async fn node_reports_the_vm_backend_and_its_accelerator() {
     let msg = format!("{:?}", err.unwrap_err().to_api());
     assert!(msg.contains("flotilla image import"), "{msg}");
 
+    // So is `tap` for a process sandbox.
+    let err = env.client.create(&CreateSandboxRequest { network: NetworkMode::Tap, ..Default::default() }).await;
+    let msg = format!("{:?}", err.unwrap_err().to_api());
+    assert!(msg.contains("InvalidArgument") && msg.contains("for microVMs"), "{msg}");
+
     let s = env.create(vm(&img)).await;
     let info = env.client.info().await.unwrap();
     let vmb = info.backends.iter().find(|b| b.kind == BackendKind::Vm).expect("vm backend listed");
     assert!(vmb.available, "{vmb:?}");
+    // .ci/run installs passt, and the tests run as root.
+    assert_eq!(vmb.network_modes, [NetworkMode::None, NetworkMode::Outbound, NetworkMode::Tap], "{vmb:?}");
     let accel = vmb.accelerator.as_deref().unwrap();
     assert!(accel == "kvm" || accel == "tcg", "{vmb:?}");
     assert!(vmb.accelerator_reason.is_some());
@@ -239,4 +246,56 @@ async fn warm_pool_hands_each_booted_vm_out_once() {
         env.client.delete(&s.id).await.unwrap();
     }
     assert!(qemus(&home).is_empty());
+}
+
+/// TAP devices on this host (the node names them `fltapN`).
+fn taps() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("fltap"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_sandboxes_get_their_own_address_and_give_it_back() {
+    let env = common::env_for(common::Kind::Vm);
+    let req = CreateSandboxRequest { network: NetworkMode::Tap, ..env.request().await };
+    let a = env.create(req.clone()).await;
+    let b = env.create(req.clone()).await;
+    assert_eq!(taps().len(), 2, "{:?}", taps());
+    // The host listens on the bridge; each guest reaches it from its own
+    // address.
+    let listener = std::net::TcpListener::bind("10.213.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let peer = |id: String| {
+        let listener = &listener;
+        let env = &env;
+        async move {
+            let script = format!("echo hi >/dev/tcp/10.213.0.1/{port} && echo SENT");
+            let req = flotilla_api::ExecRequest {
+                argv: vec!["bash".into(), "-c".into(), script],
+                timeout_ms: Some(10_000),
+                ..Default::default()
+            };
+            let (out, err, st) = env.exec(&id, req).await;
+            assert!(st.success() && out.contains("SENT"), "{out} {err}");
+            listener.accept().unwrap().1.ip().to_string()
+        }
+    };
+    assert_eq!(peer(a.id.clone()).await, "10.213.0.2");
+    assert_eq!(peer(b.id.clone()).await, "10.213.0.3");
+
+    // rm gives the TAP and the address back; the next sandbox gets it.
+    env.client.delete(&a.id).await.unwrap();
+    common::eventually(Duration::from_secs(10), "a's TAP to go", || async { (taps().len() == 1).then_some(()) }).await;
+    let c = env.create(req.clone()).await;
+    assert_eq!(peer(c.id.clone()).await, "10.213.0.2");
+    for s in [&b, &c] {
+        env.client.delete(&s.id).await.unwrap();
+    }
+    common::eventually(Duration::from_secs(10), "every TAP to go", || async { taps().is_empty().then_some(()) }).await;
 }

@@ -40,8 +40,9 @@ pub fn env_for(kind: Kind) -> Env {
 }
 
 /// Tools the shared tests run inside a microVM's image.
-pub const VM_TOOLS: [&str; 15] = [
+pub const VM_TOOLS: [&str; 16] = [
     "/bin/sh",
+    "/bin/bash",
     "/bin/cat",
     "/bin/ls",
     "/bin/echo",
