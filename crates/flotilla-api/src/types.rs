@@ -737,4 +737,11 @@ pub struct VmPool {
     pub ready: u32,
     /// Booting now.
     pub booting: u32,
+    /// How the last member came up: `snapshot` (restored from the pool's
+    /// saved guest) or `cold` (a full boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_from: Option<String>,
+    /// How long the last member took, from start to agent ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ms: Option<u64>,
 }

@@ -402,6 +402,8 @@ impl Backend for NodeBackend {
                 disk_bytes: p.target.key.workspace_bytes,
                 ready: p.ready as u32,
                 booting: p.booting as u32,
+                last_from: p.last.as_ref().map(|l| if l.from_snapshot { "snapshot" } else { "cold" }.to_string()),
+                last_ms: p.last.map(|l| l.millis),
             })
             .collect()
     }

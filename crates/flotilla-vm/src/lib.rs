@@ -21,6 +21,7 @@ pub mod mux;
 pub mod net;
 pub mod pool;
 pub mod qemu;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -397,34 +398,9 @@ impl VmBackend {
         launch: &qemu::LaunchSpec,
         step: &(dyn Fn(&str, Option<String>) + Send + Sync),
     ) -> Result<VmRunning, VmError> {
+        let running = self.spawn_vmm(&spec.id, launch, step).await?;
         let dir = &launch.dir;
-        for f in [qemu::qmp_socket(dir), qemu::agent_socket(dir), qemu::console_log(dir), qemu::pid_file(dir)] {
-            let _ = std::fs::remove_file(f);
-        }
-        let mut cmd = self.vmm.command(launch);
-        // The host side of the NIC, new for every launch; QEMU holds the
-        // only copy once it runs, so it goes when QEMU does.
-        let net_fd = match &launch.network {
-            Some(n) => Some(n.open(&dir.join("net.log")).await.map_err(io_step("opening the guest's network"))?),
-            None => None,
-        };
-        if let Some(fd) = &net_fd {
-            sys::command_pass_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(fd), qemu::NET_FD);
-        }
         let qemu_log = dir.join("vmm.log");
-        let log = std::fs::File::create(&qemu_log).map_err(io_step("creating vmm.log"))?;
-        cmd.stderr(log);
-        sys::command_new_session(&mut cmd, false);
-        let child = cmd.spawn().map_err(io_step(format!("starting {}", self.vmm.name())))?;
-        drop(net_fd);
-        let pid = child.id() as i32;
-        // The std Child is dropped without waiting: the pidfd below reaps.
-        drop(child);
-        let pidfd = sys::pidfd_open(pid).map_err(io_step("opening a pidfd for QEMU"))?;
-        let start_time = sys::process_start_time(pid).unwrap_or(0);
-        let running = self.watch(pid, start_time, pidfd, dir.clone(), &spec.id);
-        step("created", Some(format!("{} pid {pid}", self.vmm.name())));
-
         let deadline = Instant::now() + self.boot_timeout;
         let agent = running.agent();
         loop {
@@ -457,6 +433,63 @@ impl VmBackend {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts the VMM for `launch` (feeding it the saved state when it
+    /// restores a snapshot) without waiting for the guest.
+    async fn spawn_vmm(
+        &self,
+        id: &str,
+        launch: &qemu::LaunchSpec,
+        step: &(dyn Fn(&str, Option<String>) + Send + Sync),
+    ) -> Result<VmRunning, VmError> {
+        let dir = &launch.dir;
+        let mut stale =
+            vec![qemu::qmp_socket(dir), qemu::agent_socket(dir), qemu::console_log(dir), qemu::pid_file(dir)];
+        stale.extend(launch.incoming.as_ref().map(|i| i.socket.clone()));
+        for f in stale {
+            let _ = std::fs::remove_file(f);
+        }
+        let mut cmd = self.vmm.command(launch);
+        // The host side of the NIC, new for every launch; QEMU holds the
+        // only copy once it runs, so it goes when QEMU does.
+        let net_fd = match &launch.network {
+            Some(n) => Some(n.open(&dir.join("net.log")).await.map_err(io_step("opening the guest's network"))?),
+            None => None,
+        };
+        if let Some(fd) = &net_fd {
+            sys::command_pass_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(fd), qemu::NET_FD);
+        }
+        let qemu_log = dir.join("vmm.log");
+        let log = std::fs::File::create(&qemu_log).map_err(io_step("creating vmm.log"))?;
+        cmd.stderr(log);
+        sys::command_new_session(&mut cmd, false);
+        let child = cmd.spawn().map_err(io_step(format!("starting {}", self.vmm.name())))?;
+        drop(net_fd);
+        let pid = child.id() as i32;
+        // The std Child is dropped without waiting: the pidfd below reaps.
+        drop(child);
+        let pidfd = sys::pidfd_open(pid).map_err(io_step("opening a pidfd for QEMU"))?;
+        let start_time = sys::process_start_time(pid).unwrap_or(0);
+        let running = self.watch(pid, start_time, pidfd, dir.clone(), id);
+        step("created", Some(format!("{} pid {pid}", self.vmm.name())));
+        if let Some(inc) = &launch.incoming {
+            // Feed the saved state; the guest then runs on from where it
+            // was saved and answers the first hello.
+            let inc = inc.clone();
+            let deadline = Instant::now() + self.boot_timeout;
+            let vm = running.clone();
+            tokio::spawn(async move {
+                if let Err(e) = snapshot::feed(&inc, deadline).await {
+                    // Ends QEMU, so the boot fails now with this reason
+                    // in vmm.log rather than at its deadline.
+                    let _ = std::fs::write(inc.dir.join("vmm.log"), format!("flotilla: restoring failed: {e}\n"));
+                    let _ = flotilla_sandbox::process::kill_and_wait(&vm.pidfd, vm.pid, vm.exited()).await;
+                }
+            });
+        }
+
+        Ok(running)
     }
 
     fn watch(&self, pid: i32, start_time: u64, pidfd: OwnedFd, dir: PathBuf, id: &str) -> VmRunning {
@@ -589,18 +622,7 @@ impl VmBackend {
         let gc =
             GuestConfig { id: spec.id.clone(), hostname: spec.hostname.clone(), env: spec.env.clone(), net: guest_net };
         std::fs::write(&config, serde_json::to_vec(&gc).unwrap_or_default()).map_err(io_step("writing config.json"))?;
-        Ok(qemu::LaunchSpec {
-            dir,
-            kernel: assets.vmlinux.clone(),
-            initramfs: assets.initramfs.clone(),
-            accel,
-            vcpus: spec.vcpus.max(1),
-            memory_mib: (spec.memory_bytes >> 20).max(64),
-            root_disk: root,
-            workspace_disk: ws,
-            config,
-            network: host_net,
-        })
+        Ok(qemu::LaunchSpec { network: host_net, ..launch_spec(spec, dir, assets, accel) })
     }
 
     /// The image's read-only ext4 base disk, made once per image version.
@@ -692,6 +714,23 @@ fn tree_size(root: &Path) -> (u64, u64) {
         }
     }
     (bytes, n)
+}
+
+/// The launch of `spec` from the disks in `dir` (no NIC, a cold boot).
+fn launch_spec(spec: &VmSpec, dir: PathBuf, assets: &assets::GuestAssets, accel: Accel) -> qemu::LaunchSpec {
+    qemu::LaunchSpec {
+        kernel: assets.vmlinux.clone(),
+        initramfs: assets.initramfs.clone(),
+        accel,
+        vcpus: spec.vcpus.max(1),
+        memory_mib: (spec.memory_bytes >> 20).max(64),
+        root_disk: dir.join("root.qcow2"),
+        workspace_disk: dir.join("workspace.ext4"),
+        config: dir.join("config.json"),
+        network: None,
+        incoming: None,
+        dir,
+    }
 }
 
 async fn run_tool(cmd: &mut std::process::Command) -> Result<(), VmError> {

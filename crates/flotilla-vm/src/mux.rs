@@ -11,7 +11,7 @@
 //! ```text
 //! host  -> guest   FLOTILLA-HELLO <nonce>\n     (repeated until answered)
 //! guest -> host    FLOTILLA-READY <nonce>\n
-//! host  -> guest   FLOTILLA-GO <nonce>\n
+//! host  -> guest   FLOTILLA-GO <nonce> <unix time ns> <32 random bytes, hex>\n
 //! ```
 //!
 //! Each side skips everything before the line it waits for; then both run
@@ -22,6 +22,11 @@
 //! hellos. Repeats that arrive after the guest answered are skipped while it
 //! waits for `GO`, after which the host sends only yamux. The guest goes
 //! back to waiting for a hello whenever its session breaks.
+//!
+//! `GO` also carries the host's clock and fresh randomness. A guest restored
+//! from a snapshot wakes with the clock and the random-number state of the
+//! moment the snapshot was taken, shared with every other guest restored
+//! from it: on each attach it sets its clock and reseeds its RNG.
 
 use std::collections::VecDeque;
 use std::io;
@@ -43,7 +48,7 @@ const GO: &str = "FLOTILLA-GO ";
 /// How often the host repeats its hello while the guest does not answer.
 const HELLO_EVERY: Duration = Duration::from_millis(250);
 /// Longest handshake line we accept; anything longer is a leftover.
-const MAX_LINE: usize = 128;
+const MAX_LINE: usize = 160;
 
 fn config() -> yamux::Config {
     let mut c = yamux::Config::default();
@@ -75,6 +80,18 @@ async fn read_line_with<R: AsyncRead + Unpin>(r: &mut R, prefix: &str) -> io::Re
 }
 
 // ------------------------------------------------------------------ host
+
+/// `GO` with the host's clock and 32 random bytes.
+fn go_line(nonce: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let mut seed = [0u8; 32];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut seed);
+    }
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{GO}{nonce} {now} {hex}\n")
+}
 
 type OpenReply = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
 
@@ -161,7 +178,7 @@ impl HostDialer {
                 format!("the guest agent did not answer on its serial port within {within:?}"),
             )
         })??;
-        wr.write_all(format!("{GO}{nonce}\n").as_bytes()).await?;
+        wr.write_all(go_line(&nonce).as_bytes()).await?;
         let sock = rd.reunite(wr).map_err(io::Error::other)?;
         let conn = yamux::Connection::new(sock.compat(), config(), yamux::Mode::Client);
         let (tx, rx) = mpsc::channel(64);
@@ -290,7 +307,7 @@ where
         }
         // Skip repeated hellos until the host says go.
         match read_line_with(&mut port, GO).await {
-            Ok(Some(n)) if n == nonce => {}
+            Ok(Some(go)) if go.split(' ').next() == Some(nonce.as_str()) => take_host_state(&go),
             _ => continue,
         }
         let mut conn = yamux::Connection::new(port.compat(), config(), yamux::Mode::Server);
@@ -308,6 +325,37 @@ where
                 None => break,
             }
         }
+    }
+}
+
+/// Sets the guest's clock from the host's and mixes the host's random bytes
+/// into the guest's pool, then forces a reseed so that guests restored from
+/// one snapshot stop sharing random numbers.
+fn take_host_state(go: &str) {
+    let mut words = go.split(' ').skip(1);
+    if let Some(ns) = words.next().and_then(|w| w.parse::<u128>().ok()) {
+        let ts = libc::timespec { tv_sec: (ns / 1_000_000_000) as libc::time_t, tv_nsec: (ns % 1_000_000_000) as _ };
+        // SAFETY: a valid timespec for the duration of the call.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "setting the clock from the host");
+        }
+    }
+    let Some(hex) = words.next() else { return };
+    let seed: Vec<u8> =
+        (0..hex.len() / 2).filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    let reseed = || -> io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+        f.write_all(&seed)?;
+        // RNDRESEEDCRNG: reseed the kernel's CRNG from the pool now.
+        // SAFETY: an argument-less ioctl on an open /dev/urandom.
+        if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), 0x5207) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    if let Err(e) = reseed() {
+        tracing::warn!(error = %e, "reseeding the guest's RNG");
     }
 }
 
@@ -378,6 +426,18 @@ mod tests {
         assert_eq!(read_line_with(&mut b, READY).await.unwrap().as_deref(), Some("abc"));
         drop(a);
         assert_eq!(read_line_with(&mut b, READY).await.unwrap(), None);
+    }
+
+    #[test]
+    fn go_carries_the_nonce_the_clock_and_randomness() {
+        let line = go_line("00ff");
+        assert!(line.len() < MAX_LINE, "{line}");
+        let rest = line.strip_prefix(GO).unwrap().trim_end();
+        let words: Vec<&str> = rest.split(' ').collect();
+        assert_eq!(words[0], "00ff");
+        assert!(words[1].parse::<u128>().unwrap() > 1_700_000_000_000_000_000);
+        assert_eq!(words[2].len(), 64);
+        assert_ne!(go_line("00ff"), line, "fresh randomness each time");
     }
 
     #[tokio::test]

@@ -55,6 +55,16 @@ pub struct PoolStatus {
     pub target: PoolTarget,
     pub ready: usize,
     pub booting: usize,
+    /// How its last member came up, and how long that took.
+    pub last: Option<Readied>,
+}
+
+/// How a member came up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readied {
+    /// Restored from the pool's snapshot (else booted cold).
+    pub from_snapshot: bool,
+    pub millis: u64,
 }
 
 struct Member {
@@ -69,6 +79,11 @@ pub(crate) struct Pool {
     ready: Vec<Member>,
     booting: BTreeMap<String, PoolKey>,
     draining: bool,
+    last: Vec<(PoolKey, Readied)>,
+    /// Keys whose snapshot failed to make or restore: cold boots only.
+    no_snapshot: Vec<PoolKey>,
+    /// Woken when a member is claimed, so the refill starts at once.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Pool {
@@ -124,6 +139,7 @@ impl VmBackend {
                 target: t.clone(),
                 ready: p.ready.iter().filter(|m| m.key == t.key).count(),
                 booting: p.booting.values().filter(|k| **k == t.key).count(),
+                last: p.last.iter().find(|(k, _)| *k == t.key).map(|(_, r)| r.clone()),
             })
             .collect()
     }
@@ -152,6 +168,7 @@ impl VmBackend {
                 p.ready.push(m);
                 return None;
             }
+            p.wake.notify_one();
             return Some(m.running.moved(&spec.id, to));
         }
     }
@@ -170,6 +187,57 @@ impl VmBackend {
         }
     }
 
+    /// Brings up one member: restored from the key's snapshot (made first
+    /// if there is none yet), or booted cold when snapshots fail for it.
+    async fn boot_member(&self, key: &PoolKey, spec: &VmSpec) -> Result<(VmRunning, bool), crate::VmError> {
+        let skip = self.pool.lock().expect("pool lock").no_snapshot.contains(key);
+        if !skip {
+            match self.snapshot_dir(key).await {
+                Ok(snap) => {
+                    let mut ready = snap.join(crate::snapshot::STATE).exists();
+                    if !ready {
+                        tracing::info!(image = %key.image, "making the pool's snapshot");
+                        match self.make_snapshot(spec, &snap).await {
+                            Ok(()) => ready = true,
+                            Err(e) => tracing::warn!(error = %e, "could not make a snapshot; booting cold"),
+                        }
+                    }
+                    if ready {
+                        match self.restore(&snap, spec, &|_, _| {}).await {
+                            Ok(r) => return Ok((r, true)),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "restoring the snapshot failed; booting cold from now on");
+                                crate::cleanup_vm(&self.vms_dir(), &spec.id);
+                                let _ = std::fs::remove_dir_all(self.vm_dir(&spec.id));
+                                let _ = std::fs::remove_dir_all(&snap);
+                            }
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            self.pool.lock().expect("pool lock").no_snapshot.push(key.clone());
+        }
+        self.start(spec, &|_, _| {}).await.map(|r| (r, false))
+    }
+
+    /// Removes snapshots that no pool target uses any more.
+    async fn gc_unused_snapshots(&self) {
+        let keys: Vec<PoolKey> = self.pool.lock().expect("pool lock").targets.iter().map(|t| t.key.clone()).collect();
+        if keys.is_empty() && !self.snapshots_dir().exists() {
+            return;
+        }
+        let mut keep = Vec::new();
+        for k in &keys {
+            match self.snapshot_dir(k).await {
+                Ok(d) => keep.push(d),
+                // Cannot tell which to keep: keep all.
+                Err(_) => return,
+            }
+        }
+        self.gc_snapshots(&keep);
+    }
+
     /// Starts the refill task; it ends when the backend is dropped.
     pub fn start_pool(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
@@ -178,9 +246,14 @@ impl VmBackend {
 }
 
 async fn refill(weak: Weak<VmBackend>) {
+    let wake = match weak.upgrade() {
+        Some(b) => b.pool.lock().expect("pool lock").wake.clone(),
+        None => return,
+    };
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), wake.notified()).await;
         let Some(b) = weak.upgrade() else { return };
+        b.gc_unused_snapshots().await;
         // What to do this round: one boot at a time, surplus stopped.
         let (boot, surplus) = {
             let mut p = b.pool.lock().expect("pool lock");
@@ -238,7 +311,18 @@ async fn refill(weak: Weak<VmBackend>) {
                     continue;
                 }
             };
-            let booted = b.start(&spec, &|_, _| {}).await;
+            let started = std::time::Instant::now();
+            let booted = b.boot_member(&key, &spec).await;
+            let readied = booted.as_ref().ok().map(|(_, from_snapshot)| Readied {
+                from_snapshot: *from_snapshot,
+                millis: started.elapsed().as_millis() as u64,
+            });
+            let booted = booted.map(|(r, _)| r);
+            if let Some(r) = readied {
+                let mut p = b.pool.lock().expect("pool lock");
+                p.last.retain(|(k, _)| *k != key);
+                p.last.push((key.clone(), r));
+            }
             let failed = {
                 let mut p = b.pool.lock().expect("pool lock");
                 p.booting.remove(&id);

@@ -44,6 +44,19 @@ pub struct LaunchSpec {
     pub config: PathBuf,
     /// The guest's NIC; its host side is handed over as fd [`NET_FD`].
     pub network: Option<crate::net::HostNet>,
+    /// Restore from a snapshot instead of booting the kernel.
+    pub incoming: Option<Incoming>,
+}
+
+/// Where a restored VM's state comes from.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The saved state (a QEMU migration stream).
+    pub state: PathBuf,
+    /// The Unix socket QEMU waits on for it (`-incoming unix:`).
+    pub socket: PathBuf,
+    /// The VM's directory (its QMP socket resumes the guest).
+    pub dir: PathBuf,
 }
 
 /// The fd number QEMU finds the host side of the guest's NIC at.
@@ -150,6 +163,9 @@ impl Vmm for Qemu {
             let mac = net.mac().map(|m| format!(",mac={m}")).unwrap_or_default();
             c.args(["-netdev", &netdev, "-device", &format!("virtio-net-device,netdev=net0{mac}")]);
         }
+        if let Some(inc) = &s.incoming {
+            c.args(["-incoming", &format!("unix:{}", p(&inc.socket))]);
+        }
         // QEMU's own seccomp filter: no exec, no privilege changes, no
         // obsolete syscalls, no resource-control calls, should a guest ever
         // take over the emulator.
@@ -192,6 +208,62 @@ impl Qmp {
     pub async fn running(&self) -> std::io::Result<bool> {
         let s = self.inner.execute(qapi::qmp::query_status {}).await.map_err(qmp_err)?;
         Ok(s.running)
+    }
+
+    /// `stop`: pauses the vCPUs.
+    pub async fn stop(&self) -> std::io::Result<()> {
+        self.inner.execute(qapi::qmp::stop {}).await.map_err(qmp_err).map(drop)
+    }
+
+    /// Saves the (stopped) VM's state to `uri` and waits until that is
+    /// done. Bandwidth is not capped: the state goes to a local file.
+    pub async fn save(&self, uri: &str, within: Duration) -> std::io::Result<()> {
+        let params = qapi::qmp::MigrateSetParameters { max_bandwidth: Some(i64::MAX as u64 / 2), ..Default::default() };
+        self.inner.execute(qapi::qmp::migrate_set_parameters(params)).await.map_err(qmp_err)?;
+        let cmd = qapi::qmp::migrate { uri: Some(uri.into()), channels: None, detach: None, resume: None };
+        self.inner.execute(cmd).await.map_err(qmp_err)?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let info = self.inner.execute(qapi::qmp::query_migrate {}).await.map_err(qmp_err)?;
+            match info.status {
+                Some(qapi::qmp::MigrationStatus::completed) => return Ok(()),
+                Some(qapi::qmp::MigrationStatus::failed | qapi::qmp::MigrationStatus::cancelled) => {
+                    return Err(std::io::Error::other(format!(
+                        "saving the VM failed: {}",
+                        info.error_desc.unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "saving the VM took too long"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until an incoming state has been loaded, then runs the vCPUs
+    /// (the state was saved paused, so QEMU would leave them paused).
+    pub async fn cont_after_incoming(&self, within: Duration) -> std::io::Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let info = self.inner.execute(qapi::qmp::query_migrate {}).await.map_err(qmp_err)?;
+            match info.status {
+                Some(qapi::qmp::MigrationStatus::completed) => break,
+                Some(qapi::qmp::MigrationStatus::failed | qapi::qmp::MigrationStatus::cancelled) => {
+                    return Err(std::io::Error::other(format!(
+                        "loading the snapshot failed: {}",
+                        info.error_desc.unwrap_or_default()
+                    )));
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "loading the snapshot took too long"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.execute(qapi::qmp::cont {}).await.map_err(qmp_err).map(drop)
     }
 
     /// `quit`: QEMU exits at once.

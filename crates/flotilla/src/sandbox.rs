@@ -452,10 +452,14 @@ pub async fn pool(cmd: crate::cli::PoolCommand) -> anyhow::Result<i32> {
                     p.size.to_string(),
                     p.ready.to_string(),
                     p.booting.to_string(),
+                    match (&p.last_from, p.last_ms) {
+                        (Some(from), Some(ms)) => format!("{from} in {ms}ms"),
+                        _ => "-".into(),
+                    },
                 ]
             })
             .collect();
-        output::table(&["IMAGE", "MEMORY", "VCPUS", "DISK", "SIZE", "READY", "BOOTING"], &rows);
+        output::table(&["IMAGE", "MEMORY", "VCPUS", "DISK", "SIZE", "READY", "BOOTING", "LAST"], &rows);
     }
     Ok(0)
 }

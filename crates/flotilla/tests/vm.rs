@@ -27,7 +27,18 @@ fn vm_env() -> common::Env {
 /// host) as `vmtest:1`.
 async fn image(env: &common::Env) -> String {
     let dir = env.node.home().join("rootfs-src");
-    let bins = ["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/uname", "/bin/grep", "/bin/tr", "/usr/bin/cut"];
+    let bins = [
+        "/bin/sh",
+        "/bin/cat",
+        "/bin/ls",
+        "/bin/echo",
+        "/bin/uname",
+        "/bin/grep",
+        "/bin/tr",
+        "/usr/bin/cut",
+        "/bin/date",
+        "/usr/bin/od",
+    ];
     flotilla_testkit::minimal_rootfs(&dir, &bins, &[]);
     let req = ImportImageRequest { reference: "vmtest:1".into(), path: dir.display().to_string() };
     let op = env.client.import_image(&req).await.unwrap();
@@ -209,6 +220,11 @@ async fn warm_pool_hands_each_booted_vm_out_once() {
     assert!(pools[0].image.starts_with("vmtest:1@sha256:"), "pinned: {pools:?}");
     let ready = || async { env.client.pools().await.ok().filter(|p| p.len() == 1 && p[0].ready == 1).map(|_| ()) };
     common::eventually(Duration::from_secs(120), "a pool member to boot", ready).await;
+    // The first member made the pool's snapshot and was restored from it.
+    let pools = env.client.pools().await.unwrap();
+    assert_eq!(pools[0].last_from.as_deref(), Some("snapshot"), "{pools:?}\nnode log:\n{}", env.node.log());
+    let snapshots = env.node.home().join("vm/snapshots");
+    assert_eq!(std::fs::read_dir(&snapshots).unwrap().count(), 1);
 
     // Two creates at once: exactly one gets the booted member.
     let (a, b) = tokio::join!(env.create(vm(&img)), env.create(vm(&img)));
@@ -222,9 +238,29 @@ async fn warm_pool_hands_each_booted_vm_out_once() {
     // after a node restart under its new id.
     let c = if claimed(&a) { &a } else { &b };
     assert!(env.node.home().join("vms").join(&c.id).join("root.qcow2").exists());
+    // A restored guest lives in the present, not at the snapshot's moment.
+    let guest_now: i64 = env.ok(&c.id, "date +%s").await.trim().parse().unwrap();
+    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((guest_now - host_now).abs() <= 5, "guest clock {guest_now}, host {host_now}");
+    let random = "od -An -N16 -tx1 /dev/urandom";
+    let c_random = env.ok(&c.id, random).await;
     env.node.kill9();
     env.node.start_again();
     assert_eq!(env.ok(&c.id, "echo still").await, "still\n");
+
+    // A second guest restored from the same snapshot draws other random
+    // numbers (the host reseeds each one).
+    common::eventually(Duration::from_secs(120), "the pool to refill", ready).await;
+    let e = env.create(vm(&img)).await;
+    assert!(claimed(&e), "{:?}", e.steps);
+    let e_random = env.ok(&e.id, random).await;
+    assert_ne!(c_random, e_random, "two restored guests share their RNG state");
+    // Stop and start: it boots cold from its own disks, workspace kept.
+    env.ok(&e.id, "echo kept > /workspace/f").await;
+    env.client.action(&e.id, "stop").await.unwrap();
+    let started = env.client.action(&e.id, "start").await.unwrap();
+    assert_eq!(started.state, SandboxState::Running, "{started:?}");
+    assert_eq!(env.ok(&e.id, "cat /workspace/f").await, "kept\n");
 
     // A create with its own env is not served from the pool.
     let mut with_env = vm(&img);
@@ -239,13 +275,18 @@ async fn warm_pool_hands_each_booted_vm_out_once() {
     assert!(pools.is_empty());
     let home = env.node.home().to_path_buf();
     common::eventually(Duration::from_secs(30), "the pool member to stop", || async {
-        (qemus(&home).len() == 3).then_some(())
+        (qemus(&home).len() == 4).then_some(())
     })
     .await;
-    for s in [&a, &b, &d] {
+    for s in [&a, &b, &d, &e] {
         env.client.delete(&s.id).await.unwrap();
     }
     assert!(qemus(&home).is_empty());
+    // ... and no pool means no snapshot kept.
+    common::eventually(Duration::from_secs(10), "the snapshot to go", || async {
+        (std::fs::read_dir(&snapshots).unwrap().count() == 0).then_some(())
+    })
+    .await;
 }
 
 /// TAP devices on this host (the node names them `fltapN`).
