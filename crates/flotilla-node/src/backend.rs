@@ -223,6 +223,7 @@ impl VmNodeBackend {
             memory_bytes: s.resources.memory_bytes.unwrap_or(crate::node::VM_DEFAULT_MEMORY),
             vcpus: vcpus(&s.resources),
             workspace_bytes: s.resources.disk_bytes.unwrap_or(flotilla_vm::DEFAULT_WORKSPACE),
+            pids: s.resources.pids,
             network: s.network,
             env: s.env.clone(),
         })
@@ -414,6 +415,7 @@ impl Backend for NodeBackend {
             memory_bytes: r.memory_bytes.unwrap_or(crate::node::VM_DEFAULT_MEMORY),
             vcpus: vcpus(r),
             workspace_bytes: r.disk_bytes.unwrap_or(flotilla_vm::DEFAULT_WORKSPACE),
+            pids: r.pids,
         };
         self.vm
             .inner

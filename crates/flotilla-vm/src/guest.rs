@@ -135,6 +135,7 @@ fn setup() -> Result<PathBuf, InitError> {
     // A fresh /tmp at every boot, as a process sandbox has.
     mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
     let _ = nix::unistd::sethostname(&config.hostname);
+    limit_tasks(config.pids)?;
     if let Some(net) = &config.net {
         crate::net::write_resolv_conf(net).map_err(sys("writing /etc/resolv.conf"))?;
     }
@@ -149,6 +150,27 @@ fn setup() -> Result<PathBuf, InitError> {
         unsafe { std::env::set_var("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin") };
     }
     find_port()
+}
+
+/// Puts init, and so every command it starts, into a cgroup whose
+/// `pids.max` is the sandbox's task limit: a fork bomb then fails to fork
+/// inside the guest instead of taking all of its memory. The guest's
+/// kernel threads stay outside.
+fn limit_tasks(pids: Option<u64>) -> Result<(), InitError> {
+    let Some(max) = pids else { return Ok(()) };
+    mount_fs(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
+        None,
+    )?;
+    let root = Path::new("/sys/fs/cgroup");
+    std::fs::write(root.join("cgroup.subtree_control"), "+pids").map_err(sys("enabling the pids controller"))?;
+    let cg = root.join("sandbox");
+    std::fs::create_dir_all(&cg).map_err(sys("creating the sandbox cgroup"))?;
+    std::fs::write(cg.join("pids.max"), max.to_string()).map_err(sys("setting pids.max"))?;
+    std::fs::write(cg.join("cgroup.procs"), "0").map_err(sys("moving init into the sandbox cgroup"))
 }
 
 fn load_modules(list: &str) -> Result<(), InitError> {

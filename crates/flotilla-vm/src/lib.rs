@@ -48,6 +48,9 @@ pub struct GuestConfig {
     /// The NIC's address plan; none: loopback only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<net::GuestNet>,
+    /// `pids.max` of the guest's sandbox cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
 }
 
 /// What one boot needs to know.
@@ -59,6 +62,8 @@ pub struct VmSpec {
     pub memory_bytes: u64,
     pub vcpus: u32,
     pub workspace_bytes: u64,
+    /// Most tasks the sandbox's commands may have (a cgroup in the guest).
+    pub pids: Option<u64>,
     pub network: flotilla_api::NetworkMode,
     pub env: BTreeMap<String, String>,
 }
@@ -500,8 +505,12 @@ impl VmBackend {
             let e = flotilla_sandbox::process::wait_pidfd(fd).await;
             let _ = tx.send(Some(e));
         });
-        // The guest may still be booting: each attach gives it a moment.
-        let dialer = mux::HostDialer::new(format!("vm:{id}"), qemu::agent_socket(&dir), Duration::from_millis(1500));
+        // How long a dial may wait for the guest to answer a hello. A boot
+        // waits with its own deadline; this is for a guest that runs: one
+        // re-attached after a node restart first ends its old session,
+        // which under TCG on a loaded host took over 1.5 s (a test saw it).
+        // Callers that must not wait (halt) have their own, shorter bound.
+        let dialer = mux::HostDialer::new(format!("vm:{id}"), qemu::agent_socket(&dir), Duration::from_secs(10));
         VmRunning { pid, start_time, dir, pidfd, exit: rx, dialer, booted: Default::default() }
     }
 
@@ -619,8 +628,13 @@ impl VmBackend {
                 (Some(g), Some(h))
             }
         };
-        let gc =
-            GuestConfig { id: spec.id.clone(), hostname: spec.hostname.clone(), env: spec.env.clone(), net: guest_net };
+        let gc = GuestConfig {
+            id: spec.id.clone(),
+            hostname: spec.hostname.clone(),
+            env: spec.env.clone(),
+            net: guest_net,
+            pids: spec.pids,
+        };
         std::fs::write(&config, serde_json::to_vec(&gc).unwrap_or_default()).map_err(io_step("writing config.json"))?;
         Ok(qemu::LaunchSpec { network: host_net, ..launch_spec(spec, dir, assets, accel) })
     }

@@ -29,6 +29,8 @@ pub struct PoolKey {
     pub memory_bytes: u64,
     pub vcpus: u32,
     pub workspace_bytes: u64,
+    #[serde(default)]
+    pub pids: Option<u64>,
 }
 
 impl PoolKey {
@@ -38,6 +40,7 @@ impl PoolKey {
             memory_bytes: spec.memory_bytes,
             vcpus: spec.vcpus.max(1),
             workspace_bytes: spec.workspace_bytes,
+            pids: spec.pids,
         }
     }
 }
@@ -300,6 +303,7 @@ async fn refill(weak: Weak<VmBackend>) {
                     memory_bytes: key.memory_bytes,
                     vcpus: key.vcpus,
                     workspace_bytes: key.workspace_bytes,
+                    pids: key.pids,
                     network: flotilla_api::NetworkMode::None,
                     env: BTreeMap::new(),
                 },

@@ -5,14 +5,15 @@ mod common;
 
 use flotilla_api::{CreateSandboxRequest, ExecRequest, Resources};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fork_bomb_is_contained() {
-    let env = common::env();
+on_both_backends!(a_fork_bomb_is_contained, a_memory_hog_is_killed_and_the_sandbox_survives);
+
+/// A process sandbox's task limit is its cgroup's; a microVM's is a cgroup
+/// inside the guest that its init and every command live in.
+async fn a_fork_bomb_is_contained(kind: common::Kind) {
+    let env = common::env_for(kind);
+    let req = env.request().await;
     let s = env
-        .create(CreateSandboxRequest {
-            resources: Resources { pids: Some(64), ..Default::default() },
-            ..Default::default()
-        })
+        .create(CreateSandboxRequest { resources: Resources { pids: Some(64), ..req.resources.clone() }, ..req })
         .await;
     let bomb = ExecRequest {
         argv: vec!["bash".into(), "-c".into(), "f() { f | f & }; f; sleep 3".into()],
@@ -40,8 +41,6 @@ async fn a_fork_bomb_is_contained() {
     let other = env.sandbox().await;
     env.ok(&other.id, "true").await;
 }
-
-on_both_backends!(a_memory_hog_is_killed_and_the_sandbox_survives);
 
 /// A process sandbox gets a 64 MiB cgroup limit; a microVM's memory is its
 /// guest's (256 MiB: its kernel needs some), where the guest's OOM killer

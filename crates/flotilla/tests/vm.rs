@@ -301,9 +301,24 @@ fn taps() -> Vec<String> {
     v
 }
 
+/// Connects from sandbox `id` to `listener` on the bridge; the address the
+/// connection came from.
+async fn peer(env: &common::Env, listener: &std::net::TcpListener, id: &str) -> String {
+    let port = listener.local_addr().unwrap().port();
+    let script = format!("echo hi >/dev/tcp/10.213.0.1/{port} && echo SENT");
+    let req = flotilla_api::ExecRequest {
+        argv: vec!["bash".into(), "-c".into(), script],
+        timeout_ms: Some(10_000),
+        ..Default::default()
+    };
+    let (out, err, st) = env.exec(id, req).await;
+    assert!(st.success() && out.contains("SENT"), "{out} {err}");
+    listener.accept().unwrap().1.ip().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tap_sandboxes_get_their_own_address_and_give_it_back() {
-    let env = common::env_for(common::Kind::Vm);
+    let mut env = common::env_for(common::Kind::Vm);
     let req = CreateSandboxRequest { network: NetworkMode::Tap, ..env.request().await };
     let a = env.create(req.clone()).await;
     let b = env.create(req.clone()).await;
@@ -311,30 +326,21 @@ async fn tap_sandboxes_get_their_own_address_and_give_it_back() {
     // The host listens on the bridge; each guest reaches it from its own
     // address.
     let listener = std::net::TcpListener::bind("10.213.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let peer = |id: String| {
-        let listener = &listener;
-        let env = &env;
-        async move {
-            let script = format!("echo hi >/dev/tcp/10.213.0.1/{port} && echo SENT");
-            let req = flotilla_api::ExecRequest {
-                argv: vec!["bash".into(), "-c".into(), script],
-                timeout_ms: Some(10_000),
-                ..Default::default()
-            };
-            let (out, err, st) = env.exec(&id, req).await;
-            assert!(st.success() && out.contains("SENT"), "{out} {err}");
-            listener.accept().unwrap().1.ip().to_string()
-        }
-    };
-    assert_eq!(peer(a.id.clone()).await, "10.213.0.2");
-    assert_eq!(peer(b.id.clone()).await, "10.213.0.3");
+    assert_eq!(peer(&env, &listener, &a.id).await, "10.213.0.2");
+    assert_eq!(peer(&env, &listener, &b.id).await, "10.213.0.3");
+
+    // A node killed with -9 leaves the VMs, their TAPs and leases as they
+    // were; the restarted node re-adopts them.
+    env.node.kill9();
+    env.node.start_again();
+    assert_eq!(taps().len(), 2, "{:?}", taps());
+    assert_eq!(peer(&env, &listener, &b.id).await, "10.213.0.3");
 
     // rm gives the TAP and the address back; the next sandbox gets it.
     env.client.delete(&a.id).await.unwrap();
     common::eventually(Duration::from_secs(10), "a's TAP to go", || async { (taps().len() == 1).then_some(()) }).await;
     let c = env.create(req.clone()).await;
-    assert_eq!(peer(c.id.clone()).await, "10.213.0.2");
+    assert_eq!(peer(&env, &listener, &c.id).await, "10.213.0.2");
     for s in [&b, &c] {
         env.client.delete(&s.id).await.unwrap();
     }

@@ -143,7 +143,10 @@ impl Env {
     }
 
     pub async fn exec(&self, id: &str, req: ExecRequest) -> (String, String, ExitStatus) {
-        let mut stream = self.client.sandbox(id).exec(&req).await.expect("exec accepted");
+        let mut stream = match self.client.sandbox(id).exec(&req).await {
+            Ok(s) => s,
+            Err(e) => panic!("exec in {id} refused: {e:?}\nnode log:\n{}", self.node.log()),
+        };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let status = drain_exec(&mut stream, &mut out, &mut err).await.expect("exec finished with a status");
         (String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned(), status)
