@@ -239,6 +239,9 @@ impl VmNodeBackend {
             step("claimed", Some(format!("a booted microVM from the warm pool, pid {}", claimed.pid)));
             return Ok(claimed);
         }
+        if let Some(restored) = self.inner.restore_pooled(&spec, step).await {
+            return Ok(restored);
+        }
         self.inner.start(&spec, step).await.map_err(|e| {
             let step = e.step();
             let code = match &e {

@@ -147,11 +147,16 @@ impl VmBackend {
             .collect()
     }
 
+    /// Whether a pool's guest can become `spec`: no network, no env of its
+    /// own, and no disks yet (a start after a stop keeps its own).
+    fn poolable(&self, spec: &VmSpec) -> bool {
+        spec.network == flotilla_api::NetworkMode::None && spec.env.is_empty() && !self.vm_dir(&spec.id).exists()
+    }
+
     /// A ready member for `spec`, now named `spec.id`; `None` when no pool
     /// matches or none is ready (then the caller boots cold).
     pub fn claim(&self, spec: &VmSpec) -> Option<VmRunning> {
-        // A sandbox that has disks already (a start after a stop) keeps them.
-        if spec.network != flotilla_api::NetworkMode::None || !spec.env.is_empty() || self.vm_dir(&spec.id).exists() {
+        if !self.poolable(spec) {
             return None;
         }
         let key = PoolKey::of(spec);
@@ -173,6 +178,42 @@ impl VmBackend {
             }
             p.wake.notify_one();
             return Some(m.running.moved(&spec.id, to));
+        }
+    }
+
+    /// When no member is ready but the pool for `spec` has a snapshot,
+    /// restores `spec` from it (well under a cold boot). `None`: not
+    /// eligible, no snapshot, or the restore failed (boot cold instead).
+    pub async fn restore_pooled(
+        &self,
+        spec: &VmSpec,
+        step: &(dyn Fn(&str, Option<String>) + Send + Sync),
+    ) -> Option<VmRunning> {
+        if !self.poolable(spec) {
+            return None;
+        }
+        let key = PoolKey::of(spec);
+        {
+            let p = self.pool.lock().expect("pool lock");
+            if !p.targets.iter().any(|t| t.key == key) || p.no_snapshot.contains(&key) {
+                return None;
+            }
+        }
+        let snap = self.snapshot_dir(&key).await.ok()?;
+        if !snap.join(crate::snapshot::STATE).exists() {
+            return None;
+        }
+        match self.restore(&snap, spec, step).await {
+            Ok(r) => {
+                step("restored", Some("from the warm pool's snapshot".into()));
+                Some(r)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %spec.id, error = %e, "restoring from the pool's snapshot failed; booting cold");
+                crate::cleanup_vm(&self.vms_dir(), &spec.id);
+                let _ = std::fs::remove_dir_all(self.vm_dir(&spec.id));
+                None
+            }
         }
     }
 

@@ -230,6 +230,9 @@ async fn warm_pool_hands_each_booted_vm_out_once() {
     let (a, b) = tokio::join!(env.create(vm(&img)), env.create(vm(&img)));
     let claimed = |s: &flotilla_api::Sandbox| s.steps.iter().any(|st| st.name == "claimed");
     assert_eq!([claimed(&a), claimed(&b)].iter().filter(|c| **c).count(), 1, "{:?}\n{:?}", a.steps, b.steps);
+    // The other found no member ready and was restored from the snapshot.
+    let restored = |s: &flotilla_api::Sandbox| s.steps.iter().any(|st| st.name == "restored");
+    assert!(restored(if claimed(&a) { &b } else { &a }), "{:?}\n{:?}", a.steps, b.steps);
     for s in [&a, &b] {
         assert_eq!(s.state, SandboxState::Running);
         assert_eq!(env.ok(&s.id, "echo $((6*7))").await, "42\n");
