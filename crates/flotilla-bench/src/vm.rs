@@ -205,7 +205,7 @@ pub async fn vm_create(node: &Node, machine: &Machine, iterations: usize) -> any
     // From the pool's snapshot through the API: the member is claimed by
     // a first create (untimed), so the second finds none ready and is
     // restored from the snapshot (the refill restores beside it).
-    let mut from_snapshot = Vec::new();
+    let (mut from_snapshot, mut creates_not_restored) = (Vec::new(), 0usize);
     for _ in 0..iterations {
         wait_pool_ready(node).await?;
         let first = new_vm(node).await?;
@@ -215,7 +215,7 @@ pub async fn vm_create(node: &Node, machine: &Machine, iterations: usize) -> any
         if sb.steps.iter().any(|s| s.name == "restored") {
             from_snapshot.push(ms(elapsed));
         } else {
-            not_restored += 1;
+            creates_not_restored += 1;
         }
         node.client().delete(&first.id).await?;
         node.client().delete(&sb.id).await?;
@@ -265,6 +265,7 @@ pub async fn vm_create(node: &Node, machine: &Machine, iterations: usize) -> any
         details: json!({
             "raw_boots_failed": hung, "create_boot_retries": retries, "accelerator": accel,
             "pool_creates_not_claimed": not_claimed, "pool_refills_not_from_snapshot": not_restored,
+            "creates_not_restored": creates_not_restored,
         }),
     };
     report.set_ratios("raw_qemu_boot_trivial_init");

@@ -534,10 +534,7 @@ impl<B: Backend> Node<B> {
         validate_resources(&req.resources)?;
         self.backend.check_network(req.backend, req.network).map_err(ApiError::invalid)?;
         if req.backend == flotilla_api::BackendKind::Vm && image == "host" {
-            return Err(ApiError::invalid(
-                "a microVM needs an image with its own root filesystem, not `host`: import one \
-                 (`flotilla image import NAME:TAG ./rootfs.tar.gz`) and pass `--image NAME:TAG`",
-            ));
+            return Err(ApiError::invalid(flotilla_vm::HOST_IMAGE_REFUSED));
         }
         if req.idle_ttl_s == Some(0) {
             return Err(ApiError::invalid("idle_ttl_s must be at least 1 second"));

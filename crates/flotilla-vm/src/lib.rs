@@ -195,6 +195,11 @@ impl std::fmt::Debug for VmBackend {
     }
 }
 
+/// Why a microVM cannot start from the `host` image, with the fix.
+pub const HOST_IMAGE_REFUSED: &str = "a microVM needs an image with its own root filesystem, not `host`: import \
+                                      one (`flotilla image import NAME:TAG ./rootfs.tar.gz`) and pass `--image \
+                                      NAME:TAG`";
+
 /// Default guest memory when the create call sets none.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 /// Default workspace disk size (sparse: costs only what is written).
@@ -488,7 +493,9 @@ impl VmBackend {
                 if let Err(e) = snapshot::feed(&inc, deadline).await {
                     // Ends QEMU, so the boot fails now with this reason
                     // in vmm.log rather than at its deadline.
-                    let _ = std::fs::write(inc.dir.join("vmm.log"), format!("flotilla: restoring failed: {e}\n"));
+                    use std::io::Write;
+                    let log = std::fs::OpenOptions::new().append(true).create(true).open(inc.dir.join("vmm.log"));
+                    let _ = log.and_then(|mut f| writeln!(f, "flotilla: restoring failed: {e}"));
                     let _ = flotilla_sandbox::process::kill_and_wait(&vm.pidfd, vm.pid, vm.exited()).await;
                 }
             });
@@ -652,11 +659,7 @@ impl VmBackend {
                 (d.clone(), format!("dir-{}", h.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>()))
             }
             Image::Host => {
-                return Err(VmError::Image(
-                    "a microVM needs an image with its own root filesystem, not `host`: import one \
-                     (`flotilla image import NAME:TAG ./rootfs.tar.gz`) and pass `--image NAME:TAG`"
-                        .into(),
-                ));
+                return Err(VmError::Image(HOST_IMAGE_REFUSED.into()));
             }
         };
         let dir = self.assets_dir().join("base");

@@ -239,7 +239,7 @@ fn ensure_bridge(s: &OwnedFd) -> io::Result<()> {
     let name = CString::new(BRIDGE).expect("no NUL");
     match ioctl(s, SIOCBRADDBR, name.as_ptr() as *mut libc::c_void, &format!("creating bridge {BRIDGE}")) {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) || e.to_string().contains("File exists") => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
     set_addr_up(s, BRIDGE, Some((BRIDGE_ADDR, 24)))

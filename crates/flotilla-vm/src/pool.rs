@@ -266,14 +266,13 @@ impl VmBackend {
     }
 
     /// Removes snapshots that no pool target uses any more.
-    async fn gc_unused_snapshots(&self) {
-        let keys: Vec<PoolKey> = self.pool.lock().expect("pool lock").targets.iter().map(|t| t.key.clone()).collect();
-        if keys.is_empty() && !self.snapshots_dir().exists() {
+    async fn gc_unused_snapshots(&self, targets: &[PoolTarget]) {
+        if targets.is_empty() && !self.snapshots_dir().exists() {
             return;
         }
         let mut keep = Vec::new();
-        for k in &keys {
-            match self.snapshot_dir(k).await {
+        for t in targets {
+            match self.snapshot_dir(&t.key).await {
                 Ok(d) => keep.push(d),
                 // Cannot tell which to keep: keep all.
                 Err(_) => return,
@@ -294,10 +293,17 @@ async fn refill(weak: Weak<VmBackend>) {
         Some(b) => b.pool.lock().expect("pool lock").wake.clone(),
         None => return,
     };
+    // Snapshots are collected when the targets change (and once at start),
+    // not on every round.
+    let mut collected_for: Option<Vec<PoolTarget>> = None;
     loop {
         let _ = tokio::time::timeout(Duration::from_millis(200), wake.notified()).await;
         let Some(b) = weak.upgrade() else { return };
-        b.gc_unused_snapshots().await;
+        let targets = b.pool.lock().expect("pool lock").targets.clone();
+        if collected_for.as_ref() != Some(&targets) {
+            b.gc_unused_snapshots(&targets).await;
+            collected_for = Some(targets);
+        }
         // What to do this round: one boot at a time, surplus stopped.
         let (boot, surplus) = {
             let mut p = b.pool.lock().expect("pool lock");

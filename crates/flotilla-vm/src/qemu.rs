@@ -222,6 +222,19 @@ impl Qmp {
         self.inner.execute(qapi::qmp::migrate_set_parameters(params)).await.map_err(qmp_err)?;
         let cmd = qapi::qmp::migrate { uri: Some(uri.into()), channels: None, detach: None, resume: None };
         self.inner.execute(cmd).await.map_err(qmp_err)?;
+        self.wait_migration("saving the VM", within, Duration::from_millis(10)).await
+    }
+
+    /// Waits until an incoming state has been loaded, then runs the vCPUs
+    /// (the state was saved paused, so QEMU would leave them paused).
+    pub async fn cont_after_incoming(&self, within: Duration) -> std::io::Result<()> {
+        self.wait_migration("loading the snapshot", within, Duration::from_millis(5)).await?;
+        self.inner.execute(qapi::qmp::cont {}).await.map_err(qmp_err).map(drop)
+    }
+
+    /// Polls `query-migrate` every `every` until the migration (either
+    /// way) completed, failed, or `within` passed; `what` names it in errors.
+    async fn wait_migration(&self, what: &str, within: Duration, every: Duration) -> std::io::Result<()> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let info = self.inner.execute(qapi::qmp::query_migrate {}).await.map_err(qmp_err)?;
@@ -229,41 +242,17 @@ impl Qmp {
                 Some(qapi::qmp::MigrationStatus::completed) => return Ok(()),
                 Some(qapi::qmp::MigrationStatus::failed | qapi::qmp::MigrationStatus::cancelled) => {
                     return Err(std::io::Error::other(format!(
-                        "saving the VM failed: {}",
+                        "{what} failed: {}",
                         info.error_desc.unwrap_or_default()
                     )));
                 }
                 _ => {}
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "saving the VM took too long"));
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} took too long")));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(every).await;
         }
-    }
-
-    /// Waits until an incoming state has been loaded, then runs the vCPUs
-    /// (the state was saved paused, so QEMU would leave them paused).
-    pub async fn cont_after_incoming(&self, within: Duration) -> std::io::Result<()> {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let info = self.inner.execute(qapi::qmp::query_migrate {}).await.map_err(qmp_err)?;
-            match info.status {
-                Some(qapi::qmp::MigrationStatus::completed) => break,
-                Some(qapi::qmp::MigrationStatus::failed | qapi::qmp::MigrationStatus::cancelled) => {
-                    return Err(std::io::Error::other(format!(
-                        "loading the snapshot failed: {}",
-                        info.error_desc.unwrap_or_default()
-                    )));
-                }
-                _ => {}
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "loading the snapshot took too long"));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        self.inner.execute(qapi::qmp::cont {}).await.map_err(qmp_err).map(drop)
     }
 
     /// `quit`: QEMU exits at once.
