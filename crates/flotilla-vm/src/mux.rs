@@ -47,6 +47,8 @@ const READY: &str = "FLOTILLA-READY ";
 const GO: &str = "FLOTILLA-GO ";
 /// How often the host repeats its hello while the guest does not answer.
 const HELLO_EVERY: Duration = Duration::from_millis(250);
+/// How long one connection waits for an answer before a fresh one is made.
+const CONNECTION_BUDGET: Duration = Duration::from_secs(2);
 /// Longest handshake line we accept; anything longer is a leftover.
 const MAX_LINE: usize = 160;
 
@@ -147,7 +149,45 @@ impl HostDialer {
 
     async fn attach(&self, within: Duration) -> io::Result<mpsc::Sender<OpenReply>> {
         let path = self.socket.lock().expect("socket lock").clone();
-        let sock = tokio::net::UnixStream::connect(&path).await?;
+        let deadline = tokio::time::Instant::now() + within;
+        // Each connection gets a few seconds; one that goes unanswered is
+        // replaced by a fresh one. After a node kill -9, a guest was seen
+        // (about one CI run in two) never answering hellos on the first
+        // connection for 10 s: a new connection is a new open event for
+        // QEMU's chardev and the guest's port.
+        let (rd, wr, nonce) = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.hello(&path, left.min(CONNECTION_BUDGET)).await {
+                Ok(answered) => break answered,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && left > CONNECTION_BUDGET => {
+                    tracing::debug!(vm = %self.name(), "no answer on this connection; reconnecting");
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the guest agent did not answer on its serial port within {within:?}"),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let mut wr = wr;
+        wr.write_all(go_line(&nonce).as_bytes()).await?;
+        let sock = rd.reunite(wr).map_err(io::Error::other)?;
+        let conn = yamux::Connection::new(sock.compat(), config(), yamux::Mode::Client);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(drive_client(conn, rx));
+        Ok(tx)
+    }
+
+    /// Connects and repeats a hello until the guest answers it, within
+    /// `within`; the connection's halves and the nonce it was answered on.
+    async fn hello(
+        &self,
+        path: &std::path::Path,
+        within: Duration,
+    ) -> io::Result<(tokio::net::unix::OwnedReadHalf, tokio::net::unix::OwnedWriteHalf, String)> {
+        let sock = tokio::net::UnixStream::connect(path).await?;
         let nonce = self.next_nonce();
         let hello = format!("\n{HELLO}{nonce}\n");
         let (mut rd, mut wr) = sock.into_split();
@@ -172,18 +212,10 @@ impl HostDialer {
                 }
             }
         };
-        tokio::time::timeout(within, wait).await.map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the guest agent did not answer on its serial port within {within:?}"),
-            )
-        })??;
-        wr.write_all(go_line(&nonce).as_bytes()).await?;
-        let sock = rd.reunite(wr).map_err(io::Error::other)?;
-        let conn = yamux::Connection::new(sock.compat(), config(), yamux::Mode::Client);
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(drive_client(conn, rx));
-        Ok(tx)
+        tokio::time::timeout(within, wait)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no answer on this connection"))??;
+        Ok((rd, wr, nonce))
     }
 
     async fn open(&self) -> io::Result<yamux::Stream> {
