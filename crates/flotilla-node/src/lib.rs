@@ -40,9 +40,7 @@ pub async fn serve_unix<B: Backend>(
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(socket);
-    let listener = tokio::net::UnixListener::bind(socket)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(socket)?;
     node.spawn_janitor();
     // Graceful shutdown waits for open connections, and exec or session
     // streams stay open as long as their sandbox runs: stop the sandboxes
@@ -57,4 +55,28 @@ pub async fn serve_unix<B: Backend>(
     node.shutdown().await;
     let _ = std::fs::remove_file(socket);
     Ok(())
+}
+
+/// Binds a listening Unix socket at `socket`, mode 0600, so that the path
+/// appears only once it is both private and accepting.
+///
+/// Binding in place would leave two windows: between `bind` and `listen` a
+/// client that sees the file gets `ECONNREFUSED` (a restarted node looked
+/// dead to anyone polling for the file), and between `bind` and `chmod` the
+/// socket carries the umask's mode. So bind a temporary name beside it,
+/// restrict it, and rename it over the real path: a rename is atomic, and a
+/// listening socket keeps working under its new name.
+fn bind_private(socket: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let mut staging = socket.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = tokio::net::UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&staging, socket));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    Ok(listener)
 }

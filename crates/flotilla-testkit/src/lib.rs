@@ -54,7 +54,12 @@ impl NodeProcess {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.home.path().join("node.log")).expect("log file");
+        // Append: after a restart the log still holds what the last node said.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.home.path().join("node.log"))
+            .expect("log file");
         let child = Command::new(&self.bin)
             .args(["node", "--home"])
             .arg(self.home.path())
@@ -73,7 +78,8 @@ impl NodeProcess {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("flotilla node exited early with {status}");
             }
-            sock.exists().then_some(())
+            // Connect, not just look for the file: the node must answer.
+            std::os::unix::net::UnixStream::connect(&sock).is_ok().then_some(())
         });
     }
 
