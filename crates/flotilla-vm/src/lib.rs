@@ -26,6 +26,7 @@ pub mod snapshot;
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -460,6 +461,16 @@ impl VmBackend {
         for f in stale {
             let _ = std::fs::remove_file(f);
         }
+        if let Some(uid) = launch.runas {
+            // QEMU reopens its disks by name after it has dropped to its uid
+            // (a restored guest's disks are activated only then), so they are
+            // its own, and no one else's to read: 0600.
+            for disk in [&launch.root_disk, &launch.workspace_disk] {
+                std::os::unix::fs::chown(disk, Some(uid), Some(uid))
+                    .and_then(|()| std::fs::set_permissions(disk, std::fs::Permissions::from_mode(0o600)))
+                    .map_err(io_step(format!("handing {} to QEMU's uid", disk.display())))?;
+            }
+        }
         let mut cmd = self.vmm.command(launch);
         // The host side of the NIC, new for every launch; QEMU holds the
         // only copy once it runs, so it goes when QEMU does.
@@ -746,6 +757,7 @@ fn launch_spec(spec: &VmSpec, dir: PathBuf, assets: &assets::GuestAssets, accel:
         config: dir.join("config.json"),
         network: None,
         incoming: None,
+        runas: (flotilla_sandbox::sys::euid() == 0).then(|| qemu::vmm_uid(&spec.id)),
         dir,
     }
 }

@@ -46,6 +46,28 @@ pub struct LaunchSpec {
     pub network: Option<crate::net::HostNet>,
     /// Restore from a snapshot instead of booting the kernel.
     pub incoming: Option<Incoming>,
+    /// The unprivileged uid (and gid) QEMU drops to once it has opened its
+    /// disks, sockets and devices ([`vmm_uid`]); none: stay as we are (a
+    /// node that is not root cannot change uid anyway).
+    pub runas: Option<u32>,
+}
+
+/// The first host uid QEMUs run as: above the sandboxes' ranges
+/// (`2^30 + slot * 2^16`), so no process sandbox and no host user shares it.
+pub const VMM_UID_BASE: u32 = 3 << 30;
+/// How many uids QEMUs are spread over (2^24: two of a hundred VMs share a
+/// uid with odds of about 1 in 3,000, and then could only signal each other).
+pub const VMM_UID_SPAN: u32 = 1 << 24;
+
+/// The uid (and gid) the QEMU of the VM with id `id` runs as: its own,
+/// owning nothing on the host. QEMU opens everything it needs as root,
+/// then drops to it (`-runas`): a guest that took over the emulator holds
+/// no capabilities, cannot open the node's files or another VM's disks, and
+/// cannot trace other QEMUs (a process whose uid changed is not dumpable).
+pub fn vmm_uid(id: &str) -> u32 {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(id.as_bytes());
+    VMM_UID_BASE + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) % VMM_UID_SPAN
 }
 
 /// Where a restored VM's state comes from.
@@ -166,10 +188,20 @@ impl Vmm for Qemu {
         if let Some(inc) = &s.incoming {
             c.args(["-incoming", &format!("unix:{}", p(&inc.socket))]);
         }
-        // QEMU's own seccomp filter: no exec, no privilege changes, no
-        // obsolete syscalls, no resource-control calls, should a guest ever
-        // take over the emulator.
-        c.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        // QEMU's own seccomp filter: no exec, no obsolete syscalls, no
+        // resource-control calls, should a guest ever take over the
+        // emulator. `elevateprivileges=deny` would also forbid the setuid
+        // of `-runas`; once QEMU has dropped to its uid it has no
+        // capabilities to elevate with, and the filter sets no_new_privs.
+        match s.runas {
+            Some(uid) => {
+                c.args(["-runas", &format!("{uid}:{uid}")]);
+                c.args(["-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny"]);
+            }
+            None => {
+                c.args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+            }
+        }
         // Run in the VM's directory: the janitor names a QEMU by its cwd.
         c.current_dir(&s.dir);
         c.stdin(Stdio::null()).stdout(Stdio::null());

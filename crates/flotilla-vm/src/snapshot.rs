@@ -23,6 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flotilla_sandbox::sys;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -96,6 +97,11 @@ impl VmBackend {
         let sock = dir.join("save.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock).map_err(step("binding the state socket"))?;
+        // QEMU connects as the unprivileged uid it runs as: give it (and
+        // only it) this one socket.
+        if let Some(uid) = sys::process_uid(running.pid) {
+            std::os::unix::fs::chown(&sock, Some(uid), Some(uid)).map_err(step("handing QEMU the state socket"))?;
+        }
         let state = tmp.join(STATE);
         let receive = tokio::spawn({
             let state = state.clone();

@@ -90,6 +90,22 @@ async fn vm_lifecycle_workspace_and_exec() {
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert_ne!(guest.trim(), host.trim());
 
+    // The emulator itself holds nothing worth taking over: once set up, it
+    // runs as a uid of its own with no capabilities, under its seccomp
+    // filter and no_new_privs.
+    let pids = qemus(env.node.home());
+    assert_eq!(pids.len(), 1, "one QEMU per VM: {pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().collect::<Vec<_>>()).unwrap()
+    };
+    let uids = field("Uid:");
+    assert!(uids.iter().all(|u| u.parse::<u32>().unwrap() >= 3 << 30), "QEMU runs as {uids:?}");
+    assert!(field("Gid:").iter().all(|g| *g != "0"), "QEMU keeps gid 0: {status}");
+    assert_eq!(field("CapEff:"), ["0000000000000000"], "QEMU kept capabilities");
+    assert_eq!(field("NoNewPrivs:"), ["1"]);
+    assert_eq!(field("Seccomp:"), ["2"]);
+
     // Exec: stdout, stderr and exit codes come back as from a process sandbox.
     let (out, err, st) = env.sh(&s.id, "echo out; echo err >&2; exit 7").await;
     assert_eq!((out.as_str(), err.as_str(), st.code), ("out\n", "err\n", Some(7)));
