@@ -40,10 +40,12 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-create|vm-exec|vm-import|vm> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm> [--iterations N] [--json]
 
-`all` runs the process-backend and name-table scenarios; `vm` runs the three
-microVM ones (they need QEMU, a guest kernel and a static flotilla build).
+`all` runs the process-backend and name-table scenarios; `vm` runs the four
+microVM ones (they need QEMU, a guest kernel and a static flotilla build;
+vm-kernel also the kernel `flotilla node setup-vm --build-kernel` makes,
+found through $FLOTILLA_VM_KERNEL).
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -62,6 +64,7 @@ enum Scenario {
     VmCreate,
     VmExec,
     VmImport,
+    VmKernel,
 }
 
 impl Scenario {
@@ -88,7 +91,8 @@ impl Scenario {
             "vm-create" => vec![Scenario::VmCreate],
             "vm-exec" => vec![Scenario::VmExec],
             "vm-import" => vec![Scenario::VmImport],
-            "vm" => vec![Scenario::VmCreate, Scenario::VmExec, Scenario::VmImport],
+            "vm-kernel" => vec![Scenario::VmKernel],
+            "vm" => vec![Scenario::VmKernel, Scenario::VmCreate, Scenario::VmExec, Scenario::VmImport],
             _ => return None,
         })
     }
@@ -105,6 +109,7 @@ impl Scenario {
             Scenario::VmCreate => "vm-create",
             Scenario::VmExec => "vm-exec",
             Scenario::VmImport => "vm-import",
+            Scenario::VmKernel => "vm-kernel",
         }
     }
 
@@ -120,6 +125,7 @@ impl Scenario {
             Scenario::VmCreate => 8,
             Scenario::VmExec => 100,
             Scenario::VmImport => 3,
+            Scenario::VmKernel => 10,
         }
     }
 
@@ -218,6 +224,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::VmCreate => vm::vm_create(&node, &machine, n).await,
                 Scenario::VmExec => vm::vm_exec(&node, &machine, n).await,
                 Scenario::VmImport => vm::vm_import(&node, &machine, n).await,
+                Scenario::VmKernel => vm::vm_kernel(&node, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

@@ -57,7 +57,9 @@ async fn new_vm(node: &Node) -> anyhow::Result<Sandbox> {
 }
 
 /// The guest kernel the node made, and its accelerator.
-fn node_assets(node: &Node) -> anyhow::Result<(PathBuf, String)> {
+/// The kernel the node boots, its accelerator, and whether the kernel
+/// uses ACPI (the bench finds the kernel as the node does: same env).
+fn node_assets(node: &Node) -> anyhow::Result<(PathBuf, String, bool)> {
     let dir = node.home().join("vm");
     let mut vmlinux = None;
     let mut accel = None;
@@ -71,7 +73,8 @@ fn node_assets(node: &Node) -> anyhow::Result<(PathBuf, String)> {
             accel = v["accel"].as_str().map(str::to_owned);
         }
     }
-    Ok((vmlinux.context("no vmlinux in the node's vm directory")?, accel.context("no accelerator decision")?))
+    let acpi = flotilla_vm::assets::find_kernel(&dir).map(|k| k.acpi).context("finding the node's kernel")?;
+    Ok((vmlinux.context("no vmlinux in the node's vm directory")?, accel.context("no accelerator decision")?, acpi))
 }
 
 /// A one-file initramfs whose `/init` (a static C program, built here with
@@ -100,17 +103,24 @@ fn trivial_initramfs(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// One raw QEMU boot to the trivial init and out again.
-fn raw_boot(vmlinux: &Path, initrd: &Path, accel: &str, log: &Path) -> anyhow::Result<Duration> {
+fn raw_boot(vmlinux: &Path, initrd: &Path, accel: &str, acpi: bool, log: &Path) -> anyhow::Result<Duration> {
     let _ = std::fs::remove_file(log);
     let t = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-accel", accel, "-cpu", if accel == "kvm" { "host" } else { "max" }])
+        .args([
+            "-M",
+            flotilla_vm::qemu::machine(acpi),
+            "-accel",
+            accel,
+            "-cpu",
+            if accel == "kvm" { "host" } else { "max" },
+        ])
         .args(["-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinux)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", &flotilla_vm::qemu::cmdline(if accel == "kvm" { Accel::Kvm } else { Accel::Tcg })])
+        .args(["-append", &flotilla_vm::qemu::cmdline(if accel == "kvm" { Accel::Kvm } else { Accel::Tcg }, acpi)])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .stdin(Stdio::null())
@@ -138,18 +148,130 @@ fn raw_boot(vmlinux: &Path, initrd: &Path, accel: &str, log: &Path) -> anyhow::R
     }
 }
 
+/// What raw QEMU boots (the baselines) need.
+struct RawBoots {
+    /// The kernel the node boots, and whether it uses ACPI.
+    vmlinux: PathBuf,
+    acpi: bool,
+    accel: String,
+    scratch: PathBuf,
+    /// The trivial initramfs, and where a boot's console goes.
+    initrd: PathBuf,
+    log: PathBuf,
+}
+
+/// Boots one VM through the node (untimed: it makes the assets and decides
+/// the accelerator), then makes the trivial initramfs in scratch `name`.
+async fn raw_boots(node: &Node, name: &str) -> anyhow::Result<RawBoots> {
+    ensure_image(node).await?;
+    let first = new_vm(node).await?;
+    node.client().delete(&first.id).await?;
+    let (vmlinux, accel, acpi) = node_assets(node)?;
+    let scratch = node.scratch(name);
+    let initrd = trivial_initramfs(&scratch)?;
+    let log = scratch.join("console.log");
+    Ok(RawBoots { vmlinux, acpi, accel, scratch, initrd, log })
+}
+
+// ------------------------------------------------------------------ vm-kernel
+
+/// The kernel decision (issue: "measure both and decide"): raw QEMU boots
+/// to the trivial init of the kernel Flotilla builds against the
+/// distribution's cloud kernel, same accelerator, interleaved.
+pub async fn vm_kernel(node: &Node, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
+    const WARMUPS: usize = 1;
+    let RawBoots { accel, scratch, initrd, log, .. } = raw_boots(node, "vm-kernel").await?;
+    let distro = flotilla_vm::assets::distribution_kernel().context("finding the distribution's kernel")?;
+    let packed = std::fs::read(&distro.image).with_context(|| format!("reading {}", distro.image.display()))?;
+    let distro_vmlinux = scratch.join("vmlinux-distribution");
+    std::fs::write(
+        &distro_vmlinux,
+        flotilla_vm::assets::unpack_kernel(&packed).context("unpacking the distribution's kernel")?,
+    )?;
+    let built = std::env::var_os("FLOTILLA_VM_KERNEL")
+        .map(PathBuf::from)
+        .filter(|p| flotilla_vm::kernel::describe(p).is_some())
+        .or_else(|| flotilla_vm::kernel::installed(&node.home().join("vm")).map(|(p, _)| p));
+    let (mut ours, mut theirs, mut failed) = (Vec::new(), Vec::new(), 0usize);
+    let mut notes = vec![format!("distribution kernel: {} ({})", distro.image.display(), distro.release)];
+    match &built {
+        Some(b) => {
+            let release = flotilla_vm::kernel::describe(b).map(|k| k.release).unwrap_or_default();
+            notes.push(format!("built kernel: {} ({release})", b.display()));
+        }
+        None => notes.push(
+            "no built kernel: run `flotilla node setup-vm --build-kernel` and set FLOTILLA_VM_KERNEL to its vmlinux"
+                .into(),
+        ),
+    }
+    for i in 0..WARMUPS + iterations {
+        let record = i >= WARMUPS;
+        // Take turns going first.
+        let order: [bool; 2] = if i % 2 == 0 { [true, false] } else { [false, true] };
+        for ours_turn in order {
+            let (kernel, acpi, into) = match (ours_turn, &built) {
+                (true, Some(b)) => (b.as_path(), false, &mut ours),
+                (true, None) => continue,
+                (false, _) => (distro_vmlinux.as_path(), true, &mut theirs),
+            };
+            match raw_boot(kernel, &initrd, &accel, acpi, &log) {
+                Ok(d) if record => into.push(ms(d)),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("flotilla-bench: raw boot of {}: {e:#}", kernel.display());
+                    failed += 1;
+                }
+            }
+        }
+    }
+    let ours_case = match &built {
+        Some(_) => Case::measured(
+            "built_kernel_boot_trivial_init",
+            "qemu microvm,acpi=off + the kernel setup-vm --build-kernel makes, static /init that resets; spawn → exit",
+            false,
+            &ours,
+        ),
+        None => Case::unavailable(
+            "built_kernel_boot_trivial_init",
+            "the kernel setup-vm --build-kernel makes",
+            "no built kernel (see notes)".into(),
+        ),
+    };
+    let mut report = Report {
+        scenario: "vm-kernel",
+        description: format!("guest kernel boot to a trivial init, accelerator {accel}"),
+        date: now(),
+        machine: machine.clone(),
+        unit: Unit::Millis,
+        warmups: WARMUPS,
+        cases: vec![
+            ours_case,
+            Case::measured(
+                "distribution_kernel_boot_trivial_init",
+                "qemu microvm (ACPI) + Debian's cloud kernel, same /init, accelerator and base command line",
+                true,
+                &theirs,
+            ),
+        ],
+        targets: vec![],
+        notes,
+        details: json!({ "raw_boots_failed": failed, "accelerator": accel }),
+    };
+    report.set_ratios("distribution_kernel_boot_trivial_init");
+    let ratio = report.case("built_kernel_boot_trivial_init").and_then(|c| c.ratio_to_baseline);
+    report.targets = vec![target(
+        "the built kernel boots much faster (≤ 0.75x), so nodes prefer it",
+        ratio.map(|r| r <= 0.75),
+        ratio.map_or("no built kernel".into(), |r| format!("{r:.2}x the distribution kernel")),
+    )];
+    Ok(report)
+}
+
 // ------------------------------------------------------------------ vm-create
 
 pub async fn vm_create(node: &Node, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
     const WARMUPS: usize = 1;
-    ensure_image(node).await?;
-    // The first VM makes the assets and probes the accelerator: untimed.
-    let first = new_vm(node).await?;
-    node.client().delete(&first.id).await?;
-    let (vmlinux, accel) = node_assets(node)?;
-    let scratch = node.scratch("vm-raw");
-    let initrd = trivial_initramfs(&scratch)?;
-    let log = scratch.join("console.log");
+    let RawBoots { vmlinux, accel, acpi, initrd, log, .. } = raw_boots(node, "vm-raw").await?;
     let (mut create, mut raw, mut hung) = (Vec::new(), Vec::new(), 0usize);
     let mut retries = 0;
     for i in 0..WARMUPS + iterations {
@@ -159,7 +281,7 @@ pub async fn vm_create(node: &Node, machine: &Machine, iterations: usize) -> any
         let elapsed = t.elapsed();
         retries += sb.steps.iter().filter(|s| s.name == "boot_retry").count();
         node.client().delete(&sb.id).await?;
-        match raw_boot(&vmlinux, &initrd, &accel, &log) {
+        match raw_boot(&vmlinux, &initrd, &accel, acpi, &log) {
             Ok(d) if record => raw.push(ms(d)),
             Ok(_) => {}
             Err(e) => {

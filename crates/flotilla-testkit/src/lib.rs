@@ -36,6 +36,8 @@ pub struct NodeProcess {
     bin: PathBuf,
     /// Extra arguments to `node` (e.g. `--listen`).
     args: Vec<String>,
+    /// Environment for the node: set (`Some`) or removed (`None`).
+    env: Vec<(String, Option<String>)>,
 }
 
 impl NodeProcess {
@@ -46,9 +48,16 @@ impl NodeProcess {
 
     /// Starts `bin node --home <tmp> ARGS...`.
     pub fn start_with(bin: &Path, args: &[&str]) -> NodeProcess {
+        NodeProcess::start_with_env(bin, args, &[])
+    }
+
+    /// Starts `bin node --home <tmp> ARGS...` with environment variables
+    /// set (`Some`) or removed (`None`).
+    pub fn start_with_env(bin: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> NodeProcess {
         let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
         let args = args.iter().map(|a| a.to_string()).collect();
-        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf(), args };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.map(str::to_string))).collect();
+        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf(), args, env };
         n.spawn();
         n
     }
@@ -60,7 +69,14 @@ impl NodeProcess {
             .append(true)
             .open(self.home.path().join("node.log"))
             .expect("log file");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let child = cmd
             .args(["node", "--home"])
             .arg(self.home.path())
             .args(&self.args)
@@ -197,6 +213,34 @@ pub fn static_flotilla(bin: &Path) -> PathBuf {
                 .expect("running cargo to build the static guest agent");
             assert!(status.success(), "building the static guest agent failed");
             target.join("x86_64-unknown-linux-gnu/release/flotilla")
+        })
+        .clone()
+}
+
+/// The guest kernel Flotilla builds (`flotilla node setup-vm
+/// --build-kernel`): `$FLOTILLA_VM_KERNEL` when set (.ci/run builds it once
+/// and sets it), else built here once into `target/guest-kernel/` by the
+/// static build of `bin` (about 5 minutes on 2 cores).
+pub fn guest_kernel(bin: &Path) -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("FLOTILLA_VM_KERNEL") {
+                return PathBuf::from(p);
+            }
+            let target = bin.parent().and_then(Path::parent).expect("the binary is in target/<profile>/");
+            let home = target.join("guest-kernel");
+            let image = home.join("vm/kernel/vmlinux");
+            if !image.exists() {
+                // The static build: setup-vm also makes the initramfs from it.
+                let status = Command::new(static_flotilla(bin))
+                    .args(["node", "setup-vm", "--build-kernel", "--home"])
+                    .arg(&home)
+                    .status()
+                    .expect("running flotilla node setup-vm --build-kernel");
+                assert!(status.success(), "building the guest kernel failed (apt-get install -y linux-source-6.1 bc bison flex libelf-dev build-essential)");
+            }
+            image
         })
         .clone()
 }

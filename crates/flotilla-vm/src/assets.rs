@@ -55,14 +55,21 @@ pub struct KernelSource {
     /// `/lib/modules/<release>`, when the kernel has modules.
     pub modules: Option<PathBuf>,
     pub release: String,
+    /// Whether it finds its devices through ACPI (distribution kernels), or
+    /// from the command line with QEMU's ACPI off (ours: [`crate::kernel`]).
+    pub acpi: bool,
 }
 
 /// Finds the guest kernel: `FLOTILLA_VM_KERNEL` (+ `FLOTILLA_VM_MODULES`),
-/// else the newest `/boot/vmlinuz-*-cloud-amd64`, else the newest
-/// `/boot/vmlinuz-*`.
-pub fn find_kernel() -> Result<KernelSource, AssetError> {
+/// else the one `flotilla node setup-vm --build-kernel` built under
+/// `assets` (`<home>/vm`), else the newest `/boot/vmlinuz-*-cloud-amd64`,
+/// else the newest `/boot/vmlinuz-*`.
+pub fn find_kernel(assets: &Path) -> Result<KernelSource, AssetError> {
     if let Some(k) = std::env::var_os("FLOTILLA_VM_KERNEL") {
         let image = PathBuf::from(k);
+        if let Some(built) = crate::kernel::describe(&image) {
+            return Ok(KernelSource { image, modules: None, release: built.release, acpi: built.acpi });
+        }
         let modules = std::env::var_os("FLOTILLA_VM_MODULES").map(PathBuf::from);
         let release = modules
             .as_ref()
@@ -70,8 +77,16 @@ pub fn find_kernel() -> Result<KernelSource, AssetError> {
             .or_else(|| image.file_name())
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        return Ok(KernelSource { image, modules, release });
+        return Ok(KernelSource { image, modules, release, acpi: true });
     }
+    if let Some((image, built)) = crate::kernel::installed(assets) {
+        return Ok(KernelSource { image, modules: None, release: built.release, acpi: built.acpi });
+    }
+    distribution_kernel()
+}
+
+/// The distribution's newest kernel in `/boot`, cloud kernels first.
+pub fn distribution_kernel() -> Result<KernelSource, AssetError> {
     let mut found: Vec<(bool, String)> = std::fs::read_dir("/boot")
         .map(|rd| {
             rd.flatten()
@@ -88,6 +103,7 @@ pub fn find_kernel() -> Result<KernelSource, AssetError> {
         image: Path::new("/boot").join(format!("vmlinuz-{release}")),
         modules: modules.is_dir().then_some(modules),
         release,
+        acpi: true,
     })
 }
 
@@ -101,12 +117,22 @@ pub struct GuestAssets {
     pub vmlinux: PathBuf,
     pub initramfs: PathBuf,
     pub release: String,
+    /// As [`KernelSource::acpi`]: QEMU's `acpi=off` when false.
+    pub acpi: bool,
 }
 
 /// Makes (or finds cached) the guest assets under `dir`.
 pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestAssets, AssetError> {
     std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    let vmlinux = dir.join(format!("vmlinux-{}", sanitize(&kernel.release)));
+    // Named by the kernel file too (path, size, mtime): a rebuilt kernel of
+    // the same release is a new file.
+    let kmeta = std::fs::metadata(&kernel.image).map_err(io_err("reading the kernel", &kernel.image))?;
+    let mut kh = Sha256::new();
+    kh.update(kernel.image.as_os_str().as_encoded_bytes());
+    kh.update(kmeta.len().to_le_bytes());
+    kh.update(format!("{:?}", kmeta.modified().ok()).as_bytes());
+    let kkey: String = kh.finalize().iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let vmlinux = dir.join(format!("vmlinux-{}-{kkey}", sanitize(&kernel.release)));
     if !vmlinux.exists() {
         let packed = std::fs::read(&kernel.image).map_err(io_err("reading the kernel", &kernel.image))?;
         let elf = unpack_kernel(&packed).ok_or_else(|| AssetError::BadKernel(kernel.image.clone()))?;
@@ -143,7 +169,7 @@ pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestA
         let cpio = build_initramfs(agent, &modules, &net_modules)?;
         write_atomic(&initramfs, &cpio)?;
     }
-    Ok(GuestAssets { vmlinux, initramfs, release: kernel.release.clone() })
+    Ok(GuestAssets { vmlinux, initramfs, release: kernel.release.clone(), acpi: kernel.acpi })
 }
 
 fn sanitize(s: &str) -> String {

@@ -17,6 +17,7 @@
 
 pub mod assets;
 pub mod guest;
+pub mod kernel;
 pub mod mux;
 pub mod net;
 pub mod pool;
@@ -241,7 +242,8 @@ impl VmBackend {
         self.vms_dir().join(id)
     }
 
-    fn assets_dir(&self) -> PathBuf {
+    /// `<home>/vm`: kernels, initramfs, accelerator decision, base disks.
+    pub fn assets_dir(&self) -> PathBuf {
         self.home.join("vm")
     }
 
@@ -265,7 +267,7 @@ impl VmBackend {
 
     pub fn available(&self) -> Result<String, String> {
         let v = qemu::version(&self.qemu)?;
-        assets::find_kernel().map_err(|e| e.to_string())?;
+        assets::find_kernel(&self.assets_dir()).map_err(|e| e.to_string())?;
         match &self.agent {
             None => return Err(assets::AssetError::DynamicAgent(PathBuf::from("(this binary)")).to_string()),
             Some(a) if !assets::is_static(a).unwrap_or(false) => {
@@ -287,7 +289,7 @@ impl VmBackend {
         })?;
         let dir = self.assets_dir();
         let made = tokio::task::spawn_blocking(move || {
-            let kernel = assets::find_kernel()?;
+            let kernel = assets::find_kernel(&dir)?;
             assets::prepare(&dir, &kernel, &agent)
         })
         .await
@@ -342,10 +344,10 @@ impl VmBackend {
         let _ = std::fs::create_dir_all(&dir);
         let log = qemu::console_log(&dir);
         let mut cmd = std::process::Command::new(&self.qemu.binary);
-        cmd.args(["-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1"]);
+        cmd.args(["-M", qemu::machine(assets.acpi), "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1"]);
         cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
         cmd.arg("-kernel").arg(&assets.vmlinux).arg("-initrd").arg(&assets.initramfs);
-        cmd.args(["-append", &format!("{} -- agent --init --vm --probe", qemu::KERNEL_CMDLINE)]);
+        cmd.args(["-append", &format!("{} {} --probe", qemu::cmdline(Accel::Kvm, assets.acpi), qemu::INIT_ARGS)]);
         cmd.args(["-serial", &format!("file:{}", log.display())]);
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
         let deadline = Duration::from_secs(10);
@@ -426,11 +428,18 @@ impl VmBackend {
                 return Err(VmError::Timeout(self.boot_timeout, tail));
             }
             // One attach that waits for the guest's answer, then a health
-            // check through it; QEMU's exit ends the wait at once.
+            // check through it; QEMU's exit ends the wait at once. Both under
+            // the deadline: a guest that attaches but never answers (its
+            // agent blocked) must not hold the boot past it.
             let ready = async {
                 running.dialer.attach_within(left).await?;
                 tracing::debug!(sandbox = %spec.id, "guest attached");
                 agent.health().await.map_err(|e| io::Error::other(e.to_string()))
+            };
+            let ready = async {
+                tokio::time::timeout(left, ready)
+                    .await
+                    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the guest agent did not answer")))
             };
             tokio::select! {
                 r = ready => match r {
@@ -749,6 +758,7 @@ fn launch_spec(spec: &VmSpec, dir: PathBuf, assets: &assets::GuestAssets, accel:
     qemu::LaunchSpec {
         kernel: assets.vmlinux.clone(),
         initramfs: assets.initramfs.clone(),
+        acpi: assets.acpi,
         accel,
         vcpus: spec.vcpus.max(1),
         memory_mib: (spec.memory_bytes >> 20).max(64),

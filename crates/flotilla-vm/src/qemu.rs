@@ -34,6 +34,8 @@ pub struct LaunchSpec {
     pub dir: PathBuf,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
+    /// Whether the kernel finds its devices through ACPI ([`machine`]).
+    pub acpi: bool,
     pub accel: Accel,
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -120,11 +122,33 @@ pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=t i8042.no
 /// (3 boots in 5 under load here). TCG's TSC runs at the host's rate, so
 /// telling the guest that rate skips the calibration: 0 hangs in many
 /// boots under the same load.
-pub fn cmdline(accel: Accel) -> String {
-    match (accel, host_tsc_khz()) {
-        (Accel::Tcg, Some(khz)) => format!("{KERNEL_CMDLINE} tsc_early_khz={khz}"),
-        _ => KERNEL_CMDLINE.to_string(),
+///
+/// A kernel without ACPI ([`crate::kernel`]) also needs fw_cfg's ports; QEMU
+/// adds the virtio-mmio devices itself.
+pub fn cmdline(accel: Accel, acpi: bool) -> String {
+    let mut c = KERNEL_CMDLINE.to_string();
+    if let (Accel::Tcg, Some(khz)) = (accel, host_tsc_khz()) {
+        c.push_str(&format!(" tsc_early_khz={khz}"));
     }
+    if !acpi {
+        c.push(' ');
+        c.push_str(crate::kernel::FW_CFG_CMDLINE);
+    }
+    c
+}
+
+/// The init's arguments on the kernel command line. Not after `--`: with
+/// ACPI off QEMU appends its `virtio_mmio.device=` parameters at the very
+/// end, and after a `--` the kernel would hand them to init instead of
+/// reading them. Words the kernel does not know and that have no `=` or
+/// `.` go to init as arguments, so these still arrive.
+pub const INIT_ARGS: &str = "agent --init --vm";
+
+/// The `-M` argument: QEMU's microvm, with ACPI tables for kernels that find
+/// their devices through them, else without (then QEMU lists the
+/// virtio-mmio devices on the kernel command line).
+pub fn machine(acpi: bool) -> &'static str {
+    if acpi { "microvm" } else { "microvm,acpi=off" }
 }
 
 /// The host's TSC rate in kHz, from `/proc/cpuinfo`.
@@ -154,12 +178,12 @@ impl Vmm for Qemu {
     fn command(&self, s: &LaunchSpec) -> std::process::Command {
         let mut c = std::process::Command::new(&self.binary);
         let p = |p: &Path| p.display().to_string();
-        c.args(["-M", "microvm", "-accel", s.accel.as_str()]);
+        c.args(["-M", machine(s.acpi), "-accel", s.accel.as_str()]);
         c.args(["-cpu", if s.accel == Accel::Kvm { "host" } else { "max" }]);
         c.args(["-m", &format!("{}M", s.memory_mib), "-smp", &s.vcpus.to_string()]);
         c.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
         c.args(["-kernel", &p(&s.kernel), "-initrd", &p(&s.initramfs)]);
-        c.args(["-append", &format!("{} -- agent --init --vm", cmdline(s.accel))]);
+        c.args(["-append", &format!("{} {INIT_ARGS}", cmdline(s.accel, s.acpi))]);
         c.args(["-serial", &format!("file:{}", p(&console_log(&s.dir)))]);
         c.args(["-qmp", &format!("unix:{},server=on,wait=off", p(&qmp_socket(&s.dir)))]);
         c.args(["-pidfile", &p(&pid_file(&s.dir))]);

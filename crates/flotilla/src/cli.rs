@@ -144,6 +144,14 @@ pub enum NodeSub {
         /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
         #[arg(long, env = "FLOTILLA_HOME")]
         home: Option<PathBuf>,
+        /// First build the guest kernel from Debian's linux-source-6.1 with Flotilla's small config
+        /// (~5 minutes on 2 cores, once): it boots about twice as fast as the distribution's kernel.
+        /// Nodes on this data directory use it from then on.
+        #[arg(long)]
+        build_kernel: bool,
+        /// The kernel source tarball for --build-kernel.
+        #[arg(long, default_value = flotilla_vm::kernel::DEFAULT_SOURCE, requires = "build_kernel")]
+        kernel_source: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -631,9 +639,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Dev(a) => crate::daemon::node(a, true),
         Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, false),
-        Command::Node(NodeCmd { command: Some(NodeSub::SetupVm { home, json }), .. }) => {
-            crate::daemon::setup_vm(default_home(home), json)
-        }
+        Command::Node(NodeCmd {
+            command: Some(NodeSub::SetupVm { home, build_kernel, kernel_source, json }), ..
+        }) => crate::daemon::setup_vm(default_home(home), build_kernel.then_some(kernel_source), json),
         Command::Node(NodeCmd { command: Some(NodeSub::Pool(cmd)), .. }) => {
             crate::sandbox::block_on(crate::sandbox::pool(*cmd))
         }

@@ -139,10 +139,26 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down: stopping running sandboxes");
 }
 
-/// `flotilla node setup-vm`: makes the guest kernel and initramfs and
-/// probes the accelerator, printing what it found.
-pub fn setup_vm(home: std::path::PathBuf, json: bool) -> anyhow::Result<i32> {
+/// `flotilla node setup-vm`: builds the guest kernel when asked (from
+/// `kernel_source`), makes the initramfs and probes the accelerator,
+/// printing what it found.
+pub fn setup_vm(
+    home: std::path::PathBuf,
+    kernel_source: Option<std::path::PathBuf>,
+    json: bool,
+) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&home).with_context(|| format!("creating the data directory {}", home.display()))?;
+    if let Some(source) = kernel_source {
+        let assets = flotilla_vm::VmBackend::new(&home, None).assets_dir();
+        let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+        eprintln!("building the guest kernel from {} with {jobs} jobs ...", source.display());
+        let mut steps = crate::output::Steps::new("building the guest kernel");
+        let started = std::time::Instant::now();
+        let built = flotilla_vm::kernel::build(&assets, &source, jobs, &mut |what| steps.set(what));
+        steps.finish();
+        let (image, built) = built.context("building the guest kernel")?;
+        eprintln!("built the guest kernel {} ({}) in {:.0?}", image.display(), built.release, started.elapsed());
+    }
     daemon_runtime()?.block_on(async move {
         let vm = flotilla_vm::VmBackend::new(&home, None);
         if let Err(why) = vm.available() {

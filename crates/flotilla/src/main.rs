@@ -14,15 +14,27 @@ mod transfer;
 
 use clap::Parser;
 
-/// Our arguments. As a microVM's PID 1 the kernel may put command-line
-/// words it did not recognise before ours: start at `agent` there.
+/// Our arguments. As a microVM's PID 1 the kernel hands us the command-line
+/// words it did not recognise: before ours (start at `agent`), and after
+/// ours whatever QEMU appended (with ACPI off it lists its devices as
+/// `virtio_mmio.device=…`, which the kernel has already read): drop those
+/// `name=value` words, none of which is a flag of ours.
 fn argv() -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if std::process::id() == 1
-        && let Some(i) = args.iter().position(|a| a == "agent")
-    {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if std::process::id() == 1 {
+        return init_argv(args);
+    }
+    args
+}
+
+fn init_argv(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if let Some(i) = args.iter().position(|a| a == "agent") {
         args.drain(1..i);
     }
+    args.retain(|a| {
+        let a = a.to_string_lossy();
+        a.starts_with('-') || !a.contains('=')
+    });
     args
 }
 
@@ -46,4 +58,20 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn init_argv_keeps_only_our_words() {
+        let words = |s: &str| s.split(' ').map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            super::init_argv(words("/init nokaslr agent --init --vm virtio_mmio.device=512@0xfeb00e00:12")),
+            words("/init agent --init --vm")
+        );
+        assert_eq!(
+            super::init_argv(words("/init agent --init --vm --probe")),
+            words("/init agent --init --vm --probe")
+        );
+    }
 }

@@ -168,3 +168,47 @@ pub fn operation_error(o: &Operation, e: &flotilla_api::ApiError) -> String {
         _ => format!("{} ({})", e.message, e.code.as_str()),
     }
 }
+
+/// Progress of a long local job with named steps: a spinner on a terminal;
+/// elsewhere (CI logs) one line per step, so a log shows where it got.
+pub struct Steps {
+    bar: Option<indicatif::ProgressBar>,
+    last: String,
+}
+
+impl Steps {
+    pub fn new(what: &str) -> Steps {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new_spinner().with_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b.set_message(what.to_string());
+            b
+        });
+        Steps { bar, last: String::new() }
+    }
+
+    /// `step` may carry a count in parentheses ("compiling (120 files)"):
+    /// the spinner shows it, a log gets a line only when the step changes.
+    pub fn set(&mut self, step: &str) {
+        match &self.bar {
+            Some(b) => b.set_message(step.to_string()),
+            None => {
+                let name = step.split(" (").next().unwrap_or(step);
+                if name != self.last {
+                    eprintln!("  {name}");
+                    self.last = name.to_string();
+                }
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

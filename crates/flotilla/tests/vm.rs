@@ -17,10 +17,10 @@ use flotilla_api::{
     UpdateSandboxRequest, VmPoolRequest, WorkspaceQuery,
 };
 
-/// Starts a node that boots microVMs with a static build of this tree.
+/// Starts a node that boots microVMs with a static build of this tree, on
+/// the kernel Flotilla builds.
 fn vm_env() -> common::Env {
-    let agent = flotilla_testkit::static_flotilla(Path::new(common::BIN));
-    common::env_with(&["--guest-agent", agent.to_str().unwrap()])
+    common::vm_env(common::VmKernel::Built)
 }
 
 /// Imports a minimal root filesystem (a shell and a few tools from the
@@ -74,7 +74,9 @@ fn qemus(home: &Path) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_lifecycle_workspace_and_exec() {
-    let env = vm_env();
+    // The distribution's kernel (modules, ACPI): the rest of the suite
+    // boots the kernel Flotilla builds.
+    let env = common::vm_env(common::VmKernel::Distribution);
     let img = image(&env).await;
     let s = env.create(vm(&img)).await;
     assert_eq!(s.backend, BackendKind::Vm);
@@ -211,6 +213,10 @@ async fn node_reports_the_vm_backend_and_its_accelerator() {
     assert!(msg.contains("InvalidArgument") && msg.contains("for microVMs"), "{msg}");
 
     let s = env.create(vm(&img)).await;
+    // The kernel Flotilla builds: its own release, no modules, no ACPI.
+    let guest = env.ok(&s.id, "uname -r; ls /proc/sys/kernel/modprobe 2>/dev/null; ls /sys/firmware").await;
+    assert!(guest.lines().next().unwrap_or_default().ends_with("-flotilla"), "guest kernel {guest:?}");
+    assert!(!guest.contains("modprobe") && !guest.contains("acpi"), "{guest:?}");
     let info = env.client.info().await.unwrap();
     let vmb = info.backends.iter().find(|b| b.kind == BackendKind::Vm).expect("vm backend listed");
     assert!(vmb.available, "{vmb:?}");

@@ -32,11 +32,41 @@ pub enum Kind {
 pub fn env_for(kind: Kind) -> Env {
     match kind {
         Kind::Process => env(),
-        Kind::Vm => {
-            let agent = flotilla_testkit::static_flotilla(Path::new(BIN));
-            Env { kind, ..env_with(&["--guest-agent", agent.to_str().expect("utf-8 path")]) }
-        }
+        Kind::Vm => Env { kind, ..vm_env(VmKernel::Built) },
     }
+}
+
+/// Which kernel a microVM test's guests boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmKernel {
+    /// The one Flotilla builds (`setup-vm --build-kernel`): what a node
+    /// that has it boots, and what most tests use.
+    Built,
+    /// The distribution's cloud kernel, with modules: what a node without
+    /// a built kernel boots.
+    Distribution,
+}
+
+/// A node that boots microVMs with a static build of this tree as the
+/// guest's init and `kernel` as its kernel.
+pub fn vm_env(kernel: VmKernel) -> Env {
+    let agent = flotilla_testkit::static_flotilla(Path::new(BIN));
+    let built = flotilla_testkit::guest_kernel(Path::new(BIN));
+    let k = match kernel {
+        VmKernel::Built => Some(built.to_str().expect("utf-8 path")),
+        VmKernel::Distribution => None,
+    };
+    assert!(
+        flotilla_testkit::is_root(),
+        "these tests drive a real node, which must run as root; run them as root, as .ci/run does"
+    );
+    let node = NodeProcess::start_with_env(
+        Path::new(BIN),
+        &["--guest-agent", agent.to_str().expect("utf-8 path")],
+        &[("FLOTILLA_VM_KERNEL", k)],
+    );
+    let client = NodeClient::new(HttpClient::new(Endpoint::Unix(node.socket())));
+    Env { node, client, kind: Kind::Vm, vm_image: Default::default() }
 }
 
 /// Tools the shared tests run inside a microVM's image.
