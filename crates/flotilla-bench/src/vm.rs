@@ -190,15 +190,12 @@ pub async fn vm_kernel(node: &Node, machine: &Machine, iterations: usize) -> any
     )?;
     let built = std::env::var_os("FLOTILLA_VM_KERNEL")
         .map(PathBuf::from)
-        .filter(|p| flotilla_vm::kernel::describe(p).is_some())
-        .or_else(|| flotilla_vm::kernel::installed(&node.home().join("vm")).map(|(p, _)| p));
+        .and_then(|p| flotilla_vm::kernel::describe(&p).map(|k| (p, k)))
+        .or_else(|| flotilla_vm::kernel::installed(&node.home().join("vm")));
     let (mut ours, mut theirs, mut failed) = (Vec::new(), Vec::new(), 0usize);
     let mut notes = vec![format!("distribution kernel: {} ({})", distro.image.display(), distro.release)];
     match &built {
-        Some(b) => {
-            let release = flotilla_vm::kernel::describe(b).map(|k| k.release).unwrap_or_default();
-            notes.push(format!("built kernel: {} ({release})", b.display()));
-        }
+        Some((b, k)) => notes.push(format!("built kernel: {} ({})", b.display(), k.release)),
         None => notes.push(
             "no built kernel: run `flotilla node setup-vm --build-kernel` and set FLOTILLA_VM_KERNEL to its vmlinux"
                 .into(),
@@ -210,7 +207,7 @@ pub async fn vm_kernel(node: &Node, machine: &Machine, iterations: usize) -> any
         let order: [bool; 2] = if i % 2 == 0 { [true, false] } else { [false, true] };
         for ours_turn in order {
             let (kernel, acpi, into) = match (ours_turn, &built) {
-                (true, Some(b)) => (b.as_path(), false, &mut ours),
+                (true, Some((b, _))) => (b.as_path(), false, &mut ours),
                 (true, None) => continue,
                 (false, _) => (distro_vmlinux.as_path(), true, &mut theirs),
             };

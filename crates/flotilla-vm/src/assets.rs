@@ -126,11 +126,8 @@ pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestA
     std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
     // Named by the kernel file too (path, size, mtime): a rebuilt kernel of
     // the same release is a new file.
-    let kmeta = std::fs::metadata(&kernel.image).map_err(io_err("reading the kernel", &kernel.image))?;
     let mut kh = Sha256::new();
-    kh.update(kernel.image.as_os_str().as_encoded_bytes());
-    kh.update(kmeta.len().to_le_bytes());
-    kh.update(format!("{:?}", kmeta.modified().ok()).as_bytes());
+    hash_file_identity(&mut kh, &kernel.image).map_err(io_err("reading the kernel", &kernel.image))?;
     let kkey: String = kh.finalize().iter().take(4).map(|b| format!("{b:02x}")).collect();
     let vmlinux = dir.join(format!("vmlinux-{}-{kkey}", sanitize(&kernel.release)));
     if !vmlinux.exists() {
@@ -154,11 +151,8 @@ pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestA
     // The initramfs is named by what goes in: the agent (by size and
     // mtime: hashing 20 MB per boot would cost more than the boot saves),
     // the kernel release and the module list.
-    let meta = std::fs::metadata(agent).map_err(io_err("reading the guest agent", agent))?;
     let mut h = Sha256::new();
-    h.update(agent.as_os_str().as_encoded_bytes());
-    h.update(meta.len().to_le_bytes());
-    h.update(format!("{:?}", meta.modified().ok()).as_bytes());
+    hash_file_identity(&mut h, agent).map_err(io_err("reading the guest agent", agent))?;
     h.update(kernel.release.as_bytes());
     for m in modules.iter().chain(&net_modules) {
         h.update(m.as_os_str().as_encoded_bytes());
@@ -170,6 +164,16 @@ pub fn prepare(dir: &Path, kernel: &KernelSource, agent: &Path) -> Result<GuestA
         write_atomic(&initramfs, &cpio)?;
     }
     Ok(GuestAssets { vmlinux, initramfs, release: kernel.release.clone(), acpi: kernel.acpi })
+}
+
+/// Feeds a file's identity (path, size, mtime) to `h`: what names a cached
+/// asset made from it, without hashing megabytes on every boot.
+fn hash_file_identity(h: &mut Sha256, path: &Path) -> io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update(meta.len().to_le_bytes());
+    h.update(format!("{:?}", meta.modified().ok()).as_bytes());
+    Ok(())
 }
 
 fn sanitize(s: &str) -> String {

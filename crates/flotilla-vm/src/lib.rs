@@ -432,12 +432,12 @@ impl VmBackend {
             // the deadline: a guest that attaches but never answers (its
             // agent blocked) must not hold the boot past it.
             let ready = async {
-                running.dialer.attach_within(left).await?;
-                tracing::debug!(sandbox = %spec.id, "guest attached");
-                agent.health().await.map_err(|e| io::Error::other(e.to_string()))
-            };
-            let ready = async {
-                tokio::time::timeout(left, ready)
+                let attached = async {
+                    running.dialer.attach_within(left).await?;
+                    tracing::debug!(sandbox = %spec.id, "guest attached");
+                    agent.health().await.map_err(|e| io::Error::other(e.to_string()))
+                };
+                tokio::time::timeout(left, attached)
                     .await
                     .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the guest agent did not answer")))
             };

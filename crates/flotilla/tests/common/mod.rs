@@ -51,22 +51,13 @@ pub enum VmKernel {
 /// guest's init and `kernel` as its kernel.
 pub fn vm_env(kernel: VmKernel) -> Env {
     let agent = flotilla_testkit::static_flotilla(Path::new(BIN));
-    let built = flotilla_testkit::guest_kernel(Path::new(BIN));
-    let k = match kernel {
-        VmKernel::Built => Some(built.to_str().expect("utf-8 path")),
+    let built = match kernel {
+        VmKernel::Built => Some(flotilla_testkit::guest_kernel(Path::new(BIN))),
         VmKernel::Distribution => None,
     };
-    assert!(
-        flotilla_testkit::is_root(),
-        "these tests drive a real node, which must run as root; run them as root, as .ci/run does"
-    );
-    let node = NodeProcess::start_with_env(
-        Path::new(BIN),
-        &["--guest-agent", agent.to_str().expect("utf-8 path")],
-        &[("FLOTILLA_VM_KERNEL", k)],
-    );
-    let client = NodeClient::new(HttpClient::new(Endpoint::Unix(node.socket())));
-    Env { node, client, kind: Kind::Vm, vm_image: Default::default() }
+    let k = built.as_deref().map(|p| p.to_str().expect("utf-8 path"));
+    let args = ["--guest-agent", agent.to_str().expect("utf-8 path")];
+    Env { kind: Kind::Vm, ..env_with_env(&args, &[("FLOTILLA_VM_KERNEL", k)]) }
 }
 
 /// Tools the shared tests run inside a microVM's image.
@@ -113,12 +104,18 @@ pub fn env() -> Env {
 
 /// A node started with extra `node` arguments.
 pub fn env_with(args: &[&str]) -> Env {
+    env_with_env(args, &[])
+}
+
+/// A node started with extra `node` arguments and environment variables
+/// set (`Some`) or removed (`None`).
+pub fn env_with_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Env {
     assert!(
         flotilla_testkit::is_root(),
         "these tests drive a real node, which must run as root (it maps sandboxes to their own uid ranges); \
          run them as root, as .ci/run does"
     );
-    let node = NodeProcess::start_with(Path::new(BIN), args);
+    let node = NodeProcess::start_with_env(Path::new(BIN), args, env);
     let client = NodeClient::new(HttpClient::new(Endpoint::Unix(node.socket())));
     Env { node, client, kind: Kind::Process, vm_image: Default::default() }
 }
