@@ -69,13 +69,13 @@
 //! symlink, and code in the sandbox can create any symlink it likes anyway,
 //! so workspace symlinks are never trusted by anything outside it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, OpenOptions, Permissions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use flotilla_api::limits::{DEFAULT_TAR_MAX_BYTES, DEFAULT_TAR_MAX_ENTRIES};
@@ -109,6 +109,10 @@ const PACK_BUF_BYTES: usize = 256 << 10;
 /// to consume record padding and let a compressed stream verify its
 /// checksum, not enough for trailing junk to keep the import busy.
 const MAX_TRAILER_BYTES: u64 = 1 << 20;
+
+/// Symlinks followed while resolving one image-layer path inside the root
+/// before it is refused, as the kernel's `ELOOP` (Linux allows 40).
+const MAX_SYMLINK_HOPS: u32 = 40;
 
 /// Longest path component Linux accepts (`NAME_MAX`).
 const NAME_MAX: usize = 255;
@@ -277,7 +281,7 @@ fn extract_with<R: Read>(
     layer: bool,
 ) -> Result<ImportSummary, ExtractError> {
     let started = Instant::now();
-    let (entries, bytes) = match compression {
+    let counts = match compression {
         Compression::None => extract_tar(BufReader::with_capacity(READ_BUF_BYTES, reader), dest, limits, layer),
         Compression::Gzip => {
             let decoder = flate2::read::MultiGzDecoder::new(reader);
@@ -289,10 +293,15 @@ fn extract_with<R: Read>(
         }
     }?;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    Ok(ImportSummary { entries, bytes, duration_ms })
+    Ok(ImportSummary { duration_ms, ..counts })
 }
 
-fn extract_tar<R: Read>(reader: R, dest: &Path, limits: &TarLimits, layer: bool) -> Result<(u64, u64), ExtractError> {
+fn extract_tar<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &TarLimits,
+    layer: bool,
+) -> Result<ImportSummary, ExtractError> {
     match fs::metadata(dest) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
@@ -317,7 +326,13 @@ fn extract_tar<R: Read>(reader: R, dest: &Path, limits: &TarLimits, layer: bool)
     let mut rest = archive.into_inner();
     io::copy(&mut (&mut rest).take(MAX_TRAILER_BYTES), &mut io::sink()).map_err(format)?;
     x.apply_dir_metadata()?;
-    Ok((x.entries, x.written))
+    Ok(ImportSummary {
+        entries: x.entries,
+        bytes: x.written,
+        duration_ms: 0,
+        skipped_special: x.skipped_special,
+        dropped_xattrs: x.dropped_xattrs,
+    })
 }
 
 /// Extension headers seen since the last real member.
@@ -343,6 +358,9 @@ struct PaxFields<'a> {
     uid: Option<&'a [u8]>,
     gid: Option<&'a [u8]>,
     sparse: bool,
+    /// Extended attribute records (`SCHILY.xattr.*`, `LIBARCHIVE.xattr.*`):
+    /// counted, never applied.
+    xattrs: u64,
 }
 
 impl<'a> PaxFields<'a> {
@@ -377,6 +395,7 @@ impl<'a> PaxFields<'a> {
                 b"uid" => f.uid = value,
                 b"gid" => f.gid = value,
                 k if k.starts_with(b"GNU.sparse.") => f.sparse = true,
+                k if k.starts_with(b"SCHILY.xattr.") || k.starts_with(b"LIBARCHIVE.xattr.") => f.xattrs += 1,
                 _ => {}
             }
             data = &data[len..];
@@ -427,6 +446,17 @@ fn normalize(raw: &[u8]) -> Result<Option<PathBuf>, &'static str> {
     if raw.first() == Some(&b'/') {
         return Err("absolute paths are not allowed");
     }
+    normalize_relative(raw)
+}
+
+/// [`normalize`] for image layers: a leading `/` is dropped, as Docker
+/// does (some image builders write `/usr/bin/x`); `..` is still refused.
+fn normalize_layer(raw: &[u8]) -> Result<Option<PathBuf>, &'static str> {
+    let start = raw.iter().position(|&b| b != b'/').unwrap_or(raw.len());
+    normalize_relative(&raw[start..])
+}
+
+fn normalize_relative(raw: &[u8]) -> Result<Option<PathBuf>, &'static str> {
     if raw.contains(&0) {
         return Err("path contains a NUL byte");
     }
@@ -445,20 +475,26 @@ fn normalize(raw: &[u8]) -> Result<Option<PathBuf>, &'static str> {
     Ok((!out.as_os_str().is_empty()).then_some(out))
 }
 
-/// Checks a symlink target: relative, and not climbing above the root when
-/// resolved lexically from the directory of `rel` (the link itself).
-fn check_symlink_target(rel: &Path, target: &[u8]) -> Result<(), &'static str> {
+/// Checks a symlink target. In image layers any target is kept as it is
+/// (absolute ones too: they mean the image's root, and every path the
+/// extractor opens is resolved inside it). In workspaces the target must be
+/// relative and must not climb above the root when resolved lexically from
+/// the directory of `rel` (the link itself).
+fn check_symlink_target(rel: &Path, target: &[u8], layer: bool) -> Result<(), &'static str> {
     if target.is_empty() {
         return Err("symlink has an empty target");
-    }
-    if target[0] == b'/' {
-        return Err("absolute symlink targets are not allowed");
     }
     if target.contains(&0) {
         return Err("symlink target contains a NUL byte");
     }
     if target.len() > PATH_MAX {
         return Err("symlink target is longer than PATH_MAX");
+    }
+    if layer {
+        return Ok(());
+    }
+    if target[0] == b'/' {
+        return Err("absolute symlink targets are not allowed");
     }
     let mut depth = rel.components().count().saturating_sub(1);
     for c in target.split(|&b| b == b'/') {
@@ -499,9 +535,12 @@ fn mtime_of(header: &Header) -> Option<SystemTime> {
 struct Extractor<'a> {
     dest: &'a Path,
     limits: &'a TarLimits,
-    /// Relative paths known to be real directories: checked or created
-    /// during this import. Cleared whenever a directory is removed.
-    known_dirs: HashSet<PathBuf>,
+    /// Member parent paths known to lead to real directories, checked or
+    /// created during this import, with the real directory each resolves
+    /// to (the same path for workspaces; for image layers, the path after
+    /// following symlinks inside the root). Cleared whenever a directory
+    /// or a symlink is removed.
+    known_dirs: HashMap<PathBuf, PathBuf>,
     known_dirs_bytes: usize,
     dirs: Vec<DirMeta>,
     pending: Pending,
@@ -515,9 +554,14 @@ struct Extractor<'a> {
     consumed: u64,
     /// File content written.
     written: u64,
-    /// Image layer mode: whiteouts and owners apply. Holds every path this
-    /// layer created (and their parents), which whiteouts leave alone.
+    /// Image layer mode: whiteouts and owners apply, symlinks resolve
+    /// inside the root. Holds every real path this layer created (and
+    /// their parents), which whiteouts leave alone.
     layer: Option<HashSet<PathBuf>>,
+    /// Device nodes and fifos skipped (image layers).
+    skipped_special: u64,
+    /// Extended attribute records dropped.
+    dropped_xattrs: u64,
 }
 
 impl<'a> Extractor<'a> {
@@ -525,7 +569,7 @@ impl<'a> Extractor<'a> {
         Extractor {
             dest,
             limits,
-            known_dirs: HashSet::new(),
+            known_dirs: HashMap::new(),
             known_dirs_bytes: 0,
             dirs: Vec::new(),
             pending: Pending::default(),
@@ -535,6 +579,8 @@ impl<'a> Extractor<'a> {
             consumed: 0,
             written: 0,
             layer: None,
+            skipped_special: 0,
+            dropped_xattrs: 0,
         }
     }
 
@@ -629,11 +675,19 @@ impl<'a> Extractor<'a> {
         if pax.sparse || kind == EntryType::GNUSparse {
             return Err(hostile(&name, "sparse files are not supported"));
         }
-        let rel = match normalize(&path) {
+        let layer = self.layer.is_some();
+        let normalized = if layer { normalize_layer(&path) } else { normalize(&path) };
+        let rel = match normalized {
             Ok(Some(rel)) => rel,
             Ok(None) => return Ok(()),
             Err(reason) => return Err(hostile(&name, reason)),
         };
+        self.dropped_xattrs += pax.xattrs;
+        if layer && matches!(kind, EntryType::Char | EntryType::Block | EntryType::Fifo) {
+            // A sandbox gets its own /dev; nothing special is made on the host.
+            self.skipped_special += 1;
+            return Ok(());
+        }
         let mode = header.mode().map_err(format)? & MODE_MASK;
         let mtime = mtime_of(header);
         if self.layer.is_some() {
@@ -649,16 +703,22 @@ impl<'a> Extractor<'a> {
             if self.whiteout(&rel, &name)? {
                 return Ok(());
             }
-            let mut p = rel.clone();
+            let Some(real) = self.create_member(kind, &rel, &name, mode, mtime, size, &path, &pax, &pending, member)?
+            else {
+                return Ok(());
+            };
+            let mut p = real.clone();
             let created = self.layer.as_mut().expect("layer mode");
             while created.insert(p.clone()) && p.pop() && !p.as_os_str().is_empty() {}
-            self.create_member(kind, &rel, &name, mode, mtime, size, &path, &pax, &pending, member)?;
-            return self.owned(&rel, &name, kind, owner);
+            return self.owned(&real, &name, kind, owner);
         }
-        self.create_member(kind, &rel, &name, mode, mtime, size, &path, &pax, &pending, member)
+        self.create_member(kind, &rel, &name, mode, mtime, size, &path, &pax, &pending, member).map(drop)
     }
 
-    /// Creates a checked member's file, directory or link.
+    /// Creates a checked member's file, directory or link. Returns the real
+    /// path it created (relative to the root), or `None` when an image
+    /// layer's directory member names an existing symlink to a directory,
+    /// which is kept (merged-usr's `lib -> usr/lib`).
     #[allow(clippy::too_many_arguments)]
     fn create_member<R: Read>(
         &mut self,
@@ -672,7 +732,7 @@ impl<'a> Extractor<'a> {
         pax: &PaxFields<'_>,
         pending: &Pending,
         member: &mut tar::Entry<'_, R>,
-    ) -> Result<(), ExtractError> {
+    ) -> Result<Option<PathBuf>, ExtractError> {
         let link = || -> Vec<u8> {
             match (pax.linkpath, &pending.long_link) {
                 (Some(l), _) => l.to_vec(),
@@ -684,15 +744,15 @@ impl<'a> Extractor<'a> {
             EntryType::Regular | EntryType::Continuous if path.ends_with(b"/") => {
                 self.dir(rel.to_path_buf(), name, mode, mtime)
             }
-            EntryType::Regular | EntryType::Continuous => self.file(rel, name, mode, mtime, size, member),
+            EntryType::Regular | EntryType::Continuous => self.file(rel, name, mode, mtime, size, member).map(Some),
             EntryType::Directory => self.dir(rel.to_path_buf(), name, mode, mtime),
             EntryType::Symlink => {
                 let target = link();
-                self.symlink(rel, name, &target)
+                self.symlink(rel, name, &target).map(Some)
             }
             EntryType::Link => {
                 let target = link();
-                self.hard_link(rel, name, &target)
+                self.hard_link(rel, name, &target).map(Some)
             }
             EntryType::Char | EntryType::Block => Err(hostile(name, "device nodes are not allowed")),
             EntryType::Fifo => Err(hostile(name, "fifos are not allowed")),
@@ -704,15 +764,11 @@ impl<'a> Extractor<'a> {
     fn whiteout(&mut self, rel: &Path, name: &str) -> Result<bool, ExtractError> {
         let Some(file) = rel.file_name().and_then(|f| f.to_str()) else { return Ok(false) };
         let Some(hidden) = file.strip_prefix(".wh.") else { return Ok(false) };
-        let parent = rel.parent().unwrap_or(Path::new(""));
-        match reach(self.dest, parent).map_err(|e| io_error(name, e))? {
-            Reach::Dirs => {}
-            // Nothing below to hide.
-            Reach::Stopped => return Ok(true),
-            Reach::Symlink(p) => {
-                return Err(hostile(name, format!("{} is a symlink; refusing to remove through it", p.display())));
-            }
-        }
+        // The directory is resolved inside the root, like any layer path.
+        let Some(parent) = self.walk(rel.parent().unwrap_or(Path::new("")), name, false)? else {
+            return Ok(true); // nothing below to hide
+        };
+        let parent = parent.as_path();
         let created = self.layer.as_ref().expect("layer mode");
         let victims: Vec<PathBuf> = if hidden == ".wh..opq" {
             let dir = self.dest.join(parent);
@@ -736,7 +792,7 @@ impl<'a> Extractor<'a> {
         Ok(true)
     }
 
-    /// Gives a layer member the owner its archive records.
+    /// Gives a layer member (at its real path) the owner its archive records.
     fn owned(&mut self, rel: &Path, name: &str, kind: EntryType, (uid, gid): (u32, u32)) -> Result<(), ExtractError> {
         if kind == EntryType::Link {
             return Ok(()); // the same inode as its target, already owned
@@ -745,49 +801,105 @@ impl<'a> Extractor<'a> {
         std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| io_error(name, e))
     }
 
-    /// Makes sure every parent of `rel` is a real directory, creating
-    /// missing ones; refuses a symlink or a non-directory on the way.
-    fn prepare_parents(&mut self, rel: &Path, name: &str) -> Result<(), ExtractError> {
+    /// Where member `rel` goes: its real path relative to the root, after
+    /// making sure every parent is a real directory (missing ones are
+    /// created). The last component is not resolved: a member replaces
+    /// whatever is at its own path, a symlink included, and never writes
+    /// through it.
+    fn place(&mut self, rel: &Path, name: &str) -> Result<PathBuf, ExtractError> {
+        let file = rel.file_name().expect("normalized paths end in a name");
         let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
-            return Ok(());
+            return Ok(PathBuf::from(file));
         };
-        if self.known_dirs.contains(parent) {
-            return Ok(());
+        if let Some(real) = self.known_dirs.get(parent) {
+            return Ok(real.join(file));
         }
-        let mut cur = PathBuf::with_capacity(parent.as_os_str().len());
-        for c in parent.components() {
-            cur.push(c);
-            if self.known_dirs.contains(&cur) {
+        let real = self.walk(parent, name, true)?.expect("a creating walk always arrives");
+        self.remember_dir(parent.to_path_buf(), real.clone());
+        Ok(real.join(file))
+    }
+
+    /// Walks directory path `rel` down from the root, one component at a
+    /// time with `lstat`, and returns the real path it arrives at. A missing
+    /// component is created when `create` is set (and counted as an
+    /// implicit directory), else the walk stops with `None`; a
+    /// non-directory refuses the member.
+    ///
+    /// A symlink on the way refuses a workspace member. In an image layer it
+    /// is followed *inside the root*, as `openat2(RESOLVE_IN_ROOT)` would:
+    /// an absolute target starts again at the root and `..` never climbs
+    /// above it, so a layer writing `lib/x86_64-linux-gnu/y` where
+    /// `lib -> usr/lib` (or `-> /usr/lib`) lands in `usr/lib/...`, and no
+    /// target can lead outside. Every path the walk touches is the root
+    /// joined with real directory names, never a symlink. The node owns the
+    /// staging tree while a layer is applied, so nothing can swap a
+    /// directory between the walk and the write.
+    fn walk(&mut self, rel: &Path, name: &str, create: bool) -> Result<Option<PathBuf>, ExtractError> {
+        let mut todo: VecDeque<OsString> = rel.components().map(|c| c.as_os_str().to_owned()).collect();
+        let mut real = PathBuf::with_capacity(rel.as_os_str().len());
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            if c.is_empty() || c == "." {
                 continue;
             }
-            let full = self.dest.join(&cur);
+            if c == ".." {
+                real.pop(); // at the root, stays at the root
+                continue;
+            }
+            let next = real.join(&c);
+            let full = self.dest.join(&next);
             match fs::symlink_metadata(&full) {
-                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.is_dir() => real = next,
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(hostile(name, format!("{} is a symlink; refusing to write through it", cur.display())));
+                    if self.layer.is_none() {
+                        let why = format!("{} is a symlink; refusing to write through it", next.display());
+                        return Err(hostile(name, why));
+                    }
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Err(hostile(name, format!("too many levels of symlinks at {}", next.display())));
+                    }
+                    let target = fs::read_link(&full).map_err(|e| io_error(name, e))?;
+                    if target.has_root() {
+                        real.clear();
+                    }
+                    for t in target.components().rev() {
+                        match t {
+                            Component::Normal(part) => todo.push_front(part.to_owned()),
+                            Component::ParentDir => todo.push_front(OsString::from("..")),
+                            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+                        }
+                    }
                 }
-                Ok(_) => {
-                    return Err(hostile(name, format!("{} is not a directory", cur.display())));
-                }
+                Ok(_) => return Err(hostile(name, format!("{} is not a directory", next.display()))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if !create {
+                        return Ok(None);
+                    }
                     self.implicit_dirs += 1;
                     self.check_entries(name)?;
                     fs::DirBuilder::new().mode(WORK_DIR_MODE).create(&full).map_err(|e| io_error(name, e))?;
+                    real = next;
                 }
                 Err(e) => return Err(io_error(name, e)),
             }
-            self.remember_dir(cur.clone());
         }
-        Ok(())
+        Ok(Some(real))
     }
 
-    fn remember_dir(&mut self, rel: PathBuf) {
-        self.known_dirs_bytes += rel.as_os_str().len();
+    fn remember_dir(&mut self, rel: PathBuf, real: PathBuf) {
+        let bytes = rel.as_os_str().len() + real.as_os_str().len();
+        self.known_dirs_bytes += bytes;
         if self.known_dirs_bytes > KNOWN_DIRS_MAX_BYTES {
             self.known_dirs.clear();
-            self.known_dirs_bytes = rel.as_os_str().len();
+            self.known_dirs_bytes = bytes;
         }
-        self.known_dirs.insert(rel);
+        self.known_dirs.insert(rel, real);
+    }
+
+    fn forget_dirs(&mut self) {
+        self.known_dirs.clear();
+        self.known_dirs_bytes = 0;
     }
 
     /// Removes whatever is at `path` without following it.
@@ -795,11 +907,16 @@ impl<'a> Extractor<'a> {
         let result = match fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 // Directories under it may be in `known_dirs`.
-                self.known_dirs.clear();
-                self.known_dirs_bytes = 0;
+                self.forget_dirs();
                 remove_tree(path)
             }
-            Ok(_) => fs::remove_file(path),
+            Ok(m) => {
+                if m.file_type().is_symlink() {
+                    // Layer paths may have resolved through it.
+                    self.forget_dirs();
+                }
+                fs::remove_file(path)
+            }
             Err(e) => Err(e),
         };
         match result {
@@ -834,9 +951,9 @@ impl<'a> Extractor<'a> {
         mtime: Option<SystemTime>,
         size: u64,
         data: &mut tar::Entry<'_, R>,
-    ) -> Result<(), ExtractError> {
-        self.prepare_parents(rel, name)?;
-        let path = self.dest.join(rel);
+    ) -> Result<PathBuf, ExtractError> {
+        let real = self.place(rel, name)?;
+        let path = self.dest.join(&real);
         let mut file = self.create_new(&path, name, |p| {
             OpenOptions::new().write(true).create_new(true).mode(mode & 0o777).custom_flags(libc::O_NOFOLLOW).open(p)
         })?;
@@ -862,18 +979,34 @@ impl<'a> Extractor<'a> {
             file.set_modified(mtime).map_err(|e| io_error(name, e))?;
         }
         self.written += size;
-        Ok(())
+        Ok(real)
     }
 
-    fn dir(&mut self, rel: PathBuf, name: &str, mode: u32, mtime: Option<SystemTime>) -> Result<(), ExtractError> {
-        self.prepare_parents(&rel, name)?;
-        let path = self.dest.join(&rel);
+    fn dir(
+        &mut self,
+        rel: PathBuf,
+        name: &str,
+        mode: u32,
+        mtime: Option<SystemTime>,
+    ) -> Result<Option<PathBuf>, ExtractError> {
+        let real = self.place(&rel, name)?;
+        let path = self.dest.join(&real);
         let mkdir = |p: &Path| fs::DirBuilder::new().mode(WORK_DIR_MODE).create(p);
         match mkdir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => {
+                Ok(m) => {
+                    // An image's `lib -> usr/lib` stays a link when a later
+                    // layer lists `lib/` (GNU tar's --keep-directory-symlink):
+                    // replacing it would hide everything under usr/lib.
+                    if self.layer.is_some()
+                        && m.file_type().is_symlink()
+                        && let Ok(Some(target)) = self.walk(&real, name, false)
+                    {
+                        self.remember_dir(rel, target);
+                        return Ok(None);
+                    }
                     self.clear(&path, name)?;
                     mkdir(&path).map_err(|e| io_error(name, e))?;
                 }
@@ -881,23 +1014,30 @@ impl<'a> Extractor<'a> {
             },
             Err(e) => return Err(io_error(name, e)),
         }
-        self.remember_dir(rel.clone());
-        self.dirs.push(DirMeta { rel, mode, mtime });
-        Ok(())
+        self.remember_dir(rel, real.clone());
+        self.dirs.push(DirMeta { rel: real.clone(), mode, mtime });
+        Ok(Some(real))
     }
 
-    fn symlink(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<(), ExtractError> {
-        check_symlink_target(rel, target).map_err(|reason| hostile(name, reason))?;
-        self.prepare_parents(rel, name)?;
-        let path = self.dest.join(rel);
+    fn symlink(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<PathBuf, ExtractError> {
+        check_symlink_target(rel, target, self.layer.is_some()).map_err(|reason| hostile(name, reason))?;
+        let real = self.place(rel, name)?;
+        let path = self.dest.join(&real);
         let target = Path::new(OsStr::from_bytes(target));
-        self.create_new(&path, name, |p| std::os::unix::fs::symlink(target, p))
+        self.create_new(&path, name, |p| std::os::unix::fs::symlink(target, p))?;
+        Ok(real)
     }
 
-    fn hard_link(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<(), ExtractError> {
+    /// A hard link's target must be an existing regular file inside the
+    /// root (in image layers a symlink too, which `link` links as itself).
+    /// In layers the target's directories resolve inside the root like any
+    /// member path; in workspaces none of them may be a symlink.
+    fn hard_link(&mut self, rel: &Path, name: &str, target: &[u8]) -> Result<PathBuf, ExtractError> {
+        let layer = self.layer.is_some();
         let target_name = name_of(target);
         let bad = |reason: &str| hostile(name, format!("hard link target {target_name:?}: {reason}"));
-        let target_rel = match normalize(target) {
+        let normalized = if layer { normalize_layer(target) } else { normalize(target) };
+        let target_rel = match normalized {
             Ok(Some(t)) => t,
             Ok(None) => return Err(bad("is the destination root")),
             Err(reason) => return Err(bad(reason)),
@@ -905,26 +1045,28 @@ impl<'a> Extractor<'a> {
         if target_rel != rel && target_rel.starts_with(rel) {
             return Err(bad("lies inside the link's own path"));
         }
-        if let Some(parent) = target_rel.parent() {
-            match reach(self.dest, parent).map_err(|e| io_error(name, e))? {
-                Reach::Dirs => {}
-                Reach::Stopped => return Err(bad("does not exist")),
-                Reach::Symlink(p) => return Err(bad(&format!("{} is a symlink", p.display()))),
-            }
-        }
-        let target_path = self.dest.join(&target_rel);
+        let parent = target_rel.parent().unwrap_or(Path::new(""));
+        let real_parent = match self.walk(parent, name, false) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(bad("does not exist")),
+            Err(ExtractError::Hostile { reason, .. }) => return Err(bad(&reason)),
+            Err(e) => return Err(e),
+        };
+        let real_target = real_parent.join(target_rel.file_name().expect("normalized paths end in a name"));
+        let target_path = self.dest.join(&real_target);
         match fs::symlink_metadata(&target_path) {
-            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_file() || (layer && m.file_type().is_symlink()) => {}
             Ok(_) => return Err(bad("is not a regular file")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(bad("does not exist")),
             Err(e) => return Err(io_error(name, e)),
         }
-        if target_rel == rel {
-            return Ok(());
+        let real = self.place(rel, name)?;
+        if real == real_target {
+            return Ok(real);
         }
-        self.prepare_parents(rel, name)?;
-        let path = self.dest.join(rel);
-        self.create_new(&path, name, |p| fs::hard_link(&target_path, p))
+        let path = self.dest.join(&real);
+        self.create_new(&path, name, |p| fs::hard_link(&target_path, p))?;
+        Ok(real)
     }
 
     /// Applies directory modes and mtimes, deepest first, to directories
@@ -1344,7 +1486,7 @@ mod tests {
     }
 
     #[test]
-    fn layers_keep_owners_and_refuse_whiteouts_through_symlinks() {
+    fn layers_keep_owners_and_contain_whiteouts_through_symlinks() {
         let f = fixture();
         let mut b = Builder::new(Vec::new());
         let mut h = Header::new_gnu();
@@ -1360,13 +1502,16 @@ mod tests {
         if crate::tarx::tests::is_root() {
             assert_eq!((m.uid(), m.gid()), (1234, 4321));
         }
+        // The link resolves inside the root, where there is nothing to hide.
         symlink(&f.outside, f.dest.join("link")).unwrap();
+        symlink("../outside", f.dest.join("rel")).unwrap();
         fs::write(f.outside.join("victim"), b"v").unwrap();
-        let err = layer(&f, &archive(|b| file(b, "link/.wh.victim", b""))).unwrap_err();
-        assert!(matches!(err, ExtractError::Hostile { .. }), "{err:?}");
+        layer(&f, &archive(|b| file(b, "link/.wh.victim", b""))).unwrap();
+        layer(&f, &archive(|b| file(b, "rel/.wh.victim", b""))).unwrap();
         assert!(f.outside.join("victim").exists(), "a whiteout removed something outside");
         fs::remove_file(f.outside.join("victim")).unwrap();
         fs::remove_file(f.dest.join("link")).unwrap();
+        fs::remove_file(f.dest.join("rel")).unwrap();
         let err = layer(&f, &archive(|b| file(b, "../.wh.dest", b""))).unwrap_err();
         assert!(matches!(err, ExtractError::Hostile { .. }), "{err:?}");
         f.assert_contained();
@@ -1374,6 +1519,118 @@ mod tests {
 
     fn is_root() -> bool {
         fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    }
+
+    #[test]
+    fn layers_keep_symlinks_and_write_through_them_inside_the_root() {
+        let f = fixture();
+        let outside = f.outside.to_str().unwrap().to_owned();
+        layer(
+            &f,
+            &archive(|b| {
+                raw(b, EntryType::Directory, b"usr/lib/", b"", b"");
+                raw(b, EntryType::Symlink, b"lib", b"usr/lib", b"");
+                raw(b, EntryType::Symlink, b"lib64", b"/usr/lib", b"");
+                raw(b, EntryType::Symlink, b"etc/alternatives/pager", b"/bin/more", b"");
+                raw(b, EntryType::Symlink, b"out", outside.as_bytes(), b"");
+                raw(b, EntryType::Symlink, b"up", b"../../..", b"");
+            }),
+        )
+        .unwrap();
+        assert_eq!(fs::read_link(f.dest.join("lib64")).unwrap(), Path::new("/usr/lib"));
+        assert_eq!(fs::read_link(f.dest.join("etc/alternatives/pager")).unwrap(), Path::new("/bin/more"));
+        // A second layer writes through the links: relative, absolute, one
+        // that names a host path and one that climbs: all land inside.
+        let summary = layer(
+            &f,
+            &archive(|b| {
+                raw(b, EntryType::Directory, b"lib/", b"", b"");
+                file(b, "lib/x86_64-linux-gnu/libz.so", b"z");
+                file(b, "lib64/ld.so", b"ld");
+                file(b, "out/x", b"contained");
+                file(b, "up/etc/passwd", b"contained");
+                raw(b, EntryType::Link, b"hard", b"lib/x86_64-linux-gnu/libz.so", b"");
+            }),
+        )
+        .unwrap();
+        assert_eq!(summary.entries, 6);
+        assert!(fs::symlink_metadata(f.dest.join("lib")).unwrap().file_type().is_symlink(), "lib stays a link");
+        assert_eq!(fs::read(f.dest.join("usr/lib/x86_64-linux-gnu/libz.so")).unwrap(), b"z");
+        assert_eq!(fs::read(f.dest.join("usr/lib/ld.so")).unwrap(), b"ld");
+        let inside = f.dest.join(outside.trim_start_matches('/')).join("x");
+        assert_eq!(fs::read(inside).unwrap(), b"contained");
+        assert_eq!(fs::read(f.dest.join("etc/passwd")).unwrap(), b"contained");
+        let (a, h) = (f.dest.join("usr/lib/x86_64-linux-gnu/libz.so"), f.dest.join("hard"));
+        assert_eq!(fs::metadata(a).unwrap().ino(), fs::metadata(h).unwrap().ino());
+        f.assert_contained();
+    }
+
+    #[test]
+    fn layers_skip_special_files_drop_xattrs_and_strip_leading_slashes() {
+        let f = fixture();
+        let tar = archive(|b| {
+            raw(b, EntryType::Directory, b"dev/", b"", b"");
+            raw(b, EntryType::Char, b"dev/console", b"", b"");
+            raw(b, EntryType::Block, b"dev/sda", b"", b"");
+            raw(b, EntryType::Fifo, b"run/initctl", b"", b"");
+            b.append_pax_extensions([
+                ("SCHILY.xattr.security.capability", &b"\x01\x00\x00\x02"[..]),
+                ("SCHILY.xattr.user.x", &b"y"[..]),
+            ])
+            .unwrap();
+            file(b, "usr/bin/ping", b"ping");
+            file(b, "/etc/hostname", b"h");
+            file(b, "//etc//hosts", b"127.0.0.1 localhost");
+        });
+        let summary = layer(&f, &tar).unwrap();
+        assert_eq!((summary.skipped_special, summary.dropped_xattrs), (3, 2));
+        assert_eq!(fs::read_dir(f.dest.join("dev")).unwrap().count(), 0, "no device node is created");
+        assert!(!f.dest.join("run/initctl").exists());
+        assert_eq!(fs::read(f.dest.join("etc/hostname")).unwrap(), b"h");
+        assert_eq!(fs::read(f.dest.join("etc/hosts")).unwrap(), b"127.0.0.1 localhost");
+        let caps = std::process::Command::new("getfattr").arg("-d").arg(f.dest.join("usr/bin/ping")).output();
+        if let Ok(out) = caps {
+            assert!(out.stdout.is_empty(), "an xattr was applied: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        f.assert_contained();
+        // Workspaces stay strict.
+        assert_hostile(f.extract(&archive(|b| raw(b, EntryType::Char, b"null", b"", b""))), "null");
+    }
+
+    #[test]
+    fn layers_refuse_symlink_loops_by_name() {
+        let f = fixture();
+        let tar = archive(|b| {
+            raw(b, EntryType::Symlink, b"a", b"b", b"");
+            raw(b, EntryType::Symlink, b"b", b"a", b"");
+            file(b, "a/x", b"x");
+        });
+        assert_hostile(layer(&f, &tar), "a/x");
+        f.assert_contained();
+    }
+
+    /// Every case of the workspace suite, applied as an image layer, is
+    /// refused or lands inside the root: nothing outside changes and no
+    /// device node or fifo exists anywhere under the root.
+    #[test]
+    fn hostile_layers_are_refused_or_contained() {
+        for (what, case) in hostile_cases() {
+            let f = fixture();
+            let (tar, _) = case(&f);
+            let _ = layer(&f, &tar);
+            f.assert_contained();
+            let mut stack = vec![f.dest.clone()];
+            while let Some(dir) = stack.pop() {
+                for e in fs::read_dir(&dir).unwrap() {
+                    let e = e.unwrap();
+                    let t = e.file_type().unwrap();
+                    assert!(t.is_dir() || t.is_file() || t.is_symlink(), "{what}: special file {:?}", e.path());
+                    if t.is_dir() {
+                        stack.push(e.path());
+                    }
+                }
+            }
+        }
     }
 
     fn dir_mode(b: &mut Builder<Vec<u8>>, name: &str, mode: u32) {
@@ -1552,9 +1809,25 @@ mod tests {
 
     #[test]
     fn hostile_members_are_refused_by_name() {
+        for (what, case) in hostile_cases() {
+            let f = fixture();
+            let (tar, entry) = case(&f);
+            let result = f.extract(&tar);
+            match &result {
+                Err(ExtractError::Hostile { entry: e, .. }) if *e == entry => {}
+                other => panic!("{what}: expected Hostile for {entry:?}, got {other:?}"),
+            }
+            assert_eq!(result.unwrap_err().entry(), Some(entry.as_str()));
+            f.assert_contained();
+        }
+    }
+
+    type HostileCase = (&'static str, Box<dyn Fn(&Fixture) -> (Vec<u8>, String)>);
+
+    /// Archives a workspace import must refuse, each with the member named.
+    fn hostile_cases() -> Vec<HostileCase> {
         let outside_abs = |f: &Fixture| format!("{}/abs", f.outside.display());
-        type Case = (&'static str, Box<dyn Fn(&Fixture) -> (Vec<u8>, String)>);
-        let cases: Vec<Case> = vec![
+        vec![
             (
                 "absolute path",
                 Box::new(move |f| {
@@ -1664,18 +1937,7 @@ mod tests {
                     (tar, long)
                 }),
             ),
-        ];
-        for (what, case) in cases {
-            let f = fixture();
-            let (tar, entry) = case(&f);
-            let result = f.extract(&tar);
-            match &result {
-                Err(ExtractError::Hostile { entry: e, .. }) if *e == entry => {}
-                other => panic!("{what}: expected Hostile for {entry:?}, got {other:?}"),
-            }
-            assert_eq!(result.unwrap_err().entry(), Some(entry.as_str()));
-            f.assert_contained();
-        }
+        ]
     }
 
     #[test]

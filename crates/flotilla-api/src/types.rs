@@ -252,6 +252,14 @@ pub struct ImportSummary {
     /// Bytes of file content written.
     pub bytes: u64,
     pub duration_ms: u64,
+    /// Image layers only: device nodes and fifos in the archive, skipped
+    /// (a sandbox gets its own `/dev`; nothing special is created on the host).
+    #[serde(default)]
+    pub skipped_special: u64,
+    /// Extended attributes (`security.capability` and the like) recorded in
+    /// the archive and dropped: none is ever applied to the host.
+    #[serde(default)]
+    pub dropped_xattrs: u64,
 }
 
 /// The kind of a directory entry.
@@ -534,6 +542,14 @@ pub struct Image {
     pub source: String,
     pub size_bytes: u64,
     pub layers: Vec<String>,
+    /// Device nodes and fifos the layers held, skipped at import (a
+    /// sandbox gets its own `/dev`).
+    #[serde(default)]
+    pub skipped_special: u64,
+    /// Extended attributes the layers recorded, dropped at import (none is
+    /// ever applied to the host).
+    #[serde(default)]
+    pub dropped_xattrs: u64,
     pub created_at: Timestamp,
     /// Sandboxes that use this version now.
     #[serde(default)]

@@ -51,7 +51,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use flotilla_agent::tarx::{self, Compression, TarLimits};
-use flotilla_api::{ApiError, ErrorCode, Image, Timestamp};
+use flotilla_api::{ApiError, ErrorCode, Image, ImportSummary, Timestamp};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -112,6 +112,22 @@ struct Unpacked {
     format: &'static str,
     layers: Vec<String>,
     bytes: u64,
+    /// Device nodes and fifos skipped, over all layers.
+    skipped_special: u64,
+    /// Extended attributes dropped, over all layers.
+    dropped_xattrs: u64,
+}
+
+impl Unpacked {
+    fn new(digest: String, format: &'static str, layers: Vec<String>) -> Unpacked {
+        Unpacked { digest, format, layers, bytes: 0, skipped_special: 0, dropped_xattrs: 0 }
+    }
+
+    fn add(&mut self, s: &ImportSummary) {
+        self.bytes += s.bytes;
+        self.skipped_special += s.skipped_special;
+        self.dropped_xattrs += s.dropped_xattrs;
+    }
 }
 
 /// The image store.
@@ -302,6 +318,8 @@ impl Images {
             source: source.to_string(),
             size_bytes: unpacked.bytes,
             layers: unpacked.layers,
+            skipped_special: unpacked.skipped_special,
+            dropped_xattrs: unpacked.dropped_xattrs,
             created_at: Timestamp::now(),
             used_by: vec![],
             aliases: vec![],
@@ -443,7 +461,12 @@ fn sniff(path: &Path) -> io::Result<Compression> {
 }
 
 /// Applies one layer file, verifying its digest when one is expected.
-fn apply_layer(path: &Path, expect: Option<&str>, rootfs: &Path, label: &str) -> Result<(String, u64), ApiError> {
+fn apply_layer(
+    path: &Path,
+    expect: Option<&str>,
+    rootfs: &Path,
+    label: &str,
+) -> Result<(String, ImportSummary), ApiError> {
     let compression = sniff(path).map_err(io_err(format!("reading layer {label}")))?;
     let file = File::open(path).map_err(io_err(format!("opening layer {label}")))?;
     let mut reader = Hashing::new(io::BufReader::with_capacity(1 << 20, file));
@@ -458,7 +481,7 @@ fn apply_layer(path: &Path, expect: Option<&str>, rootfs: &Path, label: &str) ->
             format!("layer {label} does not match its digest: expected {expect}, read {digest}"),
         ));
     }
-    Ok((digest, summary.bytes))
+    Ok((digest, summary))
 }
 
 fn directory(source: &Path, rootfs: &Path, progress: &dyn Progress) -> Result<Unpacked, ApiError> {
@@ -473,7 +496,9 @@ fn directory(source: &Path, rootfs: &Path, progress: &dyn Progress) -> Result<Un
     packed.map_err(io_err(format!("reading {}", source.display())))?;
     let summary = extracted.map_err(tar_err("directory"))?;
     let (digest, _) = finished.map_err(io_err("hashing the directory"))?;
-    Ok(Unpacked { digest: digest.clone(), format: "dir", layers: vec![digest], bytes: summary.bytes })
+    let mut unpacked = Unpacked::new(digest.clone(), "dir", vec![digest]);
+    unpacked.add(&summary);
+    Ok(unpacked)
 }
 
 fn archive(
@@ -493,19 +518,19 @@ fn archive(
     let mut reader = Hashing::new(io::BufReader::with_capacity(1 << 20, file));
     let summary = tarx::extract_layer(&mut reader, compression, &src, &limits()).map_err(tar_err("image archive"))?;
     let (digest, _) = reader.finish().map_err(io_err(format!("reading {}", source.display())))?;
-    let unpacked = if src.join("oci-layout").is_file() && src.join("index.json").is_file() {
+    // Image layers may hold any symlink, so from here on every file of the
+    // unpacked archive is opened only when no symlink leads to it.
+    let plain = |rel: &str| plain_file_inside(&src, Path::new(rel)).is_some();
+    let unpacked = if plain("oci-layout") && plain("index.json") {
         oci_layout(&src, rootfs, reference, "layer", progress)?
-    } else if src.join("manifest.json").is_file() && !src.join("etc").exists() {
+    } else if plain("manifest.json") && fs::symlink_metadata(src.join("etc")).is_err() {
         docker_archive(&src, rootfs, reference, progress)?
     } else {
         fs::remove_dir(rootfs).map_err(io_err("replacing the staging root"))?;
         fs::rename(&src, rootfs).map_err(io_err("moving the root filesystem into place"))?;
-        return Ok(Unpacked {
-            digest: digest.clone(),
-            format: "rootfs_tar",
-            layers: vec![digest],
-            bytes: summary.bytes,
-        });
+        let mut unpacked = Unpacked::new(digest.clone(), "rootfs_tar", vec![digest]);
+        unpacked.add(&summary);
+        return Ok(unpacked);
     };
     let _ = fs::remove_dir_all(&src);
     Ok(unpacked)
@@ -543,11 +568,27 @@ struct Manifest {
 fn blob(layout: &Path, digest: &str) -> Result<PathBuf, ApiError> {
     let hex = digest_hex(digest)
         .ok_or_else(|| ApiError::new(ErrorCode::UnprocessableTar, format!("unsupported digest {digest:?}")))?;
-    let p = layout.join("blobs/sha256").join(hex);
-    match fs::symlink_metadata(&p) {
-        Ok(m) if m.is_file() => Ok(p),
-        _ => Err(ApiError::new(ErrorCode::UnprocessableTar, format!("blob {digest} is missing from the layout"))),
+    plain_file_inside(layout, &Path::new("blobs/sha256").join(hex))
+        .ok_or_else(|| ApiError::new(ErrorCode::UnprocessableTar, format!("blob {digest} is missing from the layout")))
+}
+
+/// `root/rel` if it is a regular file reached without any symlink (every
+/// component checked with `lstat`): an unpacked archive's symlinks may
+/// point anywhere on the host, and a layout's files are never read
+/// through one.
+fn plain_file_inside(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut cur = root.to_path_buf();
+    let mut parts = rel.components().peekable();
+    while let Some(c) = parts.next() {
+        let std::path::Component::Normal(name) = c else { return None };
+        cur.push(name);
+        let m = fs::symlink_metadata(&cur).ok()?;
+        let ok = if parts.peek().is_some() { m.is_dir() } else { m.is_file() };
+        if !ok {
+            return None;
+        }
     }
+    Some(cur)
 }
 
 /// Reads a small JSON blob, verifying its digest.
@@ -577,7 +618,9 @@ fn oci_layout(
     step: &str,
     progress: &dyn Progress,
 ) -> Result<Unpacked, ApiError> {
-    let index: Index = json_blob(&layout.join("index.json"), None, "index.json")?;
+    let index_path = plain_file_inside(layout, Path::new("index.json"))
+        .ok_or_else(|| ApiError::new(ErrorCode::UnprocessableTar, "index.json is missing or not a plain file"))?;
+    let index: Index = json_blob(&index_path, None, "index.json")?;
     let tag = reference.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
     let pick = |ds: &[Descriptor]| -> Option<usize> {
         let named = ds.iter().position(|d| {
@@ -603,15 +646,14 @@ fn oci_layout(
         digest = m.manifests[i].digest.clone();
     };
     let n = manifest.layers.len();
-    let mut bytes = 0;
-    let mut layers = Vec::new();
+    let mut unpacked = Unpacked::new(digest, "oci_layout", Vec::new());
     for (i, l) in manifest.layers.iter().enumerate() {
         progress.step(step, Some(format!("{}/{n} {}", i + 1, l.digest)));
-        let (_, b) = apply_layer(&blob(layout, &l.digest)?, Some(&l.digest), rootfs, &l.digest)?;
-        bytes += b;
-        layers.push(l.digest.clone());
+        let (_, summary) = apply_layer(&blob(layout, &l.digest)?, Some(&l.digest), rootfs, &l.digest)?;
+        unpacked.add(&summary);
+        unpacked.layers.push(l.digest.clone());
     }
-    Ok(Unpacked { digest, format: "oci_layout", layers, bytes })
+    Ok(unpacked)
 }
 
 #[derive(Debug, Deserialize)]
@@ -631,16 +673,15 @@ fn inside(root: &Path, rel: &str) -> Result<PathBuf, ApiError> {
     if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
         return Err(bad("not a plain relative path"));
     }
-    let full = root.join(p);
-    match fs::symlink_metadata(&full) {
-        Ok(m) if m.is_file() => Ok(full),
-        Ok(_) => Err(bad("not a regular file")),
-        Err(_) => Err(bad("missing from the archive")),
+    match plain_file_inside(root, p) {
+        Some(full) => Ok(full),
+        None if fs::symlink_metadata(root.join(p)).is_ok() => Err(bad("not a regular file reached without symlinks")),
+        None => Err(bad("missing from the archive")),
     }
 }
 
 fn docker_archive(src: &Path, rootfs: &Path, reference: &str, progress: &dyn Progress) -> Result<Unpacked, ApiError> {
-    let entries: Vec<DockerEntry> = json_blob(&src.join("manifest.json"), None, "manifest.json")?;
+    let entries: Vec<DockerEntry> = json_blob(&inside(src, "manifest.json")?, None, "manifest.json")?;
     let entry = entries
         .iter()
         .find(|e| {
@@ -654,18 +695,17 @@ fn docker_archive(src: &Path, rootfs: &Path, reference: &str, progress: &dyn Pro
     let config_bytes = fs::read(&config).map_err(io_err("reading the image config"))?;
     let digest = format!("sha256:{}", hex(&Sha256::digest(&config_bytes)));
     let n = entry.layers.len();
-    let mut bytes = 0;
-    let mut layers = Vec::new();
+    let mut unpacked = Unpacked::new(digest, "docker_archive", Vec::new());
     for (i, rel) in entry.layers.iter().enumerate() {
         let path = inside(src, rel)?;
         // Newer docker writes layers as blobs/sha256/<hex>: verify those.
         let expect = rel.strip_prefix("blobs/sha256/").map(|h| format!("sha256:{h}"));
         progress.step("layer", Some(format!("{}/{n} {rel}", i + 1)));
-        let (d, b) = apply_layer(&path, expect.as_deref(), rootfs, rel)?;
-        bytes += b;
-        layers.push(d);
+        let (d, summary) = apply_layer(&path, expect.as_deref(), rootfs, rel)?;
+        unpacked.add(&summary);
+        unpacked.layers.push(d);
     }
-    Ok(Unpacked { digest, format: "docker_archive", layers, bytes })
+    Ok(unpacked)
 }
 
 /// This machine's architecture as OCI names it.
