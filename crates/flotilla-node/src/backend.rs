@@ -62,7 +62,9 @@ fn cgroup_group_for(home: &std::path::Path) -> String {
 fn boot_error(e: BootError) -> ApiError {
     let code = match &e {
         BootError::AgentTimeout(..) => ErrorCode::Timeout,
-        BootError::NoNetworkHelper | BootError::TapUnsupported => ErrorCode::InvalidArgument,
+        BootError::NoNetworkHelper | BootError::TapUnsupported | BootError::AgentNeedsLoader(_) => {
+            ErrorCode::InvalidArgument
+        }
         BootError::Dirs { .. }
         | BootError::Socket { .. }
         | BootError::AgentExe { .. }

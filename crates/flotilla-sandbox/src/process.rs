@@ -2,9 +2,12 @@
 //! with the agent as its init.
 //!
 //! Boot, in order (each a step the node reports):
-//! 1. Directories: `<sandboxes>/<id>/{workspace,root,upper,work}`; the
-//!    workspace (and overlay upper layer) are owned by the sandbox's uid
-//!    range so that inside they belong to root.
+//! 1. Directories: `<sandboxes>/<id>/{workspace,root,upper,work,lower}`;
+//!    the workspace (and overlay upper layer) are owned by the sandbox's uid
+//!    range so that inside they belong to root. An image's tree is mounted
+//!    at `lower` through an idmapped mount in the sandbox's range, so root
+//!    inside owns what the image's root owns, and files it changes are
+//!    copied up into `upper`, in its range, never as host root.
 //! 2. The agent's listening socket is bound here, by the node, at
 //!    `<id>/agent.sock` (socket activation): the node can connect the moment
 //!    the process exists, and the socket path never appears inside.
@@ -116,6 +119,12 @@ pub enum BootError {
     AgentDied(String),
     #[error("seccomp")]
     Seccomp(#[source] crate::seccomp::SeccompError),
+    #[error(
+        "the agent {0} is dynamically linked and the image has no loader for it; \
+         run a static flotilla (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release \
+         --target x86_64-unknown-linux-gnu) or point FLOTILLA_GUEST_AGENT at one"
+    )]
+    AgentNeedsLoader(PathBuf),
 }
 
 /// How a sandbox's init ended.
@@ -214,7 +223,7 @@ impl ProcessBackend {
             let path = path.to_path_buf();
             move |source| BootError::Dirs { path, source }
         };
-        for sub in ["workspace", "root", "upper", "work"] {
+        for sub in ["workspace", "root", "upper", "work", "lower"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(dirs_err(&p))?;
         }
@@ -299,8 +308,21 @@ impl ProcessBackend {
         // The child is ours and unreaped, so its pid cannot be reused: if it
         // never reports (it should take milliseconds), kill it, which ends
         // the blocking read in `release` with an error.
+        // The image's root owns its files: its tree is attached through the
+        // sandbox's own id mapping (see `sys::idmapped_tree`). Where the
+        // kernel or the image's filesystem cannot, the child binds the plain
+        // tree (files owned by host ids outside the range then show as
+        // nobody and cannot be changed).
+        let lower_mount = spec.image.lower_dir().and_then(|lower| match sys::idmapped_tree(&cstr(lower), pid) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(sandbox = %spec.id, error = %e, image = %lower.display(),
+                    "no idmapped mount for the image; root inside will not own its files");
+                None
+            }
+        });
         let child_pid = pending.pid;
-        let mut releasing = tokio::task::spawn_blocking(move || pending.release());
+        let mut releasing = tokio::task::spawn_blocking(move || pending.release_with(lower_mount));
         let released = match tokio::time::timeout(flotilla_api::limits::AGENT_READY_TIMEOUT, &mut releasing).await {
             Ok(r) => r.expect("release does not panic"),
             Err(_) => {
@@ -314,6 +336,14 @@ impl ProcessBackend {
             Err(e) => {
                 kill_helper(net_helper);
                 let _ = cgroup.remove();
+                // execveat of a dynamic binary whose interpreter is not in
+                // the image's root fails with ENOENT.
+                if let sys::SpawnError::Child { step: sys::ChildStep::Exec, source, .. } = &e
+                    && source.raw_os_error() == Some(libc::ENOENT)
+                    && spec.image != Image::Host
+                {
+                    return Err(BootError::AgentNeedsLoader(self.config.agent_exe.clone()));
+                }
                 return Err(BootError::Spawn(e));
             }
         };
@@ -493,9 +523,12 @@ impl ProcessBackend {
                 });
             }
             Image::Dir(lower) | Image::Stored { rootfs: lower, .. } => {
+                // The node sends the image's tree, idmapped into the
+                // sandbox's range, with the release (plain if it cannot).
+                ops.push(ChildOp::AttachMount { target: cstr(&dir.join("lower")), fallback: Some(cstr(lower)) });
                 let data = format!(
                     "lowerdir={},upperdir={},workdir={},userxattr",
-                    lower.display(),
+                    dir.join("lower").display(),
                     dir.join("upper").display(),
                     dir.join("work").display()
                 );

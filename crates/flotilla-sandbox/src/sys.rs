@@ -17,7 +17,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -416,6 +416,11 @@ pub enum ChildOp {
     /// Bind-mounts an existing file/dir, then remounts it read-only if
     /// asked (a bind can't be made read-only in one call).
     Bind { source: CString, target: CString, readonly: bool, recursive: bool },
+    /// Attaches the detached mount the parent sent with the release
+    /// ([`PendingChild::release_with`], e.g. an [`idmapped_tree`]) at
+    /// `target`; when none came, binds `fallback` there instead (or fails
+    /// without one).
+    AttachMount { target: CString, fallback: Option<CString> },
 }
 
 /// Everything the child needs, prepared before `clone3` so that the child
@@ -556,10 +561,17 @@ impl PendingChild {
     /// Lets the child go on and blocks until it has exec'd the agent (or
     /// failed, in which case the error names its step). On error the child
     /// is killed and reaped.
-    pub fn release(mut self) -> Result<(i32, OwnedFd), SpawnError> {
+    pub fn release(self) -> Result<(i32, OwnedFd), SpawnError> {
+        self.release_with(None)
+    }
+
+    /// [`release`](Self::release), handing the child a detached mount for
+    /// its [`ChildOp::AttachMount`].
+    pub fn release_with(mut self, mount: Option<OwnedFd>) -> Result<(i32, OwnedFd), SpawnError> {
         let sync = self.sync_w.take().expect("released once");
-        let r = write_all_fd(sync.as_raw_fd(), &[1]);
+        let r = send_byte_with_fd(sync.as_fd(), mount.as_ref().map(|m| m.as_fd()));
         drop(sync);
+        drop(mount);
         if let Err(e) = r {
             self.abort();
             return Err(SpawnError::Pipe(e));
@@ -597,20 +609,117 @@ impl PendingChild {
     }
 }
 
-fn write_all_fd(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        // SAFETY: data is a valid readable slice.
-        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+/// A close-on-exec Unix stream socket pair.
+fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is a valid two-element array for socketpair to fill.
+    cvt(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) })?;
+    // SAFETY: socketpair succeeded, so both descriptors are open and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Room for one fd in a control message (`CMSG_SPACE(sizeof(int))` is 24
+/// on 64-bit Linux; 64 leaves margin), 8-aligned as cmsghdr needs.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+/// Sends one byte on a Unix socket, with `fd` attached when given.
+fn send_byte_with_fd(sock: BorrowedFd<'_>, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let mut byte = [1u8];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let mut cmsg = CmsgBuf([0; 64]);
+    // SAFETY: an all-zero msghdr is valid (no name, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic; the buffer is
+        // large and aligned enough for one header and one int, so
+        // CMSG_FIRSTHDR is non-null and CMSG_DATA points inside it.
+        unsafe {
+            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+            msg.msg_control = cmsg.0.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let hdr = libc::CMSG_FIRSTHDR(&msg);
+            (*hdr).cmsg_level = libc::SOL_SOCKET;
+            (*hdr).cmsg_type = libc::SCM_RIGHTS;
+            (*hdr).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(hdr).cast::<RawFd>(), fd.as_raw_fd());
         }
-        data = &data[n as usize..];
     }
-    Ok(())
+    loop {
+        // SAFETY: msg points at live buffers built above.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n == 1 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if n < 0 && e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return Err(e);
+    }
+}
+
+// ================================================================== idmapped mounts
+
+/// `mount_setattr`'s argument (`struct mount_attr`, first version).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// A detached, read-only copy of the mount at `path` whose owners are seen
+/// through the id mapping of process `pid`'s user namespace: a file owned
+/// by uid `k` on disk appears owned by whatever host uid that namespace
+/// maps `k` to. A sandbox's namespace maps `0..65536` to its own range, so
+/// inside it the image's root owns what the image's root owns, and files
+/// it writes (copied up by the overlay) land in its range, never as host
+/// root. Attach it with [`ChildOp::AttachMount`]. Needs a kernel with
+/// idmapped mounts (5.12+) and a filesystem that supports them (ext4, xfs,
+/// btrfs, tmpfs since 6.3).
+pub fn idmapped_tree(path: &CStr, pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: open_tree with a valid C string; the result is a new fd.
+    let tree = cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            (OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint) as libc::c_ulong,
+        )
+    })?;
+    // SAFETY: open_tree succeeded: the fd is new and ours.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
+    let userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: mount_setattr on our detached tree with a valid attr struct
+    // of the size we pass.
+    cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    Ok(tree)
 }
 
 fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -660,7 +769,8 @@ const NS_FLAGS: u64 = (libc::CLONE_NEWUSER
 /// Clones a child into new namespaces. The child blocks until
 /// [`PendingChild::release`], then carries out `plan` and execs the agent.
 pub fn spawn_sandbox(plan: &ChildPlan) -> Result<PendingChild, SpawnError> {
-    let (sync_r, sync_w) = pipe().map_err(SpawnError::Pipe)?;
+    // A socket, not a pipe: the release may carry a mount's fd.
+    let (sync_r, sync_w) = socketpair().map_err(SpawnError::Pipe)?;
     let (err_r, err_w) = pipe().map_err(SpawnError::Pipe)?;
     // Null-terminated pointer arrays, built before the clone.
     let argv: Vec<*const libc::c_char> =
@@ -748,10 +858,18 @@ unsafe fn child_main(
             libc::_exit(127);
         }
 
-        // 1. Wait until the parent has written our id maps and cgroup.
+        // 1. Wait until the parent has written our id maps and cgroup; the
+        //    release may carry a mount for `AttachMount`.
         let mut b = [0u8; 1];
+        let mut iov = libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: 1 };
+        let mut cmsg = CmsgBuf([0; 64]);
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.0.as_mut_ptr().cast();
+        msg.msg_controllen = cmsg.0.len();
         loop {
-            let n = libc::read(sync_fd, b.as_mut_ptr().cast(), 1);
+            let n = libc::recvmsg(sync_fd, &mut msg, libc::MSG_CMSG_CLOEXEC);
             if n == 1 {
                 break;
             }
@@ -759,6 +877,11 @@ unsafe fn child_main(
                 continue;
             }
             fail(ChildStep::WaitParent, 0);
+        }
+        let mut mount_fd: RawFd = -1;
+        let hdr = libc::CMSG_FIRSTHDR(&msg);
+        if !hdr.is_null() && (*hdr).cmsg_level == libc::SOL_SOCKET && (*hdr).cmsg_type == libc::SCM_RIGHTS {
+            mount_fd = std::ptr::read_unaligned(libc::CMSG_DATA(hdr).cast::<RawFd>());
         }
 
         // 2. Become root of the namespace; shed the host's supplementary
@@ -810,6 +933,33 @@ unsafe fn child_main(
                     if libc::symlink(target.as_ptr(), path.as_ptr()) != 0 && *libc::__errno_location() != libc::EEXIST {
                         fail(ChildStep::Op, i);
                     }
+                }
+                ChildOp::AttachMount { target, fallback } => {
+                    if mount_fd < 0 {
+                        let Some(source) = fallback else {
+                            *libc::__errno_location() = libc::EBADF;
+                            fail(ChildStep::Op, i);
+                        };
+                        let flags = libc::MS_BIND | libc::MS_REC;
+                        if libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), flags, std::ptr::null()) != 0
+                        {
+                            fail(ChildStep::Op, i);
+                        }
+                        continue;
+                    }
+                    if libc::syscall(
+                        libc::SYS_move_mount,
+                        mount_fd,
+                        c"".as_ptr(),
+                        libc::AT_FDCWD,
+                        target.as_ptr(),
+                        MOVE_MOUNT_F_EMPTY_PATH,
+                    ) != 0
+                    {
+                        fail(ChildStep::Op, i);
+                    }
+                    libc::close(mount_fd);
+                    mount_fd = -1;
                 }
                 ChildOp::Touch { path } => {
                     let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);

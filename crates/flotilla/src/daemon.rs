@@ -24,8 +24,12 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
         .with_context(|| format!("securing {}", home.display()))?;
     daemon_runtime()?.block_on(async move {
         let exe = std::env::current_exe().context("finding our own executable (the sandbox agent)")?;
+        // Image sandboxes exec the agent inside the image's root: a static
+        // one (the microVM guest agent, or this binary when it is static)
+        // runs in any image, busybox-only and musl roots included.
+        let agent = args.guest_agent.clone().unwrap_or(exe);
         let process =
-            ProcessNodeBackend::new(home.clone(), exe, vec!["agent".into()]).map_err(anyhow::Error::new)?;
+            ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()]).map_err(anyhow::Error::new)?;
         let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone()) };
         let node = Node::open(backend, NodeConfig::new(home.clone())).await.map_err(anyhow::Error::new)?;
         let socket = home.join("node.sock");
