@@ -609,7 +609,9 @@ pub struct FrameStream {
     body: Incoming,
     decoder: FrameDecoder,
     peer: String,
-    /// Bytes of non-heartbeat frames read so far (for resuming).
+    /// Offset of the next output byte: the stream's start offset plus the
+    /// stdout and stderr bytes read so far (what a detached process's
+    /// output is resumed from; frame headers do not count).
     pub offset: u64,
     dead_after: Duration,
 }
@@ -635,8 +637,8 @@ impl FrameStream {
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(f)) => {
-                    if f.kind != flotilla_api::FrameKind::Heartbeat {
-                        self.offset += (flotilla_api::frame::HEADER_LEN + f.payload.len()) as u64;
+                    if matches!(f.kind, flotilla_api::FrameKind::Stdout | flotilla_api::FrameKind::Stderr) {
+                        self.offset += f.payload.len() as u64;
                     }
                     return Ok(Some(f));
                 }

@@ -14,7 +14,8 @@
 //! sends them through a bounded channel, so a slow client slows the process
 //! (pipe backpressure) instead of growing memory. A detached process writes
 //! them into a ring of [`PROCESS_RING_BYTES`]; clients re-attach from a byte
-//! offset, and the exit frame is stored last.
+//! offset (counting stdout and stderr bytes, so any byte can be resumed
+//! from), and the exit frame is stored last.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
@@ -117,6 +118,7 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest, default_cwd: &str, keep_stdin: 
         return Err(ApiError::invalid("argv is empty"));
     };
     let cwd = req.cwd.as_deref().unwrap_or(default_cwd);
+    check_cwd(cwd)?;
     let mut cmd = Command::new(prog);
     cmd.args(&req.argv[1..])
         .envs(&req.env)
@@ -144,6 +146,23 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest, default_cwd: &str, keep_stdin: 
         None => None,
     };
     Ok(Spawned { pid, started: Instant::now(), started_at: Timestamp::now(), stdin, stdout, stderr, exit })
+}
+
+/// Refuses a working directory that is missing or not a directory, so the
+/// error names it: `spawn` would report the `chdir` failure as the
+/// program's (`cannot start "ls" … No such file or directory`).
+fn check_cwd(cwd: &str) -> Result<(), ApiError> {
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(ApiError::invalid(format!("working directory {cwd:?} is not a directory"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ApiError::not_found(format!("working directory {cwd:?} does not exist")))
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Err(ApiError::not_found(format!(
+            "working directory {cwd:?} does not exist (a part of it is not a directory)"
+        ))),
+        Err(e) => Err(ApiError::invalid(format!("working directory {cwd:?}: {e}"))),
+    }
 }
 
 fn exit_status(r: &sys::Reaped, started: Instant, timed_out: bool) -> ExitStatus {
@@ -272,40 +291,76 @@ pub fn feed_stdin(stdin: Option<tokio::net::unix::pipe::Sender>, data: Option<St
 
 // ------------------------------------------------------------------ detached
 
-/// Stored output of a detached process: encoded frames with their offsets.
+/// Stored output of a detached process.
+///
+/// Offsets count output bytes: the payloads of the stdout and stderr
+/// frames in the order they were read, headers excluded. A reader resuming
+/// at offset `N` gets exactly the bytes from `N` on, with the chunk that
+/// holds `N` cut to its tail, so a client that counts the bytes it wrote
+/// out can resume at any byte. Whole chunks are dropped from the front
+/// once the ring is over [`PROCESS_RING_BYTES`]; the exit frame is kept
+/// apart and sent last.
 #[derive(Debug, Default)]
 struct Ring {
-    frames: VecDeque<(u64, Bytes)>,
+    /// Output chunks (stdout or stderr), each with the offset of its first byte.
+    chunks: VecDeque<(u64, Frame)>,
+    /// Offset of the oldest byte kept.
     start: u64,
+    /// Offset just past the newest byte.
     end: u64,
+    /// Bytes kept (`end - start`).
     size: usize,
+    /// The encoded exit frame, once the process has exited.
+    exit: Option<Bytes>,
 }
 
 impl Ring {
-    fn push(&mut self, frame: Bytes) {
-        let len = frame.len();
-        self.frames.push_back((self.end, frame));
+    /// Stores a stdout or stderr frame; empty ones carry no bytes and are
+    /// not kept.
+    fn push_output(&mut self, frame: Frame) {
+        debug_assert!(matches!(frame.kind, FrameKind::Stdout | FrameKind::Stderr));
+        let len = frame.payload.len();
+        if len == 0 {
+            return;
+        }
+        self.chunks.push_back((self.end, frame));
         self.end += len as u64;
         self.size += len;
-        while self.size > PROCESS_RING_BYTES && self.frames.len() > 1 {
-            let (_, f) = self.frames.pop_front().expect("non-empty");
-            self.size -= f.len();
-            self.start += f.len() as u64;
+        while self.size > PROCESS_RING_BYTES && self.chunks.len() > 1 {
+            let (_, f) = self.chunks.pop_front().expect("non-empty");
+            self.size -= f.payload.len();
+            self.start += f.payload.len() as u64;
         }
     }
 
-    /// Frames at or after `from` (starting at the oldest kept if `from` is
-    /// older), concatenated, and the offset after them.
-    fn read_from(&self, from: u64) -> (Bytes, u64) {
+    /// Stores the exit frame (the last thing a process sends).
+    fn push_exit(&mut self, frame: &Frame) {
+        self.exit = Some(frame.to_bytes());
+    }
+
+    /// The output from byte `from` on (from the oldest byte kept if `from`
+    /// is older), encoded as frames, followed by the exit frame if the
+    /// process has exited. Returns the frames, the offset to continue from,
+    /// and whether the exit frame is included (nothing more will come).
+    fn read_from(&self, from: u64) -> (Bytes, u64, bool) {
         let mut out = BytesMut::new();
-        let mut next = from.max(self.start);
-        for (off, f) in &self.frames {
-            if *off >= next {
-                out.extend_from_slice(f);
-                next = off + f.len() as u64;
-            }
+        let from = from.max(self.start);
+        let mut next = from;
+        // Chunks before the one holding `from` are skipped without a look.
+        let first = self.chunks.partition_point(|(off, f)| off + f.payload.len() as u64 <= from);
+        for (off, f) in self.chunks.range(first..) {
+            let skip = (from.saturating_sub(*off)) as usize;
+            Frame::new(f.kind, f.payload.slice(skip..)).encode(&mut out);
+            next = off + f.payload.len() as u64;
         }
-        (out.freeze(), next.max(from.min(self.end)))
+        let done = match &self.exit {
+            Some(exit) => {
+                out.extend_from_slice(exit);
+                true
+            }
+            None => false,
+        };
+        (out.freeze(), next, done)
     }
 }
 
@@ -339,17 +394,16 @@ impl Detached {
         }
     }
 
+    /// Offset of the oldest output byte kept.
     pub fn output_start(&self) -> u64 {
         self.ring.lock().expect("ring lock").start
     }
 
-    /// Returns stored frames from `from`, the next offset, and whether the
-    /// process has exited (so no more will come).
+    /// Returns the stored output from byte `from` on as frames (the exit
+    /// frame last once the process has exited), the offset to continue
+    /// from, and whether the exit frame was included (so no more will come).
     pub fn read_from(&self, from: u64) -> (Bytes, u64, bool) {
-        let ring = self.ring.lock().expect("ring lock");
-        let (b, next) = ring.read_from(from);
-        let done = self.exit.lock().expect("exit lock").is_some() && next >= ring.end;
-        (b, next, done)
+        self.ring.lock().expect("ring lock").read_from(from)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -388,13 +442,17 @@ struct RingSink(Arc<Detached>);
 
 impl FrameSink for RingSink {
     async fn send(&mut self, frame: Frame) -> bool {
-        if frame.kind != FrameKind::Heartbeat {
-            if frame.kind == FrameKind::Exit {
+        match frame.kind {
+            FrameKind::Stdout | FrameKind::Stderr => self.0.ring.lock().expect("ring lock").push_output(frame),
+            FrameKind::Exit => {
+                // The status first: whoever sees the exit frame in the ring
+                // also sees the process as exited.
                 *self.0.exit.lock().expect("exit lock") = frame.as_exit();
+                self.0.ring.lock().expect("ring lock").push_exit(&frame);
             }
-            self.0.ring.lock().expect("ring lock").push(frame.to_bytes());
-            self.0.changed.send_modify(|v| *v += 1);
+            FrameKind::Heartbeat | FrameKind::Stdin | FrameKind::Error | FrameKind::Resize => return true,
         }
+        self.0.changed.send_modify(|v| *v += 1);
         true
     }
     async fn closed(&self) {
@@ -475,33 +533,155 @@ impl Registry {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ring_trims_whole_frames_and_resumes() {
-        let mut r = Ring::default();
-        let f = |n: u8| Frame::new(FrameKind::Stdout, vec![n; 100]).to_bytes();
-        for i in 0..5 {
-            r.push(f(i));
+    /// Output bytes of a frame stream, stdout and stderr as delivered, and
+    /// the exit frame if there is one (it must be the last frame).
+    fn output_of(frames: &[u8]) -> (Vec<u8>, Option<ExitStatus>) {
+        let frames = flotilla_api::frame::decode_all(frames).expect("whole frames");
+        let mut out = Vec::new();
+        let mut exit = None;
+        for (i, f) in frames.iter().enumerate() {
+            match f.kind {
+                FrameKind::Stdout | FrameKind::Stderr => {
+                    assert!(!f.payload.is_empty(), "empty output frame");
+                    out.extend_from_slice(&f.payload);
+                }
+                FrameKind::Exit => {
+                    assert_eq!(i, frames.len() - 1, "exit frame not last");
+                    exit = f.as_exit();
+                }
+                k => panic!("unexpected {k:?} frame"),
+            }
         }
-        assert_eq!((r.start, r.end), (0, 540));
-        let (b, next) = r.read_from(108);
-        assert_eq!(b.len(), 432);
-        assert_eq!(next, 540);
-        let (b, next) = r.read_from(540);
-        assert!(b.is_empty());
-        assert_eq!(next, 540);
+        (out, exit)
+    }
+
+    fn status(code: i32) -> ExitStatus {
+        ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+            duration_ms: 1,
+            rusage: flotilla_api::frame::Rusage { user_ms: 0, system_ms: 0, max_rss_kb: 0 },
+        }
+    }
+
+    /// Numbered lines written in several frames of uneven sizes, on both
+    /// streams: `line-1\nline-2\n…`.
+    fn numbered_ring() -> (Ring, Vec<u8>) {
+        let text: String = (1..=40).map(|i| format!("line-{i}\n")).collect();
+        let bytes = text.into_bytes();
+        let mut r = Ring::default();
+        let mut at = 0;
+        for (i, len) in [1, 6, 7, 13, 40, 2, 100, 3].into_iter().cycle().enumerate() {
+            if at == bytes.len() {
+                break;
+            }
+            let end = (at + len).min(bytes.len());
+            let kind = if i % 3 == 2 { FrameKind::Stderr } else { FrameKind::Stdout };
+            r.push_output(Frame::new(kind, Bytes::copy_from_slice(&bytes[at..end])));
+            at = end;
+        }
+        assert!(r.chunks.len() > 5);
+        (r, bytes)
+    }
+
+    #[test]
+    fn resuming_at_every_byte_gives_exactly_the_rest() {
+        let (mut r, output) = numbered_ring();
+        let len = output.len() as u64;
+        assert_eq!((r.start, r.end), (0, len));
+        for done in [false, true] {
+            if done {
+                r.push_exit(&Frame::exit(&status(3)));
+            }
+            for n in 0..=len {
+                let (frames, next, finished) = r.read_from(n);
+                let (got, exit) = output_of(&frames);
+                assert_eq!(got, &output[n as usize..], "resumed at {n}");
+                assert_eq!(next, len, "resumed at {n}");
+                assert_eq!(finished, done);
+                assert_eq!(exit.map(|e| e.code), done.then_some(Some(3)));
+            }
+        }
+        // `--from 7` on `line-1\nline-2\n…` starts inside `line-2`.
+        let (frames, _, _) = r.read_from(7);
+        assert!(output_of(&frames).0.starts_with(b"line-2\nline-3\n"));
+    }
+
+    #[test]
+    fn kinds_are_kept_when_a_frame_is_cut() {
+        let mut r = Ring::default();
+        r.push_output(Frame::new(FrameKind::Stdout, &b"out"[..]));
+        r.push_output(Frame::new(FrameKind::Stderr, &b"err"[..]));
+        r.push_output(Frame::new(FrameKind::Stdout, Bytes::new()));
+        assert_eq!(r.end, 6);
+        let (frames, next, _) = r.read_from(4);
+        assert_eq!(next, 6);
+        assert_eq!(flotilla_api::frame::decode_all(&frames).unwrap(), vec![Frame::new(FrameKind::Stderr, &b"rr"[..])]);
+        let (frames, next, _) = r.read_from(1);
+        assert_eq!(next, 6);
+        assert_eq!(
+            flotilla_api::frame::decode_all(&frames).unwrap(),
+            vec![Frame::new(FrameKind::Stdout, &b"ut"[..]), Frame::new(FrameKind::Stderr, &b"err"[..])]
+        );
+    }
+
+    #[test]
+    fn reading_at_or_past_the_end_waits_for_more() {
+        let (r, output) = numbered_ring();
+        let len = output.len() as u64;
+        for from in [len, len + 10] {
+            let (frames, next, done) = r.read_from(from);
+            assert!(frames.is_empty() && !done);
+            assert_eq!(next, from);
+        }
     }
 
     #[test]
     fn ring_keeps_at_most_its_budget() {
         let mut r = Ring::default();
-        let big = Frame::new(FrameKind::Stdout, vec![0; 1 << 20]).to_bytes();
+        let big = Frame::new(FrameKind::Stdout, vec![7; 1 << 20]);
         for _ in 0..20 {
-            r.push(big.clone());
+            r.push_output(big.clone());
         }
         assert!(r.size <= PROCESS_RING_BYTES);
+        assert_eq!(r.size as u64, r.end - r.start);
         assert!(r.start > 0);
-        // Asking for trimmed output starts at the oldest kept frame.
-        let (b, _) = r.read_from(0);
-        assert_eq!(b.len(), r.size);
+        assert_eq!(r.end, 20 << 20);
+        // Asking for dropped output starts at the oldest byte kept.
+        let (frames, next, _) = r.read_from(0);
+        assert_eq!(output_of(&frames).0.len(), r.size);
+        assert_eq!(next, r.end);
+        // Inside the kept part, resuming is still exact.
+        let (frames, _, _) = r.read_from(r.start + 5);
+        assert_eq!(output_of(&frames).0.len(), r.size - 5);
+    }
+
+    #[test]
+    fn a_missing_working_directory_is_named() {
+        let reaper = Reaper { init: false, waiters: Mutex::new(HashMap::new()) };
+        let req = |cwd: &str| ExecRequest { argv: vec!["ls".into()], cwd: Some(cwd.into()), ..Default::default() };
+        let e = spawn(&reaper, &req("/no/such/dir"), "/", false).err().expect("refused");
+        assert_eq!(e.code, flotilla_api::ErrorCode::NotFound);
+        assert_eq!(e.message, "working directory \"/no/such/dir\" does not exist");
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().to_str().unwrap().to_string();
+        let e = spawn(&reaper, &req(&path), "/", false).err().expect("refused");
+        assert_eq!(e.code, flotilla_api::ErrorCode::InvalidArgument);
+        assert_eq!(e.message, format!("working directory {path:?} is not a directory"));
+        let e = spawn(&reaper, &req(&format!("{path}/x")), "/", false).err().expect("refused");
+        assert_eq!(e.code, flotilla_api::ErrorCode::NotFound);
+        assert!(e.message.contains("does not exist"), "{}", e.message);
+        // A missing program is still reported as before.
+        let e = spawn(
+            &reaper,
+            &ExecRequest { argv: vec!["no-such-program".into()], cwd: Some("/".into()), ..Default::default() },
+            "/",
+            false,
+        )
+        .err()
+        .expect("refused");
+        assert_eq!(e.code, flotilla_api::ErrorCode::NotFound);
+        assert!(e.message.starts_with("cannot start \"no-such-program\" in /: "), "{}", e.message);
     }
 }

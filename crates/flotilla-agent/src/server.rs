@@ -194,8 +194,9 @@ async fn get_process(State(a): AgentState, Path(id): Path<String>) -> Result<Jso
     Ok(Json(a.registry.get(&id)?.info()))
 }
 
-/// Streams a detached process's stored frames from an offset, then
-/// follows new ones until it exits. The response header
+/// Streams a detached process's output from a byte offset (stdout and
+/// stderr bytes, so a resume inside a stored frame sends the rest of that
+/// frame), then follows new output until it exits. The response header
 /// `x-flotilla-output-start` says where the kept output begins, so a
 /// client that asked for something older knows what it missed.
 async fn process_output(

@@ -5,17 +5,34 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 /// Fast, disposable, isolated sandboxes, and the system that runs builds on them.
+///
+/// Global options (`--home`, `--node`, `--json`, …) go before or after the
+/// subcommand: `flotilla --home DIR sandbox ls` and `flotilla sandbox ls --home DIR`
+/// are the same.
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, propagate_version = true)]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// How a command finds its node.
+/// Options every subcommand takes, declared once here with `global = true`,
+/// so they are accepted before or after the subcommand (as in git and docker).
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Print the result as JSON (commands that print a result).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// How a command finds its node (and, for `node` and `dev`, where it keeps its data).
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
-    /// Data directory; the node's socket is DIR/node.sock.
+    /// Data directory (default: $XDG_DATA_HOME/flotilla); a node's socket is DIR/node.sock.
     #[arg(long, env = "FLOTILLA_HOME", global = true)]
     pub home: Option<PathBuf>,
     /// Node API address (unix:///path/node.sock or https://host:port); overrides --home.
@@ -24,10 +41,13 @@ pub struct NodeArgs {
     /// Find the node by its id in the name table (`nodes/ID`) instead.
     #[arg(long, global = true, conflicts_with = "node")]
     pub node_id: Option<String>,
-    /// Name table address (default: the one `flotilla dev` started, from HOME/names.url).
+    /// Name table address (default: the one `flotilla dev` started, from HOME/names.url);
+    /// `node` publishes itself there as `nodes/<id>`.
     #[arg(long, env = "FLOTILLA_NAMES", global = true)]
     pub names: Option<String>,
-    /// Bearer token of a remote node (`flotilla node --listen` prints where it is kept).
+    /// Bearer token of a remote node (`flotilla node --listen` prints where it is kept). For `node`
+    /// and `dev`: the token clients must send (default: $FLOTILLA_NODE_TOKEN, else generated into
+    /// HOME/tls/token; $FLOTILLA_TOKEN is the clients' and does not apply).
     #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// Trust this certificate (PEM) for an https node, e.g. a copy of the node's HOME/tls/cert.pem.
@@ -54,33 +74,18 @@ pub enum Command {
     #[command(subcommand)]
     Image(ImageCommand),
     /// Check that this machine can run sandboxes, and say how to fix what is missing.
-    Doctor {
-        /// Data directory to check disk space for.
-        #[arg(long, env = "FLOTILLA_HOME")]
-        home: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
+    Doctor,
     /// Long-running requests (create, start, image import, git import): list, show, wait.
     #[command(subcommand, alias = "op")]
     Operation(OperationCommand),
     /// Follow the node's events (state changes, operation steps, janitor reaps) as they happen.
     Events {
-        #[command(flatten)]
-        node: NodeArgs,
         /// Resume after this event id (printed with --json).
         #[arg(long)]
         after: Option<u64>,
-        #[arg(long)]
-        json: bool,
     },
     /// Describe the node: OS, CPUs, memory, backends, images, sandbox counts.
-    Info {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Info,
     /// The in-sandbox agent (started by the node; useful by hand for debugging).
     Agent(AgentArgs),
 }
@@ -112,25 +117,16 @@ pub enum PoolCommand {
     /// (same image, --memory, --cpus, --disk; no --env, no network) claims one in milliseconds.
     /// SIZE 0 removes the pool.
     Set {
-        #[command(flatten)]
-        node: NodeArgs,
         /// `NAME:TAG` (pinned to its current version) or `dir:/path`.
         image: String,
         #[arg(long)]
         size: u32,
         #[command(flatten)]
         limits: LimitArgs,
-        #[arg(long)]
-        json: bool,
     },
     /// List warm pools: shape, size, ready and booting members.
     #[command(alias = "list")]
-    Ls {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,9 +137,6 @@ pub enum NodeSub {
     /// Prepare microVM guest assets now (kernel, initramfs, accelerator probe) instead of at the first
     /// `sandbox create --backend vm`.
     SetupVm {
-        /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
-        #[arg(long, env = "FLOTILLA_HOME")]
-        home: Option<PathBuf>,
         /// First build the guest kernel from Debian's linux-source-6.1 with Flotilla's small config
         /// (~5 minutes on 2 cores, once): it boots about twice as fast as the distribution's kernel.
         /// Nodes on this data directory use it from then on.
@@ -152,18 +145,19 @@ pub enum NodeSub {
         /// The kernel source tarball for --build-kernel.
         #[arg(long, default_value = flotilla_vm::kernel::DEFAULT_SOURCE, requires = "build_kernel")]
         kernel_source: PathBuf,
-        #[arg(long)]
-        json: bool,
     },
 }
 
+/// A node's own options. `--home`, `--names` and `--token` are global
+/// options (see [`GlobalArgs`]); [`parse`] copies them in.
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
-    /// Data directory (default: $FLOTILLA_HOME, else $XDG_DATA_HOME/flotilla).
-    #[arg(long, env = "FLOTILLA_HOME")]
+    /// Data directory: the global `--home`.
+    #[arg(skip)]
     pub home: Option<PathBuf>,
-    /// Static flotilla binary to run as each microVM's init (default: this binary when it is static,
-    /// else a static build in the cargo target directory).
+    /// Static flotilla binary to run as each microVM's init and as the agent of process sandboxes
+    /// from images, so images without glibc work (default: this binary when it is static; for
+    /// microVMs, else a static build in the cargo target directory).
     #[arg(long, env = "FLOTILLA_GUEST_AGENT")]
     pub guest_agent: Option<PathBuf>,
     /// Also serve the API over TCP with TLS and a bearer token on this address (e.g. 0.0.0.0:7443).
@@ -178,11 +172,13 @@ pub struct DaemonArgs {
     /// Extra host name or address for the self-signed certificate (repeatable).
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
-    /// Publish this node as `nodes/<id>` in the name table at this URL (`flotilla dev` runs its own).
-    #[arg(long, env = "FLOTILLA_NAMES")]
+    /// Publish this node as `nodes/<id>` in the name table at this URL (`flotilla dev` runs its own):
+    /// the global `--names`.
+    #[arg(skip)]
     pub names: Option<String>,
-    /// Bearer token clients must send; generated into HOME/tls/token when absent.
-    #[arg(long, env = "FLOTILLA_NODE_TOKEN", hide_env_values = true)]
+    /// Bearer token clients must send; generated into HOME/tls/token when absent: the global
+    /// `--token` given on the command line, else $FLOTILLA_NODE_TOKEN.
+    #[arg(skip)]
     pub token: Option<String>,
 }
 
@@ -217,46 +213,29 @@ pub enum SandboxCommand {
     Create(CreateArgs),
     /// List sandboxes.
     #[command(alias = "list")]
-    Ls {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
     /// Show one sandbox, with the steps of its last boot.
     Show {
-        #[command(flatten)]
-        node: NodeArgs,
         /// Sandbox id or name.
         id: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Run a command in a sandbox, streaming its output; exits with its status.
     Exec(ExecArgs),
     /// Re-attach to a detached process's output (resumes after dropped connections).
     Attach {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         /// Process id from `exec --detach` or `ps`.
         process: String,
-        /// Byte offset to resume from (printed when a connection drops).
+        /// Output byte offset to resume from, counting stdout and stderr bytes (printed when a
+        /// connection drops; `ps` shows the range kept).
         #[arg(long, default_value_t = 0)]
         from: u64,
     },
-    /// List a sandbox's detached processes.
-    Ps {
-        #[command(flatten)]
-        node: NodeArgs,
-        id: String,
-        #[arg(long)]
-        json: bool,
-    },
+    /// List a sandbox's detached processes, with the range of output bytes kept (OUTPUT start..end:
+    /// `attach --from` resumes at any offset in it).
+    Ps { id: String },
     /// Send a signal to a detached process.
     Kill {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         process: String,
         #[arg(long, short, default_value = "TERM")]
@@ -264,8 +243,6 @@ pub enum SandboxCommand {
     },
     /// Open an interactive shell in a sandbox.
     Shell {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         /// Run this command on the terminal instead of a login shell.
         #[arg(long)]
@@ -273,8 +250,6 @@ pub enum SandboxCommand {
     },
     /// Stream files into the workspace: a directory, .tar, .tar.gz, .tar.zst, or - (tar on stdin).
     Put {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         /// Destination directory inside the workspace.
         #[arg(long)]
@@ -284,13 +259,9 @@ pub enum SandboxCommand {
         /// Export a git revision instead: REPO[@REV], REPO a path or URL the node can read (REV default HEAD).
         #[arg(long, conflicts_with = "src")]
         git: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Stream the workspace (or a directory of it) out as a tar.
     Get {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         /// Directory inside the workspace.
         #[arg(long)]
@@ -301,13 +272,9 @@ pub enum SandboxCommand {
     },
     /// List a directory of the workspace.
     Files {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         #[arg(long)]
         dir: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Stop a sandbox; its workspace is kept. Always works, and repeating it is harmless.
     Stop(IdArgs),
@@ -338,69 +305,35 @@ pub enum NamesCommand {
     },
     /// List mounted names matching PATTERN (`*` one element, `...` any number; default `...`).
     #[command(alias = "list")]
-    Ls {
-        #[command(flatten)]
-        node: NodeArgs,
-        pattern: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Ls { pattern: Option<String> },
     /// Resolve NAME: the servers at its longest mounted prefix, and the rest of the name.
-    Resolve {
-        #[command(flatten)]
-        node: NodeArgs,
-        name: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Resolve { name: String },
     /// Mount SERVER under NAME for --ttl.
     Mount {
-        #[command(flatten)]
-        node: NodeArgs,
         name: String,
         server: String,
         #[arg(long, value_parser = parse_duration, default_value = "1m")]
         ttl: std::time::Duration,
     },
     /// Unmount SERVER from NAME.
-    Unmount {
-        #[command(flatten)]
-        node: NodeArgs,
-        name: String,
-        server: String,
-    },
+    Unmount { name: String, server: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// List images (tags, their digests and which sandboxes use them).
     #[command(alias = "list")]
-    Ls {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
     /// Show one image.
-    Show {
-        #[command(flatten)]
-        node: NodeArgs,
-        reference: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Show { reference: String },
     /// Import NAME:TAG from a directory, a rootfs tarball (.tar/.tar.gz/.tar.zst),
     /// an OCI image layout (directory or tar) or a `docker save` archive on the node's host.
     Import {
-        #[command(flatten)]
-        node: NodeArgs,
         reference: String,
         path: PathBuf,
         /// Print the operation id and return at once.
         #[arg(long)]
         no_wait: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Pull an image from an OCI registry (Docker Registry v2 / OCI distribution).
     ///
@@ -417,8 +350,6 @@ pub enum ImageCommand {
         flotilla image pull --plain-http 127.0.0.1:5000/team/app:1 --as app:dev\n  \
         echo \"$TOKEN\" | flotilla image pull ghcr.io/org/img:2 --username bot --password-stdin")]
     Pull {
-        #[command(flatten)]
-        node: NodeArgs,
         /// HOST[:PORT]/REPOSITORY[:TAG|@sha256:HEX].
         source: String,
         /// Store it as NAME:TAG instead of the default.
@@ -436,26 +367,17 @@ pub enum ImageCommand {
         /// Print the operation id and return at once.
         #[arg(long)]
         no_wait: bool,
-        /// Print the pulled image as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Point another tag (default NAME:latest) at the version NAME:TAG names.
     Promote {
-        #[command(flatten)]
-        node: NodeArgs,
         reference: String,
         /// The tag to move.
         #[arg(long)]
         to: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Delete tags (refused while a sandbox uses the version).
     #[command(alias = "delete")]
     Rm {
-        #[command(flatten)]
-        node: NodeArgs,
         #[arg(required = true)]
         references: Vec<String>,
     },
@@ -465,48 +387,27 @@ pub enum ImageCommand {
 pub enum OperationCommand {
     /// Operations the node keeps (24 hours), newest first.
     #[command(alias = "list")]
-    Ls {
-        #[command(flatten)]
-        node: NodeArgs,
-        #[arg(long)]
-        json: bool,
-    },
+    Ls,
     /// Show one operation with its steps.
-    Show {
-        #[command(flatten)]
-        node: NodeArgs,
-        id: String,
-        #[arg(long)]
-        json: bool,
-    },
+    Show { id: String },
     /// Wait for an operation to finish (also across a node restart); exits 1 if it failed.
     Wait {
-        #[command(flatten)]
-        node: NodeArgs,
         id: String,
         /// Give up after this long.
         #[arg(long, value_parser = parse_duration)]
         timeout: Option<std::time::Duration>,
-        #[arg(long)]
-        json: bool,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct IdArgs {
-    #[command(flatten)]
-    pub node: NodeArgs,
     /// Sandbox ids or names.
     #[arg(required = true)]
     pub ids: Vec<String>,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    #[command(flatten)]
-    pub node: NodeArgs,
     /// `host` (the host's system directories, read-only), `dir:/path` (a root filesystem directory)
     /// or an imported image `NAME:TAG`. A `vm` needs an image with its own root filesystem.
     #[arg(long, default_value = "host")]
@@ -538,14 +439,10 @@ pub struct CreateArgs {
     /// (microVMs: a TAP on the node bridge flotilla0, 10.213.0.0/24, reachable from the host).
     #[arg(long, default_value = "none", value_parser = ["none", "outbound", "tap"])]
     pub network: String,
-    #[arg(long)]
-    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    #[command(flatten)]
-    pub node: NodeArgs,
     pub id: String,
     /// Working directory (default /workspace).
     #[arg(long)]
@@ -559,8 +456,6 @@ pub struct ExecArgs {
     /// Start it in the background; prints its process id for `attach`.
     #[arg(long)]
     pub detach: bool,
-    #[arg(long)]
-    pub json: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
@@ -568,8 +463,6 @@ pub struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub struct SetArgs {
-    #[command(flatten)]
-    pub node: NodeArgs,
     pub id: String,
     /// New deadline counted from now; 0 removes it.
     #[arg(long, value_parser = parse_duration)]
@@ -583,8 +476,6 @@ pub struct SetArgs {
     /// New limits, applied live to a running sandbox.
     #[command(flatten)]
     pub limits: LimitArgs,
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Resource limits, shared by `create` and `set`.
@@ -634,28 +525,52 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     flotilla_api::units::parse_duration(s)
 }
 
+/// Parses the command line (as `Cli::parse_from`), then hands a node
+/// (`node`, `dev`) the global options it shares: `--home` and `--names`
+/// as given, and `--token` only when given on the command line: from the
+/// environment a node reads `$FLOTILLA_NODE_TOKEN`, never the clients'
+/// `$FLOTILLA_TOKEN`.
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches_from(args);
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
+    let token_given = matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine);
+    let g = &cli.global.node;
+    if let Command::Dev(d) | Command::Node(NodeCmd { command: None, daemon: d }) = &mut cli.command {
+        d.home = g.home.clone();
+        d.names = g.names.clone();
+        d.token = if token_given {
+            g.token.clone()
+        } else {
+            std::env::var("FLOTILLA_NODE_TOKEN").ok().filter(|t| !t.is_empty())
+        };
+    }
+    cli
+}
+
 /// Runs a command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let GlobalArgs { node, json } = cli.global;
     match cli.command {
         Command::Dev(a) => crate::daemon::node(a, true),
         Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, false),
-        Command::Node(NodeCmd {
-            command: Some(NodeSub::SetupVm { home, build_kernel, kernel_source, json }), ..
-        }) => crate::daemon::setup_vm(default_home(home), build_kernel.then_some(kernel_source), json),
+        Command::Node(NodeCmd { command: Some(NodeSub::SetupVm { build_kernel, kernel_source }), .. }) => {
+            crate::daemon::setup_vm(default_home(node.home), build_kernel.then_some(kernel_source), json)
+        }
         Command::Node(NodeCmd { command: Some(NodeSub::Pool(cmd)), .. }) => {
-            crate::sandbox::block_on(crate::sandbox::pool(*cmd))
+            crate::sandbox::block_on(crate::sandbox::pool(*cmd, node, json))
         }
         Command::Agent(a) => crate::daemon::agent(a),
-        Command::Info { node, json } => crate::sandbox::block_on(crate::sandbox::info(node, json)),
-        Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd)),
-        Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd)),
+        Command::Info => crate::sandbox::block_on(crate::sandbox::info(node, json)),
+        Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd, node, json)),
+        Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd, node, json)),
         Command::Names(NamesCommand::Serve { listen, etcd, etcd_prefix }) => {
             crate::names::serve(listen, etcd, etcd_prefix)
         }
-        Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd)),
-        Command::Doctor { home, json } => crate::doctor::run(&default_home(home), json),
-        Command::Events { node, after, json } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
-        Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd)),
+        Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd, node, json)),
+        Command::Doctor => crate::doctor::run(&default_home(node.home), json),
+        Command::Events { after } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
+        Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd, node, json)),
     }
 }
 
@@ -669,4 +584,55 @@ pub fn default_home(home: Option<PathBuf>) -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".local/share/flotilla")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Cli {
+        super::parse(args.split(' ').map(std::ffi::OsString::from))
+    }
+
+    #[test]
+    fn the_parser_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_go_before_or_after_the_subcommand() {
+        for line in [
+            "flotilla --home /h --json sandbox ls",
+            "flotilla sandbox ls --home /h --json",
+            "flotilla sandbox --json ls --home /h",
+            "flotilla --json sandbox ls --home /h",
+        ] {
+            let cli = parse(line);
+            assert!(matches!(cli.command, Command::Sandbox(SandboxCommand::Ls)), "{line}");
+            assert_eq!(cli.global.node.home.as_deref(), Some(std::path::Path::new("/h")), "{line}");
+            assert!(cli.global.json, "{line}");
+        }
+        let cli = parse("flotilla --node unix:///n.sock --token t image ls");
+        assert_eq!(cli.global.node.node.as_deref(), Some("unix:///n.sock"));
+        assert_eq!(cli.global.node.token.as_deref(), Some("t"));
+        let cli = parse("flotilla doctor --home /d");
+        assert_eq!(cli.global.node.home.as_deref(), Some(std::path::Path::new("/d")));
+        assert!(!cli.global.json);
+    }
+
+    #[test]
+    fn a_node_gets_its_home_names_and_token_from_the_global_options() {
+        for line in [
+            "flotilla node --home /h --names http://n:1 --token t",
+            "flotilla --home /h --names http://n:1 --token t dev",
+        ] {
+            let (Command::Node(NodeCmd { daemon: d, .. }) | Command::Dev(d)) = parse(line).command else {
+                panic!("{line}: not a node");
+            };
+            assert_eq!(d.home.as_deref(), Some(std::path::Path::new("/h")), "{line}");
+            assert_eq!(d.names.as_deref(), Some("http://n:1"), "{line}");
+            assert_eq!(d.token.as_deref(), Some("t"), "{line}");
+        }
+    }
 }

@@ -5,13 +5,13 @@ use std::io::IsTerminal;
 use anyhow::{Context, anyhow};
 use flotilla_api::{Image, ImportImageRequest, OperationState, PullImageRequest};
 
-use crate::cli::ImageCommand;
+use crate::cli::{ImageCommand, NodeArgs};
 use crate::output;
 use crate::sandbox::client;
 
-pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
+pub async fn run(cmd: ImageCommand, node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     match cmd {
-        ImageCommand::Ls { node, json } => {
+        ImageCommand::Ls => {
             let list = client(&node).await?.images().await?;
             if json {
                 output::json(&list)?
@@ -20,7 +20,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCommand::Show { node, reference, json } => {
+        ImageCommand::Show { reference } => {
             let img = client(&node).await?.image(&reference).await?;
             if json {
                 output::json(&img)?
@@ -29,7 +29,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCommand::Import { node, reference, path, no_wait, json } => {
+        ImageCommand::Import { reference, path, no_wait } => {
             // The node reads the path on its own host: make it absolute here,
             // where the user's working directory means something.
             let path = std::path::absolute(&path).with_context(|| format!("resolving {}", path.display()))?;
@@ -38,7 +38,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             let op = c.import_image(&req).await.with_context(|| format!("importing {reference}"))?;
             follow(&c, op, &format!("the import of {reference}"), no_wait, json).await
         }
-        ImageCommand::Pull { node, source, reference, plain_http, username, password_stdin, no_wait, json } => {
+        ImageCommand::Pull { source, reference, plain_http, username, password_stdin, no_wait } => {
             let password = match (&username, password_stdin) {
                 (None, _) => None,
                 (Some(_), true) => {
@@ -56,7 +56,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             drop(req);
             follow(&c, op, &format!("the pull of {source}"), no_wait, json).await
         }
-        ImageCommand::Promote { node, reference, to, json } => {
+        ImageCommand::Promote { reference, to } => {
             let to = match to {
                 Some(t) => t,
                 None => {
@@ -72,7 +72,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCommand::Rm { node, references } => {
+        ImageCommand::Rm { references } => {
             let c = client(&node).await?;
             let mut code = 0;
             for r in &references {

@@ -12,8 +12,6 @@ mod output;
 mod sandbox;
 mod transfer;
 
-use clap::Parser;
-
 /// Our arguments. As a microVM's PID 1 the kernel hands us the command-line
 /// words it did not recognise: before ours (start at `agent`), and after
 /// ours whatever QEMU appended (with ACPI off it lists its devices as
@@ -39,7 +37,7 @@ fn init_argv(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
 }
 
 fn main() {
-    let args = cli::Cli::parse_from(argv());
+    let args = cli::parse(argv());
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.command.is_daemon() { "info" } else { "warn" }));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();

@@ -37,10 +37,10 @@ pub async fn node_url(args: &NodeArgs, id: &str) -> anyhow::Result<String> {
     r.servers.into_iter().next().ok_or_else(|| anyhow!("node {id} is in the name table but has no live address"))
 }
 
-pub async fn run(cmd: NamesCommand) -> anyhow::Result<i32> {
+pub async fn run(cmd: NamesCommand, node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     match cmd {
         NamesCommand::Serve { .. } => unreachable!("served by `serve`"),
-        NamesCommand::Ls { node, pattern, json } => {
+        NamesCommand::Ls { pattern } => {
             let entries = client(&node)?.glob(pattern.as_deref().unwrap_or("...")).await?;
             if json {
                 output::json(&entries)?;
@@ -57,7 +57,7 @@ pub async fn run(cmd: NamesCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        NamesCommand::Resolve { node, name, json } => {
+        NamesCommand::Resolve { name } => {
             let r = client(&node)?.resolve(&name).await?;
             if json {
                 output::json(&r)?;
@@ -68,12 +68,12 @@ pub async fn run(cmd: NamesCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        NamesCommand::Mount { node, name, server, ttl } => {
+        NamesCommand::Mount { name, server, ttl } => {
             let m = client(&node)?.mount(&name, &server, ttl).await?;
             println!("{} {} ttl {:.0}s", m.name, m.server, m.ttl_s);
             Ok(0)
         }
-        NamesCommand::Unmount { node, name, server } => {
+        NamesCommand::Unmount { name, server } => {
             let removed = client(&node)?.unmount(&name, &server).await?;
             if !removed {
                 eprintln!("{name} {server}: was not mounted");

@@ -12,9 +12,9 @@ use crate::cli::{NodeArgs, OperationCommand};
 use crate::output;
 use crate::sandbox::client;
 
-pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
+pub async fn run(cmd: OperationCommand, node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     match cmd {
-        OperationCommand::Ls { node, json } => {
+        OperationCommand::Ls => {
             let list = client(&node).await?.operations().await?;
             if json {
                 output::json(&list)?
@@ -23,7 +23,7 @@ pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        OperationCommand::Show { node, id, json } => {
+        OperationCommand::Show { id } => {
             let op = client(&node).await?.operation(&id).await?;
             if json {
                 output::json(&op)?
@@ -32,7 +32,7 @@ pub async fn run(cmd: OperationCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        OperationCommand::Wait { node, id, timeout, json } => {
+        OperationCommand::Wait { id, timeout } => {
             let c = client(&node).await?;
             let op = wait(&c, &id, timeout).await?;
             if json {

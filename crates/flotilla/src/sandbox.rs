@@ -75,10 +75,10 @@ pub async fn info(node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
+pub async fn run(cmd: SandboxCommand, node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     match cmd {
-        SandboxCommand::Create(a) => create(a).await,
-        SandboxCommand::Ls { node, json } => {
+        SandboxCommand::Create(a) => create(a, &node, json).await,
+        SandboxCommand::Ls => {
             let list = client(&node).await?.list().await?;
             if json {
                 output::json(&list)?
@@ -87,7 +87,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        SandboxCommand::Show { node, id, json } => {
+        SandboxCommand::Show { id } => {
             let s = client(&node).await?.get(&id).await?;
             if json {
                 output::json(&s)?
@@ -96,9 +96,9 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        SandboxCommand::Exec(a) => exec(a).await,
-        SandboxCommand::Attach { node, id, process, from } => attach(&client(&node).await?, &id, &process, from).await,
-        SandboxCommand::Ps { node, id, json } => {
+        SandboxCommand::Exec(a) => exec(a, &node, json).await,
+        SandboxCommand::Attach { id, process, from } => attach(&client(&node).await?, &id, &process, from).await,
+        SandboxCommand::Ps { id } => {
             let procs = client(&node).await?.sandbox(&id).processes().await?;
             if json {
                 output::json(&procs)?;
@@ -110,19 +110,27 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
                             Some(e) => format!("exited {}", e.shell_code()),
                             None => "running".into(),
                         };
-                        vec![p.id.clone(), p.pid.to_string(), state, output::relative(p.started_at), p.argv.join(" ")]
+                        vec![
+                            p.id.clone(),
+                            p.pid.to_string(),
+                            state,
+                            output::relative(p.started_at),
+                            // The bytes `attach --from` can resume from.
+                            format!("{}..{}", p.output_start, p.output_end),
+                            p.argv.join(" "),
+                        ]
                     })
                     .collect();
-                output::table(&["PROCESS", "PID", "STATE", "STARTED", "COMMAND"], &rows);
+                output::table(&["PROCESS", "PID", "STATE", "STARTED", "OUTPUT", "COMMAND"], &rows);
             }
             Ok(0)
         }
-        SandboxCommand::Kill { node, id, process, signal } => {
+        SandboxCommand::Kill { id, process, signal } => {
             client(&node).await?.sandbox(&id).signal(&process, &signal).await?;
             Ok(0)
         }
-        SandboxCommand::Shell { node, id, cmd } => shell(&client(&node).await?, &id, cmd).await,
-        SandboxCommand::Put { node, id, dir, src: _, git: Some(git), json } => {
+        SandboxCommand::Shell { id, cmd } => shell(&client(&node).await?, &id, cmd).await,
+        SandboxCommand::Put { id, dir, src: _, git: Some(git) } => {
             let c = client(&node).await?;
             let (repo, rev) = split_git(&git);
             // A local path means the node's host, which is ours for a Unix socket.
@@ -145,7 +153,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        SandboxCommand::Put { node, id, dir, src, git: None, json } => {
+        SandboxCommand::Put { id, dir, src, git: None } => {
             let c = client(&node).await?;
             let src = src.context("give a source (a directory, a tarball, or -) or --git REPO[@REV]")?;
             let s = crate::transfer::put(&c.sandbox(&id), &src, dir).await?;
@@ -161,11 +169,11 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        SandboxCommand::Get { node, id, dir, output } => {
+        SandboxCommand::Get { id, dir, output } => {
             crate::transfer::get(&client(&node).await?.sandbox(&id), dir, output).await?;
             Ok(0)
         }
-        SandboxCommand::Files { node, id, dir, json } => {
+        SandboxCommand::Files { id, dir } => {
             let entries = client(&node).await?.sandbox(&id).ls(dir.as_deref()).await?;
             if json {
                 output::json(&entries)?;
@@ -185,11 +193,11 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        SandboxCommand::Stop(a) => action(a, "stop").await,
-        SandboxCommand::Start(a) => action(a, "start").await,
-        SandboxCommand::Restart(a) => action(a, "restart").await,
+        SandboxCommand::Stop(a) => action(a, &node, json, "stop").await,
+        SandboxCommand::Start(a) => action(a, &node, json, "start").await,
+        SandboxCommand::Restart(a) => action(a, &node, json, "restart").await,
         SandboxCommand::Rm(a) => {
-            let c = client(&a.node).await?;
+            let c = client(&node).await?;
             let mut code = 0;
             for id in &a.ids {
                 match c.delete(id).await {
@@ -206,7 +214,7 @@ pub async fn run(cmd: SandboxCommand) -> anyhow::Result<i32> {
             }
             Ok(code)
         }
-        SandboxCommand::Set(a) => set(a).await,
+        SandboxCommand::Set(a) => set(a, &node, json).await,
     }
 }
 
@@ -219,7 +227,7 @@ fn split_git(s: &str) -> (&str, Option<&str>) {
     }
 }
 
-async fn create(a: CreateArgs) -> anyhow::Result<i32> {
+async fn create(a: CreateArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
     let req = CreateSandboxRequest {
         image: Some(a.image),
         backend: if a.backend == "vm" { BackendKind::Vm } else { BackendKind::Process },
@@ -235,10 +243,10 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
             _ => NetworkMode::None,
         },
     };
-    let c = client(&a.node).await?;
+    let c = client(node).await?;
     let op = c.create_operation(&req).await.context("creating the sandbox")?;
     if a.no_wait {
-        if a.json {
+        if json {
             output::json(&op)?
         } else {
             println!("{}", op.id)
@@ -246,7 +254,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let s = crate::ops::wait_sandbox(&c, op).await.context("creating the sandbox")?;
-    if a.json {
+    if json {
         output::json(&s)?
     } else {
         println!("{}", s.id)
@@ -254,12 +262,12 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn action(a: IdArgs, what: &str) -> anyhow::Result<i32> {
-    let c = client(&a.node).await?;
+async fn action(a: IdArgs, node: &NodeArgs, json: bool, what: &str) -> anyhow::Result<i32> {
+    let c = client(node).await?;
     let mut code = 0;
     for id in &a.ids {
         match c.action(id, what).await {
-            Ok(s) if a.json => output::json(&s)?,
+            Ok(s) if json => output::json(&s)?,
             Ok(s) => println!("{} {}", s.id, s.state),
             Err(e) => {
                 eprintln!("error: {what} {id}: {}", flotilla_agent::http::error_chain(&e));
@@ -270,15 +278,15 @@ async fn action(a: IdArgs, what: &str) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-async fn set(a: SetArgs) -> anyhow::Result<i32> {
+async fn set(a: SetArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
     let req = UpdateSandboxRequest {
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
         ttl_s: a.ttl.map(|d| d.as_secs()),
         idle_ttl_s: a.idle_ttl.map(|d| d.as_secs()),
         resources: a.limits.resources(),
     };
-    let s = client(&a.node).await?.update(&a.id, &req).await?;
-    if a.json {
+    let s = client(node).await?.update(&a.id, &req).await?;
+    if json {
         output::json(&s)?
     } else {
         output::sandbox_detail(&s);
@@ -291,8 +299,8 @@ async fn set(a: SetArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
-    let c = client(&a.node).await?;
+async fn exec(a: ExecArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
+    let c = client(node).await?;
     let req = ExecRequest {
         argv: a.argv,
         env: a.env.into_iter().collect(),
@@ -304,7 +312,7 @@ async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let agent = c.sandbox(&a.id);
     if a.detach {
         let p = agent.exec_detached(&req).await?;
-        if a.json {
+        if json {
             output::json(&p)?
         } else {
             println!("{}", p.id)
@@ -424,20 +432,15 @@ async fn shell(c: &NodeClient, id: &str, cmd: Option<String>) -> anyhow::Result<
 }
 
 /// `flotilla node pool set|ls`.
-pub async fn pool(cmd: crate::cli::PoolCommand) -> anyhow::Result<i32> {
+pub async fn pool(cmd: crate::cli::PoolCommand, node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     use crate::cli::PoolCommand;
-    let (node, json, pools) = match cmd {
-        PoolCommand::Set { node, image, size, limits, json } => {
+    let pools = match cmd {
+        PoolCommand::Set { image, size, limits } => {
             let req = flotilla_api::VmPoolRequest { image, size, resources: limits.resources().unwrap_or_default() };
-            let pools = client(&node).await?.set_pool(&req).await.context("setting the pool")?;
-            (node, json, pools)
+            client(&node).await?.set_pool(&req).await.context("setting the pool")?
         }
-        PoolCommand::Ls { node, json } => {
-            let pools = client(&node).await?.pools().await.context("listing pools")?;
-            (node, json, pools)
-        }
+        PoolCommand::Ls => client(&node).await?.pools().await.context("listing pools")?,
     };
-    let _ = node;
     if json {
         output::json(&pools)?;
     } else {

@@ -13,6 +13,7 @@ on_both_backends!(
     exec_streams_output_and_exit_codes,
     timeouts_kill_the_whole_process_group,
     detached_processes_survive_dropped_connections,
+    attach_resumes_at_every_byte_offset,
     sessions_give_a_terminal,
     a_client_that_goes_away_takes_its_command_with_it,
     halting_the_agent_stops_the_sandbox,
@@ -47,6 +48,18 @@ async fn exec_streams_output_and_exit_codes(kind: common::Kind) {
         .await;
     let err = err.err().expect("missing program fails");
     assert!(err.to_string().contains("no-such-program"), "{err}");
+    // A missing working directory is named as such, not blamed on the program.
+    let req = ExecRequest { argv: vec!["ls".into()], cwd: Some("/no/such/dir".into()), ..Default::default() };
+    let err = env.client.sandbox(&s.id).exec(&req).await.err().expect("missing cwd fails").to_api();
+    assert_eq!(err.code, flotilla_api::ErrorCode::NotFound, "{err:?}");
+    assert_eq!(err.message, "working directory \"/no/such/dir\" does not exist");
+    let req = ExecRequest { cwd: Some("/no/such/dir".into()), ..sh("true") };
+    let err = env.client.sandbox(&s.id).exec_detached(&req).await.expect_err("missing cwd fails").to_api();
+    assert_eq!(err.message, "working directory \"/no/such/dir\" does not exist");
+    let req = ExecRequest { cwd: Some("/bin/sh".into()), ..sh("true") };
+    let err = env.client.sandbox(&s.id).exec(&req).await.err().expect("a file as cwd fails").to_api();
+    assert_eq!(err.code, flotilla_api::ErrorCode::InvalidArgument, "{err:?}");
+    assert_eq!(err.message, "working directory \"/bin/sh\" is not a directory");
 }
 
 async fn timeouts_kill_the_whole_process_group(kind: common::Kind) {
@@ -197,6 +210,110 @@ async fn detached_processes_survive_dropped_connections(kind: common::Kind) {
         flotilla_agent::client::drain_exec(&mut out, &mut std::io::sink(), &mut std::io::sink()).await.unwrap();
     assert_eq!(status.signal, Some(9));
     assert_eq!(agent.processes().await.unwrap().len(), 3);
+}
+
+/// Output frames of a detached process read from `from` without
+/// following, and its exit code.
+async fn output_frames(
+    agent: &flotilla_agent::client::AgentClient,
+    id: &str,
+    from: u64,
+) -> (Vec<(FrameKind, Vec<u8>)>, Option<i32>) {
+    let (mut stream, start) = agent.output(id, from, false).await.unwrap();
+    assert_eq!(start, 0, "nothing was dropped");
+    let mut frames = Vec::new();
+    let mut code = None;
+    while let Some(f) = stream.next().await.unwrap() {
+        match f.kind {
+            FrameKind::Stdout | FrameKind::Stderr => frames.push((f.kind, f.payload.to_vec())),
+            FrameKind::Exit => code = Some(f.as_exit().unwrap().code.unwrap()),
+            _ => {}
+        }
+    }
+    (frames, code)
+}
+
+/// The output from byte `n` on, split by stream: what `attach --from n`
+/// writes to stdout and to stderr.
+fn split_from(frames: &[(FrameKind, Vec<u8>)], n: usize) -> (Vec<u8>, Vec<u8>) {
+    let (mut out, mut err, mut at) = (Vec::new(), Vec::new(), 0);
+    for (kind, data) in frames {
+        let tail = &data[n.saturating_sub(at).min(data.len())..];
+        at += data.len();
+        if *kind == FrameKind::Stdout { out.extend_from_slice(tail) } else { err.extend_from_slice(tail) }
+    }
+    (out, err)
+}
+
+/// `attach --from N` resumes at exactly byte N of the output (stdout and
+/// stderr as delivered) for every N, also inside a stored frame; `ps`
+/// shows the range kept.
+async fn attach_resumes_at_every_byte_offset(kind: common::Kind) {
+    let env = common::env_for(kind);
+    let s = env.sandbox().await;
+    let agent = env.client.sandbox(&s.id);
+    // Several writes apart in time: several stored frames, on both streams.
+    let script =
+        "for i in $(seq 1 12); do echo line-$i; [ $((i % 4)) = 0 ] && echo err-$i >&2; sleep 0.03; done; exit 5";
+    let p = agent.exec_detached(&sh(script)).await.unwrap();
+    let client = env.client.clone();
+    let (sid, pid) = (s.id.clone(), p.id.clone());
+    let info = common::eventually(Duration::from_secs(30), "the process to exit", || {
+        let c = client.clone();
+        let (sid, pid) = (sid.clone(), pid.clone());
+        async move { c.sandbox(&sid).process(&pid).await.ok().filter(|p| p.exit.is_some()) }
+    })
+    .await;
+
+    let (frames, code) = output_frames(&agent, &p.id, 0).await;
+    assert_eq!(code, Some(5));
+    assert!(frames.len() > 3, "want several frames: {frames:?}");
+    let all: Vec<u8> = frames.iter().flat_map(|(_, d)| d.clone()).collect();
+    let (out, err) = split_from(&frames, 0);
+    let want_out: String = (1..=12).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(String::from_utf8(out).unwrap(), want_out);
+    assert_eq!(String::from_utf8(err).unwrap(), "err-4\nerr-8\nerr-12\n");
+    assert_eq!((info.output_start, info.output_end), (0, all.len() as u64));
+
+    // Through the API: every offset, the exact rest, exit frame last.
+    for n in 0..=all.len() {
+        let (got, code) = output_frames(&agent, &p.id, n as u64).await;
+        let got: Vec<u8> = got.into_iter().flat_map(|(_, d)| d).collect();
+        assert_eq!(got, &all[n..], "resumed at byte {n}");
+        assert_eq!(code, Some(5), "resumed at byte {n}");
+    }
+
+    // Through the CLI, as a user resumes: every offset, each stream exact.
+    let home = env.node.home().to_path_buf();
+    for n in 0..=all.len() {
+        let o = std::process::Command::new(common::BIN)
+            .args(["sandbox", "attach", &s.id, &p.id, "--from", &n.to_string(), "--home"])
+            .arg(&home)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(5), "attach --from {n}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!((o.stdout, o.stderr), split_from(&frames, n), "attach --from {n}");
+    }
+    // The defect as reported: `--from 7` starts inside `line-2`, not 40 lines on.
+    let (out, _) = split_from(&frames, 7);
+    assert!(out.starts_with(b"line-2\nline-3\n"), "{}", String::from_utf8_lossy(&out));
+
+    // `ps` shows the range kept, in the table and in JSON.
+    let ps = |json: bool| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(["sandbox", "ps", &s.id, "--home"]).arg(&home);
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let table = ps(false);
+    assert!(table.lines().next().unwrap().contains("OUTPUT"), "{table}");
+    assert!(table.contains(&format!(" 0..{} ", all.len())), "{table}");
+    let listed: Vec<flotilla_api::ProcessInfo> = serde_json::from_str(&ps(true)).unwrap();
+    assert_eq!((listed[0].output_start, listed[0].output_end), (0, all.len() as u64));
 }
 
 async fn sessions_give_a_terminal(kind: common::Kind) {
