@@ -507,7 +507,7 @@ impl ChildStep {
             ChildStep::Hostname => "set the hostname",
             ChildStep::Loopback => "bring up loopback",
             ChildStep::NoNewPrivs => "set no_new_privs",
-            ChildStep::DropCaps => "drop capabilities",
+            ChildStep::DropCaps => "limit capabilities",
             ChildStep::Fds => "arrange file descriptors",
             ChildStep::Seccomp => "install the seccomp filter",
             ChildStep::Exec => "exec the agent",
@@ -1063,11 +1063,11 @@ unsafe fn child_main(
         }
         libc::close(sock);
 
-        // 8. Give up every privilege, for good.
+        // 8. No new privileges, ever; capabilities cut to the sandbox's set.
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail(ChildStep::NoNewPrivs, 0);
         }
-        drop_all_capabilities().unwrap_or_else(|op| fail(ChildStep::DropCaps, op));
+        limit_capabilities().unwrap_or_else(|op| fail(ChildStep::DropCaps, op));
 
         // 9. fds: 0 stdin, 1+2 log, 3 listener, 4 ready; everything else
         //    closes at exec (the error pipe included, which tells the
@@ -1113,20 +1113,57 @@ unsafe fn child_main(
     }
 }
 
-/// Empties the bounding, ambient, inheritable, permitted and effective
-/// capability sets, and locks root out of regaining them on exec.
-/// Returns the failing sub-step on error. Async-signal-safe.
-fn drop_all_capabilities() -> Result<(), u32> {
+/// Capabilities a sandbox's root keeps, all of them scoped to its own user
+/// namespace: Docker's default set without `MKNOD` and `AUDIT_WRITE`
+/// (useless there). They only act on what that namespace owns (the image's
+/// files seen through the idmapped lower layer, the copy-up layer, the
+/// workspace, its own processes and network namespace), never on host files
+/// (their owners are not mapped) or read-only mounts. Without them root
+/// cannot `chown` to another user or write where another user owns, so
+/// `dpkg` and `apt-get install` of real packages, `useradd` and `su` fail.
+/// `CAP_SYS_ADMIN` is not among them, and seccomp refuses mount and new
+/// namespaces regardless.
+pub const SANDBOX_CAPS: &[u32] = &[
+    0,  // CAP_CHOWN
+    1,  // CAP_DAC_OVERRIDE
+    3,  // CAP_FOWNER
+    4,  // CAP_FSETID
+    5,  // CAP_KILL
+    6,  // CAP_SETGID
+    7,  // CAP_SETUID
+    8,  // CAP_SETPCAP
+    10, // CAP_NET_BIND_SERVICE
+    13, // CAP_NET_RAW
+    18, // CAP_SYS_CHROOT
+    31, // CAP_SETFCAP
+];
+
+/// [`SANDBOX_CAPS`] as a capability bit mask (as `/proc/PID/status` shows).
+pub fn sandbox_cap_mask() -> u64 {
+    SANDBOX_CAPS.iter().fold(0, |m, c| m | (1u64 << c))
+}
+
+/// Limits every capability set to [`SANDBOX_CAPS`]: the bounding set
+/// loses the rest for good, and the kept ones are raised as ambient so
+/// they survive `exec` for processes that stay root. Root does not regain
+/// anything through exec (`SECBIT_NOROOT`, locked), and a process that
+/// switches to another uid loses them all (the kernel's setuid fixup stays
+/// on, and keep-caps is locked off). Returns the failing sub-step on
+/// error. Async-signal-safe.
+fn limit_capabilities() -> Result<(), u32> {
+    let keep = sandbox_cap_mask();
     // SAFETY: prctl/capset with plain integers and stack structs.
     unsafe {
-        // Root must never regain capabilities through exec or setuid.
-        let bits = 0x2f; // SECBIT_NOROOT|_LOCKED|SECBIT_NO_SETUID_FIXUP|_LOCKED|SECBIT_KEEP_CAPS_LOCKED
+        // SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_KEEP_CAPS_LOCKED.
+        let bits = 0x23;
         if libc::prctl(libc::PR_SET_SECUREBITS, bits, 0, 0, 0) != 0 {
             return Err(1);
         }
-        let mut cap = 0;
-        while libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) >= 0 {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+        let mut cap: u32 = 0;
+        while libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) >= 0 {
+            if keep & (1u64 << cap.min(63)) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+            {
                 return Err(2);
             }
             cap += 1;
@@ -1147,9 +1184,18 @@ fn drop_all_capabilities() -> Result<(), u32> {
             inheritable: u32,
         }
         let hdr = Header { version: 0x2008_0522, pid: 0 }; // _LINUX_CAPABILITY_VERSION_3
-        let data = [Data { effective: 0, permitted: 0, inheritable: 0 }; 2];
+        let word = |w: u32| {
+            let m = (keep >> (32 * w)) as u32;
+            Data { effective: m, permitted: m, inheritable: m }
+        };
+        let data = [word(0), word(1)];
         if libc::syscall(libc::SYS_capset, &hdr as *const Header, data.as_ptr()) != 0 {
             return Err(4);
+        }
+        for &c in SANDBOX_CAPS {
+            if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, c as libc::c_ulong, 0, 0) != 0 {
+                return Err(5);
+            }
         }
     }
     Ok(())

@@ -41,13 +41,23 @@ async fn sandboxes_cannot_see_the_host_or_each_other() {
     let out = env.ok(&a.id, &probe).await;
     assert_eq!(out.trim(), "done", "isolation leaks:\n{out}");
 
-    // Privileges: no capabilities, no_new_privs, seccomp on; root inside
-    // is an unprivileged uid outside.
-    let status = env.ok(&a.id, "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status").await;
-    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
-    assert!(status.contains("CapBnd:\t0000000000000000"), "{status}");
+    // Privileges: root keeps only the sandbox's capability set (scoped to
+    // its user namespace), a user it switches to keeps none; no_new_privs,
+    // seccomp on; root inside is an unprivileged uid outside.
+    let status = env.ok(&a.id, "grep -E '^(CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status").await;
+    let caps = format!("{:016x}", flotilla_sandbox::sys::sandbox_cap_mask());
+    for field in ["CapEff", "CapBnd", "CapAmb"] {
+        assert!(status.contains(&format!("{field}:\t{caps}")), "{field} is not {caps}: {status}");
+    }
     assert!(status.contains("NoNewPrivs:\t1"), "{status}");
     assert!(status.contains("Seccomp:\t2"), "{status}");
+    let drop_to_user = r#"perl -e '$( = $) = "1000 1000"; $< = $> = 1000; exec "grep", "-E", "^Cap(Eff|Prm|Amb):", "/proc/self/status"'"#;
+    let user = env.ok(&a.id, drop_to_user).await;
+    assert_eq!(user.matches("0000000000000000").count(), 3, "a non-root user kept capabilities: {user}");
+    // Host files stay out of reach: their owners are not mapped, so the
+    // capabilities do not apply to them.
+    let (_, _, st) = env.sh(&a.id, "cat /proc/1/root/../../etc/shadow || chown 0 /dev/null").await;
+    assert!(!st.success());
     let denied = env.sh(&a.id, "unshare -U true; echo rc=$?; mount -t tmpfs x /tmp; echo rc=$?").await.0;
     assert_eq!(denied.matches("rc=1").count() + denied.matches("rc=32").count(), 2, "{denied}");
     env.ok(&a.id, "touch /workspace/mine").await;
