@@ -147,6 +147,12 @@ async fn follow(
         output::json(&img)?
     } else {
         println!("{} {}", img.reference, img.digest);
+        if img.skipped_special > 0 || img.dropped_xattrs > 0 {
+            eprintln!(
+                "skipped {} device nodes and fifos and {} extended attributes (never made on the host; a sandbox has its own /dev)",
+                img.skipped_special, img.dropped_xattrs
+            );
+        }
     }
     Ok(0)
 }
@@ -179,6 +185,14 @@ fn detail(i: &Image) {
     println!("format:     {}", i.source_format);
     println!("source:     {}", i.source);
     println!("size:       {}", flotilla_api::units::format_size(i.size_bytes));
+    if i.skipped_special > 0 || i.dropped_xattrs > 0 {
+        // Real root filesystems carry /dev nodes and file capabilities;
+        // neither is ever made on the host.
+        println!(
+            "skipped:    {} device nodes and fifos, {} extended attributes (a sandbox has its own /dev)",
+            i.skipped_special, i.dropped_xattrs
+        );
+    }
     println!("created:    {} ({})", i.created_at, output::relative(i.created_at));
     for l in &i.layers {
         println!("layer:      {l}");
