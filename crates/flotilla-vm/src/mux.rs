@@ -62,6 +62,11 @@ fn config() -> yamux::Config {
 /// Anything else (leftovers of an earlier session) is skipped. `Ok(None)`
 /// at end of file.
 async fn read_line_with<R: AsyncRead + Unpin>(r: &mut R, prefix: &str) -> io::Result<Option<String>> {
+    Ok(read_line_with_any(r, &[prefix]).await?.map(|(_, rest)| rest))
+}
+
+/// [`read_line_with`] for several prefixes: which one matched, and the rest.
+async fn read_line_with_any<R: AsyncRead + Unpin>(r: &mut R, prefixes: &[&str]) -> io::Result<Option<(usize, String)>> {
     let mut line = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     loop {
@@ -69,8 +74,10 @@ async fn read_line_with<R: AsyncRead + Unpin>(r: &mut R, prefix: &str) -> io::Re
             return Ok(None);
         }
         if byte[0] == b'\n' {
-            if let Some(rest) = line.strip_prefix(prefix.as_bytes()) {
-                return Ok(Some(String::from_utf8_lossy(rest).into_owned()));
+            for (i, prefix) in prefixes.iter().enumerate() {
+                if let Some(rest) = line.strip_prefix(prefix.as_bytes()) {
+                    return Ok(Some((i, String::from_utf8_lossy(rest).into_owned())));
+                }
             }
             line.clear();
         } else if line.len() < MAX_LINE {
@@ -320,27 +327,18 @@ where
                 continue;
             }
         };
-        let nonce = match read_line_with(&mut port, HELLO).await {
-            Ok(Some(n)) => n,
+        match guest_handshake(&mut port).await {
+            Ok(Some(go)) => take_host_state(&go),
             Ok(None) => {
                 // No host attached: the port reads end-of-file until one is.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "reading the agent port");
+                tracing::warn!(error = %e, "handshake on the agent port");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-        };
-        if let Err(e) = port.write_all(format!("{READY}{nonce}\n").as_bytes()).await {
-            tracing::warn!(error = %e, "answering the host");
-            continue;
-        }
-        // Skip repeated hellos until the host says go.
-        match read_line_with(&mut port, GO).await {
-            Ok(Some(go)) if go.split(' ').next() == Some(nonce.as_str()) => take_host_state(&go),
-            _ => continue,
         }
         let mut conn = yamux::Connection::new(port.compat(), config(), yamux::Mode::Server);
         loop {
@@ -356,6 +354,33 @@ where
                 }
                 None => break,
             }
+        }
+    }
+}
+
+/// The guest's half of the handshake: answers each hello whose nonce is new
+/// with `READY`, and returns the `GO` line of the last nonce it answered.
+/// Repeats of that hello are skipped, so no `READY` follows the host's
+/// switch to yamux. A hello with a *new* nonce is answered even while a
+/// `GO` is awaited: that is a host that gave up on its connection and
+/// made a fresh one. (Waiting only for the first nonce's `GO` lost the
+/// guest after a node kill -9: when the host's new connection came before
+/// the guest read end-of-file from the old one, the guest skipped every
+/// new hello forever, waiting for a `GO` that no host would send.)
+/// `Ok(None)` at end of file: no host is attached.
+async fn guest_handshake<P: AsyncRead + AsyncWrite + Unpin>(port: &mut P) -> io::Result<Option<String>> {
+    let mut answered: Option<String> = None;
+    loop {
+        let Some((which, rest)) = read_line_with_any(port, &[HELLO, GO]).await? else {
+            return Ok(None);
+        };
+        if which == 0 {
+            if answered.as_deref() != Some(rest.as_str()) {
+                port.write_all(format!("{READY}{rest}\n").as_bytes()).await?;
+                answered = Some(rest);
+            }
+        } else if answered.is_some() && rest.split(' ').next() == answered.as_deref() {
+            return Ok(Some(rest));
         }
     }
 }
@@ -470,6 +495,29 @@ mod tests {
         assert!(words[1].parse::<u128>().unwrap() > 1_700_000_000_000_000_000);
         assert_eq!(words[2].len(), 64);
         assert_ne!(go_line("00ff"), line, "fresh randomness each time");
+    }
+
+    /// A host that gives up on its connection and makes a new one (with a
+    /// new nonce) before the guest ever saw the old one close is answered:
+    /// the guest must not keep waiting for the old nonce's `GO`.
+    #[tokio::test]
+    async fn a_new_hello_restarts_the_handshake() {
+        let (mut host, mut guest) = tokio::io::duplex(4096);
+        let g = tokio::spawn(async move { guest_handshake(&mut guest).await });
+        host.write_all(b"\nFLOTILLA-HELLO 1\n\nFLOTILLA-HELLO 1\n").await.unwrap();
+        assert_eq!(read_line_with(&mut host, READY).await.unwrap().as_deref(), Some("1"));
+        // The first connection's answer was lost; a fresh connection says hello.
+        host.write_all(b"\nFLOTILLA-HELLO 2\n\nFLOTILLA-HELLO 2\n").await.unwrap();
+        let ready = tokio::time::timeout(Duration::from_secs(10), read_line_with(&mut host, READY)).await;
+        assert_eq!(ready.expect("the new hello was answered").unwrap().as_deref(), Some("2"));
+        host.write_all(b"FLOTILLA-GO 1 5 ab\nFLOTILLA-GO 2 7 cd\n").await.unwrap();
+        let go = tokio::time::timeout(Duration::from_secs(10), g).await.expect("handshake finished").unwrap();
+        assert_eq!(go.unwrap().as_deref(), Some("2 7 cd"), "only the last nonce's GO counts");
+        // Exactly one READY per nonce: nothing trails into the yamux session.
+        drop(host.write_all(b"").await);
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_millis(50), host.read_to_end(&mut rest)).await;
+        assert!(rest.is_empty(), "extra bytes after the handshake: {rest:?}");
     }
 
     #[tokio::test]
