@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod extract;
 pub mod http;
 pub mod procs;
 pub mod server;

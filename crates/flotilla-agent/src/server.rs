@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State, WebSocketUpgrade};
+use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -24,6 +24,7 @@ use http::{HeaderMap, StatusCode, header};
 use tokio::sync::mpsc;
 use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
 
+use crate::extract::{JsonBody, QueryParams};
 use crate::http::{FRAMES_CONTENT_TYPE, HttpError};
 use crate::procs::{ChannelSink, Reaper, Registry};
 use crate::tarx::{self, Compression, ExtractError, TarLimits};
@@ -58,7 +59,7 @@ impl Agent {
 
 /// The agent's routes.
 pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/workspace", put(put_workspace).get(get_workspace))
         .route("/ls", get(ls))
@@ -71,7 +72,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/processes/{id}/stdin", post(stdin_process))
         .route("/session", get(session))
         .route("/halt", post(halt))
-        .with_state(agent)
+        .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
+        .with_state(agent);
+    crate::extract::layer(router)
 }
 
 async fn healthz(State(a): AgentState) -> Json<AgentHealth> {
@@ -99,9 +102,19 @@ fn extract_error(e: ExtractError) -> HttpError {
     HttpError(err)
 }
 
+/// A refused workspace path (`?dir=`, a removeall path) is a bad argument,
+/// not a bad tarball.
+fn path_error(e: ExtractError) -> HttpError {
+    let mut err = extract_error(e);
+    if err.0.code == ErrorCode::UnprocessableTar {
+        err.0.code = ErrorCode::InvalidArgument;
+    }
+    err
+}
+
 async fn put_workspace(
     State(a): AgentState,
-    Query(q): Query<WorkspaceQuery>,
+    QueryParams(q): QueryParams<WorkspaceQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ImportSummary>> {
@@ -128,7 +141,7 @@ async fn put_workspace(
     Ok(Json(ImportSummary { duration_ms: started.elapsed().as_millis() as u64, ..summary }))
 }
 
-async fn get_workspace(State(a): AgentState, Query(q): Query<WorkspaceQuery>) -> Result<Response> {
+async fn get_workspace(State(a): AgentState, QueryParams(q): QueryParams<WorkspaceQuery>) -> Result<Response> {
     let dir = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
     if !dir.is_dir() {
         return Err(HttpError(ApiError::not_found(format!("{} is not a directory", q.dir.unwrap_or_default()))));
@@ -142,8 +155,8 @@ async fn get_workspace(State(a): AgentState, Query(q): Query<WorkspaceQuery>) ->
     Ok(([(header::CONTENT_TYPE, "application/x-tar")], Body::from_stream(ReaderStream::new(reader))).into_response())
 }
 
-async fn ls(State(a): AgentState, Query(q): Query<WorkspaceQuery>) -> Result<Json<Vec<LsEntry>>> {
-    let dir = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(extract_error)?;
+async fn ls(State(a): AgentState, QueryParams(q): QueryParams<WorkspaceQuery>) -> Result<Json<Vec<LsEntry>>> {
+    let dir = tarx::resolve_dir(&a.workspace, q.dir.as_deref()).map_err(path_error)?;
     tokio::task::spawn_blocking(move || tarx::list(&dir))
         .await
         .map_err(|e| HttpError(ApiError::internal(e.to_string())))?
@@ -154,12 +167,12 @@ async fn ls(State(a): AgentState, Query(q): Query<WorkspaceQuery>) -> Result<Jso
         })
 }
 
-async fn removeall(State(a): AgentState, Json(req): Json<RemoveAllRequest>) -> Result<StatusCode> {
+async fn removeall(State(a): AgentState, JsonBody(req): JsonBody<RemoveAllRequest>) -> Result<StatusCode> {
     let root = a.workspace.clone();
     tokio::task::spawn_blocking(move || tarx::remove_all(&root, &req.paths))
         .await
         .map_err(|e| HttpError(ApiError::internal(e.to_string())))?
-        .map_err(extract_error)?;
+        .map_err(path_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -172,7 +185,8 @@ fn tokio_stream_from(mut rx: mpsc::Receiver<Bytes>) -> impl futures_util::Stream
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-async fn exec(State(a): AgentState, Json(req): Json<ExecRequest>) -> Result<Response> {
+async fn exec(State(a): AgentState, JsonBody(req): JsonBody<ExecRequest>) -> Result<Response> {
+    req.validate()?;
     let ws = a.workspace_str();
     if req.detach {
         let d = a.registry.start(&a.reaper, &req, &ws)?;
@@ -202,7 +216,7 @@ async fn get_process(State(a): AgentState, Path(id): Path<String>) -> Result<Jso
 async fn process_output(
     State(a): AgentState,
     Path(id): Path<String>,
-    Query(q): Query<OutputQuery>,
+    QueryParams(q): QueryParams<OutputQuery>,
 ) -> Result<Response> {
     let d = a.registry.get(&id)?;
     let follow = q.follow.unwrap_or(true);
@@ -240,7 +254,7 @@ async fn process_output(
 async fn signal_process(
     State(a): AgentState,
     Path(id): Path<String>,
-    Json(req): Json<SignalRequest>,
+    JsonBody(req): JsonBody<SignalRequest>,
 ) -> Result<StatusCode> {
     let sig = flotilla_sandbox::sys::signal_from_str(&req.signal)
         .ok_or_else(|| ApiError::invalid(format!("unknown signal {:?}", req.signal)))?;
@@ -251,14 +265,14 @@ async fn signal_process(
 async fn stdin_process(
     State(a): AgentState,
     Path(id): Path<String>,
-    Query(q): Query<StdinQuery>,
+    QueryParams(q): QueryParams<StdinQuery>,
     body: Bytes,
 ) -> Result<StatusCode> {
     a.registry.get(&id)?.write_stdin(&body, q.close).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn session(State(a): AgentState, Query(q): Query<SessionQuery>, ws: WebSocketUpgrade) -> Response {
+async fn session(State(a): AgentState, QueryParams(q): QueryParams<SessionQuery>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| crate::session::run(a, q, socket))
 }
 

@@ -31,6 +31,18 @@ pub enum ErrorCode {
     Unauthorized,
     /// A bug or an unexpected host failure; the message says which step.
     Internal,
+    /// The route exists but not with this method.
+    MethodNotAllowed,
+    /// The request body is larger than the route accepts.
+    PayloadTooLarge,
+    /// The request body is not of a type the route accepts (JSON routes
+    /// require `Content-Type: application/json`).
+    UnsupportedMediaType,
+    /// The client did not send its request (or its body) in time.
+    RequestTimeout,
+    /// The sandbox stopped while a request ran in it (an exec or attach
+    /// stream ends with this).
+    SandboxStopped,
 }
 
 impl ErrorCode {
@@ -47,6 +59,11 @@ impl ErrorCode {
             ErrorCode::AgentUnreachable => 502,
             ErrorCode::NotReady => 503,
             ErrorCode::Timeout => 504,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::SandboxStopped => 409,
         }
     }
 
@@ -63,6 +80,11 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Internal => "internal",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::SandboxStopped => "sandbox_stopped",
         }
     }
 
@@ -73,7 +95,11 @@ impl ErrorCode {
             400 => ErrorCode::InvalidArgument,
             401 | 403 => ErrorCode::Unauthorized,
             404 => ErrorCode::NotFound,
+            405 => ErrorCode::MethodNotAllowed,
+            408 => ErrorCode::RequestTimeout,
             409 => ErrorCode::Conflict,
+            413 => ErrorCode::PayloadTooLarge,
+            415 => ErrorCode::UnsupportedMediaType,
             422 => ErrorCode::UnprocessableTar,
             502 => ErrorCode::AgentUnreachable,
             503 => ErrorCode::NotReady,

@@ -38,3 +38,35 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default page size for list endpoints, and the largest a client may ask.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Longest TTL or idle TTL a sandbox may ask for (ten years). Anything
+/// longer is a mistake or an attack on the timestamp arithmetic.
+pub const MAX_TTL_S: u64 = 10 * 31_557_600;
+
+/// Bounds on resources, checked where a request is parsed so that nothing
+/// out of range is accepted and fails later at a cgroup write. The
+/// maxima are what the kernel accepts with room to spare: pids up to
+/// `PID_MAX_LIMIT` on 64-bit, memory and disk up to a pebibyte.
+pub const MIN_PIDS: u64 = 8;
+pub const MAX_PIDS: u64 = 4_194_304;
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+pub const MAX_MEMORY_BYTES: u64 = 1 << 50;
+pub const MAX_DISK_BYTES: u64 = 1 << 50;
+pub const MAX_CPUS: f64 = 1024.0;
+
+/// Largest JSON request body any route accepts. Requests are small
+/// objects; a megabyte leaves room for a big environment.
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
+/// How long a client has to send a whole JSON request body once its
+/// headers arrived. A client that declares a body and never sends it
+/// gets a 408 instead of holding a connection and a task forever.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a streamed request body (a workspace tarball, stdin) may go
+/// without a byte before the request ends with a 408. Streams stay open as
+/// long as bytes flow.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a client has to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -28,14 +28,26 @@ impl Timestamp {
         Duration::from_millis(later.0.saturating_sub(self.0))
     }
 
-    /// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+    /// Parses `YYYY-MM-DDTHH:MM:SS[.fff]Z`. Years of more than four digits
+    /// are read too, so a record stored far in the future (before requests
+    /// were bounded) still reads back instead of breaking every listing.
     pub fn parse(s: &str) -> Option<Timestamp> {
+        let ylen = s.bytes().take_while(u8::is_ascii_digit).count();
+        if !(4..=12).contains(&ylen) {
+            return None;
+        }
+        // The same layout after the year, whatever its width.
+        let y: i64 = s[..ylen].parse().ok()?;
+        let s = s.get(ylen - 4..)?;
         let b = s.as_bytes();
         if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
             return None;
         }
-        let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-        let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let num = |r: std::ops::Range<usize>| -> Option<i64> {
+            let t = s.get(r)?;
+            t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse().ok())?
+        };
+        let (mo, d) = (num(5..7)?, num(8..10)?);
         let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
         if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
             return None;
@@ -59,8 +71,9 @@ impl Timestamp {
             return None;
         }
         let days = days_from_civil(y, mo, d);
-        let secs = days * 86_400 + h * 3600 + mi * 60 + se;
-        (secs >= 0).then(|| Timestamp(secs as u64 * 1000 + ms as u64))
+        let secs = days.checked_mul(86_400)?.checked_add(h * 3600 + mi * 60 + se)?;
+        let millis = u64::try_from(secs).ok()?.checked_mul(1000)?.checked_add(ms as u64)?;
+        Some(Timestamp(millis))
     }
 }
 
@@ -141,6 +154,19 @@ mod tests {
         assert_eq!(Timestamp::parse("2000-02-29T12:00:00.5Z").unwrap().to_string(), "2000-02-29T12:00:00.500Z");
         assert_eq!(Timestamp::parse("2000-13-01T00:00:00Z"), None);
         assert_eq!(Timestamp::parse("garbage"), None);
+    }
+
+    /// `ttl_s` of 2^63-1 was once accepted and stored `delete_at` in year
+    /// 584556019; every listing then failed on it. Such a record reads back.
+    #[test]
+    fn ttl_overflow_stored_timestamps_still_parse() {
+        let far = Timestamp::parse("584556019-04-03T14:25:51.615Z").expect("a far year parses");
+        assert_eq!(far.to_string(), "584556019-04-03T14:25:51.615Z");
+        let max = Timestamp(u64::MAX);
+        assert_eq!(Timestamp::parse(&max.to_string()), Some(max));
+        assert_eq!(Timestamp::parse("99999999999999-01-01T00:00:00Z"), None, "past u64 is refused, not wrapped");
+        assert_eq!(Timestamp::parse("+2026-01-01T00:00:00Z"), None);
+        assert_eq!(Timestamp::parse("2026-1-01T00:00:00.5Z"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ApiError;
 use crate::frame::ExitStatus;
 use crate::time::Timestamp;
 
@@ -111,16 +112,107 @@ impl NetworkMode {
 pub struct Resources {
     /// CPU quota in cores (0.5 = half a core).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0.0, maximum = 1024.0)]
     pub cpus: Option<f64>,
-    /// Memory limit in bytes.
+    /// Memory limit in bytes (4 MiB to 1 PiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 4194304, maximum = 1125899906842624_u64)]
     pub memory_bytes: Option<u64>,
     /// Maximum number of processes and threads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 8, maximum = 4194304)]
     pub pids: Option<u64>,
     /// Size of a microVM's workspace disk in bytes (sparse; `vm` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1125899906842624_u64)]
     pub disk_bytes: Option<u64>,
+}
+
+impl Resources {
+    /// Checks every limit against what the kernel accepts, before anything
+    /// is created or changed; the error names the field.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        use crate::limits::*;
+        if let Some(c) = self.cpus
+            && !(c > 0.0 && c <= MAX_CPUS)
+        {
+            return Err(field_error("resources.cpus", format!("must be above 0 and at most {MAX_CPUS}, not {c}")));
+        }
+        let range = |field: &str, v: Option<u64>, min: u64, max: u64, why: &str| match v {
+            Some(v) if v < min || v > max => Err(field_error(field, format!("must be {min} to {max}{why}, not {v}"))),
+            _ => Ok(()),
+        };
+        range("resources.memory_bytes", self.memory_bytes, MIN_MEMORY_BYTES, MAX_MEMORY_BYTES, "")?;
+        range("resources.pids", self.pids, MIN_PIDS, MAX_PIDS, " (the agent needs a few)")?;
+        range("resources.disk_bytes", self.disk_bytes, 1, MAX_DISK_BYTES, "")?;
+        Ok(())
+    }
+}
+
+/// An `invalid_argument` error about one request field, named in `details`.
+pub fn field_error(field: &str, problem: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid(format!("{field} {problem}")).with_details(serde_json::json!({ "field": field }))
+}
+
+/// Checks a TTL in seconds (`0` is allowed where it means "none").
+pub fn validate_ttl(field: &str, secs: Option<u64>) -> Result<(), ApiError> {
+    match secs {
+        Some(s) if s > crate::limits::MAX_TTL_S => {
+            Err(field_error(field, format!("must be at most {} seconds (10 years), not {s}", crate::limits::MAX_TTL_S)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks environment variables, the same for a sandbox's env and an
+/// exec's: names non-empty without `=` or NUL, values without NUL.
+pub fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(field_error(field, format!("has a bad variable name {k:?} (empty, or with `=` or NUL)")));
+        }
+        if v.contains('\0') {
+            return Err(field_error(field, format!("variable {k:?} has a NUL byte in its value")));
+        }
+    }
+    Ok(())
+}
+
+impl CreateSandboxRequest {
+    /// Every bound a create must meet before it is accepted.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        self.resources.validate()?;
+        validate_ttl("ttl_s", self.ttl_s)?;
+        validate_ttl("idle_ttl_s", self.idle_ttl_s)?;
+        if self.idle_ttl_s == Some(0) {
+            return Err(field_error("idle_ttl_s", "must be at least 1 second"));
+        }
+        validate_env("env", &self.env)
+    }
+}
+
+impl UpdateSandboxRequest {
+    /// Every bound a change must meet before anything is changed.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if let Some(r) = &self.resources {
+            r.validate()?;
+        }
+        validate_ttl("ttl_s", self.ttl_s)?;
+        validate_ttl("idle_ttl_s", self.idle_ttl_s)
+    }
+}
+
+impl ExecRequest {
+    /// Checks argv and env before anything is started.
+    pub fn validate(&self) -> Result<(), ApiError> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(field_error("argv", "must name a program"));
+        }
+        if self.argv.iter().any(|a| a.contains('\0')) {
+            return Err(field_error("argv", "has a NUL byte"));
+        }
+        validate_env("env", &self.env)
+    }
 }
 
 /// `POST /v1/sandboxes`.
@@ -139,10 +231,12 @@ pub struct CreateSandboxRequest {
     pub resources: Resources,
     /// Seconds until the sandbox is deleted; no deadline when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 315576000)]
     pub ttl_s: Option<u64>,
     /// Seconds of inactivity after which the sandbox is deleted: every exec,
     /// put, get and session pushes `delete_at` this far into the future.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 315576000)]
     pub idle_ttl_s: Option<u64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -162,9 +256,11 @@ pub struct UpdateSandboxRequest {
     pub labels: BTreeMap<String, String>,
     /// New deadline, counted from now; `0` removes the deadline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 315576000)]
     pub ttl_s: Option<u64>,
     /// New idle TTL in seconds (renews the deadline now); `0` removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 315576000)]
     pub idle_ttl_s: Option<u64>,
     /// Limits to change; applied live to a running sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,6 +390,7 @@ pub struct RemoveAllRequest {
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; the program is looked up in `PATH`.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,

@@ -11,11 +11,12 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_agent::AgentClient;
-use flotilla_agent::http::HttpError;
+use flotilla_agent::extract::{JsonBody, QueryParams};
+use flotilla_agent::http::{FRAMES_CONTENT_TYPE, HttpError};
 use flotilla_api::{
     ApiError, CreateSandboxRequest, NodeInfo, Operation, OperationQuery, Page, PageQuery, Sandbox,
     UpdateSandboxRequest, WorkspaceQuery,
@@ -29,7 +30,7 @@ type Result<T> = std::result::Result<T, HttpError>;
 
 /// The node's routes.
 pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/node", get(node_info::<B>))
         .route("/v1/node/pools", get(list_pools::<B>).put(set_pool::<B>))
@@ -57,7 +58,8 @@ pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
         .route("/v1/sandboxes/{id}/session", get(proxy::<B>))
         .route("/v1/sandboxes/{id}/halt", post(proxy::<B>))
         .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
-        .with_state(node)
+        .with_state(node);
+    flotilla_agent::extract::layer(router)
 }
 
 type NodeState<B> = State<Arc<Node<B>>>;
@@ -66,23 +68,21 @@ async fn node_info<B: Backend>(State(n): NodeState<B>) -> Json<NodeInfo> {
     Json(n.info())
 }
 
-async fn create<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
-    let req: CreateSandboxRequest = parse_json(&body)?;
+async fn create<B: Backend>(State(n): NodeState<B>, JsonBody(req): JsonBody<CreateSandboxRequest>) -> Result<Response> {
     Ok(accepted(n.create_operation(req).await?))
 }
 
 async fn list_pools<B: Backend>(
     State(n): NodeState<B>,
-    Query(q): Query<PageQuery>,
+    QueryParams(q): QueryParams<PageQuery>,
 ) -> Json<Page<flotilla_api::VmPool>> {
     Json(paginate(n.pools(), &q, pool_key))
 }
 
 async fn set_pool<B: Backend>(
     State(n): NodeState<B>,
-    body: axum::body::Bytes,
+    JsonBody(req): JsonBody<flotilla_api::VmPoolRequest>,
 ) -> Result<Json<Page<flotilla_api::VmPool>>> {
-    let req: flotilla_api::VmPoolRequest = parse_json(&body)?;
     Ok(Json(paginate(n.set_pool(req)?, &PageQuery::default(), pool_key)))
 }
 
@@ -92,18 +92,22 @@ fn pool_key(p: &flotilla_api::VmPool) -> String {
 
 async fn list_images<B: Backend>(
     State(n): NodeState<B>,
-    Query(q): Query<PageQuery>,
+    QueryParams(q): QueryParams<PageQuery>,
 ) -> Result<Json<Page<flotilla_api::Image>>> {
     Ok(Json(paginate(n.images()?, &q, |i| i.reference.clone())))
 }
 
-async fn import_image<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
-    let req: flotilla_api::ImportImageRequest = parse_json(&body)?;
+async fn import_image<B: Backend>(
+    State(n): NodeState<B>,
+    JsonBody(req): JsonBody<flotilla_api::ImportImageRequest>,
+) -> Result<Response> {
     Ok(accepted(n.import_image_operation(req)?))
 }
 
-async fn pull_image<B: Backend>(State(n): NodeState<B>, body: axum::body::Bytes) -> Result<Response> {
-    let req: flotilla_api::PullImageRequest = parse_json(&body)?;
+async fn pull_image<B: Backend>(
+    State(n): NodeState<B>,
+    JsonBody(req): JsonBody<flotilla_api::PullImageRequest>,
+) -> Result<Response> {
     Ok(accepted(n.pull_image_operation(req)?))
 }
 
@@ -122,9 +126,8 @@ async fn delete_image<B: Backend>(State(n): NodeState<B>, Path(reference): Path<
 async fn promote_image<B: Backend>(
     State(n): NodeState<B>,
     Path(reference): Path<String>,
-    body: axum::body::Bytes,
+    JsonBody(req): JsonBody<flotilla_api::PromoteImageRequest>,
 ) -> Result<Json<flotilla_api::Image>> {
-    let req: flotilla_api::PromoteImageRequest = parse_json(&body)?;
     Ok(Json(n.promote_image(&reference, &req.to).await?))
 }
 
@@ -137,7 +140,7 @@ fn accepted(op: Operation) -> Response {
 async fn operation<B: Backend>(
     State(n): NodeState<B>,
     Path(id): Path<String>,
-    Query(q): Query<OperationQuery>,
+    QueryParams(q): QueryParams<OperationQuery>,
 ) -> Result<Json<Operation>> {
     let op = match q.wait.as_deref() {
         None => n.operations().get(&id)?,
@@ -150,7 +153,10 @@ async fn operation<B: Backend>(
     Ok(Json(op))
 }
 
-async fn list_operations<B: Backend>(State(n): NodeState<B>, Query(q): Query<PageQuery>) -> Json<Page<Operation>> {
+async fn list_operations<B: Backend>(
+    State(n): NodeState<B>,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> Json<Page<Operation>> {
     let all = n.operations().list();
     Json(paginate(all, &q, |o| o.id.clone()))
 }
@@ -180,7 +186,11 @@ struct EventsQuery {
 
 /// Server-sent events: every state change and operation step. Resumes
 /// after `Last-Event-ID` (or `?after=`).
-async fn events<B: Backend>(State(n): NodeState<B>, Query(q): Query<EventsQuery>, req: Request) -> Response {
+async fn events<B: Backend>(
+    State(n): NodeState<B>,
+    QueryParams(q): QueryParams<EventsQuery>,
+    req: Request,
+) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
     let sub = n.events().subscribe(q.after.or(last));
@@ -219,12 +229,7 @@ async fn metrics<B: Backend>(State(n): NodeState<B>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], n.metrics().render(&gauges)).into_response()
 }
 
-/// JSON bodies parsed here so a bad one gets our envelope, not axum's text.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| HttpError(ApiError::invalid(format!("bad request body: {e}"))))
-}
-
-async fn list<B: Backend>(State(n): NodeState<B>, Query(q): Query<PageQuery>) -> Json<Page<Sandbox>> {
+async fn list<B: Backend>(State(n): NodeState<B>, QueryParams(q): QueryParams<PageQuery>) -> Json<Page<Sandbox>> {
     Json(n.list(&q))
 }
 
@@ -235,9 +240,8 @@ async fn show<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> Res
 async fn update<B: Backend>(
     State(n): NodeState<B>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    JsonBody(req): JsonBody<UpdateSandboxRequest>,
 ) -> Result<Json<Sandbox>> {
-    let req: UpdateSandboxRequest = parse_json(&body)?;
     Ok(Json(n.update(&id, req).await?))
 }
 
@@ -261,7 +265,7 @@ async fn restart<B: Backend>(State(n): NodeState<B>, Path(id): Path<String>) -> 
 async fn import<B: Backend>(
     State(n): NodeState<B>,
     Path(id): Path<String>,
-    Query(q): Query<WorkspaceQuery>,
+    QueryParams(q): QueryParams<WorkspaceQuery>,
     req: Request,
 ) -> Result<Json<flotilla_api::ImportSummary>> {
     let encoding = req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -271,16 +275,15 @@ async fn import<B: Backend>(
 async fn git_import<B: Backend>(
     State(n): NodeState<B>,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    JsonBody(req): JsonBody<flotilla_api::GitImportRequest>,
 ) -> Result<Response> {
-    let req: flotilla_api::GitImportRequest = parse_json(&body)?;
     Ok(accepted(n.git_import_operation(&id, req).await?))
 }
 
 async fn export<B: Backend>(
     State(n): NodeState<B>,
     Path(id): Path<String>,
-    Query(q): Query<WorkspaceQuery>,
+    QueryParams(q): QueryParams<WorkspaceQuery>,
 ) -> Result<Response> {
     let exported = n.export(&id, q.dir).await?;
     // The workspace lock travels with the body and is released when the
@@ -338,5 +341,63 @@ async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<R
         return Ok(out.body(Body::empty()).expect("valid response"));
     }
     let (parts, body) = resp.into_parts();
+    let frames = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v == FRAMES_CONTENT_TYPE);
+    if frames {
+        return Ok(Response::from_parts(parts, ended_frames(n, id.to_string(), body)));
+    }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Passes a frame stream (exec, process output) through, and makes sure it
+/// ends with an exit or an error frame: if the agent's stream breaks or
+/// ends without one (the sandbox was stopped, the agent died), the node
+/// adds an error frame that says why, `sandbox_stopped` or
+/// `agent_unreachable`, so a client never sees a stream just stop.
+fn ended_frames<B: Backend>(n: Arc<Node<B>>, id: String, mut body: hyper::body::Incoming) -> Body {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let mut decoder = flotilla_api::FrameDecoder::new();
+        let mut ended = false;
+        let broke = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    decoder.push(&data);
+                    while let Ok(Some(f)) = decoder.next_frame() {
+                        ended |= matches!(f.kind, flotilla_api::FrameKind::Exit | flotilla_api::FrameKind::Error);
+                    }
+                    if tx.send(Ok(data)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                Some(Err(e)) => break Some(e.to_string()),
+                None => break None,
+            }
+        };
+        if ended {
+            return;
+        }
+        // A stop kills the sandbox first and records the state after: give
+        // the record a moment before calling the agent unreachable.
+        let stopped = || n.get(&id).map(|s| s.state != flotilla_api::SandboxState::Running).unwrap_or(true);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !stopped() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let err = if stopped() {
+            ApiError::new(
+                flotilla_api::ErrorCode::SandboxStopped,
+                format!("sandbox {id} stopped while the command ran"),
+            )
+        } else {
+            let why = broke.map(|e| format!(": {e}")).unwrap_or_default();
+            ApiError::new(
+                flotilla_api::ErrorCode::AgentUnreachable,
+                format!("the agent of sandbox {id} ended the stream without an exit status{why}"),
+            )
+        };
+        let _ = tx.send(Ok(flotilla_api::Frame::error(&err).to_bytes())).await;
+    });
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) }))
 }

@@ -526,18 +526,10 @@ impl<B: Backend> Node<B> {
                 "bad sandbox name {n:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
             )));
         }
-        for k in req.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(ApiError::invalid(format!("bad environment variable name {k:?}")));
-            }
-        }
-        validate_resources(&req.resources)?;
+        req.validate()?;
         self.backend.check_network(req.backend, req.network).map_err(ApiError::invalid)?;
         if req.backend == flotilla_api::BackendKind::Vm && image == "host" {
             return Err(ApiError::invalid(flotilla_vm::HOST_IMAGE_REFUSED));
-        }
-        if req.idle_ttl_s == Some(0) {
-            return Err(ApiError::invalid("idle_ttl_s must be at least 1 second"));
         }
         let now = Timestamp::now();
         let entry = {
@@ -788,9 +780,7 @@ impl<B: Backend> Node<B> {
 
     /// Changes labels, deadline or limits.
     pub async fn update(&self, id: &str, req: UpdateSandboxRequest) -> Result<Sandbox, ApiError> {
-        if let Some(r) = &req.resources {
-            validate_resources(r)?;
-        }
+        req.validate()?;
         let entry = self.find(id)?;
         let mut life = entry.lifecycle.lock().await;
         if life.rec.sandbox.state == SandboxState::Deleted {
@@ -1043,7 +1033,7 @@ impl<B: Backend> Node<B> {
     /// Sets a warm pool of microVMs of `req.image` (pinned to its current
     /// version) and shape; size 0 removes it.
     pub fn set_pool(&self, req: flotilla_api::VmPoolRequest) -> Result<Vec<flotilla_api::VmPool>, ApiError> {
-        validate_resources(&req.resources)?;
+        req.resources.validate()?;
         if req.size > 64 {
             return Err(ApiError::invalid(format!("a pool of {} is more than 64 microVMs", req.size)));
         }
@@ -1168,25 +1158,6 @@ fn merge_resources(base: &Resources, over: &Resources) -> Resources {
         pids: over.pids.or(base.pids),
         disk_bytes: over.disk_bytes.or(base.disk_bytes),
     }
-}
-
-fn validate_resources(r: &Resources) -> Result<(), ApiError> {
-    if let Some(c) = r.cpus
-        && !(c > 0.0 && c <= 1024.0)
-    {
-        return Err(ApiError::invalid(format!("cpus must be between 0 and 1024, not {c}")));
-    }
-    if let Some(m) = r.memory_bytes
-        && m < (4 << 20)
-    {
-        return Err(ApiError::invalid(format!("memory must be at least 4MiB, not {m} bytes")));
-    }
-    if let Some(p) = r.pids
-        && p < 8
-    {
-        return Err(ApiError::invalid(format!("pids must be at least 8 (the agent needs a few), not {p}")));
-    }
-    Ok(())
 }
 
 fn mem_total() -> u64 {

@@ -320,7 +320,10 @@ async fn exec(a: ExecArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let mut stream = agent.exec(&req).await?;
-    let status = drain_exec(&mut stream, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+    let status = match drain_exec(&mut stream, &mut std::io::stdout(), &mut std::io::stderr()).await {
+        Ok(status) => status,
+        Err(e) => return stream_ended(e),
+    };
     if status.timed_out {
         eprintln!(
             "flotilla: command timed out after {}",
@@ -328,6 +331,29 @@ async fn exec(a: ExecArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
         );
     }
     Ok(status.shell_code())
+}
+
+/// What `exec` and `attach` exit with when the stream ended without the
+/// command's status: the sandbox stopped, or its agent became unreachable.
+/// (125 is what docker uses for "the command did not get to finish because
+/// of the runtime", above any status a shell gives a command.)
+pub const EXIT_STREAM_ENDED: i32 = 125;
+
+/// Says why a command's stream ended without its exit status and gives the
+/// exit code for it; other errors pass through.
+fn stream_ended(e: ClientError) -> anyhow::Result<i32> {
+    use flotilla_api::ErrorCode;
+    match e {
+        ClientError::Api(api) if matches!(api.code, ErrorCode::SandboxStopped | ErrorCode::AgentUnreachable) => {
+            eprintln!("flotilla: {} ({})", api.message, api.code.as_str());
+            Ok(EXIT_STREAM_ENDED)
+        }
+        ClientError::Decode(msg) => {
+            eprintln!("flotilla: {msg}");
+            Ok(EXIT_STREAM_ENDED)
+        }
+        other => Err(other.into()),
+    }
 }
 
 /// Follows a detached process's output, reconnecting (and resuming from the
@@ -349,7 +375,7 @@ async fn attach(c: &NodeClient, id: &str, process: &str, from: u64) -> anyhow::R
         .await;
         match result {
             Ok(status) => return Ok(status.shell_code()),
-            Err(ClientError::Api(e)) => return Err(e.into()),
+            Err(e @ ClientError::Api(_)) => return stream_ended(e),
             Err(e) if failures < 5 => {
                 failures += 1;
                 eprintln!("flotilla: connection lost at offset {offset} ({e}); reconnecting");
