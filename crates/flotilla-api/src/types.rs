@@ -437,7 +437,7 @@ pub struct ProcessInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutputQuery {
-    /// Offset into the process's frame stream to resume from.
+    /// Output byte offset (stdout and stderr bytes as delivered) to resume from.
     #[serde(default)]
     pub from: u64,
     /// Keep the stream open until the process exits (default true).

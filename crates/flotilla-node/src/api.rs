@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter};
 use flotilla_agent::AgentClient;
 use flotilla_agent::extract::{JsonBody, QueryParams};
 use flotilla_agent::http::{FRAMES_CONTENT_TYPE, HttpError};
@@ -24,42 +24,259 @@ use flotilla_api::{
 use http::{StatusCode, header};
 use hyper_util::rt::TokioIo;
 
+use utoipa::openapi::path::HttpMethod;
+
 use crate::node::{Backend, Node};
+use crate::openapi::{self, Body as DocBody, DIR, Out, PAGE, QType, Route};
 
 type Result<T> = std::result::Result<T, HttpError>;
 
-/// The node's routes.
+/// The node's routes, built from [`table`].
 pub fn router<B: Backend>(node: Arc<Node<B>>) -> Router {
-    let router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/node", get(node_info::<B>))
-        .route("/v1/node/pools", get(list_pools::<B>).put(set_pool::<B>))
-        .route("/v1/sandboxes", post(create::<B>).get(list::<B>))
-        .route("/v1/sandboxes/{id}", get(show::<B>).patch(update::<B>).delete(delete::<B>))
-        .route("/v1/sandboxes/{id}/start", post(start::<B>))
-        .route("/v1/sandboxes/{id}/stop", post(stop::<B>))
-        .route("/v1/sandboxes/{id}/restart", post(restart::<B>))
-        .route("/v1/images", get(list_images::<B>).post(import_image::<B>))
-        .route("/v1/images/pull", post(pull_image::<B>))
-        .route("/v1/images/{reference}", get(show_image::<B>).delete(delete_image::<B>))
-        .route("/v1/images/{reference}/promote", post(promote_image::<B>))
-        .route("/v1/operations", get(list_operations::<B>))
-        .route("/v1/operations/{id}", get(operation::<B>))
-        .route("/v1/events", get(events::<B>))
-        .route("/metrics", get(metrics::<B>))
-        .route("/openapi.json", get(|| async { Json(crate::openapi::document()) }))
-        .route("/v1/sandboxes/{id}/workspace", get(export::<B>).put(import::<B>))
-        .route("/v1/sandboxes/{id}/workspace/git", post(git_import::<B>))
-        .route("/v1/sandboxes/{id}/ls", get(proxy::<B>))
-        .route("/v1/sandboxes/{id}/removeall", post(proxy::<B>))
-        .route("/v1/sandboxes/{id}/exec", post(proxy::<B>))
-        .route("/v1/sandboxes/{id}/processes", get(proxy::<B>))
-        .route("/v1/sandboxes/{id}/processes/{*rest}", get(proxy::<B>).post(proxy::<B>))
-        .route("/v1/sandboxes/{id}/session", get(proxy::<B>))
-        .route("/v1/sandboxes/{id}/halt", post(proxy::<B>))
-        .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
-        .with_state(node);
+    let mut router = Router::new();
+    for (route, handler) in table::<B>() {
+        router = router.route(route.path, handler);
+    }
+    let router = router.fallback(|| async { HttpError(ApiError::not_found("no such route")) }).with_state(node);
     flotilla_agent::extract::layer(router)
+}
+
+type Entry<B> = (Route, MethodRouter<Arc<Node<B>>>);
+
+/// One route: its description and its handler, for `method` only.
+fn entry<B: Backend, H, T>(
+    (method, path, summary): (HttpMethod, &'static str, &'static str),
+    body: DocBody,
+    query: openapi::Query,
+    ok: (u16, Out),
+    handler: H,
+) -> Entry<B>
+where
+    H: axum::handler::Handler<T, Arc<Node<B>>>,
+    T: 'static,
+{
+    let filter = match method {
+        HttpMethod::Get => MethodFilter::GET,
+        HttpMethod::Post => MethodFilter::POST,
+        HttpMethod::Put => MethodFilter::PUT,
+        HttpMethod::Patch => MethodFilter::PATCH,
+        HttpMethod::Delete => MethodFilter::DELETE,
+        HttpMethod::Head => MethodFilter::HEAD,
+        HttpMethod::Options => MethodFilter::OPTIONS,
+        HttpMethod::Trace => MethodFilter::TRACE,
+    };
+    (Route { method, path, summary, body, query, ok }, axum::routing::on(filter, handler))
+}
+
+/// Every route of the node API with its description: the router and the
+/// OpenAPI document are both made from this, so neither can drift.
+fn table<B: Backend>() -> Vec<Entry<B>> {
+    use DocBody::{Bytes as Raw, Json as J, None as N, Tar};
+    use HttpMethod::{Delete, Get, Patch, Post, Put};
+    use Out::{Empty, List, Page as P, Stream, Text, Upgrade};
+    const FRAMES: &str = FRAMES_CONTENT_TYPE;
+    let op = |name| (202, Out::Json(name));
+    let ok = |name| (200, Out::Json(name));
+    vec![
+        entry((Get, "/healthz", "Liveness"), N, &[], (200, Text("text/plain")), || async { "ok\n" }),
+        entry((Get, "/metrics", "Prometheus metrics"), N, &[], (200, Text("text/plain")), metrics::<B>),
+        entry((Get, "/openapi.json", "This document"), N, &[], (200, Text("application/json")), openapi_json::<B>),
+        entry((Get, "/v1/node", "Describe the node"), N, &[], ok("NodeInfo"), node_info::<B>),
+        entry((Get, "/v1/node/pools", "List warm pools of microVMs"), N, PAGE, (200, P("VmPool")), list_pools::<B>),
+        entry(
+            (Put, "/v1/node/pools", "Set a warm pool of microVMs (size 0 removes it)"),
+            J("VmPoolRequest"),
+            &[],
+            (200, P("VmPool")),
+            set_pool::<B>,
+        ),
+        entry((Get, "/v1/sandboxes", "List sandboxes"), N, PAGE, (200, P("Sandbox")), list::<B>),
+        entry(
+            (Post, "/v1/sandboxes", "Create a sandbox (an operation)"),
+            J("CreateSandboxRequest"),
+            &[],
+            op("Operation"),
+            create::<B>,
+        ),
+        entry((Get, "/v1/sandboxes/{id}", "Show a sandbox"), N, &[], ok("Sandbox"), show::<B>),
+        entry(
+            (Patch, "/v1/sandboxes/{id}", "Change labels, deadlines or limits"),
+            J("UpdateSandboxRequest"),
+            &[],
+            ok("Sandbox"),
+            update::<B>,
+        ),
+        entry((Delete, "/v1/sandboxes/{id}", "Delete a sandbox"), N, &[], (204, Empty), delete::<B>),
+        entry(
+            (Post, "/v1/sandboxes/{id}/start", "Start a sandbox (an operation)"),
+            N,
+            &[],
+            op("Operation"),
+            start::<B>,
+        ),
+        entry((Post, "/v1/sandboxes/{id}/stop", "Stop a sandbox"), N, &[], ok("Sandbox"), stop::<B>),
+        entry(
+            (Post, "/v1/sandboxes/{id}/restart", "Restart a sandbox (an operation)"),
+            N,
+            &[],
+            op("Operation"),
+            restart::<B>,
+        ),
+        entry(
+            (Put, "/v1/sandboxes/{id}/workspace", "Stream a tar into the workspace"),
+            Tar,
+            DIR,
+            ok("ImportSummary"),
+            import::<B>,
+        ),
+        entry(
+            (Get, "/v1/sandboxes/{id}/workspace", "Stream the workspace out as a tar"),
+            N,
+            DIR,
+            (200, Stream("application/x-tar")),
+            export::<B>,
+        ),
+        entry(
+            (Post, "/v1/sandboxes/{id}/workspace/git", "Export a git revision into the workspace (an operation)"),
+            J("GitImportRequest"),
+            &[],
+            op("Operation"),
+            git_import::<B>,
+        ),
+        // The sandbox's agent serves these; the node proxies them.
+        entry((Get, "/v1/sandboxes/{id}/ls", "List a workspace directory"), N, DIR, (200, List("LsEntry")), proxy::<B>),
+        entry(
+            (Post, "/v1/sandboxes/{id}/removeall", "Remove workspace paths"),
+            J("RemoveAllRequest"),
+            &[],
+            (204, Empty),
+            proxy::<B>,
+        ),
+        entry(
+            (Post, "/v1/sandboxes/{id}/exec", "Run a command: frames stream back, the last an exit or an error frame"),
+            J("ExecRequest"),
+            &[],
+            (200, Stream(FRAMES)),
+            proxy::<B>,
+        ),
+        entry(
+            (Get, "/v1/sandboxes/{id}/processes", "Detached processes"),
+            N,
+            &[],
+            (200, List("ProcessInfo")),
+            proxy::<B>,
+        ),
+        entry(
+            (Get, "/v1/sandboxes/{id}/processes/{p}", "Show a detached process"),
+            N,
+            &[],
+            ok("ProcessInfo"),
+            proxy::<B>,
+        ),
+        entry(
+            (
+                Get,
+                "/v1/sandboxes/{id}/processes/{p}/output",
+                "A detached process's output as frames, from a byte offset",
+            ),
+            N,
+            &[
+                ("from", QType::Int, "Output byte offset (stdout and stderr bytes) to resume from"),
+                ("follow", QType::Bool, "Keep the stream open until the process exits (default true)"),
+            ],
+            (200, Stream(FRAMES)),
+            proxy::<B>,
+        ),
+        entry(
+            (Post, "/v1/sandboxes/{id}/processes/{p}/signal", "Signal a detached process"),
+            J("SignalRequest"),
+            &[],
+            (204, Empty),
+            proxy::<B>,
+        ),
+        entry(
+            (Post, "/v1/sandboxes/{id}/processes/{p}/stdin", "Write the body to a detached process's stdin"),
+            Raw,
+            &[("close", QType::Bool, "Close stdin after writing")],
+            (204, Empty),
+            proxy::<B>,
+        ),
+        entry(
+            (Get, "/v1/sandboxes/{id}/session", "A terminal over WebSocket, one frame per message"),
+            N,
+            &[
+                ("cmd", QType::Str, "Command to run (default: a login shell)"),
+                ("cols", QType::Int, "Terminal width"),
+                ("rows", QType::Int, "Terminal height"),
+                ("term", QType::Str, "TERM"),
+            ],
+            (101, Upgrade),
+            proxy::<B>,
+        ),
+        entry(
+            (Post, "/v1/sandboxes/{id}/halt", "Halt the sandbox's agent (what stop does first for a microVM)"),
+            N,
+            &[],
+            (202, Empty),
+            proxy::<B>,
+        ),
+        entry(
+            (Get, "/v1/operations", "Operations kept (24 hours), newest first"),
+            N,
+            PAGE,
+            (200, P("Operation")),
+            list_operations::<B>,
+        ),
+        entry(
+            (Get, "/v1/operations/{id}", "Show an operation, optionally waiting for it"),
+            N,
+            &[("wait", QType::Str, "Wait up to this long (e.g. 30s, at most 10m) for it to finish")],
+            ok("Operation"),
+            operation::<B>,
+        ),
+        entry(
+            (Get, "/v1/events", "Server-sent events; resume with Last-Event-ID"),
+            N,
+            &[("after", QType::Int, "Replay events after this id")],
+            (200, Stream("text/event-stream")),
+            events::<B>,
+        ),
+        entry((Get, "/v1/images", "List images"), N, PAGE, (200, P("Image")), list_images::<B>),
+        entry(
+            (Post, "/v1/images", "Import an image from a path on the node (an operation)"),
+            J("ImportImageRequest"),
+            &[],
+            op("Operation"),
+            import_image::<B>,
+        ),
+        entry(
+            (Post, "/v1/images/pull", "Pull an image from an OCI registry (an operation)"),
+            J("PullImageRequest"),
+            &[],
+            op("Operation"),
+            pull_image::<B>,
+        ),
+        entry((Get, "/v1/images/{reference}", "Show an image"), N, &[], ok("Image"), show_image::<B>),
+        entry((Delete, "/v1/images/{reference}", "Delete an image tag"), N, &[], (204, Empty), delete_image::<B>),
+        entry(
+            (Post, "/v1/images/{reference}/promote", "Point another tag at this image's version"),
+            J("PromoteImageRequest"),
+            &[],
+            ok("Image"),
+            promote_image::<B>,
+        ),
+    ]
+}
+
+async fn openapi_json<B: Backend>() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi::document(table::<B>().iter().map(|(route, _)| route)))
+}
+
+/// The document of the real router, for unit tests (any backend will do:
+/// the table does not depend on it).
+#[cfg(test)]
+pub(crate) fn document_for_tests() -> utoipa::openapi::OpenApi {
+    openapi::document(table::<crate::backend::ProcessNodeBackend>().iter().map(|(route, _)| route))
 }
 
 type NodeState<B> = State<Arc<Node<B>>>;

@@ -1,9 +1,11 @@
 //! `GET /openapi.json`: the node API described from the wire types.
 //!
 //! Schemas come from `flotilla-api`'s types (`utoipa::ToSchema`), so a type
-//! changes in one place. Paths are listed here as a table rather than as
-//! attributes on the handlers, which are generic over the backend; a test
-//! checks the table against the router so neither drifts.
+//! changes in one place, bounds included. Paths come from the router's own
+//! table (`api::table`): each entry is one route's method, path, handler
+//! and description, and the router is built from those entries, so a route
+//! cannot be served without being described. (Attributes on the handlers
+//! would not do: they are generic over the backend.)
 
 use flotilla_api as api;
 use utoipa::OpenApi;
@@ -56,185 +58,52 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
 )]
 struct Components;
 
-/// How a route takes and gives its data.
-enum Body {
+/// How a route takes its data.
+pub(crate) enum Body {
     None,
     Json(&'static str),
     Tar,
+    /// Raw bytes (stdin for a process).
+    Bytes,
 }
 
-enum Out {
+/// What a route answers with on success.
+pub(crate) enum Out {
     Json(&'static str),
+    /// A JSON array of the named schema.
+    List(&'static str),
     Page(&'static str),
     Empty,
     Text(&'static str),
     Stream(&'static str),
+    /// A WebSocket upgrade (101).
+    Upgrade,
 }
 
-/// Query parameters by name: (name, description).
-type Query = &'static [(&'static str, &'static str)];
+/// Query parameters: (name, type, description).
+pub(crate) type Query = &'static [(&'static str, QType, &'static str)];
 
-const PAGE: Query = &[("page_token", "Continue after this token"), ("limit", "Items per page (1-1000)")];
-const DIR: Query = &[("dir", "Directory relative to the workspace root")];
-
-struct Route {
-    method: HttpMethod,
-    path: &'static str,
-    summary: &'static str,
-    body: Body,
-    query: Query,
-    ok: (u16, Out),
+/// The JSON type of a query parameter.
+#[derive(Clone, Copy)]
+pub(crate) enum QType {
+    Str,
+    Int,
+    Bool,
 }
 
-fn routes() -> Vec<Route> {
-    use Body as B;
-    use HttpMethod::*;
-    use Out as O;
-    let r = |method, path, summary, body, query, ok| Route { method, path, summary, body, query, ok };
-    vec![
-        r(Get, "/healthz", "Liveness", B::None, &[], (200, O::Text("text/plain"))),
-        r(Get, "/metrics", "Prometheus metrics", B::None, &[], (200, O::Text("text/plain"))),
-        r(Get, "/openapi.json", "This document", B::None, &[], (200, O::Text("application/json"))),
-        r(Get, "/v1/node", "Describe the node", B::None, &[], (200, O::Json("NodeInfo"))),
-        r(Get, "/v1/node/pools", "List warm pools of microVMs", B::None, PAGE, (200, O::Page("VmPool"))),
-        r(
-            Put,
-            "/v1/node/pools",
-            "Set a warm pool of microVMs (size 0 removes it)",
-            B::Json("VmPoolRequest"),
-            &[],
-            (200, O::Page("VmPool")),
-        ),
-        r(Get, "/v1/sandboxes", "List sandboxes", B::None, PAGE, (200, O::Page("Sandbox"))),
-        r(
-            Post,
-            "/v1/sandboxes",
-            "Create a sandbox (an operation)",
-            B::Json("CreateSandboxRequest"),
-            &[],
-            (202, O::Json("Operation")),
-        ),
-        r(Get, "/v1/sandboxes/{id}", "Show a sandbox", B::None, &[], (200, O::Json("Sandbox"))),
-        r(
-            Patch,
-            "/v1/sandboxes/{id}",
-            "Change labels, deadlines or limits",
-            B::Json("UpdateSandboxRequest"),
-            &[],
-            (200, O::Json("Sandbox")),
-        ),
-        r(Delete, "/v1/sandboxes/{id}", "Delete a sandbox", B::None, &[], (204, O::Empty)),
-        r(
-            Post,
-            "/v1/sandboxes/{id}/start",
-            "Start a sandbox (an operation)",
-            B::None,
-            &[],
-            (202, O::Json("Operation")),
-        ),
-        r(Post, "/v1/sandboxes/{id}/stop", "Stop a sandbox", B::None, &[], (200, O::Json("Sandbox"))),
-        r(
-            Post,
-            "/v1/sandboxes/{id}/restart",
-            "Restart a sandbox (an operation)",
-            B::None,
-            &[],
-            (202, O::Json("Operation")),
-        ),
-        r(
-            Put,
-            "/v1/sandboxes/{id}/workspace",
-            "Stream a tar into the workspace",
-            B::Tar,
-            DIR,
-            (200, O::Json("ImportSummary")),
-        ),
-        r(
-            Get,
-            "/v1/sandboxes/{id}/workspace",
-            "Stream the workspace out as a tar",
-            B::None,
-            DIR,
-            (200, O::Stream("application/x-tar")),
-        ),
-        r(
-            Post,
-            "/v1/sandboxes/{id}/workspace/git",
-            "Export a git revision into the workspace (an operation)",
-            B::Json("GitImportRequest"),
-            &[],
-            (202, O::Json("Operation")),
-        ),
-        r(Get, "/v1/sandboxes/{id}/ls", "List a workspace directory", B::None, DIR, (200, O::Json("LsEntry"))),
-        r(
-            Post,
-            "/v1/sandboxes/{id}/removeall",
-            "Remove workspace paths",
-            B::Json("RemoveAllRequest"),
-            &[],
-            (204, O::Empty),
-        ),
-        r(
-            Post,
-            "/v1/sandboxes/{id}/exec",
-            "Run a command; frames stream back",
-            B::Json("ExecRequest"),
-            &[],
-            (200, O::Stream("application/octet-stream")),
-        ),
-        r(Get, "/v1/sandboxes/{id}/processes", "Detached processes", B::None, &[], (200, O::Json("ProcessInfo"))),
-        r(
-            Get,
-            "/v1/operations",
-            "Operations kept (24 hours), newest first",
-            B::None,
-            PAGE,
-            (200, O::Page("Operation")),
-        ),
-        r(
-            Get,
-            "/v1/operations/{id}",
-            "Show an operation, optionally waiting for it",
-            B::None,
-            &[("wait", "Wait up to this long (e.g. 30s) for it to finish")],
-            (200, O::Json("Operation")),
-        ),
-        r(
-            Get,
-            "/v1/events",
-            "Server-sent events; resume with Last-Event-ID",
-            B::None,
-            &[("after", "Replay events after this id")],
-            (200, O::Stream("text/event-stream")),
-        ),
-        r(Get, "/v1/images", "List images", B::None, PAGE, (200, O::Page("Image"))),
-        r(
-            Post,
-            "/v1/images",
-            "Import an image from a path on the node (an operation)",
-            B::Json("ImportImageRequest"),
-            &[],
-            (202, O::Json("Operation")),
-        ),
-        r(
-            Post,
-            "/v1/images/pull",
-            "Pull an image from an OCI registry (an operation)",
-            B::Json("PullImageRequest"),
-            &[],
-            (202, O::Json("Operation")),
-        ),
-        r(Get, "/v1/images/{reference}", "Show an image", B::None, &[], (200, O::Json("Image"))),
-        r(Delete, "/v1/images/{reference}", "Delete an image tag", B::None, &[], (204, O::Empty)),
-        r(
-            Post,
-            "/v1/images/{reference}/promote",
-            "Point another tag at this image's version",
-            B::Json("PromoteImageRequest"),
-            &[],
-            (200, O::Json("Image")),
-        ),
-    ]
+pub(crate) const PAGE: Query =
+    &[("page_token", QType::Str, "Continue after this token"), ("limit", QType::Int, "Items per page (1-1000)")];
+pub(crate) const DIR: Query = &[("dir", QType::Str, "Directory relative to the workspace root")];
+
+/// One route as the document describes it. The router is built from the
+/// same entries (`api::table`), so a route cannot exist without its entry.
+pub(crate) struct Route {
+    pub method: HttpMethod,
+    pub path: &'static str,
+    pub summary: &'static str,
+    pub body: Body,
+    pub query: Query,
+    pub ok: (u16, Out),
 }
 
 fn method_name(m: &HttpMethod) -> &'static str {
@@ -258,14 +127,14 @@ fn json(schema: RefOr<Schema>) -> utoipa::openapi::Content {
     ContentBuilder::new().schema(Some(schema)).build()
 }
 
-/// The document served at `/openapi.json`.
-pub fn document() -> Doc {
+/// The document served at `/openapi.json`, for the given routes.
+pub(crate) fn document<'a>(routes: impl IntoIterator<Item = &'a Route>) -> Doc {
     let mut doc = Components::openapi();
     let error = ResponseBuilder::new()
         .description("Error envelope")
         .content("application/json", json(reference("ApiError")))
         .build();
-    for route in routes() {
+    for route in routes {
         let mut op = OperationBuilder::new()
             .summary(Some(route.summary))
             .operation_id(Some(format!(
@@ -283,8 +152,12 @@ pub fn document() -> Doc {
                     .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
             );
         }
-        for (name, desc) in route.query {
-            let ty = if *name == "limit" || *name == "after" { Type::Integer } else { Type::String };
+        for (name, qtype, desc) in route.query {
+            let ty = match qtype {
+                QType::Str => Type::String,
+                QType::Int => Type::Integer,
+                QType::Bool => Type::Boolean,
+            };
             op = op.parameter(
                 ParameterBuilder::new()
                     .name(*name)
@@ -304,16 +177,17 @@ pub fn document() -> Doc {
                         .build(),
                 ))
             }
-            Body::Tar => {
+            Body::Tar | Body::Bytes => {
+                let ct = if matches!(route.body, Body::Tar) { "application/x-tar" } else { "application/octet-stream" };
                 op = op.request_body(Some(
                     RequestBodyBuilder::new()
                         .required(Some(Required::True))
-                        .content("application/x-tar", ContentBuilder::new().build())
+                        .content(ct, ContentBuilder::new().build())
                         .build(),
                 ))
             }
         }
-        let (status, out) = route.ok;
+        let (status, out) = &route.ok;
         let ok = ResponseBuilder::new().description("Success");
         let ok = match out {
             Out::Json(name) => ok.content("application/json", json(reference(name))),
@@ -324,11 +198,15 @@ pub fn document() -> Doc {
                     .property("next_page_token", ObjectBuilder::new().schema_type(Type::String));
                 ok.content("application/json", json(RefOr::T(Schema::Object(page.build()))))
             }
-            Out::Empty => ok,
-            Out::Text(ct) | Out::Stream(ct) => ok.content(ct, ContentBuilder::new().build()),
+            Out::List(name) => ok.content(
+                "application/json",
+                json(RefOr::T(Schema::Array(ArrayBuilder::new().items(reference(name)).build()))),
+            ),
+            Out::Empty | Out::Upgrade => ok,
+            Out::Text(ct) | Out::Stream(ct) => ok.content(*ct, ContentBuilder::new().build()),
         };
         op = op.response(status.to_string(), ok).response("default", error.clone());
-        doc.paths.add_path_operation(route.path, vec![route.method], op.build());
+        doc.paths.add_path_operation(route.path, vec![route.method.clone()], op.build());
     }
     let components = doc.components.get_or_insert_with(Default::default);
     components
@@ -338,21 +216,29 @@ pub fn document() -> Doc {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn every_schema_referenced_exists() {
-        let doc = document();
-        let json = serde_json::to_value(&doc).unwrap();
+        let json = serde_json::to_value(crate::api::document_for_tests()).unwrap();
         let schemas = json["components"]["schemas"].as_object().unwrap();
         let text = json.to_string();
         for part in text.split("#/components/schemas/").skip(1) {
             let name: String = part.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             assert!(schemas.contains_key(&name), "{name} is referenced but not defined");
         }
-        assert!(json["paths"]["/v1/sandboxes"]["post"].is_object());
-        assert!(json["paths"]["/v1/sandboxes"]["get"].is_object());
-        assert!(json["paths"]["/v1/images/pull"]["post"].is_object());
-        assert!(schemas.contains_key("PullImageRequest"));
+        for (path, method) in [
+            ("/v1/sandboxes", "post"),
+            ("/v1/sandboxes", "get"),
+            ("/v1/images/pull", "post"),
+            ("/v1/sandboxes/{id}/processes/{p}/output", "get"),
+            ("/v1/sandboxes/{id}/processes/{p}/signal", "post"),
+            ("/v1/sandboxes/{id}/processes/{p}/stdin", "post"),
+            ("/v1/sandboxes/{id}/session", "get"),
+        ] {
+            assert!(json["paths"][path][method].is_object(), "{method} {path} is not described");
+        }
+        let ls = &json["paths"]["/v1/sandboxes/{id}/ls"]["get"]["responses"]["200"];
+        assert_eq!(ls["content"]["application/json"]["schema"]["type"], "array", "{ls}");
+        let pids = &schemas["Resources"]["properties"]["pids"];
+        assert_eq!(pids["maximum"], 4194304, "bounds are in the schema: {pids}");
     }
 }
