@@ -2,6 +2,10 @@
 //! that reach a remote table, the bench and tests. It reuses the agent
 //! crate's HTTP plumbing, so errors arrive as the same [`ClientError`]
 //! with the server's envelope inside.
+//!
+//! Reads are open; writes (mount, unmount) carry the table's bearer token
+//! when the client has one ([`NamesClient::with_token`]). Reads never send
+//! it, so a client that only resolves cannot leak it.
 
 use std::time::Duration;
 
@@ -14,12 +18,21 @@ use http::Method;
 /// A client of one name table server.
 #[derive(Debug, Clone)]
 pub struct NamesClient {
+    /// Reads.
     http: HttpClient,
+    /// Writes: `http` with the token, if any.
+    writes: HttpClient,
 }
 
 impl NamesClient {
     pub fn new(http: HttpClient) -> NamesClient {
-        NamesClient { http }
+        NamesClient { writes: http.clone(), http }
+    }
+
+    /// Sends `token` as `Authorization: Bearer` on writes (`None`: none).
+    pub fn with_token(mut self, token: Option<String>) -> NamesClient {
+        self.writes = self.http.clone().with_token(token);
+        self
     }
 
     /// A client of `url` (`http://host:port`).
@@ -28,20 +41,26 @@ impl NamesClient {
         Ok(NamesClient::new(HttpClient::new(ep)))
     }
 
+    /// The HTTP client of reads (no token).
     pub fn http(&self) -> &HttpClient {
         &self.http
+    }
+
+    /// The HTTP client of writes (with the token, if any).
+    pub fn http_writes(&self) -> &HttpClient {
+        &self.writes
     }
 
     /// Mounts (or refreshes) `server` at `name` for `ttl`.
     pub async fn mount(&self, name: &str, server: &str, ttl: Duration) -> Result<MountResponse, ClientError> {
         let req = MountRequest { name: name.into(), server: server.into(), ttl_s: ttl.as_secs_f64() };
-        self.http.json(Method::PUT, "/v1/mounts", Some(&req)).await
+        self.writes.json(Method::PUT, "/v1/mounts", Some(&req)).await
     }
 
     /// Unmounts the pair; `false` if it was not mounted.
     pub async fn unmount(&self, name: &str, server: &str) -> Result<bool, ClientError> {
         let req = UnmountRequest { name: name.into(), server: server.into() };
-        let resp: UnmountResponse = self.http.json(Method::DELETE, "/v1/mounts", Some(&req)).await?;
+        let resp: UnmountResponse = self.writes.json(Method::DELETE, "/v1/mounts", Some(&req)).await?;
         Ok(resp.removed)
     }
 

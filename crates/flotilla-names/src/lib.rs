@@ -10,7 +10,8 @@
 //!   name and the rest of the name; watch streams mounts coming and going.
 //! - [`server`]: the HTTP API (`/v1/mounts`, `/v1/resolve/{name}`,
 //!   `/v1/glob/{pattern}`, `/healthz`, `/metrics`, `/openapi.json`) over
-//!   any store; [`client`]: its typed client [`NamesClient`].
+//!   any store, reads open and writes behind a bearer token ([`auth`]);
+//!   [`client`]: its typed client [`NamesClient`].
 //! - [`publisher`]: the [`Publisher`] actor that keeps a process's
 //!   (name, server) mounts alive, refreshing them every period and
 //!   unmounting them on stop, through the [`NameTable`] trait (the HTTP
@@ -24,6 +25,7 @@
 //! types live in `flotilla_api::names`.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod client;
 pub mod name;
 pub mod publisher;
@@ -35,6 +37,7 @@ pub mod testing;
 /// talking to the same etcd (the bench, tests) use the same version.
 pub use etcd_client;
 
+pub use auth::{TokenError, WriteAuth};
 pub use client::NamesClient;
 pub use name::{Name, NameError, Pattern};
 pub use publisher::{NameTable, Publisher, PublisherConfig, StoreTable, TableError};

@@ -10,6 +10,12 @@
 //! the store is unreachable), `GET /metrics` (Prometheus text) and
 //! `GET /openapi.json`. Names in paths may contain `/`; the routes take the
 //! rest of the path.
+//!
+//! Reads (`GET`, `HEAD`) are open. Every other request, the mounts and
+//! unmounts and whatever write comes later, must carry the table's bearer
+//! token ([`WriteAuth`]); without it the answer is a 401 `unauthorized`
+//! envelope and nothing reaches the store. The check is one layer over the
+//! whole router, so a new write route cannot be forgotten.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +26,8 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use flotilla_agent::http::HttpError;
@@ -29,9 +36,13 @@ use flotilla_api::names::{
     GlobPage, MountEntry, MountRequest, MountResponse, MountedServer, Resolution, UnmountRequest, UnmountResponse,
 };
 use flotilla_api::{ApiError, PageQuery};
-use http::{StatusCode, header};
+use http::{HeaderValue, StatusCode, header};
 use tokio::net::TcpListener;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::auth::WriteAuth;
+use crate::client::NamesClient;
 
 use crate::name::{Name, Pattern, check_ttl};
 use crate::store::{Store, StoreError};
@@ -119,7 +130,7 @@ type AppState = State<Arc<Shared>>;
 #[derive(ToSchema)]
 #[allow(dead_code)]
 struct ErrorEnvelope {
-    /// Stable code: `invalid_argument`, `not_found`, `not_ready`, `internal`.
+    /// Stable code: `invalid_argument`, `unauthorized`, `not_found`, `not_ready`, `internal`.
     code: String,
     message: String,
     #[schema(value_type = Option<Object>)]
@@ -140,17 +151,31 @@ struct ErrorEnvelope {
         MountEntry,
         MountedServer,
         ErrorEnvelope
-    ))
+    )),
+    modifiers(&BearerScheme)
 )]
 struct ApiDoc;
+
+/// Declares the `bearer` security scheme the write routes name.
+struct BearerScheme;
+
+impl Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// The OpenAPI document of this API, as served at `/openapi.json`.
 pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-/// The name table's routes over `store`.
-pub fn router(store: Arc<dyn Store>) -> Router {
+/// The name table's routes over `store`; writes need `auth`'s token.
+pub fn router(store: Arc<dyn Store>, auth: WriteAuth) -> Router {
     let shared = Arc::new(Shared { store, metrics: Metrics::default() });
     Router::new()
         .route("/healthz", get(healthz))
@@ -161,36 +186,83 @@ pub fn router(store: Arc<dyn Store>) -> Router {
         .route("/v1/glob/{*pattern}", get(glob))
         .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
         .with_state(shared)
+        .layer(axum::middleware::from_fn_with_state(Arc::new(auth), require_token))
+}
+
+/// Lets reads through and refuses writes without the right bearer token
+/// (before their body is read).
+async fn require_token(State(auth): State<Arc<WriteAuth>>, req: Request, next: Next) -> Response {
+    if let Err(failure) = auth.check(req.method(), req.headers()) {
+        tracing::debug!(method = %req.method(), path = req.uri().path(), "name table: refused: {failure:?} token");
+        let mut resp = HttpError(failure.to_api()).into_response();
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return resp;
+    }
+    next.run(req).await
 }
 
 /// Serves the name table on `listener` until `shutdown` completes, then
-/// finishes the requests in flight.
+/// finishes the requests in flight. Writes need `auth`'s token.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
+    auth: WriteAuth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(store)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(store, auth)).with_graceful_shutdown(shutdown).await
 }
 
 /// A name table served on a background task (for `flotilla dev` and
 /// tests). Dropping the handle does not stop it; call [`ServerHandle::shutdown`].
-#[derive(Debug)]
 pub struct ServerHandle {
     addr: SocketAddr,
+    token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// Written out so that the token never reaches a log.
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").field("addr", &self.addr).field("token", &"<redacted>").finish()
+    }
+}
+
 impl ServerHandle {
-    /// Serves `store` on `listener` in a new task.
+    /// Serves `store` on `listener` in a new task, with a fresh random
+    /// write token ([`ServerHandle::token`], [`ServerHandle::client`]).
     pub fn spawn(listener: TcpListener, store: Arc<dyn Store>) -> std::io::Result<ServerHandle> {
+        let token = crate::auth::generate_token().map_err(std::io::Error::other)?;
+        ServerHandle::spawn_with_token(listener, store, &token)
+    }
+
+    /// Serves `store` on `listener` in a new task; writes need `token`
+    /// (refused, as `InvalidInput`, if too short or unprintable).
+    pub fn spawn_with_token(
+        listener: TcpListener,
+        store: Arc<dyn Store>,
+        token: &str,
+    ) -> std::io::Result<ServerHandle> {
+        let auth = WriteAuth::new(token).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let addr = listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, store, async move {
+        let task = tokio::spawn(serve(listener, store, auth, async move {
             let _ = rx.await;
         }));
-        Ok(ServerHandle { addr, stop: Some(tx), task })
+        Ok(ServerHandle { addr, token: token.to_string(), stop: Some(tx), task })
+    }
+
+    /// The bearer token writes need.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// A client of this table that sends its token on writes.
+    pub fn client(&self) -> NamesClient {
+        NamesClient::new(flotilla_agent::http::HttpClient::new(flotilla_agent::http::Endpoint::Tcp(
+            self.addr.to_string(),
+        )))
+        .with_token(Some(self.token.clone()))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -228,9 +300,10 @@ fn name(s: &str) -> Result<Name> {
 }
 
 /// Mounts a server at a name for `ttl_s` seconds (mounting again refreshes).
-#[utoipa::path(put, path = "/v1/mounts", request_body = MountRequest, responses(
+#[utoipa::path(put, path = "/v1/mounts", request_body = MountRequest, security(("bearer" = [])), responses(
     (status = 200, description = "Mounted", body = MountResponse),
     (status = 400, description = "Bad name, server or TTL", body = ErrorEnvelope),
+    (status = 401, description = "No bearer token, or not the table's", body = ErrorEnvelope),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
 ))]
 async fn mount(State(s): AppState, body: axum::body::Bytes) -> Result<Json<MountResponse>> {
@@ -245,9 +318,10 @@ async fn mount(State(s): AppState, body: axum::body::Bytes) -> Result<Json<Mount
 }
 
 /// Removes a mount; removing one that is not there succeeds.
-#[utoipa::path(delete, path = "/v1/mounts", request_body = UnmountRequest, responses(
+#[utoipa::path(delete, path = "/v1/mounts", request_body = UnmountRequest, security(("bearer" = [])), responses(
     (status = 200, description = "Unmounted (or was not mounted)", body = UnmountResponse),
     (status = 400, description = "Bad name or server", body = ErrorEnvelope),
+    (status = 401, description = "No bearer token, or not the table's", body = ErrorEnvelope),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
 ))]
 async fn unmount(State(s): AppState, body: axum::body::Bytes) -> Result<Json<UnmountResponse>> {
@@ -366,5 +440,17 @@ mod tests {
             assert!(doc["paths"][p].is_object(), "{p} missing from {doc}");
         }
         assert!(doc["components"]["schemas"]["MountRequest"].is_object());
+    }
+
+    #[test]
+    fn openapi_says_writes_need_the_token() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap();
+        assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer", "{doc}");
+        for m in ["put", "delete"] {
+            let op = &doc["paths"]["/v1/mounts"][m];
+            assert!(op["responses"]["401"].is_object(), "{m}: {op}");
+            assert!(op["security"][0]["bearer"].is_array(), "{m}: {op}");
+        }
+        assert!(doc["paths"]["/v1/resolve/{name}"]["get"]["security"].is_null(), "reads are open");
     }
 }

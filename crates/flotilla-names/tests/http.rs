@@ -56,7 +56,7 @@ async fn mount_resolve_glob_unmount_over_http() {
 async fn bad_requests_get_the_envelope() {
     let f = common::memory().await;
     let (_server, c) = common::http_table(f.store.clone()).await;
-    let h = c.http();
+    let h = c.http_writes();
     let put = |body: Value| async move { h.json::<Value>(Method::PUT, "/v1/mounts", Some(&body)).await };
     assert_eq!(
         code(put(json!({"name": "a", "server": "s", "ttl_s": 1, "extra": 1})).await),
@@ -111,4 +111,97 @@ async fn an_unreachable_etcd_is_503_not_a_hang() {
     f.etcd.as_mut().unwrap().restart().unwrap();
     common::eventually(Duration::from_secs(15), "etcd back", || async { c.health().await.ok() }).await;
     assert_eq!(c.resolve("a").await.unwrap().servers, ["s"]);
+}
+
+/// The raw answer to a write sent with `auth` (an `Authorization` value):
+/// status, `WWW-Authenticate`, and the body as JSON.
+async fn raw_write(url: &str, method: Method, auth: Option<&str>, body: Value) -> (u16, Option<String>, Value) {
+    let h = flotilla_agent::http::HttpClient::new(flotilla_agent::http::Endpoint::parse(url).unwrap());
+    let mut b = h.request(method, "/v1/mounts").header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(a) = auth {
+        b = b.header(http::header::AUTHORIZATION, a);
+    }
+    let req = b.body(http_body_util::Full::new(bytes::Bytes::from(body.to_string()))).unwrap();
+    let resp = h.send(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let www = resp.headers().get(http::header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_string());
+    let body = flotilla_agent::http::read_body(resp).await.unwrap();
+    (status, www, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// A 401 with the envelope: `{code: "unauthorized", message, ...}`.
+fn assert_refused((status, www, body): (u16, Option<String>, Value), what: &str) {
+    assert_eq!(status, 401, "{what}: {body}");
+    assert_eq!(www.as_deref(), Some("Bearer"), "{what}");
+    assert_eq!(body["code"], "unauthorized", "{what}: {body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
+}
+
+#[tokio::test]
+async fn names_mount_without_token_is_refused() {
+    let f = common::memory().await;
+    let (server, c) = common::http_table(f.store.clone()).await;
+    let url = server.url();
+    let mount = json!({"name": "nodes/n1", "server": "https://evil.example:1", "ttl_s": 60});
+    assert_refused(raw_write(&url, Method::PUT, None, mount.clone()).await, "no header");
+    assert_refused(raw_write(&url, Method::PUT, Some("Basic Zm9vOmJhcg=="), mount.clone()).await, "basic auth");
+    // Through the client without a token: the same envelope.
+    let anonymous = flotilla_names::NamesClient::connect(&url).unwrap();
+    assert_eq!(code(anonymous.mount("nodes/n1", "https://evil.example:1", TTL).await), ErrorCode::Unauthorized);
+    // Nothing reached the table.
+    assert_eq!(code(c.resolve("nodes/n1").await), ErrorCode::NotFound);
+    assert!(c.glob("...").await.unwrap().is_empty());
+    // Any other write is refused the same way, even on no route.
+    let (status, _, body) = raw_write(&url, Method::POST, None, json!({})).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+}
+
+#[tokio::test]
+async fn names_unmount_without_token_is_refused() {
+    let f = common::memory().await;
+    let (server, c) = common::http_table(f.store.clone()).await;
+    c.mount("nodes/n1", "https://n1:7443", TTL).await.unwrap();
+    let pair = json!({"name": "nodes/n1", "server": "https://n1:7443"});
+    assert_refused(raw_write(&server.url(), Method::DELETE, None, pair).await, "no header");
+    let anonymous = flotilla_names::NamesClient::connect(&server.url()).unwrap();
+    assert_eq!(code(anonymous.unmount("nodes/n1", "https://n1:7443").await), ErrorCode::Unauthorized);
+    assert_eq!(c.resolve("nodes/n1").await.unwrap().servers, ["https://n1:7443"], "still mounted");
+}
+
+#[tokio::test]
+async fn names_writes_with_a_wrong_token_are_refused() {
+    let f = common::memory().await;
+    let (server, c) = common::http_table(f.store.clone()).await;
+    let url = server.url();
+    c.mount("nodes/n1", "https://n1:7443", TTL).await.unwrap();
+    let wrong = format!("{}x", server.token());
+    let mount = json!({"name": "nodes/n1", "server": "https://evil.example:1", "ttl_s": 60});
+    assert_refused(raw_write(&url, Method::PUT, Some(&format!("Bearer {wrong}")), mount).await, "wrong token");
+    let pair = json!({"name": "nodes/n1", "server": "https://n1:7443"});
+    assert_refused(raw_write(&url, Method::DELETE, Some("Bearer 0123456789abcdef0123"), pair).await, "wrong");
+    let impostor = flotilla_names::NamesClient::connect(&url).unwrap().with_token(Some(wrong));
+    assert_eq!(code(impostor.mount("nodes/n1", "https://evil.example:1", TTL).await), ErrorCode::Unauthorized);
+    assert_eq!(code(impostor.unmount("nodes/n1", "https://n1:7443").await), ErrorCode::Unauthorized);
+    assert_eq!(c.resolve("nodes/n1").await.unwrap().servers, ["https://n1:7443"], "unchanged");
+    // The right token, in any case of `Bearer`, works.
+    let pair = json!({"name": "nodes/n1", "server": "https://n1:7443"});
+    let (status, _, body) = raw_write(&url, Method::DELETE, Some(&format!("bearer {}", server.token())), pair).await;
+    assert_eq!((status, body["removed"].as_bool()), (200, Some(true)), "{body}");
+}
+
+#[tokio::test]
+async fn names_reads_need_no_token() {
+    let f = common::memory().await;
+    let (server, c) = common::http_table(f.store.clone()).await;
+    c.mount("nodes/n1", "https://n1:7443", TTL).await.unwrap();
+    let anonymous = flotilla_names::NamesClient::connect(&server.url()).unwrap();
+    assert_eq!(anonymous.resolve("nodes/n1/x").await.unwrap().servers, ["https://n1:7443"]);
+    assert_eq!(anonymous.glob("nodes/*").await.unwrap().len(), 1);
+    anonymous.health().await.unwrap();
+    assert!(anonymous.metrics().await.unwrap().contains("flotilla_names_requests_total"));
+    let doc: Value = anonymous.http().json(Method::GET, "/openapi.json", None::<&()>).await.unwrap();
+    assert!(doc["paths"]["/v1/mounts"]["put"]["responses"]["401"].is_object());
+    // The handle's own client carries the token.
+    assert!(server.client().unmount("nodes/n1", "https://n1:7443").await.unwrap());
+    assert!(!format!("{server:?}").contains(server.token()), "the token stays out of Debug");
 }

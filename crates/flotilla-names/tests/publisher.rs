@@ -19,6 +19,7 @@ use flotilla_names::{
 const CHILD_URL: &str = "FLOTILLA_NAMES_TEST_CHILD_URL";
 const CHILD_NAME: &str = "FLOTILLA_NAMES_TEST_CHILD_NAME";
 const CHILD_SERVER: &str = "FLOTILLA_NAMES_TEST_CHILD_SERVER";
+const CHILD_TOKEN: &str = "FLOTILLA_NAMES_TEST_CHILD_TOKEN";
 
 /// The child's publisher: 100 ms period, 400 ms slack.
 fn child_config() -> PublisherConfig {
@@ -35,9 +36,10 @@ fn publisher_child_process() {
     };
     let name = std::env::var(CHILD_NAME).expect("child name");
     let server = std::env::var(CHILD_SERVER).expect("child server");
+    let token = std::env::var(CHILD_TOKEN).expect("child token");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let client = NamesClient::connect(&url).expect("client");
+        let client = NamesClient::connect(&url).expect("client").with_token(Some(token));
         let p = Publisher::new(Arc::new(client), child_config());
         p.add_server(&server).await.expect("server");
         p.add_name(&name).await.expect("name");
@@ -50,13 +52,14 @@ fn publisher_child_process() {
 struct ChildPublisher(Child);
 
 impl ChildPublisher {
-    fn spawn(url: &str, name: &str, server: &str) -> ChildPublisher {
+    fn spawn(url: &str, token: &str, name: &str, server: &str) -> ChildPublisher {
         let exe = std::env::current_exe().expect("test binary");
         let child = Command::new(exe)
             .args(["--exact", "publisher_child_process", "--nocapture", "--test-threads=1"])
             .env(CHILD_URL, url)
             .env(CHILD_NAME, name)
             .env(CHILD_SERVER, server)
+            .env(CHILD_TOKEN, token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -94,7 +97,7 @@ async fn stays_resolvable(store: &dyn Store, name: &str, how_long: Duration) {
 
 async fn a_killed_publishers_names_expire(f: common::Fixture, expiry_bound: Duration) {
     let (server, _client) = common::http_table(f.store.clone()).await;
-    let mut child = ChildPublisher::spawn(&server.url(), "nodes/child", "http://child:1");
+    let mut child = ChildPublisher::spawn(&server.url(), server.token(), "nodes/child", "http://child:1");
     common::eventually(Duration::from_secs(20), "the child to publish", || async {
         resolves_to(&*f.store, "nodes/child").await
     })

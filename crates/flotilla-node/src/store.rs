@@ -4,7 +4,13 @@
 //! it describes is carried out, so a crashed node restarts knowing at least
 //! what it was about to do. `synchronous=NORMAL` in WAL mode keeps commits
 //! durable across a process crash without an fsync per write.
+//!
+//! The database holds sandbox env and operation records, which may carry
+//! secrets: `node.db` is created 0600 before SQLite opens it, and SQLite
+//! gives its `-wal` and `-shm` files the database's mode. A database (or
+//! companion) left readable by others by an older node is made 0600 at open.
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -35,10 +41,45 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("making the state database {path} private (mode 0600)")]
+    Private {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state database query failed")]
     Query(#[from] rusqlite::Error),
     #[error("state database holds a record that does not parse")]
     Corrupt(#[from] serde_json::Error),
+}
+
+/// Creates the database file 0600 if it is absent, so SQLite (which gives
+/// its `-wal` and `-shm` files the database's mode) never makes a file
+/// others can read; narrows the database and its companions to 0600 if an
+/// earlier node left them wider.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let mut companions = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        companions.push(p.into());
+    }
+    for p in companions {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The node's SQLite store.
@@ -50,6 +91,7 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        make_private(path).map_err(|source| StoreError::Private { path: path.display().to_string(), source })?;
         let conn = Connection::open(path).map_err(open_err)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -197,6 +239,41 @@ mod tests {
             uid_slot: 3,
             pid: Some(42),
             start_time: Some(7),
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn node_db_is_created_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let s = Store::open(&path).unwrap();
+        s.put(&rec("a")).unwrap();
+        for f in ["node.db", "node.db-wal", "node.db-shm"] {
+            assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn an_existing_world_readable_node_db_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put(&rec("a")).unwrap();
+        }
+        // As an older node left it (and a crash may leave a WAL behind).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let wal = dir.path().join("node.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.load_all().unwrap().len(), 1);
+        for f in ["node.db", "node.db-wal", "node.db-shm"] {
+            assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
         }
     }
 

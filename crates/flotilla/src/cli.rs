@@ -45,6 +45,11 @@ pub struct NodeArgs {
     /// `node` publishes itself there as `nodes/<id>`.
     #[arg(long, env = "FLOTILLA_NAMES", global = true)]
     pub names: Option<String>,
+    /// Bearer token for writes to the name table (`names mount|unmount`, a node publishing itself;
+    /// reads need none). Default: HOME/names.token with the table of HOME/names.url. For
+    /// `names serve` and `dev`: the token writers must send (default: generated into HOME/names.token).
+    #[arg(long, env = "FLOTILLA_NAMES_TOKEN", global = true, hide_env_values = true)]
+    pub names_token: Option<String>,
     /// Bearer token of a remote node (`flotilla node --listen` prints where it is kept). For `node`
     /// and `dev`: the token clients must send (default: $FLOTILLA_NODE_TOKEN, else generated into
     /// HOME/tls/token; $FLOTILLA_TOKEN is the clients' and does not apply).
@@ -176,6 +181,10 @@ pub struct DaemonArgs {
     /// the global `--names`.
     #[arg(skip)]
     pub names: Option<String>,
+    /// Bearer token for writes to the name table (the global `--names-token`): what the node
+    /// publishes with, or for `dev`, what its own table requires.
+    #[arg(skip)]
+    pub names_token: Option<String>,
     /// Bearer token clients must send; generated into HOME/tls/token when absent: the global
     /// `--token` given on the command line, else $FLOTILLA_NODE_TOKEN.
     #[arg(skip)]
@@ -219,9 +228,11 @@ pub enum SandboxCommand {
         /// Sandbox id or name.
         id: String,
     },
-    /// Run a command in a sandbox, streaming its output; exits with its status.
+    /// Run a command in a sandbox, streaming its output; exits with its status, or with 125 when the
+    /// sandbox stopped or its agent became unreachable before the command ended (the reason is printed).
     Exec(ExecArgs),
-    /// Re-attach to a detached process's output (resumes after dropped connections).
+    /// Re-attach to a detached process's output (resumes after dropped connections); exits with the
+    /// process's status, or 125 when the sandbox stopped or its agent became unreachable.
     Attach {
         id: String,
         /// Process id from `exec --detach` or `ps`.
@@ -291,7 +302,8 @@ pub enum SandboxCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum NamesCommand {
-    /// Serve a name table over HTTP (in memory, or on etcd with --etcd).
+    /// Serve a name table over HTTP (in memory, or on etcd with --etcd). Reads are open; writes need
+    /// the bearer token (--names-token, else generated into HOME/names.token).
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:7070")]
@@ -539,6 +551,7 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Cli {
     if let Command::Dev(d) | Command::Node(NodeCmd { command: None, daemon: d }) = &mut cli.command {
         d.home = g.home.clone();
         d.names = g.names.clone();
+        d.names_token = g.names_token.clone();
         d.token = if token_given {
             g.token.clone()
         } else {
@@ -565,7 +578,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd, node, json)),
         Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd, node, json)),
         Command::Names(NamesCommand::Serve { listen, etcd, etcd_prefix }) => {
-            crate::names::serve(listen, etcd, etcd_prefix)
+            crate::names::serve(listen, etcd, etcd_prefix, &node)
         }
         Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd, node, json)),
         Command::Doctor => crate::doctor::run(&default_home(node.home), json),
@@ -624,8 +637,8 @@ mod tests {
     #[test]
     fn a_node_gets_its_home_names_and_token_from_the_global_options() {
         for line in [
-            "flotilla node --home /h --names http://n:1 --token t",
-            "flotilla --home /h --names http://n:1 --token t dev",
+            "flotilla node --home /h --names http://n:1 --token t --names-token nt",
+            "flotilla --home /h --names http://n:1 --names-token nt --token t dev",
         ] {
             let (Command::Node(NodeCmd { daemon: d, .. }) | Command::Dev(d)) = parse(line).command else {
                 panic!("{line}: not a node");
@@ -633,6 +646,9 @@ mod tests {
             assert_eq!(d.home.as_deref(), Some(std::path::Path::new("/h")), "{line}");
             assert_eq!(d.names.as_deref(), Some("http://n:1"), "{line}");
             assert_eq!(d.token.as_deref(), Some("t"), "{line}");
+            assert_eq!(d.names_token.as_deref(), Some("nt"), "{line}");
         }
+        let cli = parse("flotilla names mount a s --names-token nt");
+        assert_eq!(cli.global.node.names_token.as_deref(), Some("nt"));
     }
 }

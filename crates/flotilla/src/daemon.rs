@@ -107,7 +107,7 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
         if let Some(https) = &https_url {
             urls.insert(0, https.clone());
         }
-        let names = crate::daemon::names_for(dev, args.names.as_deref(), &home).await?;
+        let names = crate::daemon::names_for(dev, args.names.as_deref(), args.names_token.as_deref(), &home).await?;
         let publisher = match &names {
             Some(n) => Some(crate::daemon::publish(n, &info.node_id, &urls).await?),
             None => None,
@@ -209,14 +209,17 @@ pub fn agent(args: AgentArgs) -> anyhow::Result<i32> {
 }
 
 /// The name table a node publishes to: its own in-memory one for `dev`, a
-/// remote one with `--names URL`, or none.
+/// remote one with `--names URL` (and the token its writes need), or none.
 pub enum Names {
     Embedded {
         server: flotilla_names::ServerHandle,
         store: std::sync::Arc<dyn flotilla_names::Store>,
         url_file: std::path::PathBuf,
     },
-    Remote(String),
+    Remote {
+        url: String,
+        token: String,
+    },
 }
 
 impl Names {
@@ -228,20 +231,40 @@ impl Names {
     }
 }
 
-pub async fn names_for(dev: bool, url: Option<&str>, home: &std::path::Path) -> anyhow::Result<Option<Names>> {
+/// With `url` (`--names`): that table, written to with `token`
+/// (`--names-token`), which it must have. Else for `dev`: an in-memory table
+/// on loopback, its URL in HOME/names.url and the token its writes need in
+/// HOME/names.token (0600; or `token` when given), where the CLI finds both.
+pub async fn names_for(
+    dev: bool,
+    url: Option<&str>,
+    token: Option<&str>,
+    home: &std::path::Path,
+) -> anyhow::Result<Option<Names>> {
+    let token = token.filter(|t| !t.is_empty());
     if let Some(url) = url {
-        return Ok(Some(Names::Remote(url.to_string())));
+        let Some(token) = token else {
+            bail!(
+                "--names {url} needs the name table's write token to publish this node: pass --names-token \
+                 (or set $FLOTILLA_NAMES_TOKEN); the table's operator has it (`flotilla names serve` keeps it in \
+                 its HOME/names.token)"
+            );
+        };
+        flotilla_names::auth::check_token(token).context("checking --names-token")?;
+        return Ok(Some(Names::Remote { url: url.to_string(), token: token.to_string() }));
     }
     if !dev {
         return Ok(None);
     }
+    let (token, token_from) = crate::names::server_token(token, home)?;
     let store: std::sync::Arc<dyn flotilla_names::Store> = std::sync::Arc::new(flotilla_names::MemoryStore::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the name table")?;
-    let server = flotilla_names::ServerHandle::spawn(listener, store.clone()).context("serving the name table")?;
+    let server = flotilla_names::ServerHandle::spawn_with_token(listener, store.clone(), &token)
+        .context("serving the name table")?;
     let url_file = home.join(crate::names::URL_FILE);
     std::fs::write(&url_file, format!("{}\n", server.url()))
         .with_context(|| format!("writing {}", url_file.display()))?;
-    eprintln!("flotilla dev: name table on {} (in memory)", server.url());
+    eprintln!("flotilla dev: name table on {} (in memory; writes need the token in {token_from})", server.url());
     Ok(Some(Names::Embedded { server, store, url_file }))
 }
 
@@ -249,9 +272,10 @@ pub async fn names_for(dev: bool, url: Option<&str>, home: &std::path::Path) -> 
 pub async fn publish(names: &Names, node_id: &str, urls: &[String]) -> anyhow::Result<flotilla_names::Publisher> {
     let table: std::sync::Arc<dyn flotilla_names::NameTable> = match names {
         Names::Embedded { store, .. } => std::sync::Arc::new(flotilla_names::StoreTable::new(store.clone())),
-        Names::Remote(url) => std::sync::Arc::new(
+        Names::Remote { url, token } => std::sync::Arc::new(
             flotilla_names::NamesClient::connect(url)
-                .map_err(|e| anyhow::anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))?,
+                .map_err(|e| anyhow::anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))?
+                .with_token(Some(token.clone())),
         ),
     };
     let p =
@@ -261,5 +285,12 @@ pub async fn publish(names: &Names, node_id: &str, urls: &[String]) -> anyhow::R
     }
     p.add_name(&format!("nodes/{node_id}")).await.map_err(|e| anyhow::anyhow!("publishing nodes/{node_id}: {e}"))?;
     tracing::info!(name = %format!("nodes/{node_id}"), servers = ?urls, "publishing this node in the name table");
+    // The first mounts were tried: say at once if the table refused them
+    // (a wrong token, say) rather than only in the refresh logs.
+    for s in p.status().await {
+        if let Some(e) = s.last_mount_error {
+            eprintln!("flotilla: publishing {} -> {} failed (retried every 10s): {e}", s.name, s.server);
+        }
+    }
     Ok(p)
 }

@@ -1,4 +1,8 @@
 //! `flotilla names ...`: the name table from the shell, and its server.
+//!
+//! Reads are open; writes carry the table's bearer token: `--names-token`
+//! (`$FLOTILLA_NAMES_TOKEN`), else, for the table `flotilla dev` runs (found
+//! through `HOME/names.url`), the token it keeps in `HOME/names.token`.
 
 use std::sync::Arc;
 
@@ -11,13 +15,45 @@ use crate::output;
 /// The file `flotilla dev` writes its name table's URL to.
 pub const URL_FILE: &str = "names.url";
 
+/// The file (0600) holding the write token of the table `flotilla dev` or
+/// `flotilla names serve` runs on a data directory, unless given one.
+pub const TOKEN_FILE: &str = "names.token";
+
+/// The write token a table serving from `home` requires: `given`
+/// (`--names-token`), else the one in `HOME/names.token`, generated there
+/// (0600) on the first start.
+pub fn server_token(given: Option<&str>, home: &std::path::Path) -> anyhow::Result<(String, String)> {
+    match given {
+        Some(t) => {
+            flotilla_names::auth::check_token(t).context("checking --names-token")?;
+            Ok((t.to_string(), "--names-token".into()))
+        }
+        None => {
+            let path = home.join(TOKEN_FILE);
+            let t = flotilla_names::auth::load_or_generate_token(&path)
+                .map_err(|e| anyhow!("making the name table's token: {}", flotilla_agent::http::error_chain(&e)))?;
+            Ok((t, path.display().to_string()))
+        }
+    }
+}
+
 /// The name table to talk to: `--names`, else the one `flotilla dev` runs.
+/// Writes carry `--names-token`, else (for `dev`'s table) HOME/names.token.
 pub fn client(args: &NodeArgs) -> anyhow::Result<NamesClient> {
+    let mut token = args.names_token.clone().filter(|t| !t.is_empty());
     let url = match &args.names {
         Some(u) => u.clone(),
         None => {
             let home = crate::cli::default_home(args.home.clone());
             let file = home.join(URL_FILE);
+            if token.is_none() {
+                // Only with dev's own URL: a token from this machine's data
+                // directory is never sent to a table named on the command line.
+                token = std::fs::read_to_string(home.join(TOKEN_FILE))
+                    .ok()
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty());
+            }
             std::fs::read_to_string(&file).map(|s| s.trim().to_string()).map_err(|_| {
                 anyhow!(
                     "no name table given: pass --names URL (or $FLOTILLA_NAMES), or run `flotilla dev --home {}`, \
@@ -28,7 +64,24 @@ pub fn client(args: &NodeArgs) -> anyhow::Result<NamesClient> {
             })?
         }
     };
-    NamesClient::connect(&url).map_err(|e| anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))
+    Ok(NamesClient::connect(&url)
+        .map_err(|e| anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))?
+        .with_token(token))
+}
+
+/// Explains a refused write: which token the table wants.
+fn write_error(e: flotilla_agent::http::ClientError) -> anyhow::Error {
+    let refused =
+        matches!(&e, flotilla_agent::http::ClientError::Api(a) if a.code == flotilla_api::ErrorCode::Unauthorized);
+    let e = anyhow::Error::new(e);
+    if refused {
+        e.context(
+            "the name table refuses writes without its token: pass --names-token (or $FLOTILLA_NAMES_TOKEN); \
+             `flotilla dev` and `flotilla names serve` keep theirs in HOME/names.token",
+        )
+    } else {
+        e
+    }
 }
 
 /// `nodes/<id>` → the node's API URL.
@@ -69,12 +122,12 @@ pub async fn run(cmd: NamesCommand, node: NodeArgs, json: bool) -> anyhow::Resul
             Ok(0)
         }
         NamesCommand::Mount { name, server, ttl } => {
-            let m = client(&node)?.mount(&name, &server, ttl).await?;
+            let m = client(&node)?.mount(&name, &server, ttl).await.map_err(write_error)?;
             println!("{} {} ttl {:.0}s", m.name, m.server, m.ttl_s);
             Ok(0)
         }
         NamesCommand::Unmount { name, server } => {
-            let removed = client(&node)?.unmount(&name, &server).await?;
+            let removed = client(&node)?.unmount(&name, &server).await.map_err(write_error)?;
             if !removed {
                 eprintln!("{name} {server}: was not mounted");
             }
@@ -83,8 +136,13 @@ pub async fn run(cmd: NamesCommand, node: NodeArgs, json: bool) -> anyhow::Resul
     }
 }
 
-/// `flotilla names serve`.
-pub fn serve(listen: std::net::SocketAddr, etcd: Vec<String>, prefix: String) -> anyhow::Result<i32> {
+/// `flotilla names serve`: reads open, writes with the token of
+/// `--names-token`, else of HOME/names.token (generated on the first start).
+pub fn serve(listen: std::net::SocketAddr, etcd: Vec<String>, prefix: String, node: &NodeArgs) -> anyhow::Result<i32> {
+    let home = crate::cli::default_home(node.home.clone());
+    let (token, token_from) = server_token(node.names_token.as_deref(), &home)?;
+    let auth = flotilla_names::WriteAuth::new(&token).context("checking the name table's token")?;
+    drop(token);
     crate::daemon::daemon_runtime()?.block_on(async move {
         let store: Arc<dyn Store> = if etcd.is_empty() {
             Arc::new(MemoryStore::new())
@@ -95,8 +153,11 @@ pub fn serve(listen: std::net::SocketAddr, etcd: Vec<String>, prefix: String) ->
         };
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;
-        eprintln!("flotilla: name table on http://{addr} ({})", if etcd.is_empty() { "in memory" } else { "on etcd" });
-        flotilla_names::serve(listener, store, crate::daemon::shutdown_signal())
+        eprintln!(
+            "flotilla: name table on http://{addr} ({}; writes need the token in {token_from})",
+            if etcd.is_empty() { "in memory" } else { "on etcd" }
+        );
+        flotilla_names::serve(listener, store, auth, crate::daemon::shutdown_signal())
             .await
             .context("serving the name table")?;
         Ok(0)

@@ -40,11 +40,12 @@ pub async fn etcd_fixture() -> Fixture {
     Fixture { store: Arc::new(store), etcd: Some(server) }
 }
 
-/// A name table server on a free loopback port, and a client of it.
+/// A name table server on a free loopback port, and a client of it that
+/// sends the table's write token.
 pub async fn http_table(store: Arc<dyn Store>) -> (ServerHandle, NamesClient) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binding");
     let handle = ServerHandle::spawn(listener, store).expect("serving");
-    let client = NamesClient::connect(&handle.url()).expect("client");
+    let client = NamesClient::connect(&handle.url()).expect("client").with_token(Some(handle.token().to_string()));
     (handle, client)
 }
 
