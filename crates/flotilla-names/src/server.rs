@@ -30,6 +30,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use flotilla_agent::extract::JsonBody;
 use flotilla_agent::http::HttpError;
 use flotilla_api::limits::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 use flotilla_api::names::{
@@ -177,7 +178,7 @@ pub fn openapi_json() -> String {
 /// The name table's routes over `store`; writes need `auth`'s token.
 pub fn router(store: Arc<dyn Store>, auth: WriteAuth) -> Router {
     let shared = Arc::new(Shared { store, metrics: Metrics::default() });
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }))
@@ -186,7 +187,9 @@ pub fn router(store: Arc<dyn Store>, auth: WriteAuth) -> Router {
         .route("/v1/glob/{*pattern}", get(glob))
         .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
         .with_state(shared)
-        .layer(axum::middleware::from_fn_with_state(Arc::new(auth), require_token))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(auth), require_token));
+    // Envelopes for every rejection, bounded and timed bodies, as the node.
+    flotilla_agent::extract::layer(router)
 }
 
 /// Lets reads through and refuses writes without the right bearer token
@@ -287,10 +290,6 @@ impl ServerHandle {
 }
 
 /// JSON bodies parsed here so a bad one gets our envelope, not axum's text.
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| HttpError(ApiError::invalid(format!("bad request body: {e}"))))
-}
-
 fn store_err(e: StoreError) -> HttpError {
     HttpError(e.to_api())
 }
@@ -306,8 +305,7 @@ fn name(s: &str) -> Result<Name> {
     (status = 401, description = "No bearer token, or not the table's", body = ErrorEnvelope),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
 ))]
-async fn mount(State(s): AppState, body: axum::body::Bytes) -> Result<Json<MountResponse>> {
-    let req: MountRequest = parse_json(&body)?;
+async fn mount(State(s): AppState, JsonBody(req): JsonBody<MountRequest>) -> Result<Json<MountResponse>> {
     let n = name(&req.name)?;
     let ttl = check_ttl(req.ttl_s).map_err(|e| store_err(e.into()))?;
     let started = Instant::now();
@@ -324,8 +322,7 @@ async fn mount(State(s): AppState, body: axum::body::Bytes) -> Result<Json<Mount
     (status = 401, description = "No bearer token, or not the table's", body = ErrorEnvelope),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
 ))]
-async fn unmount(State(s): AppState, body: axum::body::Bytes) -> Result<Json<UnmountResponse>> {
-    let req: UnmountRequest = parse_json(&body)?;
+async fn unmount(State(s): AppState, JsonBody(req): JsonBody<UnmountRequest>) -> Result<Json<UnmountResponse>> {
     let n = name(&req.name)?;
     let started = Instant::now();
     let r = s.store.unmount(&n, &req.server).await;

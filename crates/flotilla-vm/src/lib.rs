@@ -662,7 +662,8 @@ impl VmBackend {
             net: guest_net,
             pids: spec.pids,
         };
-        std::fs::write(&config, serde_json::to_vec(&gc).unwrap_or_default()).map_err(io_step("writing config.json"))?;
+        // It holds the sandbox's env: readable by the node alone.
+        write_private(&config, &serde_json::to_vec(&gc).unwrap_or_default()).map_err(io_step("writing config.json"))?;
         Ok(qemu::LaunchSpec { network: host_net, ..launch_spec(spec, dir, assets, accel) })
     }
 
@@ -808,6 +809,16 @@ fn scan_qemus(vms: &Path) -> Vec<(i32, String)> {
         }
     }
     out
+}
+
+/// Writes `data` to `path` as a file only its owner can read (created 0600,
+/// and narrowed to 0600 if it existed).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(data)
 }
 
 /// The static `flotilla` that becomes a guest's init: `FLOTILLA_GUEST_AGENT`,
