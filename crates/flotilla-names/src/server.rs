@@ -304,6 +304,7 @@ fn name(s: &str) -> Result<Name> {
     (status = 400, description = "Bad name, server or TTL", body = ErrorEnvelope),
     (status = 401, description = "No bearer token, or not the table's", body = ErrorEnvelope),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
+    (status = "default", description = "Any other error (e.g. 405, 408, 413, 415), as the envelope", body = ErrorEnvelope),
 ))]
 async fn mount(State(s): AppState, JsonBody(req): JsonBody<MountRequest>) -> Result<Json<MountResponse>> {
     let n = name(&req.name)?;
@@ -321,6 +322,7 @@ async fn mount(State(s): AppState, JsonBody(req): JsonBody<MountRequest>) -> Res
     (status = 400, description = "Bad name or server", body = ErrorEnvelope),
     (status = 401, description = "No bearer token, or not the table's", body = ErrorEnvelope),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
+    (status = "default", description = "Any other error (e.g. 405, 408, 413, 415), as the envelope", body = ErrorEnvelope),
 ))]
 async fn unmount(State(s): AppState, JsonBody(req): JsonBody<UnmountRequest>) -> Result<Json<UnmountResponse>> {
     let n = name(&req.name)?;
@@ -338,6 +340,7 @@ async fn unmount(State(s): AppState, JsonBody(req): JsonBody<UnmountRequest>) ->
         (status = 400, description = "Bad name", body = ErrorEnvelope),
         (status = 404, description = "No prefix of the name is mounted", body = ErrorEnvelope),
         (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
+    (status = "default", description = "Any other error (e.g. 405, 408, 413, 415), as the envelope", body = ErrorEnvelope),
     )
 )]
 async fn resolve(State(s): AppState, Path(raw): Path<String>) -> Result<Json<Resolution>> {
@@ -360,6 +363,7 @@ async fn resolve(State(s): AppState, Path(raw): Path<String>) -> Result<Json<Res
         (status = 200, description = "One page of matches", body = GlobPage),
         (status = 400, description = "Bad pattern or query", body = ErrorEnvelope),
         (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
+    (status = "default", description = "Any other error (e.g. 405, 408, 413, 415), as the envelope", body = ErrorEnvelope),
     )
 )]
 async fn glob(
@@ -398,6 +402,7 @@ fn page(entries: Vec<MountEntry>, after: Option<&str>, limit: usize) -> GlobPage
 #[utoipa::path(get, path = "/healthz", responses(
     (status = 200, description = "Serving", body = String),
     (status = 503, description = "The store is unreachable", body = ErrorEnvelope),
+    (status = "default", description = "Any other error (e.g. 405, 408, 413, 415), as the envelope", body = ErrorEnvelope),
 ))]
 async fn healthz(State(s): AppState) -> Result<&'static str> {
     s.store.health().await.map_err(store_err)?;
@@ -405,7 +410,10 @@ async fn healthz(State(s): AppState) -> Result<&'static str> {
 }
 
 /// Request counters in the Prometheus text format.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", body = String)))]
+#[utoipa::path(get, path = "/metrics", responses(
+    (status = 200, description = "Prometheus text", body = String),
+    (status = "default", description = "An error, as the envelope", body = ErrorEnvelope),
+))]
 async fn metrics(State(s): AppState) -> Response {
     let body = s.metrics.render(s.store.kind());
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

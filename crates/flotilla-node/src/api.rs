@@ -522,6 +522,7 @@ async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<R
     let rest = path.strip_prefix("/v1/sandboxes/").unwrap_or("");
     let (id, suffix) = rest.split_once('/').unwrap_or((rest, ""));
     let agent: AgentClient = n.agent(id).await?;
+    let boot = boot_of(&n, id);
     let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
     let mut fwd = agent.http().request(req.method().clone(), &format!("/{suffix}{query}"));
     for h in [
@@ -540,8 +541,15 @@ async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<R
     let upgrading = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let body = if upgrading { Body::empty() } else { req.into_body() };
-    let resp =
-        agent.http().send(fwd.body(body).expect("valid forwarded request")).await.map_err(|e| HttpError(e.to_api()))?;
+    let resp = match agent.http().send(fwd.body(body).expect("valid forwarded request")).await {
+        Ok(resp) => resp,
+        // A stop or delete that raced this request took the agent away:
+        // say so, rather than that the agent is broken.
+        Err(_) if stopped_meanwhile(&n, id, boot).await => {
+            return Err(HttpError(stopped_error(id, "the request ran")));
+        }
+        Err(e) => return Err(HttpError(e.to_api())),
+    };
     if let Some(client_upgrade) = client_upgrade
         && resp.status() == StatusCode::SWITCHING_PROTOCOLS
     {
@@ -560,9 +568,34 @@ async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<R
     let (parts, body) = resp.into_parts();
     let frames = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v == FRAMES_CONTENT_TYPE);
     if frames {
-        return Ok(Response::from_parts(parts, ended_frames(n, id.to_string(), body)));
+        return Ok(Response::from_parts(parts, ended_frames(n, id.to_string(), boot, body)));
     }
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Which boot of sandbox `id` is running: when its latest boot began.
+fn boot_of<B: Backend>(n: &Node<B>, id: &str) -> Option<flotilla_api::Timestamp> {
+    n.get(id).ok().and_then(|s| s.steps.first().map(|st| st.at))
+}
+
+/// Whether sandbox `id` stopped, went away or was restarted (a boot other
+/// than `boot`) while a request to its agent was in flight. A stop kills
+/// the sandbox first and records the state after: the record gets a moment
+/// before the answer is no.
+async fn stopped_meanwhile<B: Backend>(n: &Node<B>, id: &str, boot: Option<flotilla_api::Timestamp>) -> bool {
+    let stopped = || match n.get(id) {
+        Ok(s) => s.state != flotilla_api::SandboxState::Running || s.steps.first().map(|st| st.at) != boot,
+        Err(_) => true,
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !stopped() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stopped()
+}
+
+fn stopped_error(id: &str, during: &str) -> ApiError {
+    ApiError::new(flotilla_api::ErrorCode::SandboxStopped, format!("sandbox {id} stopped while {during}"))
 }
 
 /// Passes a frame stream (exec, process output) through, and makes sure it
@@ -570,7 +603,12 @@ async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<R
 /// ends without one (the sandbox was stopped, the agent died), the node
 /// adds an error frame that says why, `sandbox_stopped` or
 /// `agent_unreachable`, so a client never sees a stream just stop.
-fn ended_frames<B: Backend>(n: Arc<Node<B>>, id: String, mut body: hyper::body::Incoming) -> Body {
+fn ended_frames<B: Backend>(
+    n: Arc<Node<B>>,
+    id: String,
+    boot: Option<flotilla_api::Timestamp>,
+    mut body: hyper::body::Incoming,
+) -> Body {
     use http_body_util::BodyExt;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(16);
     tokio::spawn(async move {
@@ -595,18 +633,8 @@ fn ended_frames<B: Backend>(n: Arc<Node<B>>, id: String, mut body: hyper::body::
         if ended {
             return;
         }
-        // A stop kills the sandbox first and records the state after: give
-        // the record a moment before calling the agent unreachable.
-        let stopped = || n.get(&id).map(|s| s.state != flotilla_api::SandboxState::Running).unwrap_or(true);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-        while !stopped() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        let err = if stopped() {
-            ApiError::new(
-                flotilla_api::ErrorCode::SandboxStopped,
-                format!("sandbox {id} stopped while the command ran"),
-            )
+        let err = if stopped_meanwhile(&n, &id, boot).await {
+            stopped_error(&id, "the command ran")
         } else {
             let why = broke.map(|e| format!(": {e}")).unwrap_or_default();
             ApiError::new(
