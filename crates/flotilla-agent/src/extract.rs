@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
-use flotilla_api::limits::{BODY_IDLE_TIMEOUT, BODY_TIMEOUT, MAX_JSON_BODY};
+use flotilla_api::limits::{BODY_IDLE_TIMEOUT, BODY_TIMEOUT, HEADER_TIMEOUT, MAX_JSON_BODY};
 use flotilla_api::{ApiError, ErrorCode};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
@@ -41,6 +41,14 @@ pub fn body_timeout() -> Duration {
 pub fn body_idle_timeout() -> Duration {
     static T: OnceLock<Duration> = OnceLock::new();
     *T.get_or_init(|| env_ms("FLOTILLA_BODY_TIMEOUT_MS").unwrap_or(BODY_IDLE_TIMEOUT))
+}
+
+/// How long a client has to send a request's headers before its
+/// connection is closed: [`HEADER_TIMEOUT`], or `FLOTILLA_HEADER_TIMEOUT_MS`
+/// (tests shorten it).
+pub fn header_timeout() -> Duration {
+    static T: OnceLock<Duration> = OnceLock::new();
+    *T.get_or_init(|| env_ms("FLOTILLA_HEADER_TIMEOUT_MS").unwrap_or(HEADER_TIMEOUT))
 }
 
 fn env_ms(name: &str) -> Option<Duration> {

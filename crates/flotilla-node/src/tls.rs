@@ -473,7 +473,7 @@ struct Shared {
 
 /// Errors from `accept` that concern one connection are skipped; the
 /// others (descriptors or memory exhausted) get a short pause.
-async fn accept_error(e: std::io::Error) {
+pub(crate) async fn accept_error(e: std::io::Error) {
     use std::io::ErrorKind;
     match e.kind() {
         ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused => {
@@ -525,7 +525,7 @@ async fn serve_connection(
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.timer(TokioTimer::new()).header_read_timeout(flotilla_agent::extract::header_timeout());
     let mut conn = pin!(builder.serve_connection(TokioIo::new(tls), service).with_upgrades());
     tokio::select! {
         done = conn.as_mut() => {

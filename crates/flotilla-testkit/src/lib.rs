@@ -6,6 +6,7 @@
 //! guard whose `Drop` stops it, so a failing test leaks nothing.
 #![forbid(unsafe_code)]
 
+pub mod images;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

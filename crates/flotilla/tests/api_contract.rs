@@ -192,6 +192,22 @@ async fn a_body_that_never_comes_gets_408_not_a_hung_connection() {
     serde_json::from_str::<ApiError>(&b).unwrap_or_else(|e| panic!("not an envelope ({e}): {b}"));
 }
 
+/// A client that starts its headers and never finishes them is
+/// disconnected once the (here shortened) header timeout passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_never_finish_are_cut_off() {
+    let env = common::env_with_env(&[], &[("FLOTILLA_HEADER_TIMEOUT_MS", Some("500"))]);
+    let mut s = tokio::net::UnixStream::connect(env.node.socket()).await.unwrap();
+    s.write_all(b"GET /v1/node HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(SECS, s.read_to_end(&mut got)).await;
+    assert!(closed.is_ok(), "the connection is still open after {SECS:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    // Others are served meanwhile and after.
+    env.client.info().await.unwrap();
+}
+
 /// A sandbox stopped during an exec: the stream ends with an error frame
 /// that says so (not a bare end of stream), and the CLI prints the reason
 /// and exits 125.
