@@ -20,6 +20,7 @@
 
 mod data;
 mod durable;
+mod images;
 mod names;
 mod node;
 mod report;
@@ -40,12 +41,14 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
 vm-kernel also the kernel `flotilla node setup-vm --build-kernel` makes,
-found through $FLOTILLA_VM_KERNEL).
+found through $FLOTILLA_VM_KERNEL); `images` runs images-import and
+images-create on Debian's own root (built once with mmdebstrap, which needs
+a Debian mirror).
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -65,6 +68,8 @@ enum Scenario {
     VmExec,
     VmImport,
     VmKernel,
+    ImagesImport,
+    ImagesCreate,
 }
 
 impl Scenario {
@@ -93,6 +98,9 @@ impl Scenario {
             "vm-import" => vec![Scenario::VmImport],
             "vm-kernel" => vec![Scenario::VmKernel],
             "vm" => vec![Scenario::VmKernel, Scenario::VmCreate, Scenario::VmExec, Scenario::VmImport],
+            "images-import" => vec![Scenario::ImagesImport],
+            "images-create" => vec![Scenario::ImagesCreate],
+            "images" => vec![Scenario::ImagesImport, Scenario::ImagesCreate],
             _ => return None,
         })
     }
@@ -110,6 +118,8 @@ impl Scenario {
             Scenario::VmExec => "vm-exec",
             Scenario::VmImport => "vm-import",
             Scenario::VmKernel => "vm-kernel",
+            Scenario::ImagesImport => "images-import",
+            Scenario::ImagesCreate => "images-create",
         }
     }
 
@@ -126,6 +136,8 @@ impl Scenario {
             Scenario::VmExec => 100,
             Scenario::VmImport => 3,
             Scenario::VmKernel => 10,
+            Scenario::ImagesImport => 5,
+            Scenario::ImagesCreate => 20,
         }
     }
 
@@ -225,6 +237,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::VmExec => vm::vm_exec(&node, &machine, n).await,
                 Scenario::VmImport => vm::vm_import(&node, &machine, n).await,
                 Scenario::VmKernel => vm::vm_kernel(&node, &machine, n).await,
+                Scenario::ImagesImport => images::images_import(&node, &machine, n).await,
+                Scenario::ImagesCreate => images::images_create(&node, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }
