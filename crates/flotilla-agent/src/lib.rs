@@ -21,6 +21,7 @@ pub mod procs;
 pub mod server;
 pub mod session;
 pub mod tarx;
+pub mod token;
 
 use std::io::Write;
 use std::os::fd::{OwnedFd, RawFd};

@@ -14,20 +14,15 @@
 //! constant time ([`WriteAuth`]) and never logged.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use flotilla_agent::token::BearerToken;
 use flotilla_api::{ApiError, ErrorCode};
-use http::{HeaderMap, Method, header};
-use sha2::{Digest, Sha256};
+use http::{HeaderMap, Method};
 
-/// Shortest token accepted. Generated ones are 64 hex digits; a short
-/// token can be guessed over the network.
-pub const MIN_TOKEN_LEN: usize = 16;
-
-/// Bytes of randomness in a generated token (256 bits).
-const TOKEN_BYTES: usize = 32;
+pub use flotilla_agent::token::{AuthFailure, MIN_TOKEN_LEN};
 
 /// Why a token could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -57,20 +52,12 @@ pub enum TokenError {
 /// Checks that a token can travel in a header and is not trivially short.
 /// The error never contains the token.
 pub fn check_token(token: &str) -> Result<(), TokenError> {
-    if token.len() < MIN_TOKEN_LEN {
-        return Err(TokenError::Bad("shorter than 16 characters"));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(TokenError::Bad("only printable ASCII without spaces is allowed"));
-    }
-    Ok(())
+    flotilla_agent::token::check_token(token).map_err(TokenError::Bad)
 }
 
 /// A fresh token: 32 random bytes as hex.
 pub fn generate_token() -> Result<String, TokenError> {
-    let mut bytes = [0u8; TOKEN_BYTES];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(TokenError::Random)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    flotilla_agent::token::generate_token().map_err(TokenError::Random)
 }
 
 /// The token in `path`, created (0600, see [`generate_token`]) if there is
@@ -127,45 +114,29 @@ fn read_private(path: &Path) -> Result<Option<String>, TokenError> {
     Ok(Some(token))
 }
 
-/// Why a write was refused; the message goes back to the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthFailure {
-    Missing,
-    Wrong,
-}
-
-impl AuthFailure {
-    /// The envelope of the 401.
-    pub fn to_api(self) -> ApiError {
-        let message = match self {
-            AuthFailure::Missing => "writes to the name table need an `Authorization: Bearer <token>` header",
-            AuthFailure::Wrong => "the bearer token is not valid",
-        };
-        ApiError::new(ErrorCode::Unauthorized, message)
-    }
+/// The envelope of the 401 for a refused write.
+pub fn refusal(failure: AuthFailure) -> ApiError {
+    let message = match failure {
+        AuthFailure::Missing => "writes to the name table need an `Authorization: Bearer <token>` header",
+        AuthFailure::Wrong => "the bearer token is not valid",
+    };
+    ApiError::new(ErrorCode::Unauthorized, message)
 }
 
 /// Checks the bearer token of writes without leaking, through timing, how
 /// much of a guess was right: both sides are hashed first, so the
 /// comparison always covers 32 bytes whatever the lengths, and it never
 /// stops early (the same check as the node's TCP listener).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct WriteAuth {
-    expected: [u8; 32],
-}
-
-/// Written out so that nothing about the token reaches a log.
-impl std::fmt::Debug for WriteAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WriteAuth(<redacted>)")
-    }
+    expected: BearerToken,
 }
 
 impl WriteAuth {
     /// Requires `token` on writes; refuses a token [`check_token`] refuses.
     pub fn new(token: &str) -> Result<WriteAuth, TokenError> {
         check_token(token)?;
-        Ok(WriteAuth { expected: Sha256::digest(token.as_bytes()).into() })
+        Ok(WriteAuth { expected: BearerToken::new(token) })
     }
 
     /// Whether a request is a read, open to all: `GET` and `HEAD`.
@@ -179,23 +150,14 @@ impl WriteAuth {
         if WriteAuth::is_read(method) {
             return Ok(());
         }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-            .ok_or(AuthFailure::Missing)?;
-        let got: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let diff = got.iter().zip(self.expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if std::hint::black_box(diff) == 0 { Ok(()) } else { Err(AuthFailure::Wrong) }
+        self.expected.check(headers)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderValue, header};
 
     const TOKEN: &str = "0123456789abcdef0123";
 
@@ -241,7 +203,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/names.token");
         let t1 = load_or_generate_token(&path).unwrap();
-        assert_eq!(t1.len(), 2 * TOKEN_BYTES);
+        assert_eq!(t1.len(), 64);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(load_or_generate_token(&path).unwrap(), t1);

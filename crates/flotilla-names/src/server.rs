@@ -197,7 +197,7 @@ pub fn router(store: Arc<dyn Store>, auth: WriteAuth) -> Router {
 async fn require_token(State(auth): State<Arc<WriteAuth>>, req: Request, next: Next) -> Response {
     if let Err(failure) = auth.check(req.method(), req.headers()) {
         tracing::debug!(method = %req.method(), path = req.uri().path(), "name table: refused: {failure:?} token");
-        let mut resp = HttpError(failure.to_api()).into_response();
+        let mut resp = HttpError(crate::auth::refusal(failure)).into_response();
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return resp;
     }

@@ -34,7 +34,7 @@
 
 use std::convert::Infallible;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -45,6 +45,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use flotilla_agent::http::{HttpError, cert_fingerprint};
+use flotilla_agent::token::{AuthFailure, BearerToken};
 use flotilla_api::{ApiError, ErrorCode};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
 use hyper::body::Incoming;
@@ -54,7 +55,6 @@ use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -83,12 +83,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// so the loop does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Shortest token accepted from an operator. Ours are 64 hex digits; a
-/// short token can be guessed over the network.
-pub const MIN_TOKEN_LEN: usize = 16;
-
-/// Bytes of randomness in a generated token (256 bits).
-const TOKEN_BYTES: usize = 32;
+/// Shortest token accepted from an operator (see `flotilla_agent::token`).
+pub use flotilla_agent::token::MIN_TOKEN_LEN;
 
 /// File names inside the TLS directory.
 const CERT_FILE: &str = "cert.pem";
@@ -336,9 +332,7 @@ pub fn load_or_generate_token(dir: &Path) -> Result<String, TlsError> {
         check_token(&token)?;
         return Ok(token);
     }
-    let mut bytes = [0u8; TOKEN_BYTES];
-    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).map_err(TlsError::Random)?;
-    let token = hex(&bytes);
+    let token = flotilla_agent::token::generate_token().map_err(TlsError::Random)?;
     write_file_atomically(dir, &path, format!("{token}\n").as_bytes(), 0o600)?;
     tracing::info!(path = %path.display(), "generated an API token");
     Ok(token)
@@ -347,36 +341,18 @@ pub fn load_or_generate_token(dir: &Path) -> Result<String, TlsError> {
 /// Checks that a token can travel in a header and is not trivially short.
 /// The error never contains the token.
 pub fn check_token(token: &str) -> Result<(), TlsError> {
-    if token.len() < MIN_TOKEN_LEN {
-        return Err(TlsError::BadToken("shorter than 16 characters"));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(TlsError::BadToken("only printable ASCII without spaces is allowed"));
-    }
-    Ok(())
+    flotilla_agent::token::check_token(token).map_err(TlsError::BadToken)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Checks bearer tokens without leaking, through timing, how much of a
-/// guess was right: both sides are hashed first, so the comparison always
-/// covers 32 bytes whatever the lengths, and it never stops early.
+/// The API token, checked in constant time ([`BearerToken`]); only
+/// `GET /healthz` passes without it.
 struct BearerAuth {
-    expected: [u8; 32],
-}
-
-/// Why a request was refused; the message goes back to the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AuthFailure {
-    Missing,
-    Wrong,
+    expected: BearerToken,
 }
 
 impl BearerAuth {
     fn new(token: &str) -> BearerAuth {
-        BearerAuth { expected: Sha256::digest(token.as_bytes()).into() }
+        BearerAuth { expected: BearerToken::new(token) }
     }
 
     /// Whether a request may pass: `GET /healthz` always, everything else
@@ -385,16 +361,7 @@ impl BearerAuth {
         if method == Method::GET && path == "/healthz" {
             return Ok(());
         }
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim())
-            .ok_or(AuthFailure::Missing)?;
-        let got: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let diff = got.iter().zip(self.expected.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if std::hint::black_box(diff) == 0 { Ok(()) } else { Err(AuthFailure::Wrong) }
+        self.expected.check(headers)
     }
 }
 
@@ -584,7 +551,7 @@ mod tests {
     fn generated_token_is_private_and_stable() {
         let dir = tempfile::tempdir().unwrap();
         let t1 = load_or_generate_token(dir.path()).unwrap();
-        assert_eq!(t1.len(), 2 * TOKEN_BYTES);
+        assert_eq!(t1.len(), 64);
         let mode = std::fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(load_or_generate_token(dir.path()).unwrap(), t1);
