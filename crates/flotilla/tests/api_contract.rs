@@ -217,17 +217,15 @@ async fn exec_stream_of_a_stopped_sandbox_ends_with_sandbox_stopped() {
     let s = env.sandbox().await;
     let req = ExecRequest { argv: vec!["sleep".into(), "60".into()], ..Default::default() };
     let mut stream = env.client.sandbox(&s.id).exec(&req).await.unwrap();
-    let stopper = {
-        let client = env.client.clone();
-        let id = s.id.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            client.action(&id, "stop").await.unwrap();
-        })
-    };
+    // Stop once the command runs inside.
+    common::eventually(SECS, "the command to run in the sandbox", || async {
+        let (out, _, _) = env.sh(&s.id, "pgrep -x sleep || true").await;
+        (!out.trim().is_empty()).then_some(())
+    })
+    .await;
+    env.client.action(&s.id, "stop").await.unwrap();
     let drained =
         tokio::time::timeout(SECS, drain_exec(&mut stream, &mut std::io::sink(), &mut std::io::sink())).await.unwrap();
-    stopper.await.unwrap();
     match drained {
         Err(ClientError::Api(e)) => assert_eq!(e.code, ErrorCode::SandboxStopped, "{e:?}"),
         other => panic!("expected a sandbox_stopped error frame, got {other:?}"),
