@@ -350,17 +350,34 @@ fn remove_all(p: &Path) {
 /// How long a registry may take to answer its first request.
 const REGISTRY_START: Duration = Duration::from_secs(20);
 
-/// Debian's `docker-registry` (distribution v2) on 127.0.0.1, anonymous,
-/// its storage in a temporary directory; killed and reaped on drop, also
-/// when the test fails.
+/// Debian's `docker-registry` (distribution v2) on 127.0.0.1, anonymous or
+/// with basic auth, its storage in a temporary directory; killed and reaped
+/// on drop, also when the test fails.
 pub struct LoopbackRegistry {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
 }
 
+/// A user of a registry with basic auth: name, password, and the
+/// password's bcrypt hash for the htpasswd file (so no `htpasswd` tool is
+/// needed).
+#[derive(Debug, Clone, Copy)]
+pub struct BasicAuth {
+    pub user: &'static str,
+    pub password: &'static str,
+    pub bcrypt: &'static str,
+}
+
 impl LoopbackRegistry {
+    /// An anonymous registry.
     pub fn start() -> LoopbackRegistry {
+        LoopbackRegistry::start_with(None)
+    }
+
+    /// A registry that requires `auth` (basic auth over plain HTTP, which
+    /// distribution accepts with a warning) when given.
+    pub fn start_with(auth: Option<BasicAuth>) -> LoopbackRegistry {
         // A port the kernel just handed out; should another process take
         // it before the registry binds, the registry exits and we retry.
         for _ in 0..5 {
@@ -369,11 +386,18 @@ impl LoopbackRegistry {
                 .and_then(|l| l.local_addr())
                 .expect("a free loopback port")
                 .port();
-            let config = format!(
+            let mut config = format!(
                 "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
                  http:\n  addr: 127.0.0.1:{port}\n",
                 dir.path().join("storage").display()
             );
+            if let Some(a) = auth {
+                write(&dir.path().join("htpasswd"), &format!("{}:{}\n", a.user, a.bcrypt));
+                config += &format!(
+                    "auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n",
+                    dir.path().join("htpasswd").display()
+                );
+            }
             write(&dir.path().join("config.yml"), &config);
             let log = File::create(dir.path().join("registry.log")).expect("registry log");
             let child = Command::new("docker-registry")
@@ -402,7 +426,8 @@ impl LoopbackRegistry {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return false;
             }
-            if self.probe().is_some_and(|status| status == "200") {
+            // 401: up, and asking for credentials.
+            if self.probe().is_some_and(|status| status == "200" || status == "401") {
                 return true;
             }
             assert!(
@@ -437,10 +462,23 @@ impl LoopbackRegistry {
 
     /// `skopeo copy oci:LAYOUT:TAG docker://ADDR/REPO_TAG` over plain HTTP.
     pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str) {
-        run(Command::new("skopeo")
-            .args(["copy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{repo_tag}", self.addr())));
+        self.push_as(layout, tag, repo_tag, None);
+    }
+
+    /// [`push`](Self::push) with `auth`'s credentials.
+    pub fn push_as(&self, layout: &Path, tag: &str, repo_tag: &str, auth: Option<BasicAuth>) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--dest-tls-verify=false"]);
+        if let Some(a) = auth {
+            cmd.arg("--dest-creds").arg(format!("{}:{}", a.user, a.password));
+        }
+        run(cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repo_tag}", self.addr())));
+    }
+
+    /// Where the registry keeps a blob's bytes (to corrupt them in a test).
+    pub fn blob(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir.path().join("storage/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
     }
 }
 

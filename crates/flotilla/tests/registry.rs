@@ -11,24 +11,25 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flotilla_api::{
     ErrorCode, Image, ImportImageRequest, Operation, OperationKind, OperationState, PullImageRequest, Sandbox,
 };
+use flotilla_testkit::images::{BasicAuth, LoopbackRegistry};
 
-/// The test user's password, and its bcrypt hash for the registry's
+/// The test user, with a bcrypt hash of the password for the registry's
 /// htpasswd file (made once with Python's `bcrypt.hashpw(pw, gensalt(5))`).
-const USER: &str = "alice";
-const PASSWORD: &str = "flotilla-test-password";
-const PASSWORD_BCRYPT: &str = "$2b$05$HVyLV0VOMLApLTX6vDnwVe0xsEFHrGNdzHjYeEHpExTfT1OlARRBW";
-
-/// How long a registry may take to answer its first request.
-const REGISTRY_START: Duration = Duration::from_secs(20);
+const ALICE: BasicAuth = BasicAuth {
+    user: "alice",
+    password: "flotilla-test-password",
+    bcrypt: "$2b$05$HVyLV0VOMLApLTX6vDnwVe0xsEFHrGNdzHjYeEHpExTfT1OlARRBW",
+};
+const USER: &str = ALICE.user;
+const PASSWORD: &str = ALICE.password;
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed? .ci/run installs it)"));
@@ -38,128 +39,6 @@ fn run(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A `docker-registry` on 127.0.0.1 with its storage in a temporary
-/// directory; killed (and reaped) on drop, also when the test fails.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Registry {
-    /// Starts one, with basic auth for [`USER`] when `auth` is set.
-    fn start(auth: bool) -> Registry {
-        let mut dir = tempfile::Builder::new().prefix("flotilla-registry-").tempdir().unwrap();
-        // A port the kernel just handed out; should another process take
-        // it before the registry binds, the registry exits and we retry.
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut config = format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.path().join("storage").display()
-            );
-            if auth {
-                std::fs::write(dir.path().join("htpasswd"), format!("{USER}:{PASSWORD_BCRYPT}\n")).unwrap();
-                config += &format!(
-                    "auth:\n  htpasswd:\n    realm: flotilla-test\n    path: {}\n",
-                    dir.path().join("htpasswd").display()
-                );
-            }
-            std::fs::write(dir.path().join("config.yml"), config).unwrap();
-            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-            let child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(dir.path().join("config.yml"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting docker-registry: {e} (.ci/run installs it)"));
-            let mut reg = Registry { child, port, dir };
-            if reg.wait_ready() {
-                return reg;
-            }
-            // Exited (port taken): the guard reaps it; try another port.
-            dir = reg.take_dir();
-        }
-        panic!("docker-registry did not start on any of 5 ports");
-    }
-
-    /// Polls `GET /v2/` until it answers (200, or 401 with auth), or the
-    /// process exits (false).
-    fn wait_ready(&mut self) -> bool {
-        let deadline = std::time::Instant::now() + REGISTRY_START;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if let Some(status) = self.probe()
-                && (status == "200" || status == "401")
-            {
-                return true;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "docker-registry did not answer within {REGISTRY_START:?}; its log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
-    }
-
-    /// The status code of `GET /v2/`, if it answers.
-    fn probe(&self) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).ok()?;
-        let head = String::from_utf8_lossy(&buf[..n]).to_string();
-        head.split_whitespace().nth(1).map(str::to_string)
-    }
-
-    /// Hands the directory on when a start failed (the guard keeps a fresh
-    /// placeholder so its drop still only kills its own process).
-    fn take_dir(&mut self) -> tempfile::TempDir {
-        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
-    }
-
-    /// Where the registry keeps a blob's bytes.
-    fn blob(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir.path().join("storage/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
-    }
-
-    /// `skopeo copy` of a layout's tag to `repo:tag` here.
-    fn push(&self, layout: &Path, tag: &str, repo_tag: &str, creds: bool) {
-        let mut cmd = Command::new("skopeo");
-        cmd.arg("copy").arg("--dest-tls-verify=false");
-        if creds {
-            cmd.arg("--dest-creds").arg(format!("{USER}:{PASSWORD}"));
-        }
-        cmd.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{}/{repo_tag}", self.addr()));
-        run(&mut cmd);
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An OCI layout at `dir/oci` with tag `v2`: a first layer holding the
@@ -242,8 +121,8 @@ async fn pull_matches_the_local_layout_and_runs() {
     let env = common::env();
     let work = tempfile::tempdir().unwrap();
     let layout = two_layer_layout(work.path());
-    let registry = Registry::start(false);
-    registry.push(&layout, "v2", "team/app:1", false);
+    let registry = LoopbackRegistry::start();
+    registry.push(&layout, "v2", "team/app:1");
     let source = format!("{}/team/app:1", registry.addr());
 
     // The CLI, with its default local name.
@@ -333,8 +212,8 @@ async fn basic_auth_pulls_and_refusals_name_the_step() {
     let env = common::env();
     let work = tempfile::tempdir().unwrap();
     let layout = two_layer_layout(work.path());
-    let registry = Registry::start(true);
-    registry.push(&layout, "v2", "team/private:3", true);
+    let registry = LoopbackRegistry::start_with(Some(ALICE));
+    registry.push_as(&layout, "v2", "team/private:3", Some(ALICE));
     let source = format!("{}/team/private:3", registry.addr());
     let req = |username: Option<&str>, password: Option<&str>| PullImageRequest {
         source: source.clone(),
@@ -411,8 +290,8 @@ async fn a_layer_that_does_not_match_its_digest_is_refused() {
     let env = common::env();
     let work = tempfile::tempdir().unwrap();
     let layout = two_layer_layout(work.path());
-    let registry = Registry::start(false);
-    registry.push(&layout, "v2", "team/app:1", false);
+    let registry = LoopbackRegistry::start();
+    registry.push(&layout, "v2", "team/app:1");
     let local = import(&env, "t/local:v2", &layout).await;
 
     // Flip bytes in the middle of the second layer as the registry stores
