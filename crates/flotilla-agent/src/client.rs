@@ -173,6 +173,20 @@ impl AgentClient {
         .await)
     }
 
+    /// Opens a byte stream to `port` on the sandbox's loopback (`GET /tcp`).
+    pub async fn connect_tcp(&self, port: u16) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let req = self
+            .http
+            .request(Method::GET, &self.path(&format!("/tcp?port={port}")))
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "tcp")
+            .body(Full::new(Bytes::new()))
+            .expect("valid");
+        let resp = self.http.send_ok(req).await?;
+        let up = hyper::upgrade::on(resp).await.map_err(|e| ClientError::Decode(format!("tcp upgrade failed: {e}")))?;
+        Ok(TokioIo::new(up))
+    }
+
     pub async fn halt(&self) -> Result<(), ClientError> {
         self.http.json_empty(Method::POST, &self.path("/halt"), None::<&()>).await
     }

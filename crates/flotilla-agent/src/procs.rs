@@ -470,11 +470,28 @@ pub struct Registry {
 impl Registry {
     /// Starts a detached process; it runs until it exits or is signalled.
     pub fn start(&self, reaper: &Reaper, req: &ExecRequest, default_cwd: &str) -> Result<Arc<Detached>, ApiError> {
+        // A chosen id is claimed under the lock, so of two starts with the
+        // same id exactly one spawns.
+        let mut procs = self.procs.lock().expect("registry lock");
+        if let Some(id) = &req.id
+            && procs.iter().any(|p| &p.id == id)
+        {
+            return Err(ApiError::conflict(format!("a process with id {id:?} exists")));
+        }
         let mut sp = spawn(reaper, req, default_cwd, true)?;
-        let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let id = match &req.id {
+            Some(id) => id.clone(),
+            None => loop {
+                let n = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let id = format!("p{n}");
+                if !procs.iter().any(|p| p.id == id) {
+                    break id;
+                }
+            },
+        };
         let stdin = sp.stdin.take();
         let d = Arc::new(Detached {
-            id: format!("p{n}"),
+            id,
             argv: req.argv.clone(),
             pid: sp.pid,
             started_at: sp.started_at,
@@ -492,7 +509,6 @@ impl Registry {
         }
         let timeout = req.timeout_ms.map(Duration::from_millis);
         tokio::spawn(pump(sp, timeout, RingSink(d.clone()), false));
-        let mut procs = self.procs.lock().expect("registry lock");
         procs.push_back(d.clone());
         // Forget the oldest exited processes beyond the cap.
         let exited = procs.iter().filter(|p| p.exit.lock().expect("exit lock").is_some()).count();

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use flotilla_api::limits::{DEFAULT_TAR_MAX_BYTES, DEFAULT_TAR_MAX_ENTRIES, HEARTBEAT_INTERVAL};
 use flotilla_api::{
     AgentHealth, ApiError, ErrorCode, ExecRequest, Frame, ImportSummary, LsEntry, OutputQuery, ProcessInfo,
-    RemoveAllRequest, SessionQuery, SignalRequest, StdinQuery, WorkspaceQuery,
+    RemoveAllRequest, SessionQuery, SignalRequest, StdinQuery, TcpQuery, WorkspaceQuery,
 };
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header};
@@ -71,6 +71,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/processes/{id}/signal", post(signal_process))
         .route("/processes/{id}/stdin", post(stdin_process))
         .route("/session", get(session))
+        .route("/tcp", get(tcp))
         .route("/halt", post(halt))
         .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
         .with_state(agent);
@@ -274,6 +275,35 @@ async fn stdin_process(
 
 async fn session(State(a): AgentState, QueryParams(q): QueryParams<SessionQuery>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| crate::session::run(a, q, socket))
+}
+
+/// `GET /tcp?port=N` with `Upgrade: tcp`: connects to port N on the
+/// sandbox's loopback (IPv4, then IPv6) and, once upgraded, copies bytes
+/// both ways until either side closes. Nothing listening is a 503 before
+/// the upgrade, so the caller can tell "app not up" from a dropped link.
+/// The node forwards an app's ports through this, on every backend.
+async fn tcp(QueryParams(q): QueryParams<TcpQuery>, mut req: axum::extract::Request) -> Result<Response> {
+    let upstream = match tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, q.port)).await {
+        Ok(s) => s,
+        Err(e4) => tokio::net::TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, q.port)).await.map_err(|_| {
+            ApiError::new(ErrorCode::NotReady, format!("nothing listens on port {} in the sandbox: {e4}", q.port))
+        })?,
+    };
+    let _ = upstream.set_nodelay(true);
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = upgrade.await {
+            let mut up = hyper_util::rt::TokioIo::new(up);
+            let mut upstream = upstream;
+            let _ = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "tcp")
+        .body(Body::empty())
+        .expect("valid response"))
 }
 
 /// What `POST /halt` does after answering: exit (the default, right for

@@ -211,6 +211,14 @@ impl ExecRequest {
         if self.argv.iter().any(|a| a.contains('\0')) {
             return Err(field_error("argv", "has a NUL byte"));
         }
+        if let Some(id) = &self.id {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.');
+            if !ok || !self.detach {
+                return Err(field_error("id", "must be 1 to 64 letters, digits, `-`, `_` or `.`, with detach"));
+            }
+        }
         validate_env("env", &self.env)
     }
 }
@@ -407,6 +415,11 @@ pub struct ExecRequest {
     /// [`ProcessInfo`] instead of a frame stream.
     #[serde(default)]
     pub detach: bool,
+    /// With `detach`: the id to give the process (1 to 64 letters, digits,
+    /// `-`, `_`, `.`), so a client that lost the answer finds it again.
+    /// Refused with `conflict` while a process with that id is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// The state of a process the agent tracks.
@@ -460,6 +473,14 @@ pub struct StdinQuery {
     /// Close stdin after writing.
     #[serde(default)]
     pub close: bool,
+}
+
+/// Query of `GET /tcp` (`Upgrade: tcp`): after `101`, the connection is a
+/// byte stream to this port on the sandbox's loopback.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpQuery {
+    pub port: u16,
 }
 
 /// Query of `GET /session` (WebSocket upgrade).
@@ -606,6 +627,10 @@ pub enum EventBody {
     Reaped { what: String, target: String, reason: String },
     /// Events before `Last-Event-ID` are no longer kept: re-list, then follow.
     Reset { reason: String },
+    /// An app instance changed state (or its run did: started, exited, waiting).
+    AppInstance { instance: Box<crate::app::AppInstance> },
+    /// An installation was installed, updated, reverted or uninstalled.
+    AppInstallation { action: String, installation: String, version: String },
 }
 
 impl EventBody {
@@ -618,6 +643,8 @@ impl EventBody {
             EventBody::Image { .. } => "image",
             EventBody::Reaped { .. } => "reaped",
             EventBody::Reset { .. } => "reset",
+            EventBody::AppInstance { .. } => "app_instance",
+            EventBody::AppInstallation { .. } => "app_installation",
         }
     }
 }

@@ -308,6 +308,7 @@ async fn exec(a: ExecArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
         timeout_ms: a.timeout.map(|d| d.as_millis() as u64),
         stdin: None,
         detach: a.detach,
+        id: None,
     };
     let agent = c.sandbox(&a.id);
     if a.detach {
