@@ -43,6 +43,11 @@ pub enum ErrorCode {
     /// The sandbox stopped while a request ran in it (an exec or attach
     /// stream ends with this).
     SandboxStopped,
+    /// The object's state does not allow this change (e.g. resuming an
+    /// instance that is not suspended).
+    InvalidTransition,
+    /// The object is already where the request would take it.
+    NoOp,
 }
 
 impl ErrorCode {
@@ -64,6 +69,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::SandboxStopped => 409,
+            ErrorCode::InvalidTransition => 409,
+            ErrorCode::NoOp => 409,
         }
     }
 
@@ -85,6 +92,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::SandboxStopped => "sandbox_stopped",
+            ErrorCode::InvalidTransition => "invalid_transition",
+            ErrorCode::NoOp => "no_op",
         }
     }
 

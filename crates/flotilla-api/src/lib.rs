@@ -10,6 +10,7 @@
 //! and pure functions, so that it can be fuzzed and used from anywhere.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod error;
 pub mod frame;
 pub mod limits;
