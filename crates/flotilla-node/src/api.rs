@@ -265,7 +265,185 @@ fn table<B: Backend>() -> Vec<Entry<B>> {
             ok("Image"),
             promote_image::<B>,
         ),
+        entry(
+            (Get, "/v1/apps", "List app installations with their instances"),
+            N,
+            PAGE,
+            (200, P("AppInstallation")),
+            list_apps::<B>,
+        ),
+        entry(
+            (Post, "/v1/apps", "Install an envelope: a new installation at version v1"),
+            J("InstallRequest"),
+            &[],
+            (201, Out::Json("AppInstallation")),
+            install_app::<B>,
+        ),
+        entry((Get, "/v1/apps/{app}/{inst}", "Show an installation"), N, &[], ok("AppInstallation"), show_app::<B>),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/start", "Start a new instance on the current version"),
+            N,
+            &[],
+            (201, Out::Json("AppInstance")),
+            start_app::<B>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/update", "Install a new version (same title) and move instances onto it"),
+            J("InstallRequest"),
+            &[],
+            ok("AppInstallation"),
+            update_app::<B>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/revert", "Swap current and previous versions and move instances"),
+            N,
+            &[],
+            ok("AppInstallation"),
+            revert_app::<B>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/uninstall", "Stop and delete every instance; mark uninstalled"),
+            N,
+            &[],
+            ok("AppInstallation"),
+            uninstall_app::<B>,
+        ),
+        entry(
+            (Get, "/v1/apps/{app}/{inst}/{instance}", "Show an instance"),
+            N,
+            &[],
+            ok("AppInstance"),
+            show_instance::<B>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/{instance}/stop", "Stop an instance (SIGTERM, then SIGKILL)"),
+            N,
+            &[],
+            ok("AppInstance"),
+            instance_op::<B, 0>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/{instance}/suspend", "Suspend a serving instance where it is"),
+            N,
+            &[],
+            ok("AppInstance"),
+            instance_op::<B, 1>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/{instance}/resume", "Resume a suspended instance"),
+            N,
+            &[],
+            ok("AppInstance"),
+            instance_op::<B, 2>,
+        ),
+        entry(
+            (Post, "/v1/apps/{app}/{inst}/{instance}/restart", "Restart an instance on the current version"),
+            N,
+            &[],
+            ok("AppInstance"),
+            instance_op::<B, 3>,
+        ),
+        entry(
+            (
+                Get,
+                "/v1/apps/{app}/{inst}/{instance}/logs",
+                "An instance's log: timestamped lines, one run or following",
+            ),
+            N,
+            &[
+                ("follow", QType::Bool, "Keep streaming across restarts until the instance stops"),
+                ("previous", QType::Bool, "The run before the current one"),
+            ],
+            (200, Stream("text/plain")),
+            instance_logs::<B>,
+        ),
     ]
+}
+
+// ---------------------------------------------------------------- apps
+
+async fn list_apps<B: Backend>(
+    State(n): NodeState<B>,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> Json<Page<flotilla_api::app::AppInstallation>> {
+    Json(paginate(n.apps().list(), &q, |a| a.address.clone()))
+}
+
+async fn install_app<B: Backend>(
+    State(n): NodeState<B>,
+    JsonBody(req): JsonBody<flotilla_api::app::InstallRequest>,
+) -> Result<Response> {
+    Ok((StatusCode::CREATED, Json(n.apps().install(req).await?)).into_response())
+}
+
+async fn show_app<B: Backend>(
+    State(n): NodeState<B>,
+    Path((app, inst)): Path<(String, String)>,
+) -> Result<Json<flotilla_api::app::AppInstallation>> {
+    Ok(Json(n.apps().installation(&crate::apps::inst_key(&app, &inst))?))
+}
+
+async fn start_app<B: Backend>(State(n): NodeState<B>, Path((app, inst)): Path<(String, String)>) -> Result<Response> {
+    Ok((StatusCode::CREATED, Json(n.apps().start(&crate::apps::inst_key(&app, &inst)).await?)).into_response())
+}
+
+async fn update_app<B: Backend>(
+    State(n): NodeState<B>,
+    Path((app, inst)): Path<(String, String)>,
+    JsonBody(req): JsonBody<flotilla_api::app::InstallRequest>,
+) -> Result<Json<flotilla_api::app::AppInstallation>> {
+    Ok(Json(n.apps().update(&crate::apps::inst_key(&app, &inst), req).await?))
+}
+
+async fn revert_app<B: Backend>(
+    State(n): NodeState<B>,
+    Path((app, inst)): Path<(String, String)>,
+) -> Result<Json<flotilla_api::app::AppInstallation>> {
+    Ok(Json(n.apps().revert(&crate::apps::inst_key(&app, &inst)).await?))
+}
+
+async fn uninstall_app<B: Backend>(
+    State(n): NodeState<B>,
+    Path((app, inst)): Path<(String, String)>,
+) -> Result<Json<flotilla_api::app::AppInstallation>> {
+    Ok(Json(n.apps().uninstall(&crate::apps::inst_key(&app, &inst)).await?))
+}
+
+async fn show_instance<B: Backend>(
+    State(n): NodeState<B>,
+    Path((app, inst, instance)): Path<(String, String, String)>,
+) -> Result<Json<flotilla_api::app::AppInstance>> {
+    Ok(Json(n.apps().get_instance(&crate::apps::inst_key(&app, &inst).instance(&instance))?))
+}
+
+/// Stop (0), suspend (1), resume (2) or restart (3) an instance.
+async fn instance_op<B: Backend, const OP: u8>(
+    State(n): NodeState<B>,
+    Path((app, inst, instance)): Path<(String, String, String)>,
+) -> Result<Json<flotilla_api::app::AppInstance>> {
+    let k = crate::apps::inst_key(&app, &inst).instance(&instance);
+    let apps = n.apps();
+    let done = match OP {
+        0 => apps.stop(&k).await,
+        1 => apps.suspend(&k).await,
+        2 => apps.resume(&k).await,
+        _ => apps.restart(&k).await,
+    };
+    Ok(Json(done?))
+}
+
+async fn instance_logs<B: Backend>(
+    State(n): NodeState<B>,
+    Path((app, inst, instance)): Path<(String, String, String)>,
+    QueryParams(q): QueryParams<flotilla_api::app::AppLogsQuery>,
+) -> Result<Response> {
+    let k = crate::apps::inst_key(&app, &inst).instance(&instance);
+    let mut rx = n.apps().logs(&k, &q)?;
+    let stream = futures_util::StreamExt::map(
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)),
+        Ok::<_, std::convert::Infallible>,
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response())
 }
 
 async fn openapi_json<B: Backend>() -> Json<utoipa::openapi::OpenApi> {

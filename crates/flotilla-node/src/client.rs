@@ -180,6 +180,52 @@ impl NodeClient {
     }
 }
 
+/// Apps: installations and instances (`/v1/apps`).
+impl NodeClient {
+    pub async fn apps(&self) -> Result<Vec<flotilla_api::app::AppInstallation>, ClientError> {
+        self.list_all("/v1/apps").await
+    }
+
+    pub async fn install_app(
+        &self,
+        req: &flotilla_api::app::InstallRequest,
+    ) -> Result<flotilla_api::app::AppInstallation, ClientError> {
+        self.http.json(Method::POST, "/v1/apps", Some(req)).await
+    }
+
+    /// `GET /v1/apps/{address}` for `APP/INST` (an installation) or
+    /// `APP/INST/INSTANCE` (an instance).
+    pub async fn app<T: serde::de::DeserializeOwned>(&self, address: &str) -> Result<T, ClientError> {
+        self.http.json(Method::GET, &format!("/v1/apps/{}", app_path(address)), None::<&()>).await
+    }
+
+    /// `POST /v1/apps/{address}/{action}`, with a body for `update`.
+    pub async fn app_action<T: serde::de::DeserializeOwned>(
+        &self,
+        address: &str,
+        action: &str,
+        body: Option<&flotilla_api::app::InstallRequest>,
+    ) -> Result<T, ClientError> {
+        self.http.json(Method::POST, &format!("/v1/apps/{}/{action}", app_path(address)), body).await
+    }
+
+    /// An instance's log as a byte stream.
+    pub async fn app_logs(
+        &self,
+        address: &str,
+        q: &flotilla_api::app::AppLogsQuery,
+    ) -> Result<hyper::body::Incoming, ClientError> {
+        let qs = format!("follow={}&previous={}", q.follow, q.previous);
+        let req = self.http.request(Method::GET, &format!("/v1/apps/{}/logs?{qs}", app_path(address)));
+        let resp = self.http.send_ok(req.body(http_body_util::Full::new(bytes::Bytes::new())).expect("valid")).await?;
+        Ok(resp.into_body())
+    }
+}
+
+fn app_path(address: &str) -> String {
+    address.split('/').map(segment).collect::<Vec<_>>().join("/")
+}
+
 /// Percent-encodes one path segment (image names may hold `/`).
 pub fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

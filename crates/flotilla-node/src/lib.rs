@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod apps;
 pub mod backend;
 pub mod client;
 pub mod events;

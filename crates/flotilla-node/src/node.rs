@@ -207,6 +207,7 @@ pub struct Node<B: Backend> {
     node_id: String,
     entries: Mutex<BTreeMap<String, Arc<Entry<B::Handle>>>>,
     create_lock: tokio::sync::Mutex<()>,
+    apps: std::sync::OnceLock<Arc<crate::apps::Apps<B>>>,
 }
 
 impl<B: Backend> std::fmt::Debug for Node<B> {
@@ -269,11 +270,19 @@ impl<B: Backend> Node<B> {
             node_id,
             entries: Mutex::new(BTreeMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
+            apps: std::sync::OnceLock::new(),
         });
         node.recover().await?;
         node.reap_orphans().await;
         node.images.collect_unused(&node.store, &node.images_in_use()).await;
+        // After the sandboxes: instances re-attach to the ones re-adopted.
+        let _ = node.apps.set(crate::apps::Apps::open(&node));
         Ok(node)
+    }
+
+    /// The node's apps (installations and instances).
+    pub fn apps(&self) -> &Arc<crate::apps::Apps<B>> {
+        self.apps.get().expect("apps are opened with the node")
     }
 
     pub fn events(&self) -> &EventBus {
@@ -373,6 +382,11 @@ impl<B: Backend> Node<B> {
     pub async fn create(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<Sandbox, ApiError> {
         let op = self.create_operation(req).await?;
         self.finished(op).await
+    }
+
+    /// Checks that an image reference names something this node can run.
+    pub fn check_image_ref(&self, image: &str) -> Result<String, ApiError> {
+        self.resolve_image(image)
     }
 
     /// `host`, `dir:/path` and canonical stored references go to the backend

@@ -54,6 +54,18 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
         api::ApiError,
         api::ErrorCode,
         api::ExitStatus,
+        api::app::Envelope,
+        api::app::Binary,
+        api::app::EnvelopeResources,
+        api::app::SizeValue,
+        api::app::RestartMode,
+        api::app::RestartPolicy,
+        api::app::InstallRequest,
+        api::app::AppInstallation,
+        api::app::AppInstance,
+        api::app::InstanceState,
+        api::app::InstallationState,
+        api::app::PortForward,
     ))
 )]
 struct Components;

@@ -72,6 +72,9 @@ pub enum Command {
     /// Create and use sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
+    /// Long-lived apps on the node: install an envelope, start instances, update, revert, logs.
+    #[command(subcommand)]
+    App(crate::app::AppCommand),
     /// The name table: where nodes (and later apps) can be reached.
     #[command(subcommand)]
     Names(NamesCommand),
@@ -584,6 +587,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor => crate::doctor::run(&default_home(node.home), json),
         Command::Events { after } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
         Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd, node, json)),
+        Command::App(cmd) => crate::sandbox::block_on(crate::app::run(cmd, node, json)),
     }
 }
 

@@ -112,6 +112,10 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
             Some(n) => Some(crate::daemon::publish(n, &info.node_id, &urls).await?),
             None => None,
         };
+        if let Some(n) = &names {
+            // Instances publish their forwarded addresses in the same table.
+            node.apps().set_name_table(name_table(n)?);
+        }
         flotilla_node::serve_unix(node, &socket, stopped(stop_rx))
             .await
             .with_context(|| format!("serving on {}", socket.display()))?;
@@ -270,14 +274,7 @@ pub async fn names_for(
 
 /// Publishes `nodes/<id>` → each of `urls`, refreshed every 10 seconds.
 pub async fn publish(names: &Names, node_id: &str, urls: &[String]) -> anyhow::Result<flotilla_names::Publisher> {
-    let table: std::sync::Arc<dyn flotilla_names::NameTable> = match names {
-        Names::Embedded { store, .. } => std::sync::Arc::new(flotilla_names::StoreTable::new(store.clone())),
-        Names::Remote { url, token } => std::sync::Arc::new(
-            flotilla_names::NamesClient::connect(url)
-                .map_err(|e| anyhow::anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))?
-                .with_token(Some(token.clone())),
-        ),
-    };
+    let table = name_table(names)?;
     let p =
         flotilla_names::Publisher::new(table, flotilla_names::PublisherConfig::new(std::time::Duration::from_secs(10)));
     for u in urls {
@@ -293,4 +290,16 @@ pub async fn publish(names: &Names, node_id: &str, urls: &[String]) -> anyhow::R
         }
     }
     Ok(p)
+}
+
+/// A client of the name table the node publishes to (its apps too).
+pub fn name_table(names: &Names) -> anyhow::Result<std::sync::Arc<dyn flotilla_names::NameTable>> {
+    Ok(match names {
+        Names::Embedded { store, .. } => std::sync::Arc::new(flotilla_names::StoreTable::new(store.clone())),
+        Names::Remote { url, token } => std::sync::Arc::new(
+            flotilla_names::NamesClient::connect(url)
+                .map_err(|e| anyhow::anyhow!("name table {url}: {}", flotilla_agent::http::error_chain(&e)))?
+                .with_token(Some(token.clone())),
+        ),
+    })
 }

@@ -2,6 +2,7 @@
 //! logging, runs, and maps the outcome to an exit code.
 #![forbid(unsafe_code)]
 
+mod app;
 mod cli;
 mod daemon;
 mod doctor;

@@ -134,6 +134,11 @@ fn describe(ev: &flotilla_api::NodeEvent) -> String {
         B::Image { action, image } => format!("image {image} {action}"),
         B::Reaped { what, target, reason } => format!("janitor reaped {what} {target}: {reason}"),
         B::Reset { reason } => format!("reset: {reason}"),
+        B::AppInstance { instance: i } => {
+            let why = i.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+            format!("app {} {} ({}){why}", i.address, i.state.as_str(), i.version)
+        }
+        B::AppInstallation { action, installation, version } => format!("app {installation} {action} ({version})"),
     };
     format!("{}  {what}", ev.at)
 }
