@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+mod apps;
 mod data;
 mod durable;
 mod images;
@@ -41,7 +42,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|apps> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -70,6 +71,8 @@ enum Scenario {
     VmKernel,
     ImagesImport,
     ImagesCreate,
+    AppStart,
+    AppRestart,
 }
 
 impl Scenario {
@@ -101,6 +104,9 @@ impl Scenario {
             "images-import" => vec![Scenario::ImagesImport],
             "images-create" => vec![Scenario::ImagesCreate],
             "images" => vec![Scenario::ImagesImport, Scenario::ImagesCreate],
+            "app-start" => vec![Scenario::AppStart],
+            "app-restart" => vec![Scenario::AppRestart],
+            "apps" => vec![Scenario::AppStart, Scenario::AppRestart],
             _ => return None,
         })
     }
@@ -120,6 +126,8 @@ impl Scenario {
             Scenario::VmKernel => "vm-kernel",
             Scenario::ImagesImport => "images-import",
             Scenario::ImagesCreate => "images-create",
+            Scenario::AppStart => "app-start",
+            Scenario::AppRestart => "app-restart",
         }
     }
 
@@ -138,6 +146,8 @@ impl Scenario {
             Scenario::VmKernel => 10,
             Scenario::ImagesImport => 5,
             Scenario::ImagesCreate => 20,
+            Scenario::AppStart => 10,
+            Scenario::AppRestart => 20,
         }
     }
 
@@ -239,6 +249,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::VmKernel => vm::vm_kernel(&node, &machine, n).await,
                 Scenario::ImagesImport => images::images_import(&node, &machine, n).await,
                 Scenario::ImagesCreate => images::images_create(&node, &machine, n).await,
+                Scenario::AppStart => apps::app_start(&node, &machine, n).await,
+                Scenario::AppRestart => apps::app_restart(&node, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }
