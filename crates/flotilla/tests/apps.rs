@@ -80,7 +80,7 @@ async fn get_version(address: &str) -> Option<String> {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&out).into_owned();
-    if !text.starts_with("HTTP/1.0 200") {
+    if text.split(' ').nth(1) != Some("200") {
         return None;
     }
     text.split("\r\n\r\n").nth(1).map(|b| b.trim().to_string())
@@ -466,4 +466,42 @@ async fn a_binary_is_checked_before_use_and_logs_follow_across_restarts() {
     let text = String::from_utf8_lossy(&text.unwrap().to_bytes()).into_owned();
     assert_eq!(text.matches(" out tick hi").count(), 4, "four runs, followed across restarts:\n{text}");
     assert_eq!(show(c, "tick/1/1").await.state, InstanceState::NotRunning);
+}
+
+/// An app from a real image (a busybox-only root: only the static agent
+/// runs there) on both backends: a process sandbox and a microVM, each
+/// serving through its forwarded port and restarted after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_run_from_an_image_in_process_sandboxes_and_microvms() {
+    let env = common::vm_env(common::VmKernel::Built);
+    let c = &env.client;
+    let root = flotilla_testkit::images::busybox_root();
+    let req = flotilla_api::ImportImageRequest { reference: "bb:1".into(), path: root.display().to_string() };
+    let op = c.import_image(&req).await.unwrap();
+    let op = c.wait_operation(&op.id, Some(WAIT), |_| {}).await.unwrap();
+    assert_eq!(op.state, flotilla_api::OperationState::Succeeded, "{op:?}");
+    for backend in ["process", "vm"] {
+        let title = format!("bb-{backend}");
+        let mut e = serde_json::json!({
+            "title": title, "image": "bb:1", "backend": backend,
+            "command": ["sh", "-c", format!("echo {backend} > /workspace/version; exec httpd -f -p 127.0.0.1:8080 -h /workspace")],
+            "ports": [8080],
+            "restart": {"policy": "always", "initial_delay": "0s"},
+        });
+        if backend == "vm" {
+            e["resources"] = serde_json::json!({"memory": "256M"});
+        }
+        install(c, &envelope(e)).await;
+        let i = start(c, &format!("{title}/1")).await;
+        let i = serving(c, &i.address).await;
+        answers(&i.ports[0].address, backend).await;
+        let sandbox = c.get(i.sandbox.as_deref().unwrap()).await.unwrap();
+        assert_eq!(sandbox.backend.as_str(), backend);
+        // Kill the server inside: the instance comes back in the same sandbox, same address.
+        env.ok(&sandbox.id, "kill -9 $(pidof httpd)").await;
+        let back = until(c, &i.address, InstanceState::Running, |x| x.restarts == 1 && x.pid.is_some()).await;
+        assert_eq!((back.sandbox, back.ports), (i.sandbox.clone(), i.ports.clone()));
+        answers(&i.ports[0].address, backend).await;
+        let _: AppInstallation = c.app_action(&format!("{title}/1"), "uninstall", None).await.unwrap();
+    }
 }
