@@ -64,6 +64,18 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Clears close-on-exec, so `fd` survives an `execve` of this process (a
+/// node handing its listening sockets to the version that replaces it).
+pub fn keep_across_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on a borrowed (hence open) fd only change its
+    // descriptor flags.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd.as_raw_fd(), libc::F_GETFD))?;
+        cvt(libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+    }
+    Ok(())
+}
+
 /// Sets or clears `O_NONBLOCK`.
 pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on an open fd have no memory effects.

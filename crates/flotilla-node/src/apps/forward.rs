@@ -11,7 +11,7 @@ use super::Instance;
 use crate::node::{Backend, Node};
 
 pub(super) async fn serve<B: Backend>(
-    listener: tokio::net::TcpListener,
+    listener: Arc<tokio::net::TcpListener>,
     port: u16,
     inst: Arc<Instance>,
     node: Weak<Node<B>>,

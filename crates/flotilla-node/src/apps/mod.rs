@@ -93,6 +93,8 @@ pub(crate) struct Live {
     pub published: Vec<String>,
     pub publisher: Option<flotilla_names::Publisher>,
     pub forwards: Vec<tokio::task::JoinHandle<()>>,
+    /// The forwarded ports' listeners, by address (kept for a hand-over).
+    pub listeners: Vec<(String, Arc<tokio::net::TcpListener>)>,
     pub sandbox: Option<String>,
 }
 
@@ -201,7 +203,14 @@ pub struct Apps<B: Backend> {
     names: Mutex<Option<Arc<dyn flotilla_names::NameTable>>>,
     /// The address forwarded ports listen on and are published at.
     host: String,
+    /// Listening sockets the node this one replaced handed over
+    /// (`HOST:PORT` → descriptor), taken as instances bind their ports.
+    inherited: Mutex<BTreeMap<String, std::os::fd::RawFd>>,
 }
+
+/// The environment variable a node hands its forwarded ports' listening
+/// sockets to its successor in: `HOST:PORT=FD,...`.
+pub const INHERITED_LISTENERS_ENV: &str = "FLOTILLA_INHERITED_LISTENERS";
 
 impl<B: Backend> std::fmt::Debug for Apps<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,6 +232,16 @@ impl<B: Backend> Apps<B> {
             inst_locks: Mutex::new(BTreeMap::new()),
             names: Mutex::new(None),
             host: std::env::var("FLOTILLA_APP_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
+            inherited: Mutex::new(
+                std::env::var(INHERITED_LISTENERS_ENV)
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|kv| {
+                        let (addr, fd) = kv.split_once('=')?;
+                        Some((addr.to_string(), fd.parse().ok()?))
+                    })
+                    .collect(),
+            ),
         });
         apps.recover();
         apps
@@ -234,6 +253,36 @@ impl<B: Backend> Apps<B> {
         // Instances already serving publish now.
         for inst in self.instances.lock().expect("instances").values() {
             inst.wake.notify_one();
+        }
+    }
+
+    /// For a hand-over by `execve`: marks every forwarded port's listening
+    /// socket to survive the exec and returns the variable to pass it in.
+    /// Connections that arrive meanwhile wait in the socket's backlog, so
+    /// no client is refused while the next node starts.
+    pub fn handover_listeners(&self) -> (String, String) {
+        let mut pairs = Vec::new();
+        for inst in self.instances.lock().expect("instances").values() {
+            for (addr, l) in &inst.live.lock().expect("live").listeners {
+                use std::os::fd::{AsFd, AsRawFd};
+                match flotilla_sandbox::sys::keep_across_exec(l.as_fd()) {
+                    Ok(()) => pairs.push(format!("{addr}={}", l.as_raw_fd())),
+                    Err(e) => tracing::warn!(address = %addr, error = %e, "cannot hand the listener over"),
+                }
+            }
+        }
+        (INHERITED_LISTENERS_ENV.to_string(), pairs.join(","))
+    }
+
+    /// A listener handed over for `addr` by the node this one replaced.
+    pub(crate) fn take_inherited(&self, addr: &str) -> Option<tokio::net::TcpListener> {
+        let fd = self.inherited.lock().expect("inherited").remove(addr)?;
+        let owned = flotilla_sandbox::sys::take_inherited_fd(fd).ok()?;
+        let std = std::net::TcpListener::from(owned);
+        std.set_nonblocking(true).ok()?;
+        match tokio::net::TcpListener::from_std(std) {
+            Ok(l) if l.local_addr().is_ok_and(|a| a.to_string() == addr) => Some(l),
+            _ => None,
         }
     }
 

@@ -586,11 +586,18 @@ impl<B: Backend> Apps<B> {
         let Ok(mut rec) = inst.load() else { return };
         let mut ports = Vec::new();
         let mut tasks = Vec::new();
+        let mut listeners = Vec::new();
         for port in &env.ports {
             let want = rec.host_ports.get(port).copied().unwrap_or(0);
-            // The port it had before, if it can get it back: a listener
+            // Handed over by the node this one replaced: the same socket,
+            // with whatever connections queued meanwhile.
+            let handed = (want != 0).then(|| self.take_inherited(&format!("{}:{want}", self.host))).flatten();
+            // Else the port it had before, if it can get it back: a listener
             // just aborted may take a moment to close.
-            let mut listener = tokio::net::TcpListener::bind((self.host.as_str(), want)).await;
+            let mut listener = match handed {
+                Some(l) => Ok(l),
+                None => tokio::net::TcpListener::bind((self.host.as_str(), want)).await,
+            };
             let deadline = Instant::now() + Duration::from_secs(1);
             while want != 0 && listener.is_err() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -610,12 +617,15 @@ impl<B: Backend> Apps<B> {
             let Ok(local) = listener.local_addr() else { continue };
             rec.host_ports.insert(*port, local.port());
             ports.push(flotilla_api::app::PortForward { port: *port, address: local.to_string() });
+            let listener = Arc::new(listener);
+            listeners.push((local.to_string(), listener.clone()));
             tasks.push(tokio::spawn(super::forward::serve(listener, *port, inst.clone(), self.node.clone())));
         }
         let _ = inst.save(&rec);
         let mut live = inst.live.lock().expect("live");
         live.ports = ports;
         live.forwards = tasks;
+        live.listeners = listeners;
     }
 
     fn stop_forwards(&self, inst: &Instance) {
@@ -624,6 +634,7 @@ impl<B: Backend> Apps<B> {
             t.abort();
         }
         live.ports.clear();
+        live.listeners.clear();
     }
 }
 
