@@ -505,3 +505,76 @@ async fn apps_run_from_an_image_in_process_sandboxes_and_microvms() {
         let _: AppInstallation = c.app_action(&format!("{title}/1"), "uninstall", None).await.unwrap();
     }
 }
+
+/// The CLI end to end with a TOML envelope as a person writes it: units,
+/// tables, a relative binary path; `--json` on what prints objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_installs_a_toml_envelope_and_shows_its_instances() {
+    let env = common::env();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("greet.sh"), "#!/bin/sh\necho \"hello $1 from $GREETER\"\nexec sleep 100001\n")
+        .unwrap();
+    let sha = {
+        use sha2::Digest;
+        let data = std::fs::read(dir.path().join("greet.sh")).unwrap();
+        sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let toml = format!(
+        r#"title = "greeter"
+binary = {{ path = "greet.sh", sha256 = "{sha}" }}
+args = ["world"]
+env = {{ GREETER = "flotilla" }}
+stop_timeout = "2s"
+[resources]
+memory = "128M"
+pids = 64
+[restart]
+policy = "always"
+initial_delay = "500ms"
+max_delay = "1m"
+"#
+    );
+    let file = dir.path().join("greeter.toml");
+    std::fs::write(&file, toml).unwrap();
+    let home = env.node.home().display().to_string();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN).args(args).args(["--home", &home]).output().unwrap();
+        assert!(out.status.success(), "flotilla {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["app", "install", file.to_str().unwrap()]), "greeter/1");
+    assert_eq!(cli(&["app", "start", "greeter/1"]), "greeter/1/1");
+    common::eventually(WAIT, "the greeting in the log", || async {
+        let log = cli(&["app", "logs", "greeter/1/1"]);
+        log.contains(" out hello world from flotilla").then_some(())
+    })
+    .await;
+    let list: Vec<AppInstallation> = serde_json::from_str(&cli(&["app", "ls", "--json"])).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instances[0].state, InstanceState::Running);
+    assert_eq!(list[0].envelope.restart.initial_delay, "500ms");
+    let shown: AppInstance = serde_json::from_str(&cli(&["app", "show", "greeter/1/1", "--json"])).unwrap();
+    let sandbox = c_sandbox(&env, &shown).await;
+    assert_eq!(sandbox.resources.memory_bytes, Some(128 << 20), "the envelope's limits reach the sandbox");
+    assert_eq!(sandbox.labels.get(flotilla_node::apps::INSTANCE_LABEL).map(String::as_str), Some("greeter/1/1"));
+    let table = cli(&["app", "ls"]);
+    assert!(table.starts_with("ADDRESS") && table.contains("greeter/1/1  running"), "{table}");
+    let stopped: AppInstance = serde_json::from_str(&cli(&["app", "stop", "greeter/1/1", "--json"])).unwrap();
+    assert_eq!(stopped.state, InstanceState::NotRunning);
+    // A bad envelope is refused by the CLI before it is sent, naming the field.
+    std::fs::write(&file, "title = \"x\"\ncommand = [\"true\"]\n[restart]\nfactor = 0.1\n").unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["app", "install", file.to_str().unwrap(), "--home", &home])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("restart.factor"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn c_sandbox(env: &common::Env, i: &AppInstance) -> flotilla_api::Sandbox {
+    env.client.get(i.sandbox.as_deref().expect("a sandbox")).await.expect("the sandbox")
+}
