@@ -54,6 +54,10 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
         api::ApiError,
         api::ErrorCode,
         api::ExitStatus,
+        api::NodeUpdateRequest,
+        api::NodeUpdate,
+        api::NodeVersion,
+        api::UpdateKind,
     ))
 )]
 struct Components;
