@@ -18,8 +18,13 @@ pub mod names;
 pub mod time;
 pub mod types;
 pub mod units;
+pub mod update;
 
 pub use error::{ApiError, ErrorCode};
 pub use frame::{ExitStatus, Frame, FrameDecoder, FrameError, FrameKind};
 pub use time::Timestamp;
 pub use types::*;
+pub use update::{
+    NodeUpdate, NodeUpdateRequest, NodeVersion, SelfCheck, SelfTest, TestModeInfo, UpdateKind, UpdateOutcome,
+    UpdateResult,
+};

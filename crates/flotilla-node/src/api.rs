@@ -357,6 +357,24 @@ fn table<B: Backend>() -> Vec<Entry<B>> {
             (200, Stream("text/plain")),
             instance_logs::<B>,
         ),
+        entry(
+            (
+                Post,
+                "/v1/node/update",
+                "Replace the node's binary: stage, test, switch, hand over (sandboxes keep running)",
+            ),
+            J("NodeUpdateRequest"),
+            &[],
+            ok("NodeUpdate"),
+            update_node::<B>,
+        ),
+        entry(
+            (Post, "/v1/node/revert", "Go back to the previous binary, handing over the same way"),
+            N,
+            &[],
+            ok("NodeUpdate"),
+            revert_node::<B>,
+        ),
     ]
 }
 
@@ -823,4 +841,29 @@ fn ended_frames<B: Backend>(
         let _ = tx.send(Ok(flotilla_api::Frame::error(&err).to_bytes())).await;
     });
     Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) }))
+}
+
+/// The node's self-update, which `flotilla node` attaches to the router as
+/// an extension; a router built without it cannot update.
+type UpdaterExt = Option<axum::Extension<Arc<crate::selfupdate::Updater>>>;
+
+fn updater(ext: UpdaterExt) -> Result<Arc<crate::selfupdate::Updater>> {
+    ext.map(|axum::Extension(u)| u).ok_or_else(|| HttpError(crate::selfupdate::UpdateError::Unsupported.to_api()))
+}
+
+async fn update_node<B: Backend>(
+    State(n): NodeState<B>,
+    ext: UpdaterExt,
+    JsonBody(req): JsonBody<flotilla_api::NodeUpdateRequest>,
+) -> Result<Json<flotilla_api::NodeUpdate>> {
+    req.validate()?;
+    let u = updater(ext)?;
+    let snapshot = crate::selfupdate::Snapshot::of(&n);
+    Ok(Json(u.update(&req, snapshot).await.map_err(|e| HttpError(e.to_api()))?))
+}
+
+async fn revert_node<B: Backend>(State(n): NodeState<B>, ext: UpdaterExt) -> Result<Json<flotilla_api::NodeUpdate>> {
+    let u = updater(ext)?;
+    let snapshot = crate::selfupdate::Snapshot::of(&n);
+    Ok(Json(u.revert(snapshot).await.map_err(|e| HttpError(e.to_api()))?))
 }

@@ -23,6 +23,7 @@ pub mod node;
 pub mod openapi;
 pub mod ops;
 pub mod registry;
+pub mod selfupdate;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -33,29 +34,48 @@ use std::sync::Arc;
 
 pub use client::NodeClient;
 pub use node::{Backend, Node, NodeConfig};
+pub use selfupdate::Stop;
 
-/// Serves the node API on `socket` (mode 0600) until `shutdown` resolves,
-/// then stops every running sandbox.
+/// Serves `router` (the node API, see [`api::router`]) on `socket` (mode
+/// 0600) until `stop` resolves, and says why it stopped.
+///
+/// At a [`Stop::Shutdown`] every running sandbox is stopped, except app
+/// instances' when the node keeps them ([`Node::shutdown`]), and the socket
+/// is removed. At a [`Stop::HandOver`] every sandbox keeps running and the
+/// socket file stays, for the re-executed node to rename its own over.
 pub async fn serve_unix<B: Backend>(
     node: Arc<Node<B>>,
     socket: &Path,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+    router: axum::Router,
+    stop: impl std::future::Future<Output = Stop> + Send + 'static,
+) -> std::io::Result<Stop> {
     let listener = bind_private(socket)?;
     node.spawn_janitor();
     // Graceful shutdown waits for open connections, and exec or session
     // streams stay open as long as their sandbox runs: stop the sandboxes
-    // first, which ends those streams, then let the server drain.
+    // first, which ends those streams, then let the server drain. A
+    // hand-over stops nothing: in-flight requests get the grace, then go.
     let stopping = node.clone();
+    let (reason_tx, reason_rx) = tokio::sync::oneshot::channel();
     let shutdown = async move {
-        shutdown.await;
-        stopping.shutdown().await;
+        let reason = stop.await;
+        match reason {
+            Stop::Shutdown => stopping.shutdown().await,
+            Stop::HandOver => tracing::info!("handing over: sandboxes keep running"),
+        }
+        let _ = reason_tx.send(reason);
     };
-    serve_connections(listener, api::router(node.clone()), shutdown).await;
-    // Anything created while draining.
-    node.shutdown().await;
-    let _ = std::fs::remove_file(socket);
-    Ok(())
+    serve_connections(listener, router, shutdown).await;
+    let reason = reason_rx.await.unwrap_or(Stop::Shutdown);
+    match reason {
+        Stop::Shutdown => {
+            // Anything created while draining.
+            node.shutdown().await;
+            let _ = std::fs::remove_file(socket);
+        }
+        Stop::HandOver => {}
+    }
+    Ok(reason)
 }
 
 /// Serves `router` on a Unix listener until `shutdown` resolves: one task

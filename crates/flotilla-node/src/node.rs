@@ -159,6 +159,9 @@ pub struct NodeConfig {
     pub tar_max_entries: u64,
     /// How often the janitor looks for expired sandboxes.
     pub janitor_period: Duration,
+    /// Stop app instances' sandboxes too at a graceful shutdown (by default
+    /// they keep running and the next start re-adopts them).
+    pub stop_apps: bool,
 }
 
 impl NodeConfig {
@@ -174,6 +177,7 @@ impl NodeConfig {
             tar_max_bytes: flotilla_api::limits::DEFAULT_TAR_MAX_BYTES,
             tar_max_entries: flotilla_api::limits::DEFAULT_TAR_MAX_ENTRIES,
             janitor_period: Duration::from_secs(1),
+            stop_apps: false,
         }
     }
 }
@@ -1086,17 +1090,30 @@ impl<B: Backend> Node<B> {
         });
     }
 
-    /// Stops every running sandbox (graceful node shutdown).
+    /// Graceful node shutdown (SIGTERM, Ctrl-C): stops every running
+    /// sandbox, except those of app instances (label
+    /// `flotilla.app.instance`) unless the node runs with `stop_apps`: an
+    /// app outlives a restart of its node, which re-adopts it. (A hand-over
+    /// to a new binary calls nothing here: every sandbox keeps running.)
     pub async fn shutdown(&self) {
+        /// The label an app instance's sandbox carries.
+        const APP_INSTANCE: &str = "flotilla.app.instance";
         let entries: Vec<_> = self.entries.lock().expect("entries").values().cloned().collect();
         for e in entries {
             let mut life = e.lifecycle.lock().await;
-            if life.handle.is_some()
-                && let Err(err) = self.stop_locked(&e, &mut life).await
-            {
+            if life.handle.is_none() {
+                continue;
+            }
+            if !self.config.stop_apps && life.rec.sandbox.labels.contains_key(APP_INSTANCE) {
+                tracing::info!(sandbox = %e.id, "app instance keeps running (--stop-apps stops it)");
+                continue;
+            }
+            if let Err(err) = self.stop_locked(&e, &mut life).await {
                 tracing::warn!(sandbox = %e.id, error = %err, "stopping at shutdown failed");
             }
         }
+        // Releases the node's cgroup group; one that still holds an app's
+        // sandbox stays.
         self.backend.shutdown();
     }
 

@@ -66,6 +66,10 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
         api::app::InstanceState,
         api::app::InstallationState,
         api::app::PortForward,
+        api::NodeUpdateRequest,
+        api::NodeUpdate,
+        api::NodeVersion,
+        api::UpdateKind,
     ))
 )]
 struct Components;

@@ -154,6 +154,20 @@ pub enum NodeSub {
         #[arg(long, default_value = flotilla_vm::kernel::DEFAULT_SOURCE, requires = "build_kernel")]
         kernel_source: PathBuf,
     },
+    /// Replace the running node's binary without stopping a sandbox.
+    ///
+    /// The node stages the binary (checking --sha256), tries it in test mode, switches
+    /// HOME/current to it and re-executes itself (same pid; sandboxes are re-adopted). If the new
+    /// version fails its check after the switch, the previous one comes back by itself.
+    Update(crate::update::UpdateArgs),
+    /// Go back to the previous version (HOME/previous), handing over the same way.
+    Revert(crate::update::RevertArgs),
+    /// List the binary versions kept in the node's data directory, and the last hand-over.
+    Versions,
+    /// Guard a hand-over (started by the node itself): bring the old version back if the new one
+    /// does not commit in time.
+    #[command(hide = true)]
+    Watchdog(crate::update::WatchdogArgs),
 }
 
 /// A node's own options. `--home`, `--names` and `--token` are global
@@ -192,6 +206,17 @@ pub struct DaemonArgs {
     /// `--token` given on the command line, else $FLOTILLA_NODE_TOKEN.
     #[arg(skip)]
     pub token: Option<String>,
+    /// At shutdown stop app instances' sandboxes too (by default they keep running, and the next
+    /// start re-adopts them; other sandboxes are always stopped).
+    #[arg(long)]
+    pub stop_apps: bool,
+    /// Try this binary as an update candidate: serve only `GET /v1/node` and a self-test on --socket,
+    /// touching no sandbox, store or cgroup (the node runs its candidates so).
+    #[arg(long, hide = true, requires = "socket")]
+    pub test_mode: bool,
+    /// The side socket of --test-mode.
+    #[arg(long, hide = true, requires = "test_mode")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -575,6 +600,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Node(NodeCmd { command: Some(NodeSub::Pool(cmd)), .. }) => {
             crate::sandbox::block_on(crate::sandbox::pool(*cmd, node, json))
+        }
+        Command::Node(NodeCmd { command: Some(NodeSub::Update(a)), .. }) => {
+            crate::sandbox::block_on(crate::update::update(a, node, json))
+        }
+        Command::Node(NodeCmd { command: Some(NodeSub::Revert(a)), .. }) => {
+            crate::sandbox::block_on(crate::update::revert(a, node, json))
+        }
+        Command::Node(NodeCmd { command: Some(NodeSub::Versions), .. }) => crate::update::versions(&node, json),
+        Command::Node(NodeCmd { command: Some(NodeSub::Watchdog(a)), .. }) => {
+            crate::update::watchdog(a, default_home(node.home))
         }
         Command::Agent(a) => crate::daemon::agent(a),
         Command::Info => crate::sandbox::block_on(crate::sandbox::info(node, json)),

@@ -4,11 +4,15 @@ use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{Context, bail};
 use flotilla_node::backend::{NodeBackend, ProcessNodeBackend, VmNodeBackend};
+use flotilla_node::selfupdate::{NodeLock, Stop, StopSwitch, Updater};
 use flotilla_node::{Node, NodeConfig};
 
 use crate::cli::{AgentArgs, DaemonArgs};
 
 pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
+    if args.test_mode {
+        return test_mode(args);
+    }
     if flotilla_sandbox::sys::euid() != 0 {
         bail!(
             "the node must run as root: it gives every sandbox its own range of user ids and its own cgroup \
@@ -16,118 +20,205 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
             if dev { "dev" } else { "node" }
         );
     }
-    let home = crate::cli::default_home(args.home);
+    let home = crate::cli::default_home(args.home.clone());
     std::fs::create_dir_all(&home).with_context(|| format!("creating the data directory {}", home.display()))?;
     // Traversable but not listable: each sandbox's own (unprivileged) uid must
     // reach its mount points under here; the node socket itself is 0600.
     std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o711))
         .with_context(|| format!("securing {}", home.display()))?;
-    daemon_runtime()?.block_on(async move {
-        let exe = std::env::current_exe().context("finding our own executable (the sandbox agent)")?;
-        // Image sandboxes exec the agent inside the image's root: a static
-        // one (the microVM guest agent, or this binary when it is static)
-        // runs in any image, busybox-only and musl roots included.
-        let agent = args.guest_agent.clone().unwrap_or(exe);
-        let process =
-            ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()]).map_err(anyhow::Error::new)?;
-        let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone()) };
-        let node = Node::open(backend, NodeConfig::new(home.clone())).await.map_err(anyhow::Error::new)?;
-        let socket = home.join("node.sock");
-        let info = node.info();
-        tracing::info!(
-            node_id = %info.node_id,
-            socket = %socket.display(),
-            cgroup = %info.cgroup,
-            "node ready"
+    let lock = NodeLock::acquire(&home).map_err(anyhow::Error::new)?;
+    let exe = std::env::current_exe().context("finding our own executable (the sandbox agent)")?;
+    // Image sandboxes exec the agent inside the image's root: a static
+    // one (the microVM guest agent, or this binary when it is static)
+    // runs in any image, busybox-only and musl roots included.
+    let agent = args.guest_agent.clone().unwrap_or(exe);
+    let stop = StopSwitch::new();
+    let updater = Updater::open(home.clone(), std::env::args_os().collect(), agent.clone(), stop.clone())
+        .map_err(anyhow::Error::new)?;
+    let runtime = daemon_runtime()?;
+    let served = runtime.block_on(serve(args, dev, home, agent, stop, updater.clone()));
+    let (stopped, handed) = served?;
+    match stopped {
+        Stop::Shutdown => Ok(0),
+        Stop::HandOver => {
+            // The lock is close-on-exec: the next image takes it again. The
+            // runtime is not dropped (that would wait for blocking tasks):
+            // exec replaces the whole process, same pid, sandboxes still
+            // our children.
+            drop(lock);
+            let e = updater.exec_current(&handed);
+            updater.restore_after_failed_exec();
+            runtime.shutdown_background();
+            Err(anyhow::Error::new(e).context("re-executing HOME/current/flotilla for the hand-over"))
+        }
+    }
+}
+
+/// Runs the node until it stops, and says why.
+async fn serve(
+    args: DaemonArgs,
+    dev: bool,
+    home: std::path::PathBuf,
+    agent: std::path::PathBuf,
+    stop: std::sync::Arc<StopSwitch>,
+    updater: std::sync::Arc<Updater>,
+) -> anyhow::Result<(Stop, Vec<(String, String)>)> {
+    let process = ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()]).map_err(anyhow::Error::new)?;
+    let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone()) };
+    let config = NodeConfig { stop_apps: args.stop_apps, ..NodeConfig::new(home.clone()) };
+    let node = Node::open(backend, config).await.map_err(anyhow::Error::new)?;
+    updater.start();
+    let socket = home.join("node.sock");
+    let info = node.info();
+    tracing::info!(
+        node_id = %info.node_id,
+        socket = %socket.display(),
+        cgroup = %info.cgroup,
+        "node ready"
+    );
+    if dev {
+        eprintln!(
+            "flotilla dev: node {} ready on unix://{}\n  try:  flotilla sandbox create --home {}\n  stop: Ctrl-C (running sandboxes are stopped; workspaces are kept)",
+            info.node_id,
+            socket.display(),
+            home.display()
         );
-        if dev {
-            eprintln!(
-                "flotilla dev: node {} ready on unix://{}\n  try:  flotilla sandbox create --home {}\n  stop: Ctrl-C (running sandboxes are stopped; workspaces are kept)",
-                info.node_id,
-                socket.display(),
-                home.display()
-            );
+    }
+    // A signal stops both listeners, as does a hand-over (the updater asks).
+    let signalled = stop.clone();
+    tokio::spawn(async move {
+        signal_received().await;
+        if signalled.request(Stop::Shutdown) {
+            tracing::info!("shutting down: stopping running sandboxes");
         }
-        // One signal stops both listeners.
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let mut https_url = None;
-        if let Some(addr) = args.listen {
-            let tls_dir = home.join("tls");
-            let mut names = args.tls_names.clone();
-            if !addr.ip().is_unspecified() {
-                names.push(addr.ip().to_string());
+    });
+    let stopped = |s: std::sync::Arc<StopSwitch>| async move { s.stopped().await };
+    // The update routes find the updater as an extension of the router.
+    let router = updater.attach(flotilla_node::api::router(node.clone()));
+    let mut https_url = None;
+    let mut tls_task = None;
+    if let Some(addr) = args.listen {
+        let tls_dir = home.join("tls");
+        let mut names = args.tls_names.clone();
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
+        let identity = flotilla_node::tls::TlsIdentity::load_or_generate(
+            &tls_dir,
+            args.tls_cert.as_deref(),
+            args.tls_key.as_deref(),
+            &names,
+        )
+        .context("setting up TLS for --listen")?;
+        let token = match &args.token {
+            Some(t) => {
+                flotilla_node::tls::check_token(t).context("checking --token")?;
+                t.clone()
             }
-            let identity = flotilla_node::tls::TlsIdentity::load_or_generate(
-                &tls_dir,
-                args.tls_cert.as_deref(),
-                args.tls_key.as_deref(),
-                &names,
-            )
-            .context("setting up TLS for --listen")?;
-            let token = match &args.token {
-                Some(t) => {
-                    flotilla_node::tls::check_token(t).context("checking --token")?;
-                    t.clone()
-                }
-                None => flotilla_node::tls::load_or_generate_token(&tls_dir).context("making the API token")?,
-            };
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-            let bound = listener.local_addr().context("reading the bound address")?;
-            https_url = Some(format!("https://{bound}"));
-            tracing::info!(
-                address = %bound,
-                certificate = %identity.cert_path().display(),
-                sha256 = identity.fingerprint(),
-                "serving the node API over TLS; clients need the bearer token"
-            );
-            eprintln!(
-                "flotilla: node API on https://{bound} (certificate {} sha256 {}; token in {})",
-                identity.cert_path().display(),
-                identity.fingerprint(),
-                if args.token.is_some() { "--token".to_string() } else { tls_dir.join("token").display().to_string() }
-            );
-            let router = flotilla_node::api::router(node.clone());
-            let rx = stop_rx.clone();
-            tokio::spawn(async move {
-                if let Err(e) = flotilla_node::tls::serve_tls(router, listener, &identity, token, stopped(rx)).await {
-                    tracing::error!(error = %e, "the TLS listener failed");
-                }
-            });
-        }
-        // Where others find this node: `nodes/<id>` in the name table, which
-        // `flotilla dev` serves itself (in memory) and a node joins with --names.
-        let mut urls = vec![format!("unix://{}", socket.display())];
-        if let Some(https) = &https_url {
-            urls.insert(0, https.clone());
-        }
-        let names = crate::daemon::names_for(dev, args.names.as_deref(), args.names_token.as_deref(), &home).await?;
-        let publisher = match &names {
-            Some(n) => Some(crate::daemon::publish(n, &info.node_id, &urls).await?),
-            None => None,
+            None => flotilla_node::tls::load_or_generate_token(&tls_dir).context("making the API token")?,
         };
-        if let Some(n) = &names {
-            // Instances publish their forwarded addresses in the same table.
-            node.apps().set_name_table(name_table(n)?);
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+        let bound = listener.local_addr().context("reading the bound address")?;
+        https_url = Some(format!("https://{bound}"));
+        tracing::info!(
+            address = %bound,
+            certificate = %identity.cert_path().display(),
+            sha256 = identity.fingerprint(),
+            "serving the node API over TLS; clients need the bearer token"
+        );
+        eprintln!(
+            "flotilla: node API on https://{bound} (certificate {} sha256 {}; token in {})",
+            identity.cert_path().display(),
+            identity.fingerprint(),
+            if args.token.is_some() { "--token".to_string() } else { tls_dir.join("token").display().to_string() }
+        );
+        let router = router.clone();
+        let s = stop.clone();
+        tls_task = Some(tokio::spawn(async move {
+            let done = async move {
+                s.stopped().await;
+            };
+            if let Err(e) = flotilla_node::tls::serve_tls(router, listener, &identity, token, done).await {
+                tracing::error!(error = %e, "the TLS listener failed");
+            }
+        }));
+    }
+    // Where others find this node: `nodes/<id>` in the name table, which
+    // `flotilla dev` serves itself (in memory) and a node joins with --names.
+    let mut urls = vec![format!("unix://{}", socket.display())];
+    if let Some(https) = &https_url {
+        urls.insert(0, https.clone());
+    }
+    let names = crate::daemon::names_for(dev, args.names.as_deref(), args.names_token.as_deref(), &home).await?;
+    let publisher = match &names {
+        Some(n) => Some(crate::daemon::publish(n, &info.node_id, &urls).await?),
+        None => None,
+    };
+    if let Some(n) = &names {
+        // Instances publish their forwarded addresses in the same table.
+        node.apps().set_name_table(name_table(n)?);
+    }
+    // A new version just handed over to checks itself and commits, or
+    // gives up: then it exits, leaving every sandbox running, and the
+    // watchdog brings the previous version back.
+    let checking = updater.clone();
+    let check_socket = socket.clone();
+    tokio::spawn(async move {
+        match checking.check_after_switch(&check_socket).await {
+            Ok(Some(o)) => {
+                tracing::info!(update = %o.id, version = %o.to, "the new version checked itself and committed")
+            }
+            Ok(None) => {}
+            Err(why) => {
+                tracing::error!(reason = %why, "the new version failed its check after the switch; exiting so the previous one comes back");
+                std::process::exit(1);
+            }
         }
-        flotilla_node::serve_unix(node, &socket, stopped(stop_rx))
-            .await
-            .with_context(|| format!("serving on {}", socket.display()))?;
-        if let Some(p) = publisher {
+    });
+    let apps = node.apps().clone();
+    let reason = flotilla_node::serve_unix(node, &socket, router, stopped(stop.clone()))
+        .await
+        .with_context(|| format!("serving on {}", socket.display()))?;
+    // At a hand-over the apps' forwarded ports go to the next image as open
+    // sockets: connections wait in their backlog, none is refused.
+    let handed = match reason {
+        Stop::HandOver => vec![apps.handover_listeners()],
+        Stop::Shutdown => Vec::new(),
+    };
+    if let Some(t) = tls_task {
+        // It drains within its own grace.
+        let _ = tokio::time::timeout(flotilla_node::tls::SHUTDOWN_GRACE * 2, t).await;
+    }
+    if let Some(p) = publisher {
+        // At a hand-over the name stays mounted: the next image publishes
+        // the same name and addresses at once, and the TTL covers the gap.
+        if reason == Stop::Shutdown {
             p.stop().await;
             p.wait_for_stop().await;
         }
-        if let Some(n) = names {
-            n.shutdown().await;
-        }
-        Ok(0)
-    })
+    }
+    if let Some(n) = names {
+        n.shutdown().await;
+    }
+    Ok((reason, handed))
+}
+
+/// `flotilla node --test-mode --socket PATH`: a candidate binary proving
+/// it works, touching nothing (see `flotilla_node::selfupdate`).
+fn test_mode(args: DaemonArgs) -> anyhow::Result<i32> {
+    let socket = args.socket.clone().context("--test-mode needs --socket")?;
+    let home = crate::cli::default_home(args.home.clone());
+    let agent = match args.guest_agent.clone() {
+        Some(a) => a,
+        None => std::env::current_exe().context("finding our own executable (the sandbox agent)")?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async move {
+        flotilla_node::selfupdate::serve_test_mode(&socket, home, agent, signal_received())
+            .await
+            .with_context(|| format!("serving in test mode on {}", socket.display()))
+    })?;
+    Ok(0)
 }
 
 /// The runtime of a long-running role: two workers are plenty, since the
@@ -137,6 +228,12 @@ pub fn daemon_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub async fn shutdown_signal() {
+    signal_received().await;
+    tracing::info!("shutting down");
+}
+
+/// Resolves at SIGTERM or SIGINT.
+pub async fn signal_received() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -144,7 +241,6 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
-    tracing::info!("shutting down: stopping running sandboxes");
 }
 
 /// `flotilla node setup-vm`: builds the guest kernel when asked (from

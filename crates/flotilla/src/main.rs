@@ -12,6 +12,7 @@ mod ops;
 mod output;
 mod sandbox;
 mod transfer;
+mod update;
 
 /// Our arguments. As a microVM's PID 1 the kernel hands us the command-line
 /// words it did not recognise: before ours (start at `agent`), and after
@@ -41,7 +42,10 @@ fn main() {
     let args = cli::parse(argv());
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if args.command.is_daemon() { "info" } else { "warn" }));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: a node's stderr is often a log file (and
+    // after a revert by the watchdog, HOME/update.log).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     let code = match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

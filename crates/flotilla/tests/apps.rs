@@ -17,6 +17,12 @@ use http_body_util::BodyExt;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A node that stops its apps' sandboxes when it stops (the test's end),
+/// as `--stop-apps` asks; without it they would outlive the test.
+fn stop_apps_env() -> common::Env {
+    common::env_with(&["--stop-apps"])
+}
+
 fn envelope(v: serde_json::Value) -> InstallRequest {
     InstallRequest { envelope: serde_json::from_value::<Envelope>(v).expect("an envelope"), origin: None }
 }
@@ -118,7 +124,7 @@ async fn an_app_serves_publishes_updates_reverts_and_uninstalls() {
     let table = flotilla_names::ServerHandle::spawn(listener, Arc::new(flotilla_names::MemoryStore::new())).unwrap();
     let url = table.url();
     let token = table.token().to_string();
-    let env = common::env_with_env(&["--names", &url], &[("FLOTILLA_NAMES_TOKEN", Some(&token))]);
+    let env = common::env_with_env(&["--names", &url, "--stop-apps"], &[("FLOTILLA_NAMES_TOKEN", Some(&token))]);
     let c = &env.client;
     let a = install(c, &web("hello-web", "one")).await;
     assert_eq!((a.address.as_str(), a.current.as_str()), ("hello-web/1", "v1"));
@@ -212,7 +218,7 @@ async fn an_app_serves_publishes_updates_reverts_and_uninstalls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_twenty_racing_calls_exactly_one_wins() {
-    let env = common::env();
+    let env = stop_apps_env();
     let c = &env.client;
     // It takes a second to stop, so every racing call lands while the winner works.
     let slow = envelope(serde_json::json!({
@@ -226,8 +232,11 @@ async fn of_twenty_racing_calls_exactly_one_wins() {
     for (op, settled) in [
         ("suspend", InstanceState::Suspended),
         ("resume", InstanceState::Running),
-        ("stop", InstanceState::NotRunning),
+        // Both take a second while the app handles its SIGTERM (a restart
+        // from not-running would take milliseconds, and then a later call
+        // could rightly win a second, sequential restart).
         ("restart", InstanceState::Running),
+        ("stop", InstanceState::NotRunning),
     ] {
         let calls = (0..20).map(|_| {
             let c = c.clone();
@@ -260,7 +269,7 @@ async fn of_twenty_racing_calls_exactly_one_wins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_each_instance_runs_exactly_once_and_stopped_ones_stay_stopped() {
-    let mut env = common::env();
+    let mut env = stop_apps_env();
     let c = env.client.clone();
     install(&c, &sleeper("keep", "always")).await;
     install(
@@ -311,7 +320,7 @@ async fn after_kill_9_each_instance_runs_exactly_once_and_stopped_ones_stay_stop
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_policies_back_off_and_give_up() {
-    let env = common::env();
+    let env = stop_apps_env();
     let c = &env.client;
     // on-failure, doubling from 200 ms to 800 ms, at most 4 restarts a minute.
     install(
@@ -376,7 +385,7 @@ async fn restart_policies_back_off_and_give_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_instance_is_quarantined_and_the_others_come_back() {
-    let mut env = common::env();
+    let mut env = stop_apps_env();
     let c = env.client.clone();
     install(&c, &sleeper("q", "always")).await;
     start(&c, "q/1").await;
@@ -407,7 +416,7 @@ async fn a_damaged_instance_is_quarantined_and_the_others_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_an_update_leaves_a_consistent_version() {
-    let mut env = common::env();
+    let mut env = stop_apps_env();
     let c = env.client.clone();
     install(&c, &sleeper("upd", "always")).await;
     start(&c, "upd/1").await;
@@ -441,7 +450,7 @@ async fn kill_9_during_an_update_leaves_a_consistent_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_is_checked_before_use_and_logs_follow_across_restarts() {
-    let env = common::env();
+    let env = stop_apps_env();
     let c = &env.client;
     let dir = tempfile::tempdir().unwrap();
     let bin = dir.path().join("tick.sh");
@@ -473,7 +482,7 @@ async fn a_binary_is_checked_before_use_and_logs_follow_across_restarts() {
 /// serving through its forwarded port and restarted after a crash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_run_from_an_image_in_process_sandboxes_and_microvms() {
-    let env = common::vm_env(common::VmKernel::Built);
+    let env = common::vm_env_with(common::VmKernel::Built, &["--stop-apps"]);
     let c = &env.client;
     let root = flotilla_testkit::images::busybox_root();
     let req = flotilla_api::ImportImageRequest { reference: "bb:1".into(), path: root.display().to_string() };
@@ -510,7 +519,7 @@ async fn apps_run_from_an_image_in_process_sandboxes_and_microvms() {
 /// tables, a relative binary path; `--json` on what prints objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_installs_a_toml_envelope_and_shows_its_instances() {
-    let env = common::env();
+    let env = stop_apps_env();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("greet.sh"), "#!/bin/sh\necho \"hello $1 from $GREETER\"\nexec sleep 100001\n")
         .unwrap();
@@ -577,4 +586,23 @@ max_delay = "1m"
 
 async fn c_sandbox(env: &common::Env, i: &AppInstance) -> flotilla_api::Sandbox {
     env.client.get(i.sandbox.as_deref().expect("a sandbox")).await.expect("the sandbox")
+}
+
+/// A normal shutdown leaves instances running (unless `--stop-apps`): the
+/// next node re-adopts the same processes, and the forwarded address
+/// answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutdown_leaves_instances_running_for_the_next_node() {
+    let mut env = common::env();
+    let c = env.client.clone();
+    install(&c, &web("stay", "same")).await;
+    let i = start(&c, "stay/1").await;
+    let i = serving(&c, &i.address).await;
+    answers(&i.ports[0].address, "same").await;
+    env.node.restart();
+    let after = serving(&c, &i.address).await;
+    assert_eq!((after.pid, after.restarts, &after.ports), (i.pid, 0, &i.ports), "the same process, re-adopted");
+    answers(&i.ports[0].address, "same").await;
+    // Clean up: this node keeps apps at shutdown.
+    let _: AppInstallation = c.app_action("stay/1", "uninstall", None).await.unwrap();
 }

@@ -213,6 +213,19 @@ pub fn swap_link(dir: &Path, name: &str, target: &str) -> io::Result<()> {
     std::fs::rename(&new, dir.join(name))
 }
 
+/// Removes what a crash can leave beside an object's files: a link that
+/// was written (`NAME.new`) but not yet renamed into place, and a file
+/// written (`NAME.tmp`) but not yet renamed. Neither was ever the truth.
+pub fn remove_leftovers(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".new") || name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Where the symlink `dir/name` points (a version name), if it exists.
 pub fn read_link(dir: &Path, name: &str) -> Option<String> {
     let t = std::fs::read_link(dir.join(name)).ok()?;

@@ -297,6 +297,7 @@ impl<B: Backend> Apps<B> {
                 let _ = std::fs::remove_dir_all(&dir);
                 continue;
             }
+            disk::remove_leftovers(&dir);
             for v in disk::incomplete_versions(&dir) {
                 tracing::warn!(version = %v.display(), "removing a version a crash left half-written");
                 let _ = std::fs::remove_dir_all(&v);
@@ -308,6 +309,7 @@ impl<B: Backend> Apps<B> {
                     let _ = std::fs::remove_dir_all(&idir);
                     continue;
                 }
+                disk::remove_leftovers(&idir);
                 let inst = Instance::new(ikey.clone(), idir);
                 let checked = inst.state().and_then(|s| inst.load().map(|_| s));
                 match checked {

@@ -50,13 +50,19 @@ pub enum VmKernel {
 /// A node that boots microVMs with a static build of this tree as the
 /// guest's init and `kernel` as its kernel.
 pub fn vm_env(kernel: VmKernel) -> Env {
+    vm_env_with(kernel, &[])
+}
+
+/// [`vm_env`] with extra `node` arguments.
+pub fn vm_env_with(kernel: VmKernel, extra: &[&str]) -> Env {
     let agent = flotilla_testkit::static_flotilla(Path::new(BIN));
     let built = match kernel {
         VmKernel::Built => Some(flotilla_testkit::guest_kernel(Path::new(BIN))),
         VmKernel::Distribution => None,
     };
     let k = built.as_deref().map(|p| p.to_str().expect("utf-8 path"));
-    let args = ["--guest-agent", agent.to_str().expect("utf-8 path")];
+    let mut args = vec!["--guest-agent", agent.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
     Env { kind: Kind::Vm, ..env_with_env(&args, &[("FLOTILLA_VM_KERNEL", k)]) }
 }
 
