@@ -18,9 +18,9 @@
 //! node.lock, node.pid        held (flock) by the running node, and who that is
 //! ```
 //!
-//! A node that starts with no `current` copies its own binary in as the
-//! first version and links `current` to it, so the first update has
-//! something to come back to. Under a supervisor the unit starts
+//! A node with no `current` copies its own running binary in as the
+//! first version, and links `current` to it, when its first update begins,
+//! so that update has something to come back to. Under a supervisor the unit starts
 //! `HOME/current/flotilla` (README: "Updating a node").
 //!
 //! # The protocol
@@ -883,10 +883,8 @@ impl Updater {
         &self.startup
     }
 
-    /// Start-up work: record the running binary as the first version when
-    /// there is no `current` yet (in the background: it copies and hashes
-    /// the binary, and an update waits for it), and finish a revert whose
-    /// watchdog is gone.
+    /// Start-up work: remove staging a crash left, and finish a revert
+    /// whose watchdog is gone.
     pub fn start(self: &Arc<Self>) {
         // Copies a crash interrupted (no update runs yet).
         for e in std::fs::read_dir(self.layout.versions()).into_iter().flatten().flatten() {
@@ -913,15 +911,10 @@ impl Updater {
                 self.layout.log_path().display()
             ),
         }
-        if self.layout.read_link(Link::Current).is_none() {
-            let me = self.clone();
-            tokio::spawn(async move {
-                match me.running_version().await {
-                    Ok(v) => tracing::info!(version = %v.id, "recorded the running binary as the first version"),
-                    Err(e) => tracing::warn!(error = %error_chain(&e), "could not record the running binary"),
-                }
-            });
-        }
+        // `current` is recorded lazily, when the first update or revert
+        // needs it (`running_version`, from /proc/self/exe): copying a
+        // 100+ MB binary at every start of every fresh node would cost
+        // more than it saves.
     }
 
     /// The running binary as a version: its directory when it runs from
