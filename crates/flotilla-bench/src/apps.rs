@@ -230,3 +230,170 @@ pub async fn app_restart(node: &Node, machine: &Machine, iterations: usize) -> a
     report.targets = vec![target("running again within 50 ms", Some(up < 50.0), format!("median {up:.1} ms"))];
     Ok(report)
 }
+
+/// Instances running through `app-handover`.
+pub const HANDOVER_INSTANCES: usize = 50;
+
+/// Requests sent round-robin to every instance's forwarded address while
+/// `run` is set: (answered, failed).
+async fn load(addresses: Vec<String>, run: std::sync::Arc<std::sync::atomic::AtomicBool>) -> (u64, u64) {
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut i = 0;
+    while run.load(std::sync::atomic::Ordering::Relaxed) {
+        if answers(&addresses[i % addresses.len()]).await {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+        i += 1;
+        tokio::task::yield_now().await;
+    }
+    (ok, failed)
+}
+
+/// Waits until every instance of `inst` runs with a pid and the update
+/// (if any) has committed.
+async fn all_back(node: &Node, inst: &str, n: usize, committed_to: Option<&str>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DEADLINE * 2;
+    loop {
+        let committed = match committed_to {
+            None => true,
+            Some(to) => {
+                !node.home().join("update.pending").exists()
+                    && std::fs::read(node.home().join("update.last"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<flotilla_api::UpdateOutcome>(&b).ok())
+                        .is_some_and(|o| o.to == to && o.result == flotilla_api::UpdateResult::Committed)
+            }
+        };
+        if committed
+            && let Ok(a) = node.client().app::<flotilla_api::app::AppInstallation>(inst).await
+            && a.instances.len() == n
+            && a.instances.iter().all(|i| i.state == InstanceState::Running && i.pid.is_some())
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not come back with {n} instances running; its log:\n{}", node.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Self-update hand-over with 50 instances serving: from `POST
+/// /v1/node/update` to the new version committed with every instance
+/// re-adopted, and the requests to instances that failed meanwhile;
+/// against a kill -9 and restart of the same node.
+pub async fn app_handover(
+    node: &mut Node,
+    bin: &std::path::Path,
+    machine: &Machine,
+    iterations: usize,
+) -> anyhow::Result<Report> {
+    const WARMUPS: usize = 1;
+    let n = HANDOVER_INSTANCES;
+    node.client().install_app(&server("bench-handover")?).await.context("installing the bench app")?;
+    let mut addresses = Vec::new();
+    for _ in 0..n {
+        let i: AppInstance = node.client().app_action("bench-handover/1", "start", None).await?;
+        let i = until_serving(node.client(), &i.address).await?;
+        addresses.push(i.ports[0].address.clone());
+    }
+    let original = std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
+    let (mut handover, mut exec_to_back, mut crash) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut handover_failed, mut handover_sent, mut crash_failed, mut crash_sent) = (0u64, 0u64, 0u64, 0u64);
+    for it in 0..WARMUPS + iterations {
+        let record = it >= WARMUPS;
+        // A distinct binary each time: the same program with a trailer.
+        let candidate = node.scratch(&format!("flotilla-{it}"));
+        let mut bytes = original.clone();
+        bytes.extend_from_slice(format!("\nflotilla-bench candidate {it}\n").as_bytes());
+        std::fs::write(&candidate, &bytes)?;
+        std::fs::set_permissions(&candidate, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let run = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let traffic = tokio::spawn(load(addresses.clone(), run.clone()));
+        let req = flotilla_api::NodeUpdateRequest { binary: candidate.display().to_string(), sha256: None };
+        let t = Instant::now();
+        let u: flotilla_api::NodeUpdate = node
+            .client()
+            .http()
+            .json(http::Method::POST, "/v1/node/update", Some(&req))
+            .await
+            .context("updating the node")?;
+        let answered = Instant::now();
+        all_back(node, "bench-handover/1", n, Some(&u.to.id)).await?;
+        let (h, e) = (ms(t.elapsed()), ms(answered.elapsed()));
+        run.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed) = traffic.await?;
+        let _ = std::fs::remove_file(&candidate);
+
+        let run = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let traffic = tokio::spawn(load(addresses.clone(), run.clone()));
+        let current = node.home().join("current/flotilla");
+        let c = node.crash_and_restart(&current, n).await?;
+        all_back(node, "bench-handover/1", n, None).await?;
+        let crashed = ms(c);
+        run.store(false, std::sync::atomic::Ordering::Relaxed);
+        let (c_ok, c_failed) = traffic.await?;
+        if record {
+            handover.push(h);
+            exec_to_back.push(e);
+            crash.push(crashed);
+            handover_failed += failed;
+            handover_sent += ok + failed;
+            crash_failed += c_failed;
+            crash_sent += c_ok + c_failed;
+        }
+    }
+    let _: flotilla_api::app::AppInstallation = node.client().app_action("bench-handover/1", "uninstall", None).await?;
+    let mut report = Report {
+        scenario: "app-handover",
+        description: format!(
+            "self-update with {n} app instances serving: POST /v1/node/update → new version committed, all {n} re-adopted"
+        ),
+        date: now(),
+        machine: machine.clone(),
+        unit: Unit::Millis,
+        warmups: WARMUPS,
+        cases: vec![
+            Case::measured(
+                "flotilla_update_handover",
+                "POST /v1/node/update (stage + sha256, test mode, switch) until update.last says committed and every instance runs with its pid",
+                false,
+                &handover,
+            ),
+            Case::measured(
+                "flotilla_update_answer_to_back",
+                "from the update's answer (the exec follows) to the same end",
+                false,
+                &exec_to_back,
+            ),
+            Case::measured(
+                "kill9_restart",
+                "kill -9 of the node and a start of the same binary until it lists every sandbox running",
+                true,
+                &crash,
+            ),
+        ],
+        targets: vec![],
+        notes: vec![
+            format!(
+                "requests to the instances during the hand-overs: {handover_failed} failed of {handover_sent} (listeners handed over by execve)"
+            ),
+            format!(
+                "during the kill -9 restarts: {crash_failed} failed of {crash_sent} (the listeners die with the node)"
+            ),
+        ],
+        details: serde_json::json!({
+            "handover_requests": handover_sent, "handover_failed": handover_failed,
+            "crash_requests": crash_sent, "crash_failed": crash_failed,
+        }),
+    };
+    report.set_ratios("kill9_restart");
+    report.targets = vec![target(
+        "no request to an instance fails during a hand-over",
+        Some(handover_failed == 0),
+        format!("{handover_failed} of {handover_sent} failed"),
+    )];
+    Ok(report)
+}

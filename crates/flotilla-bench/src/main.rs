@@ -42,7 +42,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|apps> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -73,6 +73,7 @@ enum Scenario {
     ImagesCreate,
     AppStart,
     AppRestart,
+    AppHandover,
 }
 
 impl Scenario {
@@ -106,7 +107,8 @@ impl Scenario {
             "images" => vec![Scenario::ImagesImport, Scenario::ImagesCreate],
             "app-start" => vec![Scenario::AppStart],
             "app-restart" => vec![Scenario::AppRestart],
-            "apps" => vec![Scenario::AppStart, Scenario::AppRestart],
+            "app-handover" => vec![Scenario::AppHandover],
+            "apps" => vec![Scenario::AppStart, Scenario::AppRestart, Scenario::AppHandover],
             _ => return None,
         })
     }
@@ -128,6 +130,7 @@ impl Scenario {
             Scenario::ImagesCreate => "images-create",
             Scenario::AppStart => "app-start",
             Scenario::AppRestart => "app-restart",
+            Scenario::AppHandover => "app-handover",
         }
     }
 
@@ -148,6 +151,7 @@ impl Scenario {
             Scenario::ImagesCreate => 20,
             Scenario::AppStart => 10,
             Scenario::AppRestart => 20,
+            Scenario::AppHandover => 3,
         }
     }
 
@@ -251,6 +255,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::ImagesCreate => images::images_create(&node, &machine, n).await,
                 Scenario::AppStart => apps::app_start(&node, &machine, n).await,
                 Scenario::AppRestart => apps::app_restart(&node, &machine, n).await,
+                Scenario::AppHandover => apps::app_handover(&mut node, &bin, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

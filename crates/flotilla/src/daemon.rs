@@ -182,7 +182,7 @@ async fn serve(
     // At a hand-over the apps' forwarded ports go to the next image as open
     // sockets: connections wait in their backlog, none is refused.
     let handed = match reason {
-        Stop::HandOver => vec![apps.handover_listeners()],
+        Stop::HandOver => vec![apps.handover_listeners().await],
         Stop::Shutdown => Vec::new(),
     };
     if let Some(t) = tls_task {

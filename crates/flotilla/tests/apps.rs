@@ -606,3 +606,77 @@ async fn a_node_shutdown_leaves_instances_running_for_the_next_node() {
     // Clean up: this node keeps apps at shutdown.
     let _: AppInstallation = c.app_action("stay/1", "uninstall", None).await.unwrap();
 }
+
+/// A self-update with instances serving: the same processes carry on
+/// after the hand-over, at the same forwarded addresses, and no request
+/// sent to them meanwhile fails (their listening sockets go to the next
+/// image; connections wait in the backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_keep_serving_through_a_self_update() {
+    let env = stop_apps_env();
+    let c = env.client.clone();
+    install(&c, &web("through", "v")).await;
+    let mut before = Vec::new();
+    for _ in 0..3 {
+        let i = start(&c, "through/1").await;
+        before.push(serving(&c, &i.address).await);
+    }
+    for i in &before {
+        answers(&i.ports[0].address, "v").await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = dir.path().join("flotilla");
+    let mut bytes = std::fs::read(common::BIN).unwrap();
+    bytes.extend_from_slice(b"\nanother build\n");
+    std::fs::write(&candidate, bytes).unwrap();
+    std::fs::set_permissions(&candidate, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let addresses: Vec<String> = before.iter().map(|i| i.ports[0].address.clone()).collect();
+    let traffic = tokio::spawn({
+        let running = running.clone();
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut n = 0;
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                let a = &addresses[n % addresses.len()];
+                match get_version(a).await {
+                    Some(v) if v == "v" => ok += 1,
+                    other => failed.push(format!("{a}: {other:?}")),
+                }
+                n += 1;
+            }
+            (ok, failed)
+        }
+    });
+    let req = flotilla_api::NodeUpdateRequest { binary: candidate.display().to_string(), sha256: None };
+    let u: flotilla_api::NodeUpdate =
+        c.http().json(http::Method::POST, "/v1/node/update", Some(&req)).await.expect("the update is accepted");
+    let home = env.node.home().to_path_buf();
+    common::eventually(WAIT, "the new version to commit", || async {
+        let done = !home.join("update.pending").exists()
+            && std::fs::read(home.join("update.last"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<flotilla_api::UpdateOutcome>(&b).ok())
+                .is_some_and(|o| o.to == u.to.id && o.result == flotilla_api::UpdateResult::Committed);
+        done.then_some(())
+    })
+    .await;
+    for b in &before {
+        let after = serving(&c, &b.address).await;
+        assert_eq!((after.pid, &after.ports, after.restarts), (b.pid, &b.ports, 0), "the same process, re-adopted");
+    }
+    // Some requests after the switch, then stop the traffic.
+    for b in &before {
+        answers(&b.ports[0].address, "v").await;
+    }
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(ok > 0);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during the hand-over: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+}

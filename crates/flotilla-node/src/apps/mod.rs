@@ -203,10 +203,15 @@ pub struct Apps<B: Backend> {
     names: Mutex<Option<Arc<dyn flotilla_names::NameTable>>>,
     /// The address forwarded ports listen on and are published at.
     host: String,
+    /// Forwarded connections open now (a hand-over lets them finish).
+    pub(crate) open_connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Listening sockets the node this one replaced handed over
     /// (`HOST:PORT` → descriptor), taken as instances bind their ports.
     inherited: Mutex<BTreeMap<String, std::os::fd::RawFd>>,
 }
+
+/// How long a hand-over waits for forwarded connections in flight.
+pub const HANDOVER_DRAIN: Duration = Duration::from_secs(2);
 
 /// The environment variable a node hands its forwarded ports' listening
 /// sockets to its successor in: `HOST:PORT=FD,...`.
@@ -232,6 +237,7 @@ impl<B: Backend> Apps<B> {
             inst_locks: Mutex::new(BTreeMap::new()),
             names: Mutex::new(None),
             host: std::env::var("FLOTILLA_APP_HOST").unwrap_or_else(|_| "127.0.0.1".into()),
+            open_connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             inherited: Mutex::new(
                 std::env::var(INHERITED_LISTENERS_ENV)
                     .unwrap_or_default()
@@ -256,11 +262,29 @@ impl<B: Backend> Apps<B> {
         }
     }
 
-    /// For a hand-over by `execve`: marks every forwarded port's listening
-    /// socket to survive the exec and returns the variable to pass it in.
-    /// Connections that arrive meanwhile wait in the socket's backlog, so
-    /// no client is refused while the next node starts.
-    pub fn handover_listeners(&self) -> (String, String) {
+    /// For a hand-over by `execve`: stops accepting on the forwarded ports
+    /// (the sockets stay open), lets the connections in flight finish
+    /// (within [`HANDOVER_DRAIN`]), marks each listening socket to survive
+    /// the exec and returns the variable to pass them in. Connections that
+    /// arrive meanwhile wait in the sockets' backlogs, so no client is
+    /// refused while the next node starts; one still open after the drain
+    /// is cut.
+    pub async fn handover_listeners(&self) -> (String, String) {
+        for inst in self.instances.lock().expect("instances").values() {
+            for t in &inst.live.lock().expect("live").forwards {
+                t.abort();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + HANDOVER_DRAIN;
+        while self.open_connections.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let left = self.open_connections.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(connections = left, "forwarded connections still open at the hand-over are cut");
+        }
         let mut pairs = Vec::new();
         for inst in self.instances.lock().expect("instances").values() {
             for (addr, l) in &inst.live.lock().expect("live").listeners {

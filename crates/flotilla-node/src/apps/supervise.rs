@@ -619,7 +619,8 @@ impl<B: Backend> Apps<B> {
             ports.push(flotilla_api::app::PortForward { port: *port, address: local.to_string() });
             let listener = Arc::new(listener);
             listeners.push((local.to_string(), listener.clone()));
-            tasks.push(tokio::spawn(super::forward::serve(listener, *port, inst.clone(), self.node.clone())));
+            let open = self.open_connections.clone();
+            tasks.push(tokio::spawn(super::forward::serve(listener, *port, inst.clone(), self.node.clone(), open)));
         }
         let _ = inst.save(&rec);
         let mut live = inst.live.lock().expect("live");
