@@ -78,7 +78,7 @@ async fn serve(
     );
     if dev {
         eprintln!(
-            "flotilla dev: node {} ready on unix://{}\n  try:  flotilla sandbox create --home {}\n  stop: Ctrl-C (running sandboxes are stopped; workspaces are kept)",
+            "flotilla dev: node {} ready on unix://{}\n  try:  flotilla sandbox create --home {}\n  stop: Ctrl-C (sandboxes are stopped, workspaces kept; app instances keep running unless --stop-apps)",
             info.node_id,
             socket.display(),
             home.display()

@@ -5,7 +5,10 @@ use flotilla_api::{Operation, Sandbox, Step, Timestamp};
 
 /// Prints a value as pretty JSON.
 pub fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    use std::io::Write;
+    // An error, not a panic, when the reader went away (`| head`): main
+    // treats a broken pipe as a clean end.
+    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -48,7 +51,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 s.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", s.trim_end());
+        // A reader that went away (`| head`) ends the table, not the program.
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), format!("{}\n", s.trim_end()).as_bytes());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
