@@ -166,7 +166,8 @@ async fn an_app_serves_publishes_updates_reverts_and_uninstalls() {
     // the stopped one stays pinned to v1.
     let up: AppInstallation = c.app_action("hello-web/1", "update", Some(&web("hello-web", "two"))).await.unwrap();
     assert_eq!((up.current.as_str(), up.previous.as_deref()), ("v2", Some("v1")));
-    answers(&a1, "two").await;
+    // The update answers once each moved instance listens again.
+    assert_eq!(get_version(&a1).await.as_deref(), Some("two"), "serving the new version when update returns");
     assert_eq!(show(c, "hello-web/1/1").await.version, "v2");
     assert_eq!(show(c, "hello-web/1/2").await.version, "v1");
     let wrong = c.app_action::<AppInstallation>("hello-web/1", "update", Some(&web("other", "x"))).await;
@@ -175,7 +176,7 @@ async fn an_app_serves_publishes_updates_reverts_and_uninstalls() {
     // Revert swaps back; a restart of the stopped instance takes the current version.
     let back: AppInstallation = c.app_action("hello-web/1", "revert", None).await.unwrap();
     assert_eq!((back.current.as_str(), back.previous.as_deref()), ("v1", Some("v2")));
-    answers(&a1, "one").await;
+    assert_eq!(get_version(&a1).await.as_deref(), Some("one"), "serving the old version when revert returns");
     let r: AppInstance = c.app_action("hello-web/1/2", "restart", None).await.unwrap();
     assert_eq!(r.version, "v1");
     serving(c, "hello-web/1/2").await;

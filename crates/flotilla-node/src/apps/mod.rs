@@ -535,8 +535,33 @@ impl<B: Backend> Apps<B> {
                 self.supervise(&inst);
                 inst.wake.notify_one();
                 self.settle(&inst).await;
+                self.until_listening(&inst).await;
             }
         }
+    }
+
+    /// Waits (bounded) until a running instance's first port accepts a
+    /// connection inside its sandbox, so a rolling update moves to the next
+    /// instance only once this one serves again. No ports: returns at once.
+    async fn until_listening(&self, inst: &Instance) {
+        let Ok(env) = self.envelope(&inst.key.installation(), &inst.version()) else { return };
+        let Some(port) = env.ports.first().copied() else { return };
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if inst.state() != Ok(InstanceState::Running) {
+                return;
+            }
+            let rec = inst.load().unwrap_or_default();
+            if let (Some(sandbox), Some(_)) = (&rec.sandbox, &rec.process)
+                && let Ok(node) = self.node()
+                && let Ok(agent) = node.agent(sandbox).await
+                && agent.connect_tcp(port).await.is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(instance = %inst.key.address(), port, "not listening after the update; moving on");
     }
 
     /// Uninstalls: every instance is stopped and deleted, then the
