@@ -214,6 +214,8 @@ async fn an_app_serves_publishes_updates_reverts_and_uninstalls() {
         code(c.app_action::<AppInstance>("hello-web/1", "start", None).await.unwrap_err()),
         ErrorCode::InvalidTransition
     );
+    // The node first: it unmounts its names from the table as it stops.
+    drop(env);
     let _ = table.shutdown().await;
 }
 
