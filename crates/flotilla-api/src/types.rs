@@ -631,6 +631,9 @@ pub enum EventBody {
     AppInstance { instance: Box<crate::app::AppInstance> },
     /// An installation was installed, updated, reverted or uninstalled.
     AppInstallation { action: String, installation: String, version: String },
+    /// A self-update or revert of the node ended: committed, or reverted
+    /// and why.
+    NodeUpdate { outcome: Box<crate::update::UpdateOutcome> },
 }
 
 impl EventBody {
@@ -645,6 +648,7 @@ impl EventBody {
             EventBody::Reset { .. } => "reset",
             EventBody::AppInstance { .. } => "app_instance",
             EventBody::AppInstallation { .. } => "app_installation",
+            EventBody::NodeUpdate { .. } => "node_update",
         }
     }
 }

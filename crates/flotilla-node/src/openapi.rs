@@ -70,6 +70,8 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
         api::NodeUpdate,
         api::NodeVersion,
         api::UpdateKind,
+        api::UpdateOutcome,
+        api::UpdateResult,
     ))
 )]
 struct Components;

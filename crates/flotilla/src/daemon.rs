@@ -161,12 +161,17 @@ async fn serve(
     // A new version just handed over to checks itself and commits, or
     // gives up: then it exits, leaving every sandbox running, and the
     // watchdog brings the previous version back.
+    // How the last hand-over ended goes on the event feed once (a revert is
+    // announced by the version that came back).
+    announce_update(&node, &updater);
     let checking = updater.clone();
     let check_socket = socket.clone();
+    let announcing = node.clone();
     tokio::spawn(async move {
         match checking.check_after_switch(&check_socket).await {
             Ok(Some(o)) => {
-                tracing::info!(update = %o.id, version = %o.to, "the new version checked itself and committed")
+                tracing::info!(update = %o.id, version = %o.to, "the new version checked itself and committed");
+                announce_update(&announcing, &checking);
             }
             Ok(None) => {}
             Err(why) => {
@@ -398,4 +403,16 @@ pub fn name_table(names: &Names) -> anyhow::Result<std::sync::Arc<dyn flotilla_n
                 .with_token(Some(token.clone())),
         ),
     })
+}
+
+/// Publishes the outcome in `HOME/update.last` on the event feed, once per
+/// hand-over (`HOME/update.announced` holds the last id announced).
+fn announce_update<B: flotilla_node::Backend>(node: &Node<B>, updater: &Updater) {
+    let Ok(Some(outcome)) = updater.layout().read_last() else { return };
+    let marker = node.config().home.join("update.announced");
+    if std::fs::read_to_string(&marker).is_ok_and(|id| id.trim() == outcome.id) {
+        return;
+    }
+    let _ = std::fs::write(&marker, &outcome.id);
+    node.events().publish(flotilla_api::EventBody::NodeUpdate { outcome: Box::new(outcome) });
 }

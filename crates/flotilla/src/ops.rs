@@ -139,6 +139,10 @@ fn describe(ev: &flotilla_api::NodeEvent) -> String {
             format!("app {} {} ({}){why}", i.address, i.state.as_str(), i.version)
         }
         B::AppInstallation { action, installation, version } => format!("app {installation} {action} ({version})"),
+        B::NodeUpdate { outcome: o } => {
+            let why = o.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
+            format!("node {} {} -> {} {:?}{why}", o.kind.as_str(), o.from, o.to, o.result)
+        }
     };
     format!("{}  {what}", ev.at)
 }
