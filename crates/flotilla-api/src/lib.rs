@@ -25,6 +25,6 @@ pub use frame::{ExitStatus, Frame, FrameDecoder, FrameError, FrameKind};
 pub use time::Timestamp;
 pub use types::*;
 pub use update::{
-    NodeUpdate, NodeUpdateRequest, NodeVersion, SelfCheck, SelfTest, TestModeInfo, UpdateKind, UpdateOutcome,
-    UpdateResult,
+    NodeUpdate, NodeUpdateRequest, NodeUpdateStatus, NodeVersion, SelfCheck, SelfTest, TestModeInfo, UpdateKind,
+    UpdateOutcome, UpdateResult,
 };

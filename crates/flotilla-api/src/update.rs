@@ -191,3 +191,13 @@ mod tests {
         assert!(parse_sha256("sha256:").is_err());
     }
 }
+
+/// `GET /v1/node/update`: the hand-over under way (its id), if any, and
+/// how the last one ended; what a client polls after an update or revert.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeUpdateStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<UpdateOutcome>,
+}

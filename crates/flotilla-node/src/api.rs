@@ -369,6 +369,13 @@ fn table<B: Backend>() -> Vec<Entry<B>> {
             update_node::<B>,
         ),
         entry(
+            (Get, "/v1/node/update", "The hand-over under way, and how the last one ended"),
+            N,
+            &[],
+            ok("NodeUpdateStatus"),
+            update_status::<B>,
+        ),
+        entry(
             (Post, "/v1/node/revert", "Go back to the previous binary, handing over the same way"),
             N,
             &[],
@@ -866,4 +873,12 @@ async fn revert_node<B: Backend>(State(n): NodeState<B>, ext: UpdaterExt) -> Res
     let u = updater(ext)?;
     let snapshot = crate::selfupdate::Snapshot::of(&n);
     Ok(Json(u.revert(snapshot).await.map_err(|e| HttpError(e.to_api()))?))
+}
+
+async fn update_status<B: Backend>(ext: UpdaterExt) -> Result<Json<flotilla_api::NodeUpdateStatus>> {
+    let u = updater(ext)?;
+    let layout = u.layout();
+    let pending = layout.read_pending().map_err(|e| HttpError(e.to_api()))?.map(|p| p.id);
+    let last = layout.read_last().map_err(|e| HttpError(e.to_api()))?;
+    Ok(Json(flotilla_api::NodeUpdateStatus { pending, last }))
 }

@@ -71,6 +71,7 @@ use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, Required, Resp
         api::NodeVersion,
         api::UpdateKind,
         api::UpdateOutcome,
+        api::NodeUpdateStatus,
         api::UpdateResult,
     ))
 )]

@@ -126,7 +126,7 @@ fn local_home(c: &NodeClient) -> Option<PathBuf> {
 
 /// Waits until the hand-over is decided and a node answers again. For a
 /// local node the outcome comes from `HOME/update.last`; for a remote one
-/// only that it answers (`None`).
+/// from `GET /v1/node/update`.
 async fn wait_for_outcome(c: &NodeClient, handed: &NodeUpdate) -> anyhow::Result<Option<UpdateOutcome>> {
     let layout = local_home(c).map(Layout::new);
     let deadline = Instant::now() + Timestamp::now().until(handed.deadline) + OUTCOME_MARGIN;
@@ -139,7 +139,15 @@ async fn wait_for_outcome(c: &NodeClient, handed: &NodeUpdate) -> anyhow::Result
                     _ => None,
                 }
             }
-            None => Some(None),
+            // A remote node says itself, once it answers again.
+            None => match c
+                .http()
+                .json::<flotilla_api::NodeUpdateStatus>(http::Method::GET, "/v1/node/update", None::<&()>)
+                .await
+            {
+                Ok(st) if st.pending.as_deref() != Some(&handed.id) => st.last.filter(|o| o.id == handed.id).map(Some),
+                _ => None,
+            },
         };
         if let Some(outcome) = decided
             && c.info().await.is_ok()

@@ -291,6 +291,13 @@ async fn an_update_hands_over_with_sandboxes_running_and_reverts_by_hand() {
     assert_eq!(exe_of(pid), std::fs::canonicalize(layout.binary(&v0)).unwrap());
     let now = env.client.get(&s.id).await.unwrap();
     assert_eq!((now.state, common::agent_pid(&now)), (SandboxState::Running, common::agent_pid(&s)));
+    // A remote client learns the outcome from the node itself.
+    let st: flotilla_api::NodeUpdateStatus =
+        env.client.http().json(http::Method::GET, "/v1/node/update", None::<&()>).await.unwrap();
+    assert_eq!(
+        (st.pending, st.last.map(|o| (o.kind, o.result))),
+        (None, Some((flotilla_api::UpdateKind::Revert, flotilla_api::UpdateResult::Committed)))
+    );
     // Each committed hand-over is on the event feed.
     let feed = events_until(&home, "\"kind\":\"revert\"").await;
     assert!(feed.contains("event: node_update") && feed.contains("\"result\":\"committed\""), "{feed}");
