@@ -373,7 +373,7 @@ fn table<B: Backend>() -> Vec<Entry<B>> {
             N,
             &[],
             ok("NodeUpdateStatus"),
-            update_status::<B>,
+            update_status,
         ),
         entry(
             (Post, "/v1/node/revert", "Go back to the previous binary, handing over the same way"),
@@ -875,7 +875,7 @@ async fn revert_node<B: Backend>(State(n): NodeState<B>, ext: UpdaterExt) -> Res
     Ok(Json(u.revert(snapshot).await.map_err(|e| HttpError(e.to_api()))?))
 }
 
-async fn update_status<B: Backend>(ext: UpdaterExt) -> Result<Json<flotilla_api::NodeUpdateStatus>> {
+async fn update_status(ext: UpdaterExt) -> Result<Json<flotilla_api::NodeUpdateStatus>> {
     let u = updater(ext)?;
     let layout = u.layout();
     let pending = layout.read_pending().map_err(|e| HttpError(e.to_api()))?.map(|p| p.id);
