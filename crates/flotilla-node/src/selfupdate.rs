@@ -493,6 +493,21 @@ impl Layout {
         NodeVersion { id: id.to_string(), sha256: self.sha256_of(id) }
     }
 
+    /// Removes every version neither `current` nor `previous` names (each
+    /// is a whole binary, 100+ MB): after a commit, those are the only two
+    /// a revert or a watchdog can come back to.
+    pub fn prune_versions(&self) {
+        let keep = [self.read_link(Link::Current), self.read_link(Link::Previous)];
+        for v in self.kept_versions() {
+            if !keep.iter().flatten().any(|k| *k == v.id) {
+                match std::fs::remove_dir_all(self.version_dir(&v.id)) {
+                    Ok(()) => self.log("node", &format!("removed version {}: neither current nor previous", v.id)),
+                    Err(e) => self.log("node", &format!("could not remove version {}: {e}", v.id)),
+                }
+            }
+        }
+    }
+
     /// Every version directory, oldest first.
     pub fn kept_versions(&self) -> Vec<KeptVersion> {
         let current = self.read_link(Link::Current);
@@ -1256,6 +1271,7 @@ impl Updater {
                 match committed {
                     Ok(()) => {
                         self.layout.log("node", &format!("{} {}: version {} committed", p.kind.as_str(), p.id, p.to));
+                        self.layout.prune_versions();
                         Ok(Some(outcome))
                     }
                     Err(e) => self.give_up(p, format!("committing: {e}")),
