@@ -573,6 +573,12 @@ max_delay = "1m"
     assert!(table.starts_with("ADDRESS") && table.contains("greeter/1/1  running"), "{table}");
     let stopped: AppInstance = serde_json::from_str(&cli(&["app", "stop", "greeter/1/1", "--json"])).unwrap();
     assert_eq!(stopped.state, InstanceState::NotRunning);
+    // Every transition is on the event feed.
+    let feed = common::events_until(env.node.home(), "\"state\":\"not-running\"").await;
+    assert!(feed.contains("event: app_installation") && feed.contains("\"action\":\"installed\""), "{feed}");
+    for state in ["launching", "running", "dying", "not-running"] {
+        assert!(feed.contains(&format!("\"state\":\"{state}\"")), "no {state} event in {feed}");
+    }
     // A bad envelope is refused by the CLI before it is sent, naming the field.
     std::fs::write(&file, "title = \"x\"\ncommand = [\"true\"]\n[restart]\nfactor = 0.1\n").unwrap();
     let out = std::process::Command::new(common::BIN)

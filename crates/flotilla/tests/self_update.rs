@@ -299,25 +299,7 @@ async fn an_update_hands_over_with_sandboxes_running_and_reverts_by_hand() {
         (None, Some((flotilla_api::UpdateKind::Revert, flotilla_api::UpdateResult::Committed)))
     );
     // Each committed hand-over is on the event feed.
-    let feed = events_until(&home, "\"kind\":\"revert\"").await;
+    let feed = common::events_until(&home, "\"kind\":\"revert\"").await;
     assert!(feed.contains("event: node_update") && feed.contains("\"result\":\"committed\""), "{feed}");
     assert_eq!(env.ok(&s.id, "cat mark").await, "before\n");
-}
-
-/// The node's event feed from the start (`GET /v1/events?after=0`) until
-/// `needle` shows up (or 10 s pass).
-async fn events_until(home: &Path, needle: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::UnixStream::connect(home.join("node.sock")).await.unwrap();
-    s.write_all(b"GET /v1/events?after=0 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&out).contains(needle) {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

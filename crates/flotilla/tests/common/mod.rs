@@ -242,3 +242,21 @@ pub fn agent_pid(s: &Sandbox) -> i32 {
 pub fn minimal_rootfs(dir: &std::path::Path) {
     flotilla_testkit::minimal_rootfs(dir, &["/bin/sh", "/bin/cat", "/bin/ls", "/bin/echo", "/bin/touch"], &[BIN]);
 }
+
+/// The node's event feed from the start (`GET /v1/events?after=0`) until
+/// `needle` shows up (or 10 s pass).
+pub async fn events_until(home: &Path, needle: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(home.join("node.sock")).await.unwrap();
+    s.write_all(b"GET /v1/events?after=0 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !String::from_utf8_lossy(&out).contains(needle) {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
