@@ -433,6 +433,9 @@ async fn kill_9_during_an_update_leaves_a_consistent_version() {
             "restart": {"policy": "always", "initial_delay": "0s"},
         }));
         let update = tokio::spawn(async move { c2.app_action::<AppInstallation>("upd/1", "update", Some(&req)).await });
+        // Not a wait for anything: the crash point, spread over the update's
+        // stages (stage, version dir, links, rolling the instance), as
+        // crash.rs spreads its kills over a create.
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         env.node.kill9();
         let _ = update.await;
@@ -548,11 +551,10 @@ max_delay = "1m"
     );
     let file = dir.path().join("greeter.toml");
     std::fs::write(&file, toml).unwrap();
-    let home = env.node.home().display().to_string();
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(common::BIN).args(args).args(["--home", &home]).output().unwrap();
-        assert!(out.status.success(), "flotilla {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let (code, out, err) = common::cli(env.node.home(), args);
+        assert_eq!(code, 0, "flotilla {args:?}: {err}");
+        out.trim().to_string()
     };
     assert_eq!(cli(&["app", "install", file.to_str().unwrap()]), "greeter/1");
     assert_eq!(cli(&["app", "start", "greeter/1"]), "greeter/1/1");
@@ -581,16 +583,9 @@ max_delay = "1m"
     }
     // A bad envelope is refused by the CLI before it is sent, naming the field.
     std::fs::write(&file, "title = \"x\"\ncommand = [\"true\"]\n[restart]\nfactor = 0.1\n").unwrap();
-    let out = std::process::Command::new(common::BIN)
-        .args(["app", "install", file.to_str().unwrap(), "--home", &home])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("restart.factor"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, err) = common::cli(env.node.home(), &["app", "install", file.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("restart.factor"), "{err}");
 }
 
 async fn c_sandbox(env: &common::Env, i: &AppInstance) -> flotilla_api::Sandbox {

@@ -9,20 +9,6 @@ use std::time::Duration;
 
 use flotilla_api::{CreateSandboxRequest, SandboxState};
 
-fn cli(env: &common::Env, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::BIN)
-        .args(args)
-        .env("FLOTILLA_HOME", env.node.home())
-        .env_remove("FLOTILLA_NODE")
-        .output()
-        .expect("run flotilla");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 on_both_backends!(
     expired_sandboxes_are_reaped,
     a_crashed_node_re_adopts_its_running_sandboxes,
@@ -32,8 +18,10 @@ on_both_backends!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_a_sandbox_from_create_to_rm() {
     let env = common::env();
-    let (code, out, err) =
-        cli(&env, &["sandbox", "create", "--name", "box", "--label", "team=ci", "--ttl", "1h", "--json"]);
+    let (code, out, err) = common::cli(
+        env.node.home(),
+        &["sandbox", "create", "--name", "box", "--label", "team=ci", "--ttl", "1h", "--json"],
+    );
     assert_eq!(code, 0, "{err}");
     let s: flotilla_api::Sandbox = serde_json::from_str(&out).unwrap();
     assert_eq!((s.name.as_str(), s.state), ("box", SandboxState::Running));
@@ -44,38 +32,41 @@ async fn the_cli_drives_a_sandbox_from_create_to_rm() {
     assert!(left > Duration::from_secs(3590) && left <= Duration::from_secs(3600), "{left:?}");
 
     // Exit codes pass through; output streams.
-    let (code, out, _) = cli(&env, &["sandbox", "exec", "box", "--", "sh", "-c", "echo hi; exit 9"]);
+    let (code, out, _) = common::cli(env.node.home(), &["sandbox", "exec", "box", "--", "sh", "-c", "echo hi; exit 9"]);
     assert_eq!((code, out.as_str()), (9, "hi\n"));
     // put a directory, get it back.
     let src = tempfile::tempdir().unwrap();
     std::fs::create_dir(src.path().join("d")).unwrap();
     std::fs::write(src.path().join("d/f.txt"), "payload").unwrap();
-    let (code, _, err) = cli(&env, &["sandbox", "put", "box", "--dir", "in", &src.path().display().to_string()]);
+    let (code, _, err) =
+        common::cli(env.node.home(), &["sandbox", "put", "box", "--dir", "in", &src.path().display().to_string()]);
     assert_eq!(code, 0, "{err}");
-    let (_, out, _) = cli(&env, &["sandbox", "exec", "box", "--", "cat", "/workspace/in/d/f.txt"]);
+    let (_, out, _) = common::cli(env.node.home(), &["sandbox", "exec", "box", "--", "cat", "/workspace/in/d/f.txt"]);
     assert_eq!(out, "payload");
     let tarfile = src.path().join("out.tar");
-    let (code, _, err) = cli(&env, &["sandbox", "get", "box", "--dir", "in", "-o", &tarfile.display().to_string()]);
+    let (code, _, err) =
+        common::cli(env.node.home(), &["sandbox", "get", "box", "--dir", "in", "-o", &tarfile.display().to_string()]);
     assert_eq!(code, 0, "{err}");
     let listing = Command::new("tar").arg("tf").arg(&tarfile).output().unwrap();
     assert!(String::from_utf8_lossy(&listing.stdout).contains("d/f.txt"));
     // ls, show, set.
-    let (_, out, _) = cli(&env, &["sandbox", "ls"]);
+    let (_, out, _) = common::cli(env.node.home(), &["sandbox", "ls"]);
     assert!(out.contains("box") && out.contains("running"), "{out}");
-    let (code, out, _) = cli(&env, &["sandbox", "set", "box", "--ttl", "0", "--label", "team=", "--json"]);
+    let (code, out, _) =
+        common::cli(env.node.home(), &["sandbox", "set", "box", "--ttl", "0", "--label", "team=", "--json"]);
     assert_eq!(code, 0);
     let s: flotilla_api::Sandbox = serde_json::from_str(&out).unwrap();
     assert!(s.delete_at.is_none() && s.labels.is_empty());
     // stop twice, start, rm; a wrong id is a clear error.
-    assert_eq!(cli(&env, &["sandbox", "stop", "box"]).0, 0);
-    assert_eq!(cli(&env, &["sandbox", "stop", "box"]).0, 0);
-    let (code, _, err) = cli(&env, &["sandbox", "exec", "box", "--", "true"]);
+    assert_eq!(common::cli(env.node.home(), &["sandbox", "stop", "box"]).0, 0);
+    assert_eq!(common::cli(env.node.home(), &["sandbox", "stop", "box"]).0, 0);
+    let (code, _, err) = common::cli(env.node.home(), &["sandbox", "exec", "box", "--", "true"]);
     assert!(code != 0 && err.contains("stopped"), "{err}");
-    assert_eq!(cli(&env, &["sandbox", "start", "box"]).0, 0);
-    assert_eq!(cli(&env, &["sandbox", "rm", "box"]).0, 0);
-    let (code, _, err) = cli(&env, &["sandbox", "show", "box"]);
+    assert_eq!(common::cli(env.node.home(), &["sandbox", "start", "box"]).0, 0);
+    assert_eq!(common::cli(env.node.home(), &["sandbox", "rm", "box"]).0, 0);
+    let (code, _, err) = common::cli(env.node.home(), &["sandbox", "show", "box"]);
     assert!(code != 0 && err.contains("no sandbox"), "{err}");
-    let (code, out, _) = cli(&env, &["info", "--json"]);
+    let (code, out, _) = common::cli(env.node.home(), &["info", "--json"]);
     assert_eq!(code, 0);
     let info: flotilla_api::NodeInfo = serde_json::from_str(&out).unwrap();
     assert!(info.cpus >= 1 && !info.backends.is_empty());

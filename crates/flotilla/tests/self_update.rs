@@ -77,22 +77,6 @@ fn read_pid(path: &Path) -> Option<(i32, u64)> {
     Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
 }
 
-/// Runs `flotilla ARGS --home HOME`: (exit code, stdout, stderr).
-fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::BIN)
-        .args(args)
-        .arg("--home")
-        .arg(home)
-        .env_remove("FLOTILLA_NODE")
-        .output()
-        .expect("run flotilla");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The pid of the process serving the node's socket.
 async fn serving_pid(home: &Path) -> Option<i32> {
     let s = tokio::net::UnixStream::connect(home.join("node.sock")).await.ok()?;
@@ -156,7 +140,7 @@ async fn a_candidate_that_fails_its_test_leaves_the_node_untouched() {
 
     // A binary that cannot even start in test mode.
     let broken = script(bins.path(), "broken", "echo 'candidate: cannot start' >&2\nexit 3");
-    let (code, _, err) = cli(&home, &["node", "update", "--binary", broken.to_str().unwrap()]);
+    let (code, _, err) = common::cli(&home, &["node", "update", "--binary", broken.to_str().unwrap()]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("test_mode failed") && err.contains("exited"), "the step and what happened: {err}");
     assert!(err.contains("candidate: cannot start"), "the candidate's own output: {err}");
@@ -176,8 +160,10 @@ async fn a_candidate_that_fails_its_test_leaves_the_node_untouched() {
     assert_eq!(e.http_status(), 400, "{e:?}");
     assert!(e.message.contains(&wrong) && e.message.contains(&sha256(&good)), "both digests: {e:?}");
     assert_eq!(e.details.as_ref().unwrap()["step"], "verify");
-    let (code, _, err) =
-        cli(&home, &["node", "update", "--binary", good.to_str().unwrap(), "--sha256", &format!("sha256:{wrong}")]);
+    let (code, _, err) = common::cli(
+        &home,
+        &["node", "update", "--binary", good.to_str().unwrap(), "--sha256", &format!("sha256:{wrong}")],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("sha256 mismatch"), "{err}");
 
@@ -215,7 +201,7 @@ async fn reverts_by_itself(after: &str, env: common::Env) {
     let bins = tempfile::tempdir().unwrap();
     let bad = fails_after_switch(bins.path(), "fails-after-switch", after);
 
-    let (code, _, err) = cli(&home, &["node", "update", "--binary", bad.to_str().unwrap()]);
+    let (code, _, err) = common::cli(&home, &["node", "update", "--binary", bad.to_str().unwrap()]);
     assert_ne!(code, 0, "the CLI reports the revert:\n{err}\n{}", log_of(&home));
     assert!(err.contains("test_answered") && err.contains("switched"), "it passed its test: {err}");
     assert!(err.contains("was reverted"), "{err}");
@@ -259,7 +245,7 @@ async fn an_update_hands_over_with_sandboxes_running_and_reverts_by_hand() {
     let new = new_build(bins.path(), "next");
 
     let (code, out, err) =
-        cli(&home, &["node", "update", "--binary", new.to_str().unwrap(), "--sha256", &sha256(&new), "--json"]);
+        common::cli(&home, &["node", "update", "--binary", new.to_str().unwrap(), "--sha256", &sha256(&new), "--json"]);
     assert_eq!(code, 0, "{err}\n{}", log_of(&home));
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     let outcome: UpdateOutcome = serde_json::from_value(answer["outcome"].clone()).unwrap();
@@ -281,7 +267,7 @@ async fn an_update_hands_over_with_sandboxes_running_and_reverts_by_hand() {
     assert_eq!(env.ok(&s.id, "cat mark").await, "before\n");
 
     // Back by hand, the same way.
-    let (code, out, err) = cli(&home, &["node", "revert", "--json"]);
+    let (code, out, err) = common::cli(&home, &["node", "revert", "--json"]);
     assert_eq!(code, 0, "{err}\n{}", log_of(&home));
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(answer["outcome"]["result"], "committed");

@@ -767,9 +767,8 @@ impl<B: Backend> Apps<B> {
         {
             let _g = inst.lock.lock().await;
             let state = inst.state().map_err(|d| ApiError::internal(format!("{}: {}", inst.key.address(), d.0)))?;
-            let done =
-                |s: InstanceState| if to == InstanceState::Dying { s == InstanceState::NotRunning } else { false };
-            if !from.contains(&state) || done(state) {
+            if !from.contains(&state) {
+                // A stop's end is `not-running`: asked again, that is a no-op.
                 let target = if to == InstanceState::Dying { InstanceState::NotRunning } else { to };
                 return Err(refused(&inst.key.address(), op, state, target));
             }

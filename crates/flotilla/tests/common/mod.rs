@@ -260,3 +260,20 @@ pub async fn events_until(home: &Path, needle: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Runs the CLI, `flotilla ARGS`, against the node whose data directory is
+/// `home` (`FLOTILLA_HOME`, so a `--` in ARGS stays the command's):
+/// (exit code, stdout, stderr).
+pub fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .env("FLOTILLA_HOME", home)
+        .env_remove("FLOTILLA_NODE")
+        .output()
+        .expect("run flotilla");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
