@@ -115,11 +115,12 @@ pub async fn run(cmd: AppCommand, node: NodeArgs, json: bool) -> anyhow::Result<
                 let a: AppInstallation = c.app(&address).await?;
                 print_installation(&a, json, false)?;
             }
-            _ => {
+            3 => {
                 check_address(&address, 3, INSTANCE)?;
                 let i: AppInstance = c.app(&address).await?;
                 print_instance(&i, json)?;
             }
+            _ => bail!("{address:?} is neither {INSTALLATION} nor {INSTANCE}"),
         },
         AppCommand::Start { installation } => {
             check_address(&installation, 2, INSTALLATION)?;
