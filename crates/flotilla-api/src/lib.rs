@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod coordinator;
 pub mod error;
 pub mod frame;
 pub mod limits;

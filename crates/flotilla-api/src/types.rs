@@ -634,6 +634,12 @@ pub enum EventBody {
     /// A self-update or revert of the node ended: committed, or reverted
     /// and why.
     NodeUpdate { outcome: Box<crate::update::UpdateOutcome> },
+    /// A run (coordinator) was created or changed state.
+    Run { run: Box<crate::coordinator::Run> },
+    /// A build (coordinator) changed state or took a step.
+    Build { build: Box<crate::coordinator::Build> },
+    /// A project was added, changed or removed (coordinator).
+    Project { project: Box<crate::coordinator::Project> },
 }
 
 impl EventBody {
@@ -649,6 +655,9 @@ impl EventBody {
             EventBody::AppInstance { .. } => "app_instance",
             EventBody::AppInstallation { .. } => "app_installation",
             EventBody::NodeUpdate { .. } => "node_update",
+            EventBody::Run { .. } => "run",
+            EventBody::Build { .. } => "build",
+            EventBody::Project { .. } => "project",
         }
     }
 }

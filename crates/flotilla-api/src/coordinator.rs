@@ -1,0 +1,247 @@
+//! The coordinator's wire types: projects, changes, runs, builds and their
+//! timelines (DESIGN §1, §5a). Shared by the coordinator's HTTP API and the
+//! CLI. No I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::Timestamp;
+
+/// The state of a run or a build (DESIGN §5a). A build that could not run
+/// at all is `failed`, naming the step that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Queued,
+    Running,
+    Passed,
+    Failed,
+    Canceled,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Running => "running",
+            RunState::Passed => "passed",
+            RunState::Failed => "failed",
+            RunState::Canceled => "canceled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunState> {
+        Some(match s {
+            "queued" => RunState::Queued,
+            "running" => RunState::Running,
+            "passed" => RunState::Passed,
+            "failed" => RunState::Failed,
+            "canceled" => RunState::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// Whether nothing more happens to it (until a retry).
+    pub fn is_final(self) -> bool {
+        match self {
+            RunState::Queued | RunState::Running => false,
+            RunState::Passed | RunState::Failed | RunState::Canceled => true,
+        }
+    }
+}
+
+/// What kind of revision a change is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// A commit on a watched branch.
+    Branch,
+    /// A revision or patch submitted with `flotilla try`.
+    Try,
+}
+
+/// A revision to verify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Change {
+    /// Stable within the project: `BRANCH@SHA` for a branch commit,
+    /// `try-N` for a try.
+    pub id: String,
+    pub kind: ChangeKind,
+    /// The full commit id that is built.
+    pub rev: String,
+    /// The watched branch a commit came from, or the base of a try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The commit's subject line.
+    #[serde(default)]
+    pub subject: String,
+    /// Grows when a change is replaced by a newer revision; the project
+    /// manager keeps only the highest it has seen.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// Whether a project is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectStatus {
+    Enabled,
+    /// `project rm` was asked: no new runs are created.
+    Removed,
+}
+
+/// A repository plus its `flotilla.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Project {
+    pub name: String,
+    /// A local path or a URL `git` can fetch.
+    pub repo: String,
+    /// The branches watched; the config's `[triggers] branches` when it has
+    /// them, else the one given at `project add`.
+    pub branches: Vec<String>,
+    pub status: ProjectStatus,
+    /// Seconds between polls of the repository.
+    pub poll_interval_s: u64,
+    /// Hash of the `flotilla.toml` the project manager last took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// Why the last `flotilla.toml` read could not be used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
+    /// Builder names of the current config.
+    #[serde(default)]
+    pub builders: Vec<String>,
+    /// The newest commit seen on each watched branch.
+    #[serde(default)]
+    pub heads: BTreeMap<String, String>,
+    /// When the repository was last fetched, and what went wrong if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polled_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_error: Option<String>,
+    /// Whether a webhook secret is set (the secret is never shown).
+    #[serde(default)]
+    pub webhook: bool,
+    /// The project manager's state version: how many steps it has taken.
+    pub eversion: u64,
+    pub created_at: Timestamp,
+}
+
+/// `POST /v1/projects`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddProjectRequest {
+    pub name: String,
+    pub repo: String,
+    /// The branch watched until the config names its own (default: the
+    /// repository's default branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// How often to poll, e.g. `30s` (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<String>,
+    /// The shared secret GitHub or Gitea signs push webhooks with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
+}
+
+/// `POST /v1/projects/{name}/try`: a revision, or a patch on a base.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TryRequest {
+    /// A revision of the repository (a commit, branch or tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    /// A patch (`git diff` / `git format-patch` output) applied on `base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    /// What the patch applies to (default: the first watched branch's head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+}
+
+/// A named, timestamped point in a build's life (DESIGN §5, seed 000).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TimelineEntry {
+    pub at: Timestamp,
+    /// `sandbox_create_requested`, `sandbox_created`, `agent_up`,
+    /// `start_write_tar`, `end_write_tar`, `start_step`, `end_step`,
+    /// `sandbox_deleted`, `retried`, `canceled`, `reattached`, …
+    pub event: String,
+    /// The step's name, an exit status, a reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Why a build failed: the step, and what it said last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuildFailure {
+    /// The step that failed: a builder step's name, or one of the build's
+    /// own (`create_sandbox`, `write_source`, `timeout`, …).
+    pub step: String,
+    pub message: String,
+    /// The last lines of the step's output.
+    #[serde(default)]
+    pub last_lines: Vec<String>,
+}
+
+/// One builder's work on one change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Build {
+    pub id: u64,
+    pub run_id: u64,
+    pub project: String,
+    pub builder: String,
+    /// 1 for the first attempt; a retry is a new build with the next number.
+    pub attempt: u32,
+    /// The build this one retries, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_reason: Option<String>,
+    pub state: RunState,
+    pub rev: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+    /// The step running now (or last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<BuildFailure>,
+    /// Bytes of log stored.
+    pub log_bytes: u64,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// The verification of one change: one build per matching builder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Run {
+    pub id: u64,
+    pub project: String,
+    pub change: Change,
+    pub state: RunState,
+    pub config_hash: String,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    /// The latest attempt of each builder (earlier attempts are in `show`).
+    #[serde(default)]
+    pub builds: Vec<Build>,
+}
+
+/// A row of a project's log: one step of its project manager.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProjectLogEntry {
+    pub eversion: u64,
+    pub at: Timestamp,
+    /// The events the step consumed, and what it decided.
+    pub reasons: Vec<String>,
+}

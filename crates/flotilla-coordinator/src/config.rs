@@ -1,0 +1,1 @@
+//! `flotilla.toml`: builders and triggers.

@@ -1,0 +1,1 @@
+//! The project's repository, through the `git` CLI.

@@ -1,0 +1,1 @@
+//! Push webhooks from GitHub and Gitea.
