@@ -229,6 +229,9 @@ pub struct Run {
     pub change: Change,
     pub state: RunState,
     pub config_hash: String,
+    /// Why the run could not start a build (its `flotilla.toml` is invalid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub created_at: Timestamp,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,

@@ -16,4 +16,6 @@
 
 pub mod config;
 pub mod git;
+pub mod pm;
+pub mod store;
 pub mod webhook;

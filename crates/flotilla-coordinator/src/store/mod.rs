@@ -1,0 +1,1205 @@
+//! The coordinator's store: projects (with their offload record), the
+//! project managers' state and event boxes, the outbox, runs, builds,
+//! timelines and logs.
+//!
+//! The logic is written once over [`Conn`] and runs the same statements on
+//! SQLite (the embedded default) and PostgreSQL (several coordinators on one
+//! database). Each public method is one short transaction on a blocking
+//! thread; the invariants that make crashes harmless live in them:
+//!
+//! - [`Store::commit_step`] checks the manager's `eversion`, pops the
+//!   consumed events, saves the state, writes the log row and records the
+//!   actions in the outbox, all or nothing.
+//! - [`Store::create_run`] re-checks the offload record (status, config
+//!   hash), is idempotent by operation id, deletes its outbox row and puts
+//!   `run_created` in the box, all or nothing.
+//! - [`Store::append_log`] stores a chunk of output together with the
+//!   process offset it reaches, so a re-attach resumes exactly there: no
+//!   gap, no repeat.
+//! - [`Store::finish_build`] finishes the run when its last build finishes
+//!   and puts `run_finished` in the box in the same transaction.
+
+pub mod conn;
+mod postgres;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use flotilla_api::Timestamp;
+use flotilla_api::coordinator::{
+    Build, BuildFailure, Change, ChangeKind, Project, ProjectLogEntry, ProjectStatus, Run, RunState, TimelineEntry,
+};
+use tokio::sync::Semaphore;
+
+pub use conn::{Conn, Dialect, Row, SqlError, SqliteConn, Value};
+
+use crate::pm::{Action, Event, Listed, Outcome, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database")]
+    Sql(#[from] SqlError),
+    #[error("stored JSON is damaged")]
+    Json(#[from] serde_json::Error),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the store's worker thread failed: {0}")]
+    Join(String),
+}
+
+/// The schema, with `{serial}` (an auto-increment primary key) and `{blob}`
+/// filled in per dialect. Column names avoid words reserved in either.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS projects (
+    name TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    status TEXT NOT NULL,
+    poll_interval_ms BIGINT NOT NULL,
+    webhook_secret TEXT,
+    config_hash TEXT,
+    config_error TEXT,
+    builders TEXT NOT NULL DEFAULT '[]',
+    branches TEXT NOT NULL DEFAULT '[]',
+    heads TEXT NOT NULL DEFAULT '{}',
+    polled_at BIGINT,
+    poll_error TEXT,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pm_state (
+    project TEXT PRIMARY KEY,
+    eversion BIGINT NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pm_events (
+    seq {serial},
+    project TEXT NOT NULL,
+    id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    UNIQUE (project, id)
+);
+CREATE TABLE IF NOT EXISTS pm_log (
+    project TEXT NOT NULL,
+    eversion BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    reasons TEXT NOT NULL,
+    PRIMARY KEY (project, eversion)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id {serial},
+    project TEXT NOT NULL,
+    action TEXT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS configs (
+    hash TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id {serial},
+    project TEXT NOT NULL,
+    op_id TEXT NOT NULL,
+    change_id TEXT NOT NULL,
+    change TEXT NOT NULL,
+    state TEXT NOT NULL,
+    config_hash TEXT NOT NULL,
+    error TEXT,
+    created_at BIGINT NOT NULL,
+    finished_at BIGINT,
+    UNIQUE (project, op_id)
+);
+CREATE TABLE IF NOT EXISTS builds (
+    id {serial},
+    run_id BIGINT NOT NULL,
+    project TEXT NOT NULL,
+    builder TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    retry_of BIGINT,
+    retry_reason TEXT,
+    superseded BIGINT NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    rev TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    sandbox TEXT,
+    step TEXT,
+    step_index BIGINT NOT NULL DEFAULT 0,
+    proc_offset BIGINT NOT NULL DEFAULT 0,
+    source_written BIGINT NOT NULL DEFAULT 0,
+    cancel_requested BIGINT NOT NULL DEFAULT 0,
+    owner TEXT,
+    failure TEXT,
+    log_bytes BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT
+);
+CREATE INDEX IF NOT EXISTS builds_by_run ON builds (run_id);
+CREATE INDEX IF NOT EXISTS builds_by_state ON builds (state);
+CREATE TABLE IF NOT EXISTS timeline (
+    seq {serial},
+    build_id BIGINT NOT NULL,
+    at BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS timeline_by_build ON timeline (build_id);
+CREATE TABLE IF NOT EXISTS log_chunks (
+    build_id BIGINT NOT NULL,
+    start BIGINT NOT NULL,
+    data {blob} NOT NULL,
+    PRIMARY KEY (build_id, start)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+";
+
+fn schema(d: Dialect) -> String {
+    let (serial, blob) = match d {
+        Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
+        Dialect::Postgres => ("BIGSERIAL PRIMARY KEY", "BYTEA"),
+    };
+    SCHEMA.replace("{serial}", serial).replace("{blob}", blob)
+}
+
+type Opener = dyn Fn() -> Result<Box<dyn Conn>, SqlError> + Send + Sync;
+
+/// The store: a small pool of connections, each call on a blocking thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dialect: Dialect,
+    idle: Mutex<Vec<Box<dyn Conn>>>,
+    permits: Semaphore,
+    open: Box<Opener>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dialect", &self.inner.dialect).finish()
+    }
+}
+
+/// What a new project starts with.
+#[derive(Debug, Clone)]
+pub struct NewProject {
+    pub name: String,
+    pub repo: String,
+    pub branch: String,
+    pub poll_interval_ms: u64,
+    pub webhook_secret: Option<String>,
+}
+
+/// What the poller last saw of a project.
+#[derive(Debug, Clone, Default)]
+pub struct PollResult {
+    pub heads: BTreeMap<String, String>,
+    pub error: Option<String>,
+    pub config_error: Option<String>,
+    /// The current config's builders and watched branches, when it parsed.
+    pub builders: Option<Vec<String>>,
+    pub branches: Option<Vec<String>>,
+}
+
+/// A build to create with a run: its builder's name and spec (JSON, the
+/// executor's input).
+#[derive(Debug, Clone)]
+pub struct NewBuild {
+    pub builder: String,
+    pub spec: String,
+}
+
+/// How a run creation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Created {
+    Run(u64),
+    /// The operation had already created this run.
+    Existing(u64),
+    /// The offload record says no (project removed, config changed); the
+    /// manager is poked to decide again.
+    Refused(String),
+}
+
+/// What an executor needs to resume a build.
+#[derive(Debug, Clone)]
+pub struct BuildWork {
+    pub id: u64,
+    pub run_id: u64,
+    pub project: String,
+    pub builder: String,
+    pub attempt: u32,
+    pub retry_reason: Option<String>,
+    pub state: RunState,
+    pub rev: String,
+    pub kind: ChangeKind,
+    pub spec: String,
+    pub sandbox: Option<String>,
+    pub step_index: usize,
+    pub proc_offset: u64,
+    pub source_written: bool,
+    pub cancel_requested: bool,
+    pub log_bytes: u64,
+}
+
+/// A slice of a build's log.
+#[derive(Debug, Clone)]
+pub struct LogSlice {
+    pub data: Vec<u8>,
+    /// Bytes stored so far.
+    pub total: u64,
+    /// The build is final: nothing more will be stored.
+    pub done: bool,
+}
+
+fn now() -> i64 {
+    Timestamp::now().0 as i64
+}
+
+fn ts(v: &Value) -> Result<Option<Timestamp>, SqlError> {
+    Ok(v.opt_int()?.map(|t| Timestamp(t as u64)))
+}
+
+fn state_of(v: &Value) -> Result<RunState, StoreError> {
+    let s = v.text()?;
+    RunState::parse(&s).ok_or_else(|| StoreError::Invalid(format!("unknown state {s:?}")))
+}
+
+impl Store {
+    /// The embedded store: SQLite at `path` (one connection; WAL).
+    pub fn sqlite(path: &Path) -> Result<Store, StoreError> {
+        let path = path.to_path_buf();
+        Store::with_opener(
+            Dialect::Sqlite,
+            1,
+            Box::new(move || Ok(Box::new(SqliteConn::open(&path)?) as Box<dyn Conn>)),
+        )
+    }
+
+    /// PostgreSQL at `url` (`postgres://user@host:port/db`), with up to
+    /// `max` connections.
+    pub fn postgres(url: &str, max: usize) -> Result<Store, StoreError> {
+        let url = url.to_string();
+        Store::with_opener(
+            Dialect::Postgres,
+            max,
+            Box::new(move || Ok(Box::new(postgres::PgConn::connect(&url)?) as Box<dyn Conn>)),
+        )
+    }
+
+    /// A store over connections from `open`; creates the schema.
+    pub fn with_opener(dialect: Dialect, max: usize, open: Box<Opener>) -> Result<Store, StoreError> {
+        let mut first = open()?;
+        first.batch(&schema(dialect)).or_else(|e| match (dialect, &e) {
+            // Two coordinators creating the schema at once on PostgreSQL:
+            // the loser's CREATE races the winner's; the schema is there.
+            (Dialect::Postgres, SqlError::Postgres(m)) if m.contains("already exists") => Ok(()),
+            _ => Err(e),
+        })?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dialect,
+                idle: Mutex::new(vec![first]),
+                permits: Semaphore::new(max.max(1)),
+                open,
+            }),
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.inner.dialect
+    }
+
+    /// Runs `f` with a connection on a blocking thread.
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Conn) -> Result<T, StoreError> + Send + 'static,
+    {
+        let _permit = self.inner.permits.acquire().await.map_err(|e| StoreError::Join(e.to_string()))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let taken = inner.idle.lock().expect("idle connections").pop();
+            let mut conn = match taken {
+                Some(c) => c,
+                None => (inner.open)()?,
+            };
+            let out = f(conn.as_mut());
+            // A connection whose transaction failed half-way is rolled back
+            // before it is reused; one that cannot be is dropped.
+            let healthy = match &out {
+                Ok(_) => true,
+                Err(StoreError::Sql(SqlError::Postgres(_))) => conn.rollback().is_ok(),
+                Err(_) => true,
+            };
+            if healthy {
+                inner.idle.lock().expect("idle connections").push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?
+    }
+
+    /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back
+    /// otherwise.
+    async fn tx<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Conn) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.with(move |c| {
+            c.begin()?;
+            match f(c) {
+                Ok(v) => {
+                    c.commit()?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    let _ = c.rollback();
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------ projects
+
+    pub async fn add_project(&self, p: NewProject) -> Result<Project, StoreError> {
+        let name = p.name.clone();
+        self.tx(move |c| {
+            let n = c.execute(
+                "INSERT INTO projects (name, repo, branch, status, poll_interval_ms, webhook_secret, created_at, branches)
+                 VALUES ($1, $2, $3, 'enabled', $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+                &[
+                    p.name.as_str().into(),
+                    p.repo.as_str().into(),
+                    p.branch.as_str().into(),
+                    p.poll_interval_ms.into(),
+                    p.webhook_secret.clone().into(),
+                    now().into(),
+                    serde_json::to_string(&[&p.branch])?.into(),
+                ],
+            )?;
+            if n == 0 {
+                // A removed project's name can be taken again.
+                let st = c.query("SELECT status FROM projects WHERE name = $1", &[p.name.as_str().into()])?;
+                if st.first().map(|r| r[0].text()).transpose()?.as_deref() != Some("removed") {
+                    return Err(StoreError::Exists(format!("project {}", p.name)));
+                }
+                c.execute(
+                    "UPDATE projects SET repo = $2, branch = $3, status = 'enabled', poll_interval_ms = $4,
+                     webhook_secret = $5, config_hash = NULL, config_error = NULL, builders = '[]', branches = $6,
+                     heads = '{}', polled_at = NULL, poll_error = NULL WHERE name = $1",
+                    &[
+                        p.name.as_str().into(),
+                        p.repo.as_str().into(),
+                        p.branch.as_str().into(),
+                        p.poll_interval_ms.into(),
+                        p.webhook_secret.clone().into(),
+                        serde_json::to_string(&[&p.branch])?.into(),
+                    ],
+                )?;
+                c.execute("DELETE FROM pm_state WHERE project = $1", &[p.name.as_str().into()])?;
+                c.execute("DELETE FROM pm_events WHERE project = $1", &[p.name.as_str().into()])?;
+            }
+            c.execute(
+                "INSERT INTO pm_state (project, eversion, state) VALUES ($1, 0, '{}')",
+                &[p.name.as_str().into()],
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.project(&name).await?.ok_or_else(|| StoreError::NotFound(format!("project {name}")))
+    }
+
+    const PROJECT_COLS: &str = "p.name, p.repo, p.branch, p.status, p.poll_interval_ms, p.webhook_secret, p.config_hash, \
+        p.config_error, p.builders, p.branches, p.heads, p.polled_at, p.poll_error, p.created_at, s.eversion";
+
+    fn project_row(r: &Row) -> Result<Project, StoreError> {
+        Ok(Project {
+            name: r[0].text()?,
+            repo: r[1].text()?,
+            status: match r[3].text()?.as_str() {
+                "removed" => ProjectStatus::Removed,
+                _ => ProjectStatus::Enabled,
+            },
+            poll_interval_s: (r[4].int()? as u64).div_ceil(1000),
+            webhook: r[5].opt_text()?.is_some(),
+            config_hash: r[6].opt_text()?,
+            config_error: r[7].opt_text()?,
+            builders: serde_json::from_str(&r[8].text()?)?,
+            branches: serde_json::from_str(&r[9].text()?)?,
+            heads: serde_json::from_str(&r[10].text()?)?,
+            polled_at: ts(&r[11])?,
+            poll_error: r[12].opt_text()?,
+            created_at: Timestamp(r[13].int()? as u64),
+            eversion: r[14].opt_int()?.unwrap_or(0) as u64,
+        })
+    }
+
+    pub async fn project(&self, name: &str) -> Result<Option<Project>, StoreError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            let rows = c.query(
+                &format!(
+                    "SELECT {} FROM projects p LEFT JOIN pm_state s ON s.project = p.name WHERE p.name = $1",
+                    Self::PROJECT_COLS
+                ),
+                &[name.into()],
+            )?;
+            rows.first().map(Self::project_row).transpose()
+        })
+        .await
+    }
+
+    /// Every project (removed ones too, so `ls` can say so).
+    pub async fn projects(&self) -> Result<Vec<Project>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(
+                &format!(
+                    "SELECT {} FROM projects p LEFT JOIN pm_state s ON s.project = p.name ORDER BY p.name",
+                    Self::PROJECT_COLS
+                ),
+                &[],
+            )?;
+            rows.iter().map(Self::project_row).collect()
+        })
+        .await
+    }
+
+    /// The project's default branch and poll interval, for its poller.
+    pub async fn project_branch(&self, name: &str) -> Result<Option<(String, u64)>, StoreError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            let rows = c.query("SELECT branch, poll_interval_ms FROM projects WHERE name = $1", &[name.into()])?;
+            rows.first().map(|r| Ok((r[0].text()?, r[1].int()? as u64))).transpose()
+        })
+        .await
+    }
+
+    pub async fn webhook_secret(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            let rows = c.query("SELECT webhook_secret FROM projects WHERE name = $1", &[name.into()])?;
+            Ok(rows.first().map(|r| r[0].opt_text()).transpose()?.flatten())
+        })
+        .await
+    }
+
+    /// `project rm`: no new runs (the offload record's status).
+    pub async fn remove_project(&self, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.tx(move |c| {
+            let n = c.execute(
+                "UPDATE projects SET status = 'removed' WHERE name = $1 AND status = 'enabled'",
+                &[name.as_str().into()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("project {name}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_poll(&self, name: &str, r: PollResult) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE projects SET heads = $2, polled_at = $3, poll_error = $4, config_error = $5,
+                 builders = COALESCE($6, builders), branches = COALESCE($7, branches) WHERE name = $1",
+                &[
+                    name.into(),
+                    serde_json::to_string(&r.heads)?.into(),
+                    now().into(),
+                    r.error.into(),
+                    r.config_error.into(),
+                    r.builders.map(|b| serde_json::to_string(&b)).transpose()?.into(),
+                    r.branches.map(|b| serde_json::to_string(&b)).transpose()?.into(),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    // ------------------------------------------------------------- configs
+
+    /// Stores a config text by its hash (immutable; idempotent).
+    pub async fn put_config(&self, hash: &str, body: &str) -> Result<(), StoreError> {
+        let (hash, body) = (hash.to_string(), body.to_string());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO configs (hash, body) VALUES ($1, $2) ON CONFLICT (hash) DO NOTHING",
+                &[hash.into(), body.into()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn config(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        let hash = hash.to_string();
+        self.with(move |c| {
+            let rows = c.query("SELECT body FROM configs WHERE hash = $1", &[hash.into()])?;
+            rows.first().map(|r| r[0].text().map_err(StoreError::from)).transpose()
+        })
+        .await
+    }
+
+    // ----------------------------------------------------------- event box
+
+    /// Puts an event in a project's box. Idempotent by `id`: returns false
+    /// if an event with that id is already waiting.
+    pub async fn send(&self, project: &str, id: &str, event: &Event) -> Result<bool, StoreError> {
+        let (project, id, body) = (project.to_string(), id.to_string(), serde_json::to_string(event)?);
+        self.with(move |c| Ok(send(c, &project, &id, &body)? > 0)).await
+    }
+
+    /// The manager's state, its eversion and the events waiting, read
+    /// outside any transaction (the commit checks the eversion).
+    pub async fn load(&self, project: &str) -> Result<(State, u64, Vec<Listed>), StoreError> {
+        let project = project.to_string();
+        self.with(move |c| {
+            let st = c.query("SELECT eversion, state FROM pm_state WHERE project = $1", &[project.as_str().into()])?;
+            let Some(r) = st.first() else {
+                return Err(StoreError::NotFound(format!("project {project}")));
+            };
+            let eversion = r[0].int()? as u64;
+            let state: State = serde_json::from_str(&r[1].text()?)?;
+            let rows = c.query(
+                "SELECT id, body FROM pm_events WHERE project = $1 ORDER BY seq LIMIT 10000",
+                &[project.as_str().into()],
+            )?;
+            let mut events = Vec::with_capacity(rows.len());
+            for r in rows {
+                events.push(Listed { id: r[0].text()?, event: serde_json::from_str(&r[1].text()?)? });
+            }
+            Ok((state, eversion, events))
+        })
+        .await
+    }
+
+    /// Commits a step: `None` if another step committed first (the eversion
+    /// moved), else the new eversion and the outbox ids of the actions.
+    pub async fn commit_step(
+        &self,
+        project: &str,
+        eversion: u64,
+        outcome: &Outcome,
+    ) -> Result<Option<(u64, Vec<u64>)>, StoreError> {
+        let project = project.to_string();
+        let state = serde_json::to_string(&outcome.state)?;
+        let reasons = serde_json::to_string(&outcome.reasons)?;
+        let actions: Vec<String> = outcome.actions.iter().map(serde_json::to_string).collect::<Result<_, _>>()?;
+        let consumed = outcome.consumed.clone();
+        let new_config = outcome.new_config.clone();
+        self.tx(move |c| {
+            let p = project.as_str();
+            let next = eversion + 1;
+            let n = c.execute(
+                "UPDATE pm_state SET eversion = $3, state = $4 WHERE project = $1 AND eversion = $2",
+                &[p.into(), eversion.into(), next.into(), state.into()],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            for id in &consumed {
+                c.execute("DELETE FROM pm_events WHERE project = $1 AND id = $2", &[p.into(), id.into()])?;
+            }
+            c.execute(
+                "INSERT INTO pm_log (project, eversion, at, reasons) VALUES ($1, $2, $3, $4)",
+                &[p.into(), next.into(), now().into(), reasons.into()],
+            )?;
+            let mut ids = Vec::new();
+            for a in actions {
+                let r = c.query(
+                    "INSERT INTO outbox (project, action, created_at) VALUES ($1, $2, $3) RETURNING id",
+                    &[p.into(), a.into(), now().into()],
+                )?;
+                ids.push(r[0][0].int()? as u64);
+            }
+            if let Some(h) = new_config {
+                c.execute("UPDATE projects SET config_hash = $2 WHERE name = $1", &[p.into(), h.into()])?;
+            }
+            Ok(Some((next, ids)))
+        })
+        .await
+    }
+
+    /// Actions recorded and not yet carried out, oldest first.
+    pub async fn outbox(&self, project: &str) -> Result<Vec<(u64, Action)>, StoreError> {
+        let project = project.to_string();
+        self.with(move |c| {
+            let rows = c.query("SELECT id, action FROM outbox WHERE project = $1 ORDER BY id", &[project.into()])?;
+            rows.iter().map(|r| Ok((r[0].int()? as u64, serde_json::from_str(&r[1].text()?)?))).collect()
+        })
+        .await
+    }
+
+    /// Carries out a `CreateRun` from the outbox (see the module doc).
+    pub async fn create_run(
+        &self,
+        outbox_id: u64,
+        project: &str,
+        action: &Action,
+        builds: Vec<NewBuild>,
+        error: Option<String>,
+    ) -> Result<Created, StoreError> {
+        let Action::CreateRun { op_id, change, config_hash, project_config } = action.clone();
+        let project = project.to_string();
+        self.tx(move |c| {
+            let p = project.as_str();
+            let off = c.query("SELECT status, config_hash FROM projects WHERE name = $1", &[p.into()])?;
+            let refused = match off.first() {
+                None => Some("the project is gone".to_string()),
+                Some(r) if r[0].text()? != "enabled" => Some("the project was removed".to_string()),
+                Some(r) if r[1].opt_text()?.unwrap_or_default() != project_config => {
+                    Some(format!("the project config changed since (now {:?})", r[1].opt_text()?))
+                }
+                Some(_) => None,
+            };
+            c.execute("DELETE FROM outbox WHERE id = $1", &[outbox_id.into()])?;
+            if let Some(why) = refused {
+                send(c, p, &format!("poke:refused:{op_id}"), &serde_json::to_string(&Event::Poke)?)?;
+                return Ok(Created::Refused(why));
+            }
+            let existing = c.query("SELECT id FROM runs WHERE project = $1 AND op_id = $2", &[p.into(), op_id.as_str().into()])?;
+            if let Some(r) = existing.first() {
+                let id = r[0].int()? as u64;
+                let ev = Event::RunCreated { change_id: change.id.clone(), run_id: id };
+                send(c, p, &format!("run_created:{id}"), &serde_json::to_string(&ev)?)?;
+                return Ok(Created::Existing(id));
+            }
+            let state = if error.is_some() || builds.is_empty() { RunState::Failed } else { RunState::Queued };
+            let finished = state.is_final().then(now);
+            let r = c.query(
+                "INSERT INTO runs (project, op_id, change_id, change, state, config_hash, error, created_at, finished_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                &[
+                    p.into(),
+                    op_id.as_str().into(),
+                    change.id.as_str().into(),
+                    serde_json::to_string(&change)?.into(),
+                    state.as_str().into(),
+                    config_hash.as_str().into(),
+                    error.clone().or_else(|| builds.is_empty().then(|| "flotilla.toml has no builders".into())).into(),
+                    now().into(),
+                    finished.into(),
+                ],
+            )?;
+            let run_id = r[0][0].int()? as u64;
+            let kind = match change.kind {
+                ChangeKind::Branch => "branch",
+                ChangeKind::Try => "try",
+            };
+            for b in builds {
+                c.execute(
+                    "INSERT INTO builds (run_id, project, builder, attempt, state, rev, kind, spec, created_at)
+                     VALUES ($1, $2, $3, 1, 'queued', $4, $5, $6, $7)",
+                    &[run_id.into(), p.into(), b.builder.into(), change.rev.as_str().into(), kind.into(), b.spec.into(), now().into()],
+                )?;
+            }
+            let ev = Event::RunCreated { change_id: change.id.clone(), run_id };
+            send(c, p, &format!("run_created:{run_id}"), &serde_json::to_string(&ev)?)?;
+            if state.is_final() {
+                let ev = Event::RunFinished { run_id, state };
+                send(c, p, &format!("run_finished:{run_id}"), &serde_json::to_string(&ev)?)?;
+            }
+            Ok(Created::Run(run_id))
+        })
+        .await
+    }
+
+    /// The project log, newest first.
+    pub async fn project_log(&self, project: &str, limit: u64) -> Result<Vec<ProjectLogEntry>, StoreError> {
+        let project = project.to_string();
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT eversion, at, reasons FROM pm_log WHERE project = $1 ORDER BY eversion DESC LIMIT $2",
+                &[project.into(), limit.into()],
+            )?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ProjectLogEntry {
+                        eversion: r[0].int()? as u64,
+                        at: Timestamp(r[1].int()? as u64),
+                        reasons: serde_json::from_str(&r[2].text()?)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Projects with events waiting or actions not yet carried out (to step
+    /// at start-up).
+    pub async fn projects_with_work(&self) -> Result<Vec<String>, StoreError> {
+        self.with(move |c| {
+            let rows =
+                c.query("SELECT DISTINCT project FROM pm_events UNION SELECT DISTINCT project FROM outbox", &[])?;
+            rows.iter().map(|r| r[0].text().map_err(StoreError::from)).collect()
+        })
+        .await
+    }
+
+    // ------------------------------------------------------- runs & builds
+
+    const BUILD_COLS: &str = "id, run_id, project, builder, attempt, retry_of, retry_reason, state, rev, sandbox, step, \
+        failure, log_bytes, created_at, started_at, finished_at";
+
+    fn build_row(r: &Row) -> Result<Build, StoreError> {
+        Ok(Build {
+            id: r[0].int()? as u64,
+            run_id: r[1].int()? as u64,
+            project: r[2].text()?,
+            builder: r[3].text()?,
+            attempt: r[4].int()? as u32,
+            retry_of: r[5].opt_int()?.map(|v| v as u64),
+            retry_reason: r[6].opt_text()?,
+            state: state_of(&r[7])?,
+            rev: r[8].text()?,
+            sandbox: r[9].opt_text()?,
+            step: r[10].opt_text()?,
+            failure: r[11].opt_text()?.map(|f| serde_json::from_str(&f)).transpose()?,
+            log_bytes: r[12].int()? as u64,
+            created_at: Timestamp(r[13].int()? as u64),
+            started_at: ts(&r[14])?,
+            finished_at: ts(&r[15])?,
+            timeline: Vec::new(),
+        })
+    }
+
+    fn run_row(r: &Row) -> Result<Run, StoreError> {
+        let change: Change = serde_json::from_str(&r[2].text()?)?;
+        Ok(Run {
+            id: r[0].int()? as u64,
+            project: r[1].text()?,
+            change,
+            state: state_of(&r[3])?,
+            config_hash: r[4].text()?,
+            error: r[5].opt_text()?,
+            created_at: Timestamp(r[6].int()? as u64),
+            finished_at: ts(&r[7])?,
+            builds: Vec::new(),
+        })
+    }
+
+    const RUN_COLS: &str = "id, project, change, state, config_hash, error, created_at, finished_at";
+
+    fn timeline_of(c: &mut dyn Conn, build: u64) -> Result<Vec<TimelineEntry>, StoreError> {
+        let rows =
+            c.query("SELECT at, event, detail FROM timeline WHERE build_id = $1 ORDER BY seq", &[build.into()])?;
+        rows.iter()
+            .map(|r| {
+                Ok(TimelineEntry { at: Timestamp(r[0].int()? as u64), event: r[1].text()?, detail: r[2].opt_text()? })
+            })
+            .collect()
+    }
+
+    /// Runs, newest first, each with the latest attempt of each builder.
+    pub async fn runs(&self, project: Option<String>, limit: u64, before: Option<u64>) -> Result<Vec<Run>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(
+                &format!(
+                    "SELECT {} FROM runs WHERE ($1 IS NULL OR project = $1) AND ($2 IS NULL OR id < $2)
+                     ORDER BY id DESC LIMIT $3",
+                    Self::RUN_COLS
+                ),
+                &[project.into(), before.into(), limit.into()],
+            )?;
+            let mut runs: Vec<Run> = rows.iter().map(Self::run_row).collect::<Result<_, _>>()?;
+            for run in &mut runs {
+                let b = c.query(
+                    &format!(
+                        "SELECT {} FROM builds WHERE run_id = $1 AND superseded = 0 ORDER BY builder",
+                        Self::BUILD_COLS
+                    ),
+                    &[run.id.into()],
+                )?;
+                run.builds = b.iter().map(Self::build_row).collect::<Result<_, _>>()?;
+            }
+            Ok(runs)
+        })
+        .await
+    }
+
+    /// One run with every attempt of every build, with timelines.
+    pub async fn run(&self, id: u64) -> Result<Option<Run>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(&format!("SELECT {} FROM runs WHERE id = $1", Self::RUN_COLS), &[id.into()])?;
+            let Some(r) = rows.first() else { return Ok(None) };
+            let mut run = Self::run_row(r)?;
+            let b = c.query(
+                &format!("SELECT {} FROM builds WHERE run_id = $1 ORDER BY builder, attempt", Self::BUILD_COLS),
+                &[id.into()],
+            )?;
+            run.builds = b.iter().map(Self::build_row).collect::<Result<_, _>>()?;
+            for b in &mut run.builds {
+                b.timeline = Self::timeline_of(c, b.id)?;
+            }
+            Ok(Some(run))
+        })
+        .await
+    }
+
+    pub async fn build(&self, id: u64) -> Result<Option<Build>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(&format!("SELECT {} FROM builds WHERE id = $1", Self::BUILD_COLS), &[id.into()])?;
+            let Some(r) = rows.first() else { return Ok(None) };
+            let mut b = Self::build_row(r)?;
+            b.timeline = Self::timeline_of(c, id)?;
+            Ok(Some(b))
+        })
+        .await
+    }
+
+    fn work_row(r: &Row) -> Result<BuildWork, StoreError> {
+        Ok(BuildWork {
+            id: r[0].int()? as u64,
+            run_id: r[1].int()? as u64,
+            project: r[2].text()?,
+            builder: r[3].text()?,
+            attempt: r[4].int()? as u32,
+            retry_reason: r[5].opt_text()?,
+            state: state_of(&r[6])?,
+            rev: r[7].text()?,
+            kind: if r[8].text()? == "try" { ChangeKind::Try } else { ChangeKind::Branch },
+            spec: r[9].text()?,
+            sandbox: r[10].opt_text()?,
+            step_index: r[11].int()? as usize,
+            proc_offset: r[12].int()? as u64,
+            source_written: r[13].int()? != 0,
+            cancel_requested: r[14].int()? != 0,
+            log_bytes: r[15].int()? as u64,
+        })
+    }
+
+    const WORK_COLS: &str = "id, run_id, project, builder, attempt, retry_reason, state, rev, kind, spec, sandbox, \
+        step_index, proc_offset, source_written, cancel_requested, log_bytes";
+
+    pub async fn work(&self, id: u64) -> Result<Option<BuildWork>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(&format!("SELECT {} FROM builds WHERE id = $1", Self::WORK_COLS), &[id.into()])?;
+            rows.first().map(Self::work_row).transpose()
+        })
+        .await
+    }
+
+    /// Builds to run, in the order the issue's peers serve them: try before
+    /// post-submit, and post-submit newest first.
+    pub async fn queued(&self, limit: u64) -> Result<Vec<u64>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT id FROM builds WHERE state = 'queued'
+                 ORDER BY CASE kind WHEN 'try' THEN 0 ELSE 1 END, run_id DESC, id LIMIT $1",
+                &[limit.into()],
+            )?;
+            rows.iter().map(|r| Ok(r[0].int()? as u64)).collect()
+        })
+        .await
+    }
+
+    /// Builds running under `owner` (to resume after a restart).
+    pub async fn running(&self, owner: &str) -> Result<Vec<u64>, StoreError> {
+        let owner = owner.to_string();
+        self.with(move |c| {
+            let rows =
+                c.query("SELECT id FROM builds WHERE state = 'running' AND owner = $1 ORDER BY id", &[owner.into()])?;
+            rows.iter().map(|r| Ok(r[0].int()? as u64)).collect()
+        })
+        .await
+    }
+
+    /// Takes a queued build for `owner`; false if another took it first.
+    pub async fn claim(&self, id: u64, owner: &str) -> Result<bool, StoreError> {
+        let owner = owner.to_string();
+        self.tx(move |c| {
+            let n = c.execute(
+                "UPDATE builds SET state = 'running', owner = $2, started_at = $3 WHERE id = $1 AND state = 'queued'",
+                &[id.into(), owner.into(), now().into()],
+            )?;
+            if n > 0 {
+                let run = c.query("SELECT run_id FROM builds WHERE id = $1", &[id.into()])?;
+                let run_id = run[0][0].int()?;
+                c.execute("UPDATE runs SET state = 'running' WHERE id = $1 AND state = 'queued'", &[run_id.into()])?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    pub async fn timeline(&self, build: u64, event: &str, detail: Option<String>) -> Result<TimelineEntry, StoreError> {
+        let event = event.to_string();
+        self.with(move |c| {
+            let at = now();
+            c.execute(
+                "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, $3, $4)",
+                &[build.into(), at.into(), event.as_str().into(), detail.clone().into()],
+            )?;
+            Ok(TimelineEntry { at: Timestamp(at as u64), event, detail })
+        })
+        .await
+    }
+
+    pub async fn set_sandbox(&self, build: u64, sandbox: &str) -> Result<(), StoreError> {
+        let sandbox = sandbox.to_string();
+        self.with(move |c| {
+            c.execute("UPDATE builds SET sandbox = $2 WHERE id = $1", &[build.into(), sandbox.into()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_source_written(&self, build: u64) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute("UPDATE builds SET source_written = 1 WHERE id = $1", &[build.into()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that step `index` (named `name`) is about to start: its
+    /// process offset starts at zero. Written before the exec.
+    pub async fn begin_step(&self, build: u64, index: usize, name: &str) -> Result<(), StoreError> {
+        let name = name.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE builds SET step_index = $2, step = $3, proc_offset = 0 WHERE id = $1 AND step_index <= $2",
+                &[build.into(), (index as u64).into(), name.into()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Appends output of the current step: the bytes between process
+    /// offsets `from` and `from + data.len()`. Refused (false) unless the
+    /// stored offset is `from`: so a chunk is never stored twice.
+    pub async fn append_log(&self, build: u64, from: u64, data: Vec<u8>) -> Result<bool, StoreError> {
+        self.tx(move |c| {
+            let to = from + data.len() as u64;
+            let rows = c.query(
+                "UPDATE builds SET proc_offset = $3, log_bytes = log_bytes + $4
+                 WHERE id = $1 AND proc_offset = $2 RETURNING log_bytes",
+                &[build.into(), from.into(), to.into(), (data.len() as u64).into()],
+            )?;
+            let Some(r) = rows.first() else { return Ok(false) };
+            let end = r[0].int()? as u64;
+            let start = end - data.len() as u64;
+            c.execute(
+                "INSERT INTO log_chunks (build_id, start, data) VALUES ($1, $2, $3)",
+                &[build.into(), start.into(), data.into()],
+            )?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Up to `max` bytes of the log from byte `from`.
+    pub async fn log(&self, build: u64, from: u64, max: u64) -> Result<Option<LogSlice>, StoreError> {
+        self.with(move |c| {
+            let b = c.query("SELECT log_bytes, state FROM builds WHERE id = $1", &[build.into()])?;
+            let Some(b) = b.first() else { return Ok(None) };
+            let total = b[0].int()? as u64;
+            let done = state_of(&b[1])?.is_final();
+            let rows = c.query(
+                "SELECT start, data FROM log_chunks WHERE build_id = $1 AND start + length(data) > $2
+                 ORDER BY start LIMIT 256",
+                &[build.into(), from.into()],
+            )?;
+            let mut data = Vec::new();
+            for r in rows {
+                let start = r[0].int()? as u64;
+                let chunk = r[1].clone().blob()?;
+                let skip = from.saturating_sub(start) as usize;
+                if skip < chunk.len() {
+                    data.extend_from_slice(&chunk[skip..]);
+                }
+                if data.len() as u64 >= max {
+                    data.truncate(max as usize);
+                    break;
+                }
+            }
+            Ok(Some(LogSlice { data, total, done }))
+        })
+        .await
+    }
+
+    /// The last `n` lines of a build's log (for a failure's summary).
+    pub async fn tail(&self, build: u64, n: usize) -> Result<Vec<String>, StoreError> {
+        let Some(s) = self.log(build, 0, 0).await? else { return Ok(Vec::new()) };
+        let from = s.total.saturating_sub(16 * 1024);
+        let Some(s) = self.log(build, from, 16 * 1024).await? else { return Ok(Vec::new()) };
+        let text = String::from_utf8_lossy(&s.data);
+        let lines: Vec<&str> = text.lines().collect();
+        Ok(lines[lines.len().saturating_sub(n)..].iter().map(|l| l.to_string()).collect())
+    }
+
+    /// Ends a build; when it was the last of its run, ends the run and puts
+    /// `run_finished` in the project's box, in the same transaction.
+    /// Returns the run's new state when it finished.
+    pub async fn finish_build(
+        &self,
+        build: u64,
+        state: RunState,
+        failure: Option<BuildFailure>,
+    ) -> Result<Option<RunState>, StoreError> {
+        let failure = failure.map(|f| serde_json::to_string(&f)).transpose()?;
+        self.tx(move |c| {
+            let n = c.execute(
+                "UPDATE builds SET state = $2, failure = $3, finished_at = $4
+                 WHERE id = $1 AND state IN ('queued', 'running')",
+                &[build.into(), state.as_str().into(), failure.into(), now().into()],
+            )?;
+            if n == 0 {
+                return Ok(None);
+            }
+            let r = c.query("SELECT run_id, project FROM builds WHERE id = $1", &[build.into()])?;
+            let (run_id, project) = (r[0][0].int()? as u64, r[0][1].text()?);
+            finish_run_if_done(c, run_id, &project)
+        })
+        .await
+    }
+
+    /// Asks a run's (or one build's) unfinished builds to stop: queued ones
+    /// end at once, running ones are flagged for their executor. Returns the
+    /// running builds flagged.
+    pub async fn cancel(&self, run: Option<u64>, build: Option<u64>) -> Result<Vec<u64>, StoreError> {
+        self.tx(move |c| {
+            let (filter, id) = match (run, build) {
+                (_, Some(b)) => ("id = $1", b),
+                (Some(r), None) => ("run_id = $1", r),
+                (None, None) => return Ok(Vec::new()),
+            };
+            let rows = c.query(
+                &format!("SELECT id, state, run_id, project FROM builds WHERE {filter} AND state IN ('queued', 'running')"),
+                &[id.into()],
+            )?;
+            let mut running = Vec::new();
+            let mut touched = None;
+            for r in &rows {
+                let bid = r[0].int()? as u64;
+                touched = Some((r[2].int()? as u64, r[3].text()?));
+                if state_of(&r[1])? == RunState::Queued {
+                    c.execute(
+                        "UPDATE builds SET state = 'canceled', finished_at = $2 WHERE id = $1",
+                        &[bid.into(), now().into()],
+                    )?;
+                    c.execute(
+                        "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'canceled', 'before it started')",
+                        &[bid.into(), now().into()],
+                    )?;
+                } else {
+                    c.execute("UPDATE builds SET cancel_requested = 1 WHERE id = $1", &[bid.into()])?;
+                    running.push(bid);
+                }
+            }
+            if let Some((run_id, project)) = touched {
+                finish_run_if_done(c, run_id, &project)?;
+            }
+            Ok(running)
+        })
+        .await
+    }
+
+    /// Retries a finished build as a new attempt (visible as such), and
+    /// reopens its run. Returns the new build's id.
+    pub async fn retry(&self, build: u64, reason: &str) -> Result<u64, StoreError> {
+        let reason = reason.to_string();
+        self.tx(move |c| {
+            let r = c.query(
+                "SELECT run_id, project, builder, attempt, state, rev, kind, spec, superseded FROM builds WHERE id = $1",
+                &[build.into()],
+            )?;
+            let Some(r) = r.first() else { return Err(StoreError::NotFound(format!("build {build}"))) };
+            if !state_of(&r[4])?.is_final() {
+                return Err(StoreError::Invalid(format!("build {build} is {}: only a finished build is retried", r[4].text()?)));
+            }
+            if r[8].int()? != 0 {
+                let newer = c.query("SELECT id FROM builds WHERE retry_of = $1", &[build.into()])?;
+                let n = newer.first().map(|x| x[0].int()).transpose()?.unwrap_or(0);
+                return Err(StoreError::Invalid(format!("build {build} was already retried as build {n}")));
+            }
+            let run_id = r[0].int()?;
+            c.execute("UPDATE builds SET superseded = 1 WHERE id = $1", &[build.into()])?;
+            let n = c.query(
+                "INSERT INTO builds (run_id, project, builder, attempt, retry_of, retry_reason, state, rev, kind, spec, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10) RETURNING id",
+                &[
+                    run_id.into(),
+                    r[1].clone(),
+                    r[2].clone(),
+                    (r[3].int()? + 1).into(),
+                    build.into(),
+                    reason.as_str().into(),
+                    r[5].clone(),
+                    r[6].clone(),
+                    r[7].clone(),
+                    now().into(),
+                ],
+            )?;
+            let id = n[0][0].int()? as u64;
+            c.execute(
+                "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'retried', $3)",
+                &[build.into(), now().into(), format!("as build {id}: {reason}").into()],
+            )?;
+            c.execute("UPDATE runs SET state = 'running', finished_at = NULL WHERE id = $1", &[run_id.into()])?;
+            Ok(id)
+        })
+        .await
+    }
+}
+
+fn send(c: &mut dyn Conn, project: &str, id: &str, body: &str) -> Result<u64, StoreError> {
+    Ok(c.execute(
+        "INSERT INTO pm_events (project, id, body) VALUES ($1, $2, $3) ON CONFLICT (project, id) DO NOTHING",
+        &[project.into(), id.into(), body.into()],
+    )?)
+}
+
+/// A run is over when every latest attempt is: failed if any failed, else
+/// canceled if any was, else passed.
+fn finish_run_if_done(c: &mut dyn Conn, run_id: u64, project: &str) -> Result<Option<RunState>, StoreError> {
+    let rows = c.query("SELECT state FROM builds WHERE run_id = $1 AND superseded = 0", &[run_id.into()])?;
+    let states: Vec<RunState> = rows.iter().map(|r| state_of(&r[0])).collect::<Result<_, _>>()?;
+    if states.iter().any(|s| !s.is_final()) {
+        return Ok(None);
+    }
+    let state = if states.contains(&RunState::Failed) {
+        RunState::Failed
+    } else if states.contains(&RunState::Canceled) {
+        RunState::Canceled
+    } else {
+        RunState::Passed
+    };
+    let n = c.execute(
+        "UPDATE runs SET state = $2, finished_at = $3 WHERE id = $1 AND state IN ('queued', 'running')",
+        &[run_id.into(), state.as_str().into(), now().into()],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    // One id per finish: a retried run that finishes again notifies again.
+    let seq = c.query("SELECT COUNT(*) FROM builds WHERE run_id = $1", &[run_id.into()])?;
+    let ev = Event::RunFinished { run_id, state };
+    send(c, project, &format!("run_finished:{run_id}:{}", seq[0][0].int()?), &serde_json::to_string(&ev)?)?;
+    Ok(Some(state))
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod pg_tests;

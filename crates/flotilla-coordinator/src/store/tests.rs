@@ -1,0 +1,165 @@
+//! The store's suite, run on SQLite here and on a throwaway PostgreSQL in
+//! `tests/postgres.rs` (through [`suite`]).
+
+use flotilla_api::coordinator::{BuildFailure, Change, ChangeKind, RunState};
+
+use super::*;
+use crate::pm::{self, ChangeNotice, ConfigRef, Event};
+
+fn change(sha: &str) -> Change {
+    Change {
+        id: format!("main@{sha}"),
+        kind: ChangeKind::Branch,
+        rev: sha.into(),
+        branch: Some("main".into()),
+        subject: "s".into(),
+        version: 1,
+    }
+}
+
+fn builds(names: &[&str]) -> Vec<NewBuild> {
+    names.iter().map(|n| NewBuild { builder: n.to_string(), spec: "{}".into() }).collect()
+}
+
+/// Takes one manager step and commits it; returns the outbox ids.
+async fn step_once(s: &Store, project: &str) -> (pm::Outcome, Option<(u64, Vec<u64>)>) {
+    let (state, ev, events) = s.load(project).await.unwrap();
+    let out = pm::step(&state, &events, "main");
+    let committed = s.commit_step(project, ev, &out).await.unwrap();
+    (out, committed)
+}
+
+/// Everything the coordinator relies on its store for.
+pub async fn suite(s: Store) {
+    let p = s
+        .add_project(NewProject {
+            name: "demo".into(),
+            repo: "/src/demo".into(),
+            branch: "main".into(),
+            poll_interval_ms: 10_000,
+            webhook_secret: Some("sekrit".into()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.eversion, 0);
+    assert!(p.webhook);
+    assert!(matches!(
+        s.add_project(NewProject {
+            name: "demo".into(),
+            repo: "x".into(),
+            branch: "main".into(),
+            poll_interval_ms: 1,
+            webhook_secret: None
+        })
+        .await,
+        Err(StoreError::Exists(_))
+    ));
+
+    // Events are idempotent by id while they wait.
+    let cfg = Event::UpdateConfig {
+        config: ConfigRef { hash: "h1".into(), branches: vec!["main".into()], try_enabled: true },
+    };
+    assert!(s.send("demo", "cfg:h1", &cfg).await.unwrap());
+    assert!(!s.send("demo", "cfg:h1", &cfg).await.unwrap());
+    let notice =
+        Event::ChangesUpdated { changes: vec![ChangeNotice { change: change("aaa"), config_hash: "h1".into() }] };
+    assert!(s.send("demo", "c:aaa", &notice).await.unwrap());
+
+    // A step that lost the race commits nothing.
+    let (state, ev, events) = s.load("demo").await.unwrap();
+    assert_eq!(events.len(), 2);
+    let out = pm::step(&state, &events, "main");
+    let (ev2, ids) = s.commit_step("demo", ev, &out).await.unwrap().expect("first commit");
+    assert_eq!(ev2, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(s.commit_step("demo", ev, &out).await.unwrap(), None, "a stale eversion must not commit");
+    let (_, _, left) = s.load("demo").await.unwrap();
+    assert!(left.is_empty(), "consumed events are popped");
+    assert_eq!(s.project("demo").await.unwrap().unwrap().config_hash.as_deref(), Some("h1"));
+    assert_eq!(s.project_log("demo", 10).await.unwrap().len(), 1);
+
+    // The outbox holds the action until run creation carries it out, once.
+    let outbox = s.outbox("demo").await.unwrap();
+    assert_eq!(outbox.len(), 1);
+    let (oid, action) = outbox[0].clone();
+    let run = match s.create_run(oid, "demo", &action, builds(&["linux-amd64", "linux-386"]), None).await.unwrap() {
+        Created::Run(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert!(s.outbox("demo").await.unwrap().is_empty());
+    // The same operation again (a crash before the outbox row was gone, a
+    // second coordinator) finds the run instead of making another.
+    assert_eq!(s.create_run(oid, "demo", &action, builds(&["x"]), None).await.unwrap(), Created::Existing(run));
+    let (o, _) = step_once(&s, "demo").await;
+    assert_eq!(o.state.changes["main@aaa"].run, Some(run));
+
+    // Run creation re-checks the offload record.
+    let Action::CreateRun { op_id, change: ch, config_hash, .. } = action.clone();
+    let stale =
+        Action::CreateRun { op_id: format!("{op_id}-x"), change: ch, config_hash, project_config: "old".into() };
+    assert!(matches!(s.create_run(999, "demo", &stale, builds(&["a"]), None).await.unwrap(), Created::Refused(_)));
+    let (_, _, ev) = s.load("demo").await.unwrap();
+    assert!(ev.iter().any(|l| l.event == Event::Poke), "a refusal pokes the manager");
+    step_once(&s, "demo").await;
+
+    // Builds: claimed once, logs stored with their offsets.
+    let queued = s.queued(10).await.unwrap();
+    assert_eq!(queued.len(), 2);
+    let b = queued[0];
+    assert!(s.claim(b, "me").await.unwrap());
+    assert!(!s.claim(b, "other").await.unwrap(), "a build is claimed once");
+    assert_eq!(s.running("me").await.unwrap(), vec![b]);
+    s.begin_step(b, 0, "test").await.unwrap();
+    assert!(s.append_log(b, 0, b"hello ".to_vec()).await.unwrap());
+    assert!(!s.append_log(b, 0, b"hello ".to_vec()).await.unwrap(), "the same bytes are never stored twice");
+    assert!(s.append_log(b, 6, b"world\n".to_vec()).await.unwrap());
+    s.begin_step(b, 1, "second").await.unwrap();
+    assert!(s.append_log(b, 0, b"two\n".to_vec()).await.unwrap());
+    let log = s.log(b, 0, 1 << 20).await.unwrap().unwrap();
+    assert_eq!(log.data, b"hello world\ntwo\n");
+    assert_eq!(log.total, 16);
+    assert!(!log.done);
+    assert_eq!(s.log(b, 8, 3).await.unwrap().unwrap().data, b"rld");
+    assert_eq!(s.tail(b, 1).await.unwrap(), ["two"]);
+    let w = s.work(b).await.unwrap().unwrap();
+    assert_eq!((w.step_index, w.proc_offset, w.log_bytes), (1, 4, 16));
+    s.timeline(b, "start_step", Some("test".into())).await.unwrap();
+
+    // The run ends with its last build, and the manager hears of it.
+    let fail = BuildFailure { step: "test".into(), message: "exit 1".into(), last_lines: vec!["two".into()] };
+    assert_eq!(s.finish_build(b, RunState::Failed, Some(fail.clone())).await.unwrap(), None);
+    let other = queued[1];
+    let flagged = s.cancel(Some(run), None).await.unwrap();
+    assert!(flagged.is_empty(), "the other build was queued: canceled at once");
+    let r = s.run(run).await.unwrap().unwrap();
+    assert_eq!(r.state, RunState::Failed);
+    assert_eq!(r.builds.iter().find(|x| x.id == other).unwrap().state, RunState::Canceled);
+    assert_eq!(r.builds.iter().find(|x| x.id == b).unwrap().failure.as_ref(), Some(&fail));
+    let (o, _) = step_once(&s, "demo").await;
+    assert!(o.state.changes.is_empty(), "{:?}", o.reasons);
+
+    // A retry is a new attempt and reopens the run.
+    let again = s.retry(b, "by hand").await.unwrap();
+    assert!(matches!(s.retry(b, "again").await, Err(StoreError::Invalid(_))));
+    let r = s.run(run).await.unwrap().unwrap();
+    assert_eq!(r.state, RunState::Running);
+    let nb = s.build(again).await.unwrap().unwrap();
+    assert_eq!((nb.attempt, nb.retry_of, nb.retry_reason.as_deref()), (2, Some(b), Some("by hand")));
+    assert!(s.build(b).await.unwrap().unwrap().timeline.iter().any(|t| t.event == "retried"));
+    let listed = s.runs(Some("demo".into()), 10, None).await.unwrap();
+    assert_eq!(listed[0].builds.len(), 2, "ls shows the latest attempt of each builder");
+    assert!(s.claim(again, "me").await.unwrap());
+    assert_eq!(s.finish_build(again, RunState::Passed, None).await.unwrap(), Some(RunState::Canceled));
+    assert!(s.finish_build(again, RunState::Failed, None).await.unwrap().is_none(), "a final build stays final");
+
+    // Removal: no new runs.
+    s.remove_project("demo").await.unwrap();
+    let (_, _, _) = s.load("demo").await.unwrap();
+    assert_eq!(s.project("demo").await.unwrap().unwrap().status, flotilla_api::coordinator::ProjectStatus::Removed);
+}
+
+#[tokio::test]
+async fn sqlite_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    suite(Store::sqlite(&dir.path().join("c.db")).unwrap()).await;
+}
