@@ -14,8 +14,21 @@
 //! is always a new attempt with a reason.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod build;
+pub mod client;
 pub mod config;
+pub mod driver;
 pub mod git;
 pub mod pm;
+pub mod poller;
+pub mod runtime;
 pub mod store;
 pub mod webhook;
+
+pub use runtime::{Coordinator, CoordinatorConfig};
+
+/// An error and its causes on one line (for logs and failures).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    flotilla_agent::http::error_chain(e)
+}

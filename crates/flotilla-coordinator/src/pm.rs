@@ -199,18 +199,18 @@ pub fn step(state: &State, events: &[Listed], default_branch: &str) -> Outcome {
     ));
 
     // Config first: the changes of this batch are judged by it.
-    if let Some(c) = prepared.config {
-        if next.config.as_ref() != Some(&c) {
-            reasons.push(format!(
-                "config {} → {} (branches {:?}, try {})",
-                next.config.as_ref().map_or("none", |o| o.hash.as_str()),
-                c.hash,
-                c.branches,
-                c.try_enabled
-            ));
-            new_config = Some(c.hash.clone());
-            next.config = Some(c);
-        }
+    if let Some(c) = prepared.config
+        && next.config.as_ref() != Some(&c)
+    {
+        reasons.push(format!(
+            "config {} → {} (branches {:?}, try {})",
+            next.config.as_ref().map_or("none", |o| o.hash.as_str()),
+            c.hash,
+            c.branches,
+            c.try_enabled
+        ));
+        new_config = Some(c.hash.clone());
+        next.config = Some(c);
     }
     let (branches, try_enabled, project_config) = match &next.config {
         Some(c) => (c.branches.clone(), c.try_enabled, c.hash.clone()),

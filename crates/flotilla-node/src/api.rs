@@ -611,9 +611,15 @@ async fn events<B: Backend>(
     QueryParams(q): QueryParams<EventsQuery>,
     req: Request,
 ) -> Response {
-    use axum::response::sse::{Event, KeepAlive, Sse};
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
-    let sub = n.events().subscribe(q.after.or(last));
+    sse(n.events().subscribe(q.after.or(last)))
+}
+
+/// An event subscription as server-sent events: the replay, then the live
+/// feed; a client that falls behind gets a `reset` event. (The coordinator
+/// serves its own feed through this too.)
+pub fn sse(sub: crate::events::Subscription) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
     let to_sse = |e: &flotilla_api::NodeEvent| -> std::result::Result<Event, std::convert::Infallible> {
         Ok(Event::default()
             .id(e.id.to_string())

@@ -78,6 +78,20 @@ pub async fn serve_unix<B: Backend>(
     Ok(reason)
 }
 
+/// Serves `router` on a private (0600) Unix socket until `shutdown`
+/// resolves (the coordinator's socket; the node's own goes through
+/// [`serve_unix`]).
+pub async fn serve_router_unix(
+    socket: &Path,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = bind_private(socket)?;
+    serve_connections(listener, router, shutdown).await;
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
 /// Serves `router` on a Unix listener until `shutdown` resolves: one task
 /// per connection, HTTP/1.1 with upgrades, and a deadline on request
 /// headers (a client that never finishes them is disconnected after

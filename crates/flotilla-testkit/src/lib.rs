@@ -39,6 +39,8 @@ pub struct NodeProcess {
     args: Vec<String>,
     /// Environment for the node: set (`Some`) or removed (`None`).
     env: Vec<(String, Option<String>)>,
+    /// The role started: `node`, or `dev` (node, name table, coordinator).
+    role: &'static str,
 }
 
 impl NodeProcess {
@@ -58,7 +60,26 @@ impl NodeProcess {
         let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
         let args = args.iter().map(|a| a.to_string()).collect();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.map(str::to_string))).collect();
-        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf(), args, env };
+        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf(), args, env, role: "node" };
+        n.spawn();
+        n
+    }
+
+    /// Starts `bin dev --home <tmp> ARGS...`: the node, its name table and
+    /// a coordinator in one process. Waits for the node's socket and the
+    /// coordinator's.
+    pub fn start_dev(bin: &Path, args: &[&str]) -> NodeProcess {
+        let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut n = NodeProcess {
+            child: None,
+            crashed: false,
+            home,
+            bin: bin.to_path_buf(),
+            args,
+            env: Vec::new(),
+            role: "dev",
+        };
         n.spawn();
         n
     }
@@ -78,7 +99,7 @@ impl NodeProcess {
             };
         }
         let child = cmd
-            .args(["node", "--home"])
+            .args([self.role, "--home"])
             .arg(self.home.path())
             .args(&self.args)
             .env("FLOTILLA_LOG", "info")
@@ -98,6 +119,16 @@ impl NodeProcess {
             // Connect, not just look for the file: the node must answer.
             std::os::unix::net::UnixStream::connect(&sock).is_ok().then_some(())
         });
+        if self.role == "dev" {
+            let csock = self.home.path().join("coordinator.sock");
+            let child = self.child.as_mut().expect("child");
+            wait_until(Duration::from_secs(20), "the coordinator socket", || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("flotilla dev exited early with {status}");
+                }
+                std::os::unix::net::UnixStream::connect(&csock).is_ok().then_some(())
+            });
+        }
     }
 
     pub fn home(&self) -> &Path {

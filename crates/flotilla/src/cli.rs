@@ -55,6 +55,10 @@ pub struct NodeArgs {
     /// HOME/tls/token; $FLOTILLA_TOKEN is the clients' and does not apply).
     #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// Coordinator API address (unix:///path/coordinator.sock or http://host:port); default:
+    /// HOME/coordinator.sock.
+    #[arg(long, env = "FLOTILLA_COORDINATOR", global = true)]
+    pub coordinator: Option<String>,
     /// Trust this certificate (PEM) for an https node, e.g. a copy of the node's HOME/tls/cert.pem.
     #[arg(long, env = "FLOTILLA_CA", global = true)]
     pub ca: Option<PathBuf>,
@@ -65,8 +69,22 @@ pub struct NodeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the whole system on this machine with embedded defaults (today: a node).
-    Dev(DaemonArgs),
+    /// Run the whole system on this machine with embedded defaults: a node, its name table and
+    /// a coordinator (SQLite).
+    Dev(DevArgs),
+    /// Run a coordinator on its own: projects, runs and builds, driving the node at --node.
+    Coordinator(crate::coordinator::CoordinatorArgs),
+    /// Repositories the coordinator watches and builds.
+    #[command(subcommand)]
+    Project(crate::project::ProjectCommand),
+    /// Build a revision or a patch with a project's builders (a try run).
+    Try(crate::project::TryArgs),
+    /// Runs: one change verified by every builder.
+    #[command(subcommand)]
+    Run(crate::run::RunCommand),
+    /// Builds: one builder's work on one change (timeline, log, cancel, retry).
+    #[command(subcommand)]
+    Build(crate::run::BuildCommand),
     /// Run a node daemon: owns the sandboxes on this machine.
     Node(NodeCmd),
     /// Create and use sandboxes.
@@ -103,11 +121,21 @@ impl Command {
         matches!(
             self,
             Command::Dev(_)
+                | Command::Coordinator(_)
                 | Command::Node(NodeCmd { command: None, .. })
                 | Command::Agent(_)
                 | Command::Names(NamesCommand::Serve { .. })
         )
     }
+}
+
+/// `flotilla dev`: a node's options and the coordinator's.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    #[command(flatten)]
+    pub coordinator: crate::coordinator::CoordinatorArgs,
 }
 
 #[derive(Debug, Args)]
@@ -576,7 +604,9 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Cli {
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Cli::command()).exit());
     let token_given = matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine);
     let g = &cli.global.node;
-    if let Command::Dev(d) | Command::Node(NodeCmd { command: None, daemon: d }) = &mut cli.command {
+    if let Command::Dev(DevArgs { daemon: d, .. }) | Command::Node(NodeCmd { command: None, daemon: d }) =
+        &mut cli.command
+    {
         d.home = g.home.clone();
         d.names = g.names.clone();
         d.names_token = g.names_token.clone();
@@ -593,8 +623,13 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Cli {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let GlobalArgs { node, json } = cli.global;
     match cli.command {
-        Command::Dev(a) => crate::daemon::node(a, true),
-        Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, false),
+        Command::Dev(DevArgs { daemon, coordinator }) => crate::daemon::node(daemon, Some(coordinator)),
+        Command::Coordinator(a) => crate::coordinator::run(a, node),
+        Command::Project(cmd) => crate::sandbox::block_on(crate::project::run(cmd, node, json)),
+        Command::Try(a) => crate::sandbox::block_on(crate::project::try_change(a, node, json)),
+        Command::Run(cmd) => crate::sandbox::block_on(crate::run::run(cmd, node, json)),
+        Command::Build(cmd) => crate::sandbox::block_on(crate::run::build(cmd, node, json)),
+        Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, None),
         Command::Node(NodeCmd { command: Some(NodeSub::SetupVm { build_kernel, kernel_source }), .. }) => {
             crate::daemon::setup_vm(default_home(node.home), build_kernel.then_some(kernel_source), json)
         }
@@ -679,7 +714,9 @@ mod tests {
             "flotilla node --home /h --names http://n:1 --token t --names-token nt",
             "flotilla --home /h --names http://n:1 --names-token nt --token t dev",
         ] {
-            let (Command::Node(NodeCmd { daemon: d, .. }) | Command::Dev(d)) = parse(line).command else {
+            let (Command::Node(NodeCmd { daemon: d, .. }) | Command::Dev(DevArgs { daemon: d, .. })) =
+                parse(line).command
+            else {
                 panic!("{line}: not a node");
             };
             assert_eq!(d.home.as_deref(), Some(std::path::Path::new("/h")), "{line}");

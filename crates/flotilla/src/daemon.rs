@@ -9,7 +9,10 @@ use flotilla_node::{Node, NodeConfig};
 
 use crate::cli::{AgentArgs, DaemonArgs};
 
-pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
+/// `flotilla node`, or with `coordinator` (`flotilla dev`) the node, its
+/// name table and a coordinator in one process.
+pub fn node(args: DaemonArgs, coordinator: Option<crate::coordinator::CoordinatorArgs>) -> anyhow::Result<i32> {
+    let dev = coordinator.is_some();
     if args.test_mode {
         return test_mode(args);
     }
@@ -36,7 +39,7 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
     let updater = Updater::open(home.clone(), std::env::args_os().collect(), agent.clone(), stop.clone())
         .map_err(anyhow::Error::new)?;
     let runtime = daemon_runtime()?;
-    let served = runtime.block_on(serve(args, dev, home, agent, stop, updater.clone()));
+    let served = runtime.block_on(serve(args, coordinator, home, agent, stop, updater.clone()));
     let (stopped, handed) = served?;
     match stopped {
         Stop::Shutdown => Ok(0),
@@ -57,12 +60,13 @@ pub fn node(args: DaemonArgs, dev: bool) -> anyhow::Result<i32> {
 /// Runs the node until it stops, and says why.
 async fn serve(
     args: DaemonArgs,
-    dev: bool,
+    coordinator: Option<crate::coordinator::CoordinatorArgs>,
     home: std::path::PathBuf,
     agent: std::path::PathBuf,
     stop: std::sync::Arc<StopSwitch>,
     updater: std::sync::Arc<Updater>,
 ) -> anyhow::Result<(Stop, Vec<(String, String)>)> {
+    let dev = coordinator.is_some();
     let process = ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()]).map_err(anyhow::Error::new)?;
     let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone()) };
     let config = NodeConfig { stop_apps: args.stop_apps, ..NodeConfig::new(home.clone()) };
@@ -180,6 +184,26 @@ async fn serve(
             }
         }
     });
+    // `dev` runs a coordinator beside the node, driving it over its socket.
+    let coordinator_task = coordinator.map(|cargs| {
+        let home = home.clone();
+        let sock = socket.clone();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            crate::coordinator::wait_for_socket(&sock).await;
+            let client = flotilla_node::NodeClient::new(flotilla_agent::http::HttpClient::new(
+                flotilla_agent::http::Endpoint::Unix(sock),
+            ));
+            if let Err(e) = crate::coordinator::serve(&home, &cargs, client, async move {
+                s.stopped().await;
+            })
+            .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "the coordinator stopped");
+                eprintln!("flotilla dev: the coordinator failed: {e:#}");
+            }
+        })
+    });
     let apps = node.apps().clone();
     let reason = flotilla_node::serve_unix(node, &socket, router, stopped(stop.clone()))
         .await
@@ -190,6 +214,9 @@ async fn serve(
         Stop::HandOver => vec![apps.handover_listeners().await],
         Stop::Shutdown => Vec::new(),
     };
+    if let Some(t) = coordinator_task {
+        let _ = tokio::time::timeout(flotilla_node::tls::SHUTDOWN_GRACE, t).await;
+    }
     if let Some(t) = tls_task {
         // It drains within its own grace.
         let _ = tokio::time::timeout(flotilla_node::tls::SHUTDOWN_GRACE * 2, t).await;

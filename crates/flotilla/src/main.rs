@@ -4,12 +4,15 @@
 
 mod app;
 mod cli;
+mod coordinator;
 mod daemon;
 mod doctor;
 mod image;
 mod names;
 mod ops;
 mod output;
+mod project;
+mod run;
 mod sandbox;
 mod transfer;
 mod update;

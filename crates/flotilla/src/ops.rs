@@ -143,6 +143,15 @@ fn describe(ev: &flotilla_api::NodeEvent) -> String {
             let why = o.reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default();
             format!("node {} {} -> {} {:?}{why}", o.kind.as_str(), o.from, o.to, o.result)
         }
+        B::Run { run: r } => format!("run {} {} {} {}", r.id, r.project, r.change.id, r.state.as_str()),
+        B::Build { build: b } => {
+            let last = b
+                .timeline
+                .last()
+                .map(|t| format!(" [{}{}]", t.event, t.detail.as_ref().map(|d| format!(" {d}")).unwrap_or_default()));
+            format!("build {} {} {} {}{}", b.id, b.project, b.builder, b.state.as_str(), last.unwrap_or_default())
+        }
+        B::Project { project: p } => format!("project {} {:?}", p.name, p.status),
     };
     format!("{}  {what}", ev.at)
 }

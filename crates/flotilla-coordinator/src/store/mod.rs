@@ -756,6 +756,33 @@ impl Store {
 
     // ------------------------------------------------------- runs & builds
 
+    /// The next value of a named counter (1, 2, …), atomically.
+    pub async fn next_counter(&self, name: &str) -> Result<u64, StoreError> {
+        let name = name.to_string();
+        self.tx(move |c| {
+            let r = c.query(
+                "INSERT INTO counters (name, value) VALUES ($1, 1)
+                 ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value",
+                &[name.into()],
+            )?;
+            Ok(r[0][0].int()? as u64)
+        })
+        .await
+    }
+
+    /// The run of a change, if it has one yet.
+    pub async fn run_of_change(&self, project: &str, change_id: &str) -> Result<Option<u64>, StoreError> {
+        let (project, change_id) = (project.to_string(), change_id.to_string());
+        self.with(move |c| {
+            let r = c.query(
+                "SELECT id FROM runs WHERE project = $1 AND change_id = $2 ORDER BY id DESC LIMIT 1",
+                &[project.into(), change_id.into()],
+            )?;
+            Ok(r.first().map(|r| r[0].int()).transpose()?.map(|v| v as u64))
+        })
+        .await
+    }
+
     const BUILD_COLS: &str = "id, run_id, project, builder, attempt, retry_of, retry_reason, state, rev, sandbox, step, \
         failure, log_bytes, created_at, started_at, finished_at";
 
@@ -970,16 +997,51 @@ impl Store {
         .await
     }
 
-    /// Records that step `index` (named `name`) is about to start: its
-    /// process offset starts at zero. Written before the exec.
-    pub async fn begin_step(&self, build: u64, index: usize, name: &str) -> Result<(), StoreError> {
+    /// Records that step `index` (named `name`) is about to start, its
+    /// process offset at zero; written before the exec. False if the build
+    /// is already at that step (a resumed executor re-attaches instead).
+    pub async fn begin_step(&self, build: u64, index: usize, name: &str) -> Result<bool, StoreError> {
         let name = name.to_string();
         self.with(move |c| {
-            c.execute(
-                "UPDATE builds SET step_index = $2, step = $3, proc_offset = 0 WHERE id = $1 AND step_index <= $2",
+            let n = c.execute(
+                "UPDATE builds SET step_index = $2, step = $3, proc_offset = 0
+                 WHERE id = $1 AND (step IS NULL OR step_index < $2)",
                 &[build.into(), (index as u64).into(), name.into()],
             )?;
-            Ok(())
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Moves the current step's offset past output the agent no longer
+    /// keeps (the timeline says so). False unless the stored offset is `from`.
+    pub async fn skip_to(&self, build: u64, from: u64, to: u64) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let n = c.execute(
+                "UPDATE builds SET proc_offset = $3 WHERE id = $1 AND proc_offset = $2",
+                &[build.into(), from.into(), to.into()],
+            )?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Replaces a build whose sandbox was lost by a new attempt, in one
+    /// transaction: the old one fails with `failure` and is superseded, the
+    /// new one is queued with `reason`; the run stays open.
+    pub async fn replace(&self, build: u64, failure: BuildFailure, reason: &str) -> Result<u64, StoreError> {
+        let reason = reason.to_string();
+        let failure = serde_json::to_string(&failure)?;
+        self.tx(move |c| {
+            let n = c.execute(
+                "UPDATE builds SET state = 'failed', failure = $2, finished_at = $3
+                 WHERE id = $1 AND state IN ('queued', 'running')",
+                &[build.into(), failure.into(), now().into()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::Invalid(format!("build {build} already finished")));
+            }
+            new_attempt(c, build, &reason)
         })
         .await
     }
@@ -1132,34 +1194,45 @@ impl Store {
                 let n = newer.first().map(|x| x[0].int()).transpose()?.unwrap_or(0);
                 return Err(StoreError::Invalid(format!("build {build} was already retried as build {n}")));
             }
-            let run_id = r[0].int()?;
-            c.execute("UPDATE builds SET superseded = 1 WHERE id = $1", &[build.into()])?;
-            let n = c.query(
-                "INSERT INTO builds (run_id, project, builder, attempt, retry_of, retry_reason, state, rev, kind, spec, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10) RETURNING id",
-                &[
-                    run_id.into(),
-                    r[1].clone(),
-                    r[2].clone(),
-                    (r[3].int()? + 1).into(),
-                    build.into(),
-                    reason.as_str().into(),
-                    r[5].clone(),
-                    r[6].clone(),
-                    r[7].clone(),
-                    now().into(),
-                ],
-            )?;
-            let id = n[0][0].int()? as u64;
-            c.execute(
-                "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'retried', $3)",
-                &[build.into(), now().into(), format!("as build {id}: {reason}").into()],
-            )?;
-            c.execute("UPDATE runs SET state = 'running', finished_at = NULL WHERE id = $1", &[run_id.into()])?;
-            Ok(id)
+            new_attempt(c, build, &reason)
         })
         .await
     }
+}
+
+/// Supersedes `build` with a new queued attempt that says why, and
+/// reopens its run.
+fn new_attempt(c: &mut dyn Conn, build: u64, reason: &str) -> Result<u64, StoreError> {
+    let r = c.query(
+        "SELECT run_id, project, builder, attempt, rev, kind, spec FROM builds WHERE id = $1",
+        &[build.into()],
+    )?;
+    let Some(r) = r.first() else { return Err(StoreError::NotFound(format!("build {build}"))) };
+    let run_id = r[0].int()?;
+    c.execute("UPDATE builds SET superseded = 1 WHERE id = $1", &[build.into()])?;
+    let n = c.query(
+        "INSERT INTO builds (run_id, project, builder, attempt, retry_of, retry_reason, state, rev, kind, spec, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10) RETURNING id",
+        &[
+            run_id.into(),
+            r[1].clone(),
+            r[2].clone(),
+            (r[3].int()? + 1).into(),
+            build.into(),
+            reason.into(),
+            r[4].clone(),
+            r[5].clone(),
+            r[6].clone(),
+            now().into(),
+        ],
+    )?;
+    let id = n[0][0].int()? as u64;
+    c.execute(
+        "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'retried', $3)",
+        &[build.into(), now().into(), format!("{reason}: attempt {} is build {id}", r[3].int()? + 1).into()],
+    )?;
+    c.execute("UPDATE runs SET state = 'running', finished_at = NULL WHERE id = $1", &[run_id.into()])?;
+    Ok(id)
 }
 
 fn send(c: &mut dyn Conn, project: &str, id: &str, body: &str) -> Result<u64, StoreError> {

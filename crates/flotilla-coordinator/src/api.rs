@@ -1,0 +1,503 @@
+//! The coordinator's HTTP API: projects, try, runs, builds, logs (live),
+//! cancel, retry, push webhooks and the event feed. Handlers parse a
+//! request, call the coordinator and render the result; errors use the
+//! node's envelope and codes (`flotilla_api::ApiError`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flotilla_agent::extract::{JsonBody, QueryParams};
+use flotilla_agent::http::HttpError;
+use flotilla_api::coordinator::{AddProjectRequest, Build, Project, ProjectLogEntry, Run, TryRequest};
+use flotilla_api::{ApiError, ErrorCode, Page};
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+
+use crate::runtime::Coordinator;
+use crate::store::{NewProject, StoreError};
+
+type Result<T> = std::result::Result<T, HttpError>;
+type Co = State<Arc<Coordinator>>;
+
+/// Largest webhook payload read (GitHub caps theirs at 25 MB).
+pub const MAX_WEBHOOK_BODY: usize = 25 << 20;
+/// How long `try` waits for its run to exist before answering without it.
+pub const TRY_WAIT: Duration = Duration::from_secs(10);
+/// Default poll interval of a project.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(10);
+/// Log bytes sent per read while following.
+const LOG_READ: u64 = 256 << 10;
+
+fn store_error(e: StoreError) -> HttpError {
+    HttpError(match e {
+        StoreError::Exists(what) => ApiError::new(ErrorCode::Conflict, format!("{what} already exists")),
+        StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
+        StoreError::Invalid(why) => ApiError::new(ErrorCode::Conflict, why),
+        e @ (StoreError::Sql(_) | StoreError::Json(_) | StoreError::Join(_)) => {
+            ApiError::internal(format!("the coordinator's store failed: {}", crate::error_chain(&e)))
+        }
+    })
+}
+
+/// The API on `c`. `remote` routes are the ones a TCP listener serves
+/// without the bearer token: reads, the event feed and webhooks (which
+/// carry their own signature).
+pub fn router(c: Arc<Coordinator>) -> Router {
+    let r = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/openapi.json", get(|| async { axum::Json(Doc::openapi()) }))
+        .route("/v1/projects", get(list_projects).post(add_project))
+        .route("/v1/projects/{name}", get(show_project).delete(remove_project))
+        .route("/v1/projects/{name}/log", get(project_log))
+        .route("/v1/projects/{name}/poll", post(poll_project))
+        .route("/v1/projects/{name}/try", post(submit_try))
+        .route("/v1/runs", get(list_runs))
+        .route("/v1/runs/{id}", get(show_run))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/runs/{id}/retry", post(retry_run))
+        .route("/v1/builds/{id}", get(show_build))
+        .route("/v1/builds/{id}/log", get(build_log))
+        .route("/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/v1/builds/{id}/retry", post(retry_build))
+        .route("/v1/webhooks/{forge}/{project}", post(webhook))
+        .route("/v1/events", get(events))
+        .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
+        .with_state(c);
+    flotilla_agent::extract::layer(r)
+}
+
+/// The API as a TCP listener serves it: reads, the event feed and signed
+/// webhooks. Changes go through the 0600 Unix socket (TLS and tokens for
+/// remote clients come with the fleet).
+pub fn tcp_router(c: Arc<Coordinator>) -> Router {
+    use axum::http::Method;
+    router(c).layer(axum::middleware::from_fn(|req: Request, next: axum::middleware::Next| async move {
+        let read = matches!(*req.method(), Method::GET | Method::HEAD);
+        if read || req.uri().path().starts_with("/v1/webhooks/") {
+            return next.run(req).await;
+        }
+        HttpError(ApiError::new(
+            ErrorCode::Unauthorized,
+            "changes over TCP are not allowed: use the CLI on the coordinator's machine (its Unix socket)",
+        ))
+        .into_response()
+    }))
+}
+
+/// Serves [`tcp_router`] on `listener` until `shutdown` resolves.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    c: Arc<Coordinator>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, tcp_router(c)).with_graceful_shutdown(shutdown).await
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Flotilla coordinator API", description = "Projects, runs, builds, logs and events."),
+    paths(
+        list_projects,
+        add_project,
+        show_project,
+        remove_project,
+        project_log,
+        poll_project,
+        submit_try,
+        list_runs,
+        show_run,
+        cancel_run,
+        retry_run,
+        show_build,
+        build_log,
+        cancel_build,
+        retry_build,
+        webhook
+    ),
+    components(schemas(
+        Project,
+        AddProjectRequest,
+        TryRequest,
+        TryResponse,
+        Run,
+        Build,
+        ProjectLogEntry,
+        RetryResponse,
+        flotilla_api::coordinator::Change,
+        flotilla_api::coordinator::ChangeKind,
+        flotilla_api::coordinator::RunState,
+        flotilla_api::coordinator::ProjectStatus,
+        flotilla_api::coordinator::TimelineEntry,
+        flotilla_api::coordinator::BuildFailure,
+        ApiError,
+        ErrorCode
+    ))
+)]
+struct Doc;
+
+/// `GET /openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    Doc::openapi()
+}
+
+#[utoipa::path(get, path = "/v1/projects", responses((status = 200, body = Page<Project>)))]
+async fn list_projects(State(c): Co) -> Result<axum::Json<Page<Project>>> {
+    let items = c.store.projects().await.map_err(store_error)?;
+    Ok(axum::Json(Page { items, next_page_token: None }))
+}
+
+fn check_name(name: &str) -> std::result::Result<(), HttpError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(HttpError(
+            ApiError::invalid(format!(
+                "project name {name:?}: use 1 to 64 lowercase letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+            ))
+            .with_details(serde_json::json!({"field": "name"})),
+        ))
+    }
+}
+
+#[utoipa::path(post, path = "/v1/projects", request_body = AddProjectRequest,
+    responses((status = 201, body = Project), (status = 409, body = ApiError), (status = 400, body = ApiError)))]
+async fn add_project(State(c): Co, JsonBody(req): JsonBody<AddProjectRequest>) -> Result<Response> {
+    check_name(&req.name)?;
+    if req.repo.is_empty() || req.repo.starts_with('-') {
+        return Err(HttpError(
+            ApiError::invalid("repo: a local path or a URL git can fetch")
+                .with_details(serde_json::json!({"field": "repo"})),
+        ));
+    }
+    let poll = match &req.poll_interval {
+        Some(s) => flotilla_api::units::parse_duration(s).map_err(|e| {
+            HttpError(
+                ApiError::invalid(format!("poll_interval: {e}"))
+                    .with_details(serde_json::json!({"field": "poll_interval"})),
+            )
+        })?,
+        None => DEFAULT_POLL,
+    };
+    if poll < Duration::from_secs(1) {
+        return Err(HttpError(
+            ApiError::invalid("poll_interval: at least 1s").with_details(serde_json::json!({"field": "poll_interval"})),
+        ));
+    }
+    // Clone first: a repository that cannot be read is refused now, with
+    // git's own words, rather than failing every poll.
+    let dir = c.config.data_dir.join("repos").join(format!("{}.git", req.name));
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    c.drop_mirror(&req.name).await;
+    let mirror = crate::git::Mirror::open_or_clone(&dir, &req.repo).await.map_err(|e| {
+        HttpError(
+            ApiError::invalid(format!("repo: {}", crate::error_chain(&e)))
+                .with_details(serde_json::json!({"field": "repo"})),
+        )
+    })?;
+    let branch = match req.branch.clone() {
+        Some(b) => b,
+        None => mirror.default_branch().await.ok().flatten().unwrap_or_else(|| "main".into()),
+    };
+    let p = c
+        .store
+        .add_project(NewProject {
+            name: req.name.clone(),
+            repo: req.repo.clone(),
+            branch,
+            poll_interval_ms: poll.as_millis() as u64,
+            webhook_secret: req.webhook_secret.clone().filter(|s| !s.is_empty()),
+        })
+        .await
+        .map_err(store_error)?;
+    c.watch_project(&p.name);
+    c.events.publish(flotilla_api::EventBody::Project { project: Box::new(p.clone()) });
+    Ok((StatusCode::CREATED, axum::Json(p)).into_response())
+}
+
+async fn project_or_404(c: &Coordinator, name: &str) -> Result<Project> {
+    c.store
+        .project(name)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| HttpError(ApiError::not_found(format!("project {name} not found"))))
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Project), (status = 404, body = ApiError)))]
+async fn show_project(State(c): Co, Path(name): Path<String>) -> Result<axum::Json<Project>> {
+    Ok(axum::Json(project_or_404(&c, &name).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ApiError)))]
+async fn remove_project(State(c): Co, Path(name): Path<String>) -> Result<StatusCode> {
+    c.store.remove_project(&name).await.map_err(store_error)?;
+    c.wake_poller(&name);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    limit: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/log", params(("name" = String, Path), LogQuery),
+    responses((status = 200, body = Page<ProjectLogEntry>)))]
+async fn project_log(
+    State(c): Co,
+    Path(name): Path<String>,
+    QueryParams(q): QueryParams<LogQuery>,
+) -> Result<axum::Json<Page<ProjectLogEntry>>> {
+    project_or_404(&c, &name).await?;
+    let items = c.store.project_log(&name, q.limit.unwrap_or(50).min(1000)).await.map_err(store_error)?;
+    Ok(axum::Json(Page { items, next_page_token: None }))
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/poll", params(("name" = String, Path)),
+    responses((status = 200, body = Project)))]
+async fn poll_project(State(c): Co, Path(name): Path<String>) -> Result<axum::Json<Project>> {
+    project_or_404(&c, &name).await?;
+    crate::poller::poll(&c, &name).await.map_err(|e| HttpError(ApiError::new(ErrorCode::Conflict, e)))?;
+    Ok(axum::Json(project_or_404(&c, &name).await?))
+}
+
+/// The answer to `try`: the change, and its run once created.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TryResponse {
+    pub change_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<u64>,
+}
+
+#[utoipa::path(post, path = "/v1/projects/{name}/try", params(("name" = String, Path)), request_body = TryRequest,
+    responses((status = 201, body = TryResponse), (status = 400, body = ApiError)))]
+async fn submit_try(State(c): Co, Path(name): Path<String>, JsonBody(req): JsonBody<TryRequest>) -> Result<Response> {
+    project_or_404(&c, &name).await?;
+    let change_id = crate::poller::submit_try(&c, &name, req.rev.as_deref(), req.patch.as_deref(), req.base.as_deref())
+        .await
+        .map_err(|e| HttpError(ApiError::invalid(e)))?;
+    let deadline = tokio::time::Instant::now() + TRY_WAIT;
+    let mut run_id = None;
+    while tokio::time::Instant::now() < deadline {
+        run_id = c.store.run_of_change(&name, &change_id).await.map_err(store_error)?;
+        if run_id.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((StatusCode::CREATED, axum::Json(TryResponse { change_id, run_id })).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    project: Option<String>,
+    limit: Option<usize>,
+    /// The `next_page_token` of the previous page.
+    page_token: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/runs", params(RunsQuery), responses((status = 200, body = Page<Run>)))]
+async fn list_runs(State(c): Co, QueryParams(q): QueryParams<RunsQuery>) -> Result<axum::Json<Page<Run>>> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500) as u64;
+    let before = match &q.page_token {
+        Some(t) => {
+            Some(t.parse::<u64>().map_err(|_| HttpError(ApiError::invalid("page_token: not one this API gave")))?)
+        }
+        None => None,
+    };
+    let items = c.store.runs(q.project.clone(), limit, before).await.map_err(store_error)?;
+    let next_page_token = (items.len() as u64 == limit).then(|| items.last().map(|r| r.id.to_string())).flatten();
+    Ok(axum::Json(Page { items, next_page_token }))
+}
+
+async fn run_or_404(c: &Coordinator, id: u64) -> Result<Run> {
+    c.store
+        .run(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| HttpError(ApiError::not_found(format!("run {id} not found"))))
+}
+
+async fn build_or_404(c: &Coordinator, id: u64) -> Result<Build> {
+    c.store
+        .build(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| HttpError(ApiError::not_found(format!("build {id} not found"))))
+}
+
+fn id_of(s: &str, what: &str) -> Result<u64> {
+    s.parse().map_err(|_| HttpError(ApiError::invalid(format!("{what} id {s:?}: a number such as 12"))))
+}
+
+#[utoipa::path(get, path = "/v1/runs/{id}", params(("id" = u64, Path)), responses((status = 200, body = Run), (status = 404, body = ApiError)))]
+async fn show_run(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<Run>> {
+    Ok(axum::Json(run_or_404(&c, id_of(&id, "run")?).await?))
+}
+
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", params(("id" = u64, Path)), responses((status = 200, body = Run)))]
+async fn cancel_run(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<Run>> {
+    let id = id_of(&id, "run")?;
+    run_or_404(&c, id).await?;
+    c.cancel(Some(id), None).await.map_err(store_error)?;
+    Ok(axum::Json(run_or_404(&c, id).await?))
+}
+
+/// The new attempts a retry made.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RetryResponse {
+    pub builds: Vec<u64>,
+}
+
+#[utoipa::path(post, path = "/v1/runs/{id}/retry", params(("id" = u64, Path)),
+    responses((status = 200, body = RetryResponse), (status = 409, body = ApiError)))]
+async fn retry_run(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<RetryResponse>> {
+    let id = id_of(&id, "run")?;
+    run_or_404(&c, id).await?;
+    Ok(axum::Json(RetryResponse { builds: c.retry(Some(id), None).await.map_err(store_error)? }))
+}
+
+#[utoipa::path(get, path = "/v1/builds/{id}", params(("id" = u64, Path)), responses((status = 200, body = Build), (status = 404, body = ApiError)))]
+async fn show_build(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<Build>> {
+    Ok(axum::Json(build_or_404(&c, id_of(&id, "build")?).await?))
+}
+
+#[utoipa::path(post, path = "/v1/builds/{id}/cancel", params(("id" = u64, Path)), responses((status = 200, body = Build)))]
+async fn cancel_build(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<Build>> {
+    let id = id_of(&id, "build")?;
+    build_or_404(&c, id).await?;
+    c.cancel(None, Some(id)).await.map_err(store_error)?;
+    Ok(axum::Json(build_or_404(&c, id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/builds/{id}/retry", params(("id" = u64, Path)),
+    responses((status = 200, body = RetryResponse), (status = 409, body = ApiError)))]
+async fn retry_build(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<RetryResponse>> {
+    let id = id_of(&id, "build")?;
+    build_or_404(&c, id).await?;
+    Ok(axum::Json(RetryResponse { builds: c.retry(None, Some(id)).await.map_err(store_error)? }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct BuildLogQuery {
+    /// Byte offset to start from (resume a follow here).
+    from: Option<u64>,
+    /// Keep the response open and stream bytes as they are stored, until
+    /// the build ends.
+    follow: Option<bool>,
+}
+
+/// The build's log as bytes; `X-Flotilla-Log-Size` says how much was
+/// stored when the response began.
+#[utoipa::path(get, path = "/v1/builds/{id}/log", params(("id" = u64, Path), BuildLogQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
+async fn build_log(
+    State(c): Co,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<BuildLogQuery>,
+) -> Result<Response> {
+    let id = id_of(&id, "build")?;
+    // Subscribe before the first read: a byte stored in between wakes us.
+    let mut changed = c.log_watch(id);
+    changed.borrow_and_update();
+    let first = c
+        .store
+        .log(id, q.from.unwrap_or(0), LOG_READ)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| HttpError(ApiError::not_found(format!("build {id} not found"))))?;
+    let total = first.total;
+    let follow = q.follow.unwrap_or(false);
+    let from = q.from.unwrap_or(0);
+    // The state carries the watch receiver, so each wait sees only appends
+    // made since the last read.
+    let stream = futures_util::stream::unfold((Some(first), from, changed), move |(pending, mut at, mut changed)| {
+        let c = c.clone();
+        async move {
+            let mut slice = pending;
+            loop {
+                let s = match slice.take() {
+                    Some(s) => s,
+                    None => match c.store.log(id, at, LOG_READ).await {
+                        Ok(Some(s)) => s,
+                        Ok(None) | Err(_) => return None,
+                    },
+                };
+                if !s.data.is_empty() {
+                    at += s.data.len() as u64;
+                    return Some((Ok::<_, std::io::Error>(Bytes::from(s.data)), (None, at, changed)));
+                }
+                if !follow || s.done {
+                    return None;
+                }
+                // Wait for the next append, or look again every second (an
+                // append by another coordinator does not wake us).
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+                changed.borrow_and_update();
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("x-flotilla-log-size", total.to_string())
+        .body(Body::from_stream(stream))
+        .expect("valid response"))
+}
+
+#[utoipa::path(post, path = "/v1/webhooks/{forge}/{project}", params(("forge" = String, Path), ("project" = String, Path)),
+    responses((status = 202), (status = 401, body = ApiError)))]
+async fn webhook(
+    State(c): Co,
+    Path((forge, project)): Path<(String, String)>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response> {
+    let forge = crate::webhook::Forge::parse(&forge).ok_or_else(|| {
+        HttpError(ApiError::not_found(format!("webhook forge {forge:?}: this coordinator takes github or gitea")))
+    })?;
+    let secret = c.store.webhook_secret(&project).await.map_err(store_error)?;
+    let Some(secret) = secret else {
+        return Err(HttpError(ApiError::not_found(format!(
+            "project {project} has no webhook secret (add it with `flotilla project add --webhook-secret`)"
+        ))));
+    };
+    let body = axum::body::to_bytes(req.into_body(), MAX_WEBHOOK_BODY)
+        .await
+        .map_err(|e| HttpError(ApiError::new(ErrorCode::PayloadTooLarge, format!("webhook body: {e}"))))?;
+    crate::webhook::verify(forge, secret.as_bytes(), &headers, &body)
+        .map_err(|e| HttpError(ApiError::new(ErrorCode::Unauthorized, e.to_string())))?;
+    let event = crate::webhook::event(forge, &headers).unwrap_or_default();
+    if event == "push" {
+        let push = crate::webhook::parse_push(&body).map_err(|e| HttpError(ApiError::invalid(e.to_string())))?;
+        tracing::info!(project, branch = ?push.branch, after = %push.after, "push webhook: fetching now");
+        c.wake_poller(&project);
+    }
+    Ok((StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "event": event }))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<u64>,
+}
+
+/// Server-sent events: every project, run and build change.
+async fn events(State(c): Co, QueryParams(q): QueryParams<EventsQuery>, req: Request) -> Response {
+    let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    flotilla_node::api::sse(c.events.subscribe(q.after.or(last)))
+}

@@ -1,0 +1,477 @@
+//! One build, driven to its end on a node (seed 000's `buildStatus`, made
+//! crash-proof).
+//!
+//! Every side effect is recorded before or as it happens, so an executor
+//! started on a build that was already running (after a coordinator or
+//! node crash) carries on from where the last one stopped:
+//!
+//! 1. **Sandbox** `build-<id>`: created with a `delete_at` past the
+//!    builder's timeout (the node's janitor reaps it if we never come
+//!    back). Its id is stored; on resume it is looked up, and a sandbox that
+//!    is gone or dead means the build is retried once, visibly.
+//! 2. **Source**: `git archive` of the revision streamed into `/workspace`;
+//!    `source_written` is stored after.
+//! 3. **Steps**: step `i` runs as the detached process `step-<i>`, and its
+//!    index is stored *before* the exec. The agent refuses a second process
+//!    with that id, so a resumed executor finds the one running instead of
+//!    starting it again. Output is followed by offset and stored with the
+//!    offset it reaches ([`Store::append_log`]): a re-attach resumes there,
+//!    no gap, no repeat.
+//! 4. **Cleanup**: the sandbox is deleted, the build finished (and with it,
+//!    maybe, the run).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_agent::http::ClientError;
+use flotilla_api::coordinator::{BuildFailure, RunState};
+use flotilla_api::{
+    BackendKind, CreateSandboxRequest, ErrorCode, ExecRequest, FrameKind, NetworkMode, Resources, SandboxState,
+    Timestamp,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::runtime::Coordinator;
+use crate::store::{BuildWork, StoreError};
+
+/// The label that marks a build's sandbox (the janitor looks for it).
+pub const BUILD_LABEL: &str = "flotilla.build";
+/// How long a sandbox outlives its builder's timeout before the node reaps
+/// it on its own (a coordinator that never came back).
+pub const DELETE_AT_SLACK: Duration = Duration::from_secs(600);
+/// The reason of the one automatic retry.
+pub const SANDBOX_LOST: &str = "sandbox lost";
+/// Lines of output a failure quotes.
+pub const FAILURE_LINES: usize = 20;
+/// Pause before re-attaching to a stream that broke while its sandbox runs.
+const REATTACH_PAUSE: Duration = Duration::from_millis(500);
+
+/// What a build runs: its builder, as configured at the change's revision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    pub builder: String,
+    pub image: String,
+    pub backend: BackendKind,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub network: NetworkMode,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub steps: Vec<SpecStep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecStep {
+    pub name: String,
+    pub run: String,
+}
+
+impl BuildSpec {
+    pub fn from_builder(b: &crate::config::Builder) -> BuildSpec {
+        BuildSpec {
+            builder: b.name.to_string(),
+            image: b.image.clone(),
+            backend: b.backend,
+            resources: b.resources.clone(),
+            network: b.network,
+            timeout_ms: b.timeout.as_millis() as u64,
+            env: b.env.clone(),
+            steps: b.steps.iter().map(|s| SpecStep { name: s.name.clone(), run: s.run.clone() }).collect(),
+        }
+    }
+}
+
+/// A running executor's handle: how cancel reaches it.
+#[derive(Debug, Default)]
+pub struct Handle {
+    pub cancel: Notify,
+}
+
+/// Why an executor stopped early.
+enum Stop {
+    /// The build ended (passed, failed, canceled): recorded.
+    Done,
+    /// The sandbox is gone: retry once.
+    Lost(String),
+    /// The store failed: leave the build running for the next executor.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Stop {
+        Stop::Store(e)
+    }
+}
+
+/// Drives build `id` to its end.
+pub async fn execute(c: Arc<Coordinator>, id: u64, handle: Arc<Handle>) {
+    let outcome = run(&c, id, &handle).await;
+    match outcome {
+        Stop::Done => {}
+        Stop::Lost(why) => {
+            if let Err(e) = lost(&c, id, why).await {
+                tracing::error!(build = id, error = %crate::error_chain(&e), "recording a lost sandbox failed");
+            }
+        }
+        Stop::Store(e) => {
+            tracing::error!(build = id, error = %crate::error_chain(&e), "the store failed; the build resumes at the next start");
+        }
+    }
+    c.build_done(id).await;
+}
+
+async fn run(c: &Arc<Coordinator>, id: u64, handle: &Handle) -> Stop {
+    let work = match c.store.work(id).await {
+        Ok(Some(w)) => w,
+        Ok(None) => return Stop::Done,
+        Err(e) => return Stop::Store(e),
+    };
+    if work.state.is_final() {
+        return Stop::Done;
+    }
+    let spec: BuildSpec = match serde_json::from_str(&work.spec) {
+        Ok(s) => s,
+        Err(e) => return fail(c, id, None, "spec", format!("the stored build spec is damaged: {e}")).await,
+    };
+    let started = c.store.build(id).await.ok().flatten().and_then(|b| b.started_at).unwrap_or_else(Timestamp::now);
+    let deadline = started.plus(Duration::from_millis(spec.timeout_ms));
+    let until = tokio::time::Instant::now() + Timestamp::now().until(deadline);
+    tokio::select! {
+        s = steps(c, &work, &spec) => s,
+        () = handle.cancel.notified() => {
+            end_early(c, &work, RunState::Canceled, None).await
+        }
+        () = tokio::time::sleep_until(until) => {
+            let step = c.store.build(id).await.ok().flatten().and_then(|b| b.step).unwrap_or_default();
+            let failure = BuildFailure {
+                step: step.clone(),
+                message: format!("timed out after {} in step {step:?}", flotilla_api::units::format_duration(Duration::from_millis(spec.timeout_ms))),
+                last_lines: c.store.tail(id, FAILURE_LINES).await.unwrap_or_default(),
+            };
+            end_early(c, &work, RunState::Failed, Some(failure)).await
+        }
+    }
+}
+
+/// Cancel or timeout: stop what runs, delete the sandbox, record the end.
+async fn end_early(c: &Arc<Coordinator>, work: &BuildWork, state: RunState, failure: Option<BuildFailure>) -> Stop {
+    let id = work.id;
+    let w = c.store.work(id).await.ok().flatten();
+    let sandbox = w.as_ref().and_then(|w| w.sandbox.clone());
+    let event = if state == RunState::Canceled { "canceled" } else { "timeout" };
+    let _ = c.store.timeline(id, event, failure.as_ref().map(|f| f.message.clone())).await;
+    if let Some(sb) = sandbox {
+        delete_sandbox(c, id, &sb).await;
+    }
+    finish(c, id, state, failure).await
+}
+
+async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop {
+    let id = work.id;
+    let sandbox = match ensure_sandbox(c, work, spec).await {
+        Ok(s) => s,
+        Err(stop) => return stop,
+    };
+    if !work.source_written
+        && let Err(stop) = write_source(c, work, &sandbox).await
+    {
+        return stop;
+    }
+    let first = work.step_index;
+    for (i, step) in spec.steps.iter().enumerate().skip(first) {
+        let process = format!("step-{i}");
+        match c.store.begin_step(id, i, &step.name).await {
+            Ok(true) => {
+                let _ = c.timeline(id, "start_step", Some(step.name.clone())).await;
+            }
+            Ok(false) => {
+                let _ = c
+                    .timeline(id, "reattached", Some(format!("{} at output byte {}", step.name, work.proc_offset)))
+                    .await;
+            }
+            Err(e) => return Stop::Store(e),
+        }
+        let agent = c.node.sandbox(&sandbox);
+        let req = ExecRequest {
+            argv: vec!["/bin/sh".into(), "-c".into(), step.run.clone()],
+            env: spec.env.clone(),
+            cwd: Some("/workspace".into()),
+            detach: true,
+            id: Some(process.clone()),
+            ..Default::default()
+        };
+        match agent.exec_detached(&req).await {
+            Ok(_) => {}
+            // Started before a crash: that process is this step.
+            Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => {}
+            Err(e) => match sandbox_alive(c, &sandbox).await {
+                Some(_) => {
+                    let msg = format!("starting step {:?} failed: {}", step.name, crate::error_chain(&e));
+                    return fail(c, id, Some(&sandbox), &step.name, msg).await;
+                }
+                None => return Stop::Lost(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(&e))),
+            },
+        }
+        let status = match follow(c, id, &sandbox, &process).await {
+            Ok(s) => s,
+            Err(stop) => return stop,
+        };
+        let code = status.as_ref().and_then(|s| s.code);
+        let detail = match (&status, code) {
+            (_, Some(code)) => format!("{} exit {code}", step.name),
+            (Some(s), None) => format!("{} killed by signal {}", step.name, s.signal.unwrap_or_default()),
+            (None, None) => format!("{} ended without a status", step.name),
+        };
+        let _ = c.timeline(id, "end_step", Some(detail.clone())).await;
+        if code != Some(0) {
+            return fail(
+                c,
+                id,
+                Some(&sandbox),
+                &step.name,
+                format!("step {:?} failed: {}", step.name, &detail[step.name.len() + 1..]),
+            )
+            .await;
+        }
+    }
+    delete_sandbox(c, id, &sandbox).await;
+    finish(c, id, RunState::Passed, None).await
+}
+
+/// The build's sandbox, running: the recorded one, or a new one.
+async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Result<String, Stop> {
+    let id = work.id;
+    if let Some(sb) = &work.sandbox {
+        return match sandbox_alive(c, sb).await {
+            Some(_) => Ok(sb.clone()),
+            None => Err(Stop::Lost(format!("its sandbox {sb} is gone or stopped"))),
+        };
+    }
+    c.timeline(id, "sandbox_create_requested", Some(spec.image.clone())).await?;
+    let name = format!("build-{id}");
+    let req = CreateSandboxRequest {
+        image: Some(spec.image.clone()),
+        backend: spec.backend,
+        name: Some(name.clone()),
+        resources: spec.resources.clone(),
+        ttl_s: Some((Duration::from_millis(spec.timeout_ms) + DELETE_AT_SLACK).as_secs()),
+        labels: [
+            (BUILD_LABEL.to_string(), id.to_string()),
+            ("flotilla.project".to_string(), work.project.clone()),
+            ("flotilla.builder".to_string(), work.builder.clone()),
+        ]
+        .into(),
+        env: BTreeMap::new(),
+        network: spec.network,
+        ..Default::default()
+    };
+    let created = match c.node.create(&req).await {
+        Ok(s) => s,
+        // Created before a crash, its id not yet stored: it is ours by name.
+        Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => match c.node.get(&name).await {
+            Ok(s) => s,
+            Err(e) => return Err(fail(c, id, None, "create_sandbox", crate::error_chain(&e)).await),
+        },
+        Err(e) => {
+            let msg = format!("creating the sandbox failed: {}", crate::error_chain(&e));
+            return Err(fail(c, id, None, "create_sandbox", msg).await);
+        }
+    };
+    c.store.set_sandbox(id, &created.id).await?;
+    c.timeline(id, "sandbox_created", Some(created.id.clone())).await?;
+    if created.state != SandboxState::Running {
+        let msg = format!("the sandbox {} is {} after create", created.id, created.state.as_str());
+        return Err(fail(c, id, Some(&created.id), "create_sandbox", msg).await);
+    }
+    c.timeline(id, "agent_up", None).await?;
+    Ok(created.id)
+}
+
+/// `git archive` of the revision, streamed into `/workspace`.
+async fn write_source(c: &Arc<Coordinator>, work: &BuildWork, sandbox: &str) -> Result<(), Stop> {
+    let id = work.id;
+    c.timeline(id, "start_write_tar", Some(work.rev.clone())).await?;
+    let mirror = match c.mirror(&work.project).await {
+        Ok(m) => m,
+        Err(e) => return Err(fail(c, id, Some(sandbox), "write_source", crate::error_chain(&*e)).await),
+    };
+    let mut child = match mirror.archive(&work.rev) {
+        Ok(ch) => ch,
+        Err(e) => return Err(fail(c, id, Some(sandbox), "write_source", crate::error_chain(&e)).await),
+    };
+    let stdout = child.stdout.take().expect("piped");
+    let stream = tokio_util::io::ReaderStream::with_capacity(stdout, 256 << 10);
+    let body = http_body_util::StreamBody::new(stream.map(|r| r.map(hyper::body::Frame::data)));
+    let put = c.node.sandbox(sandbox).put_workspace(body, None, &Default::default()).await;
+    let finished = crate::git::Mirror::finish(child).await;
+    match (put, finished) {
+        (Ok(summary), Ok(())) => {
+            c.store.set_source_written(id).await?;
+            c.timeline(id, "end_write_tar", Some(format!("{} entries, {} bytes", summary.entries, summary.bytes)))
+                .await?;
+            Ok(())
+        }
+        (Err(e), _) => {
+            let msg = format!("writing the source failed: {}", crate::error_chain(&e));
+            Err(fail(c, id, Some(sandbox), "write_source", msg).await)
+        }
+        (Ok(_), Err(e)) => Err(fail(c, id, Some(sandbox), "write_source", crate::error_chain(&e)).await),
+    }
+}
+
+/// Follows a step's process from the stored offset, storing every byte,
+/// until it exits. Re-attaches while the sandbox lives.
+async fn follow(
+    c: &Arc<Coordinator>,
+    id: u64,
+    sandbox: &str,
+    process: &str,
+) -> Result<Option<flotilla_api::ExitStatus>, Stop> {
+    loop {
+        let w = c.store.work(id).await?.ok_or(Stop::Done)?;
+        let mut offset = w.proc_offset;
+        let agent = c.node.sandbox(sandbox);
+        let attached = agent.output(process, offset, true).await;
+        let (mut stream, start) = match attached {
+            Ok(x) => x,
+            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => {
+                return Err(Stop::Lost(format!("its process {process} is gone: the sandbox restarted")));
+            }
+            Err(e) => {
+                trouble(c, sandbox, &e).await?;
+                continue;
+            }
+        };
+        if start > offset {
+            // The agent no longer keeps those bytes: say so on the timeline
+            // (never silently), and go on from what it has.
+            let _ =
+                c.timeline(id, "log_gap", Some(format!("output bytes {offset}..{start} of {process} were lost"))).await;
+            if !c.store.skip_to(id, offset, start).await? {
+                continue;
+            }
+            offset = start;
+        }
+        loop {
+            match stream.next().await {
+                Ok(Some(f)) => match f.kind {
+                    FrameKind::Stdout | FrameKind::Stderr => {
+                        let data: Bytes = f.payload;
+                        if !c.store.append_log(id, offset, data.to_vec()).await? {
+                            // Someone else stored past here: start over from
+                            // the stored offset.
+                            break;
+                        }
+                        offset += data.len() as u64;
+                        c.log_appended(id);
+                    }
+                    FrameKind::Exit => return Ok(f.as_exit()),
+                    FrameKind::Error => {
+                        let msg = String::from_utf8_lossy(&f.payload).into_owned();
+                        return Err(fail(c, id, Some(sandbox), process, msg).await);
+                    }
+                    _ => {}
+                },
+                Ok(None) => {
+                    trouble(c, sandbox, &ClientError::Decode("the output stream ended without an exit".into())).await?;
+                    break;
+                }
+                Err(e) => {
+                    trouble(c, sandbox, &e).await?;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A stream broke: if the sandbox still runs, pause and re-attach;
+/// otherwise it is lost.
+async fn trouble(c: &Arc<Coordinator>, sandbox: &str, e: &ClientError) -> Result<(), Stop> {
+    match sandbox_alive(c, sandbox).await {
+        Some(_) => {
+            tracing::warn!(sandbox, error = %crate::error_chain(e), "build output stream broke; re-attaching");
+            tokio::time::sleep(REATTACH_PAUSE).await;
+            Ok(())
+        }
+        None => Err(Stop::Lost(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(e)))),
+    }
+}
+
+/// `Some` if the sandbox exists and runs; `None` if it is gone or stopped.
+/// A node that does not answer is waited for: its sandboxes may be fine.
+async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Option<()> {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match c.node.get(sandbox).await {
+            Ok(s) if s.state == SandboxState::Running => return Some(()),
+            Ok(s) if s.state == SandboxState::Creating => {}
+            Ok(_) => return None,
+            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(sandbox, error = %crate::error_chain(&e), "the node does not answer; waiting for it");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn delete_sandbox(c: &Arc<Coordinator>, id: u64, sandbox: &str) {
+    match c.node.delete(sandbox).await {
+        Ok(()) => {
+            let _ = c.timeline(id, "sandbox_deleted", Some(sandbox.to_string())).await;
+        }
+        Err(e) => {
+            // Its delete_at, or the janitor, reaps it.
+            tracing::warn!(build = id, sandbox, error = %crate::error_chain(&e), "deleting the build's sandbox failed");
+        }
+    }
+}
+
+/// Fails the build at `step` with the last lines of its log.
+async fn fail(c: &Arc<Coordinator>, id: u64, sandbox: Option<&str>, step: &str, message: String) -> Stop {
+    let last_lines = c.store.tail(id, FAILURE_LINES).await.unwrap_or_default();
+    if let Some(sb) = sandbox {
+        delete_sandbox(c, id, sb).await;
+    }
+    finish(c, id, RunState::Failed, Some(BuildFailure { step: step.to_string(), message, last_lines })).await
+}
+
+async fn finish(c: &Arc<Coordinator>, id: u64, state: RunState, failure: Option<BuildFailure>) -> Stop {
+    match c.store.finish_build(id, state, failure).await {
+        Ok(run_state) => {
+            c.build_changed(id).await;
+            if run_state.is_some() {
+                c.run_finished(id).await;
+            }
+            Stop::Done
+        }
+        Err(e) => Stop::Store(e),
+    }
+}
+
+/// The sandbox is gone: the first time, a new attempt replaces the build
+/// (`retried: sandbox lost`); the second time, the build fails.
+async fn lost(c: &Arc<Coordinator>, id: u64, why: String) -> Result<(), StoreError> {
+    let work = c.store.work(id).await?;
+    let Some(work) = work else { return Ok(()) };
+    let failure =
+        BuildFailure { step: "sandbox".into(), message: format!("sandbox lost: {why}"), last_lines: Vec::new() };
+    if work.retry_reason.as_deref() == Some(SANDBOX_LOST) {
+        let _ = finish(c, id, RunState::Failed, Some(failure)).await;
+        return Ok(());
+    }
+    let new = c.store.replace(id, failure, SANDBOX_LOST).await?;
+    tracing::warn!(build = id, retry = new, reason = %why, "build retried: sandbox lost");
+    c.build_changed(id).await;
+    c.build_changed(new).await;
+    c.wake_dispatcher();
+    Ok(())
+}

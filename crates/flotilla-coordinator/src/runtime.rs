@@ -1,0 +1,306 @@
+//! The coordinator's thin runtime around the pure parts: one manager task
+//! and one poller task per project, a dispatcher that starts builds, an
+//! executor per running build, and the event feed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_api::EventBody;
+use flotilla_api::coordinator::RunState;
+use flotilla_node::NodeClient;
+use flotilla_node::events::EventBus;
+use tokio::sync::{Notify, watch};
+
+use crate::build::{self, Handle};
+use crate::git::Mirror;
+use crate::store::{Store, StoreError};
+
+/// How the coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Where mirrors of project repositories are kept.
+    pub data_dir: PathBuf,
+    /// This coordinator's stable id: the builds it runs carry it, and it
+    /// resumes them after a restart.
+    pub owner: String,
+    /// Builds run at once (a fleet scheduler replaces this later).
+    pub max_builds: usize,
+}
+
+/// The coordinator.
+pub struct Coordinator {
+    pub store: Store,
+    pub node: NodeClient,
+    pub events: Arc<EventBus>,
+    pub config: CoordinatorConfig,
+    managers: Mutex<HashMap<String, Arc<Notify>>>,
+    pollers: Mutex<HashMap<String, Arc<Notify>>>,
+    running: Mutex<HashMap<u64, Arc<Handle>>>,
+    logs: Mutex<HashMap<u64, watch::Sender<u64>>>,
+    mirrors: tokio::sync::Mutex<HashMap<String, Arc<Mirror>>>,
+    dispatch: Notify,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("owner", &self.config.owner).finish()
+    }
+}
+
+impl Coordinator {
+    pub fn new(store: Store, node: NodeClient, config: CoordinatorConfig) -> Arc<Coordinator> {
+        Arc::new(Coordinator {
+            store,
+            node,
+            events: Arc::new(EventBus::new()),
+            config,
+            managers: Mutex::new(HashMap::new()),
+            pollers: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            logs: Mutex::new(HashMap::new()),
+            mirrors: tokio::sync::Mutex::new(HashMap::new()),
+            dispatch: Notify::new(),
+        })
+    }
+
+    /// Starts every task: a manager and a poller per project, the
+    /// dispatcher, and executors for the builds this coordinator was
+    /// running when it stopped.
+    pub async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        for p in self.store.projects().await? {
+            if p.status == flotilla_api::coordinator::ProjectStatus::Enabled {
+                self.watch_project(&p.name);
+            }
+        }
+        for project in self.store.projects_with_work().await? {
+            self.wake_manager(&project);
+        }
+        for id in self.store.running(&self.config.owner).await? {
+            tracing::info!(build = id, "resuming a build that was running at the last stop");
+            self.spawn_executor(id);
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.dispatcher().await });
+        Ok(())
+    }
+
+    /// Starts the manager and poller tasks of a project (once).
+    pub fn watch_project(self: &Arc<Self>, project: &str) {
+        let notify = {
+            let mut m = self.managers.lock().expect("managers");
+            if m.contains_key(project) {
+                return;
+            }
+            let n = Arc::new(Notify::new());
+            m.insert(project.to_string(), n.clone());
+            n
+        };
+        let me = self.clone();
+        let name = project.to_string();
+        tokio::spawn(async move { crate::driver::manage(me, name, notify).await });
+        let poke = Arc::new(Notify::new());
+        self.pollers.lock().expect("pollers").insert(project.to_string(), poke.clone());
+        let me = self.clone();
+        let name = project.to_string();
+        tokio::spawn(async move { crate::poller::poll_loop(me, name, poke).await });
+        self.wake_manager(project);
+    }
+
+    /// Wakes a project's manager now. Wake-ups coalesce: many notices
+    /// while a step runs make one more step.
+    pub fn wake_manager(&self, project: &str) {
+        if let Some(n) = self.managers.lock().expect("managers").get(project) {
+            n.notify_one();
+        }
+    }
+
+    /// Makes a project's poller fetch now (a webhook arrived).
+    pub fn wake_poller(&self, project: &str) {
+        if let Some(n) = self.pollers.lock().expect("pollers").get(project) {
+            n.notify_one();
+        }
+    }
+
+    pub fn wake_dispatcher(&self) {
+        self.dispatch.notify_one();
+    }
+
+    /// The project's mirror (cloned on first use).
+    pub async fn mirror(&self, project: &str) -> Result<Arc<Mirror>, Box<dyn std::error::Error + Send + Sync>> {
+        let mut mirrors = self.mirrors.lock().await;
+        if let Some(m) = mirrors.get(project) {
+            return Ok(m.clone());
+        }
+        let p = self.store.project(project).await?.ok_or_else(|| format!("project {project} not found"))?;
+        let dir = self.config.data_dir.join("repos").join(format!("{project}.git"));
+        let m = Arc::new(Mirror::open_or_clone(&dir, &p.repo).await?);
+        mirrors.insert(project.to_string(), m.clone());
+        Ok(m)
+    }
+
+    /// Forgets a mirror (the project was removed or re-added).
+    pub async fn drop_mirror(&self, project: &str) {
+        self.mirrors.lock().await.remove(project);
+    }
+
+    /// Starts queued builds while there is room, try first and newest
+    /// post-submit first; woken by run creation, retries and finished
+    /// builds, and every second as a backstop.
+    async fn dispatcher(self: Arc<Self>) {
+        loop {
+            let room = self.config.max_builds.saturating_sub(self.running.lock().expect("running").len());
+            if room > 0 {
+                match self.store.queued(room as u64).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            match self.store.claim(id, &self.config.owner).await {
+                                Ok(true) => {
+                                    self.build_changed(id).await;
+                                    self.spawn_executor(id);
+                                }
+                                Ok(false) => {}
+                                Err(e) => {
+                                    tracing::error!(build = id, error = %crate::error_chain(&e), "claiming a build failed")
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %crate::error_chain(&e), "listing queued builds failed"),
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.dispatch.notified()).await;
+        }
+    }
+
+    fn spawn_executor(self: &Arc<Self>, id: u64) {
+        let handle = Arc::new(Handle::default());
+        {
+            let mut r = self.running.lock().expect("running");
+            if r.contains_key(&id) {
+                return;
+            }
+            r.insert(id, handle.clone());
+        }
+        let me = self.clone();
+        tokio::spawn(async move { build::execute(me, id, handle).await });
+    }
+
+    /// An executor ended: room for the next build.
+    pub async fn build_done(&self, id: u64) {
+        self.running.lock().expect("running").remove(&id);
+        self.logs.lock().expect("logs").remove(&id);
+        self.wake_dispatcher();
+    }
+
+    /// Asks running builds to stop (their executors record the end).
+    pub fn cancel_running(&self, ids: &[u64]) {
+        let r = self.running.lock().expect("running");
+        for id in ids {
+            if let Some(h) = r.get(id) {
+                h.cancel.notify_one();
+            }
+        }
+    }
+
+    /// Records a timeline entry and publishes the build.
+    pub async fn timeline(&self, id: u64, event: &str, detail: Option<String>) -> Result<(), StoreError> {
+        self.store.timeline(id, event, detail).await?;
+        self.build_changed(id).await;
+        Ok(())
+    }
+
+    pub async fn build_changed(&self, id: u64) {
+        if let Ok(Some(b)) = self.store.build(id).await {
+            self.events.publish(EventBody::Build { build: Box::new(b) });
+        }
+    }
+
+    pub async fn run_changed(&self, run_id: u64) {
+        if let Ok(Some(r)) = self.store.run(run_id).await {
+            self.events.publish(EventBody::Run { run: Box::new(r) });
+        }
+    }
+
+    /// A build's run finished: publish it and wake its manager (the
+    /// `run_finished` event is already in the box).
+    pub async fn run_finished(&self, build: u64) {
+        if let Ok(Some(b)) = self.store.build(build).await {
+            self.run_changed(b.run_id).await;
+            self.wake_manager(&b.project);
+        }
+    }
+
+    /// New log bytes were stored for `id`: wake its followers.
+    pub fn log_appended(&self, id: u64) {
+        let logs = self.logs.lock().expect("logs");
+        if let Some(tx) = logs.get(&id) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// A receiver that changes whenever `id`'s log grows.
+    pub fn log_watch(&self, id: u64) -> watch::Receiver<u64> {
+        let mut logs = self.logs.lock().expect("logs");
+        logs.entry(id).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Cancels a run or a build: queued builds end at once, running ones
+    /// are stopped by their executors.
+    pub async fn cancel(&self, run: Option<u64>, build: Option<u64>) -> Result<(), StoreError> {
+        let flagged = self.store.cancel(run, build).await?;
+        self.cancel_running(&flagged);
+        let run_id = match (run, build) {
+            (Some(r), _) => Some(r),
+            (None, Some(b)) => self.store.build(b).await?.map(|b| b.run_id),
+            (None, None) => None,
+        };
+        if let Some(r) = run_id
+            && let Some(run) = self.store.run(r).await?
+        {
+            for b in &run.builds {
+                self.build_changed(b.id).await;
+            }
+            if run.state.is_final() {
+                self.wake_manager(&run.project);
+            }
+            self.events.publish(EventBody::Run { run: Box::new(run) });
+        }
+        Ok(())
+    }
+
+    /// Retries every failed or canceled latest build of a run (or one
+    /// build), each as a new attempt.
+    pub async fn retry(&self, run: Option<u64>, build: Option<u64>) -> Result<Vec<u64>, StoreError> {
+        let targets: Vec<u64> = match (run, build) {
+            (_, Some(b)) => vec![b],
+            (Some(r), None) => {
+                let run = self.store.run(r).await?.ok_or_else(|| StoreError::NotFound(format!("run {r}")))?;
+                let latest: Vec<u64> = run
+                    .builds
+                    .iter()
+                    .filter(|b| matches!(b.state, RunState::Failed | RunState::Canceled))
+                    .filter(|b| !run.builds.iter().any(|o| o.retry_of == Some(b.id)))
+                    .map(|b| b.id)
+                    .collect();
+                if latest.is_empty() {
+                    return Err(StoreError::Invalid(format!("run {r} has no failed or canceled build to retry")));
+                }
+                latest
+            }
+            (None, None) => Vec::new(),
+        };
+        let mut new = Vec::new();
+        for b in targets {
+            new.push(self.store.retry(b, "retried by hand").await?);
+        }
+        if let Some(first) = new.first()
+            && let Ok(Some(b)) = self.store.build(*first).await
+        {
+            self.run_changed(b.run_id).await;
+        }
+        self.wake_dispatcher();
+        Ok(new)
+    }
+}

@@ -1,0 +1,189 @@
+//! `flotilla coordinator` (and the coordinator inside `flotilla dev`): the
+//! role's options, its start-up, and how client commands find it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use flotilla_agent::http::{Endpoint, HttpClient};
+use flotilla_coordinator::client::CoordinatorClient;
+use flotilla_coordinator::store::Store;
+use flotilla_coordinator::{Coordinator, CoordinatorConfig};
+use flotilla_node::NodeClient;
+
+use crate::cli::NodeArgs;
+
+/// Where `flotilla dev` and `flotilla coordinator` write the coordinator's
+/// TCP address for clients (`HOME/coordinator.url`).
+pub const URL_FILE: &str = "coordinator.url";
+/// Its Unix socket (0600), what the CLI uses by default.
+pub const SOCKET: &str = "coordinator.sock";
+
+/// Options of the coordinator role.
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorArgs {
+    /// The coordinator's database: `postgres://user@host:port/db` (several coordinators may share
+    /// one), else SQLite in HOME/coordinator/coordinator.db.
+    #[arg(long, env = "FLOTILLA_DATABASE")]
+    pub database: Option<String>,
+    /// Also serve the coordinator's API over plain HTTP here, for webhooks and browsers (dev
+    /// default 127.0.0.1:7780; `none` to turn it off; port 0 picks one, written to
+    /// HOME/coordinator.url).
+    #[arg(long, env = "FLOTILLA_COORDINATOR_LISTEN")]
+    pub coordinator_listen: Option<String>,
+    /// Builds run at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_builds: usize,
+}
+
+/// Starts the coordinator: its store, its tasks, its API on HOME's socket
+/// and the optional TCP listener, until `stop` resolves.
+pub async fn serve(
+    home: &Path,
+    args: &CoordinatorArgs,
+    node: NodeClient,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let data = home.join("coordinator");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let store = match &args.database {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Store::postgres(url, 8)
+            .map_err(|e| anyhow!("opening the PostgreSQL database: {}", flotilla_coordinator::error_chain(&e)))?,
+        Some(other) => anyhow::bail!("--database {other:?}: give a postgres:// URL (SQLite is the default)"),
+        None => {
+            let db = data.join("coordinator.db");
+            Store::sqlite(&db)
+                .map_err(|e| anyhow!("opening {}: {}", db.display(), flotilla_coordinator::error_chain(&e)))?
+        }
+    };
+    let owner = coordinator_id(&data)?;
+    let c = Coordinator::new(
+        store,
+        node,
+        CoordinatorConfig { data_dir: data.clone(), owner, max_builds: args.max_builds.max(1) },
+    );
+    c.start().await.map_err(|e| anyhow!("starting the coordinator: {}", flotilla_coordinator::error_chain(&e)))?;
+    let router = flotilla_coordinator::api::router(c.clone());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut tcp = None;
+    let listen = args.coordinator_listen.clone().unwrap_or_else(|| "127.0.0.1:7780".into());
+    let url_file = home.join(URL_FILE);
+    if listen != "none" {
+        match tokio::net::TcpListener::bind(&listen).await {
+            Ok(l) => {
+                let addr = l.local_addr()?;
+                std::fs::write(&url_file, format!("http://{addr}\n"))
+                    .with_context(|| format!("writing {}", url_file.display()))?;
+                eprintln!("flotilla: coordinator on http://{addr} (webhooks: POST /v1/webhooks/github/PROJECT)");
+                let mut rx = rx.clone();
+                let c = c.clone();
+                tcp = Some(tokio::spawn(async move {
+                    let _ = flotilla_coordinator::api::serve_tcp(l, c, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+                }));
+            }
+            Err(e) if args.coordinator_listen.is_none() => {
+                tracing::warn!(address = %listen, error = %e, "the coordinator's HTTP listener is off (the address is taken); the CLI uses its socket");
+            }
+            Err(e) => return Err(e).with_context(|| format!("listening on {listen}")),
+        }
+    }
+    let socket = home.join(SOCKET);
+    tracing::info!(socket = %socket.display(), "coordinator ready");
+    let mut rx2 = rx.clone();
+    let unix = flotilla_node::serve_router_unix(&socket, router, async move {
+        let _ = rx2.wait_for(|s| *s).await;
+    });
+    let stopping = async move {
+        stop.await;
+        let _ = tx.send(true);
+    };
+    let (served, ()) = tokio::join!(unix, stopping);
+    served.with_context(|| format!("serving on {}", socket.display()))?;
+    if let Some(t) = tcp {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&url_file);
+    Ok(())
+}
+
+/// The coordinator's stable id (`HOME/coordinator/id`): the builds it runs
+/// carry it, so after a restart it resumes exactly its own.
+fn coordinator_id(data: &Path) -> anyhow::Result<String> {
+    let f = data.join("id");
+    if let Ok(id) = std::fs::read_to_string(&f) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let id = format!("{}-{:x}", host.trim(), std::process::id() as u64 ^ flotilla_api::Timestamp::now().0);
+    let tmp = data.join("id.tmp");
+    std::fs::write(&tmp, &id)?;
+    std::fs::rename(&tmp, &f)?;
+    Ok(id)
+}
+
+/// `flotilla coordinator`: the role on its own, driving the node at
+/// `--node` (default: HOME's node socket).
+pub fn run(args: CoordinatorArgs, node: NodeArgs) -> anyhow::Result<i32> {
+    let home = crate::cli::default_home(node.home.clone());
+    std::fs::create_dir_all(&home).with_context(|| format!("creating {}", home.display()))?;
+    let rt = crate::daemon::daemon_runtime()?;
+    rt.block_on(async move {
+        let client = node_client(&node, &home)?;
+        serve(&home, &args, client, crate::daemon::shutdown_signal()).await
+    })?;
+    Ok(0)
+}
+
+/// The node a coordinator drives.
+pub fn node_client(node: &NodeArgs, home: &Path) -> anyhow::Result<NodeClient> {
+    let ep = match &node.node {
+        Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
+        None => Endpoint::Unix(home.join("node.sock")),
+    };
+    let mut http = HttpClient::new(ep).with_token(node.token.clone());
+    if let Some(ca) = &node.ca {
+        http = http.with_tls_ca(ca).with_context(|| format!("loading {}", ca.display()))?;
+    } else if let Some(fp) = &node.cert_sha256 {
+        http = http.with_cert_sha256(fp).context("reading --cert-sha256")?;
+    }
+    Ok(NodeClient::new(http))
+}
+
+/// How a client command finds the coordinator: `--coordinator URL`, else
+/// HOME's socket.
+pub fn client(node: &NodeArgs) -> anyhow::Result<CoordinatorClient> {
+    let ep = match &node.coordinator {
+        Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
+        None => {
+            let home = crate::cli::default_home(node.home.clone());
+            let sock: PathBuf = home.join(SOCKET);
+            if !sock.exists() {
+                anyhow::bail!(
+                    "no coordinator socket at {}: is `flotilla dev` (or `flotilla coordinator`) running? \
+                     Point at one with --home DIR or --coordinator URL",
+                    sock.display()
+                );
+            }
+            Endpoint::Unix(sock)
+        }
+    };
+    Ok(CoordinatorClient::new(HttpClient::new(ep)))
+}
+
+/// Keeps the coordinator in `flotilla dev` from starting before its node
+/// serves (it resumes builds at once).
+pub async fn wait_for_socket(socket: &Path) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

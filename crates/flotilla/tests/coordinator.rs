@@ -1,0 +1,273 @@
+//! The coordinator end to end, through the real binary: `flotilla dev`, a
+//! local git repository with a `flotilla.toml` of two builders,
+//! `project add`, commits that pass, fail, are canceled and retried, a
+//! try of a patch, and a `kill -9` of the whole dev process mid-build after
+//! which the build finishes once with a byte-identical log.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_testkit::{NodeProcess, wait_until};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+const WAIT: Duration = Duration::from_secs(90);
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn commit(dir: &Path, files: &[(&str, &str)], message: &str) -> String {
+    for (name, body) in files {
+        std::fs::write(dir.join(name), body).unwrap();
+        git(dir, &["add", name]);
+    }
+    git(dir, &["commit", "-q", "-m", message]);
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
+    common::cli(home, args)
+}
+
+fn cli_ok(home: &Path, args: &[&str]) -> String {
+    let (code, out, err) = cli(home, args);
+    assert_eq!(code, 0, "flotilla {args:?} failed: {err}{out}");
+    out
+}
+
+fn json(home: &Path, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&cli_ok(home, &a)).unwrap_or_else(|e| panic!("flotilla {args:?} --json: {e}"))
+}
+
+/// The run of commit `rev`, once it reaches a final state.
+fn finished_run(dev: &NodeProcess, rev: &str) -> Value {
+    let home = dev.home();
+    wait_until(WAIT, &format!("the run of {rev} to finish"), || {
+        let runs = json(home, &["run", "ls", "--project", "demo", "--limit", "50"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev)?.clone();
+        matches!(run["state"].as_str(), Some("passed" | "failed" | "canceled")).then_some(run)
+    })
+}
+
+fn build_of(run: &Value, builder: &str) -> Value {
+    run["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["builder"] == builder)
+        .unwrap_or_else(|| panic!("no {builder} build in {run}"))
+        .clone()
+}
+
+fn log(home: &Path, build: &Value) -> String {
+    cli_ok(home, &["build", "log", &build["id"].to_string()])
+}
+
+const CONFIG: &str = r#"
+[triggers]
+branches = ["main"]
+
+[[builder]]
+name = "linux-amd64"
+timeout = "5m"
+steps = [
+  { name = "build", run = "sh build.sh" },
+  { name = "test", run = "sh test.sh" },
+]
+
+[[builder]]
+name = "linux-amd64-race"
+env = { MODE = "race" }
+steps = [{ name = "test", run = "sh test.sh" }]
+"#;
+
+#[test]
+fn commits_become_builds_that_pass_fail_cancel_retry_and_survive_a_crash() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "127.0.0.1:0", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let good = commit(
+        repo.path(),
+        &[
+            ("flotilla.toml", CONFIG),
+            ("build.sh", "echo building in $(pwd)\nls flotilla.toml\n"),
+            ("test.sh", "echo \"testing mode=${MODE:-plain}\"\ntest 2 -eq $((1 + 1))\n"),
+        ],
+        "a passing commit",
+    );
+
+    // project add: the branch head is built at once, by both builders.
+    let out =
+        cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    assert_eq!(out.trim(), "demo");
+    let run = finished_run(&dev, &good);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let plain = build_of(&run, "linux-amd64");
+    let race = build_of(&run, "linux-amd64-race");
+    assert_eq!(plain["state"], "passed");
+    assert_eq!(race["state"], "passed");
+    assert_eq!(log(&home, &plain), "building in /workspace\nflotilla.toml\ntesting mode=plain\n");
+    assert_eq!(log(&home, &race), "testing mode=race\n");
+    // The timeline names every step, in order.
+    let shown = json(&home, &["build", "show", &plain["id"].to_string()]);
+    let events: Vec<&str> =
+        shown["timeline"].as_array().unwrap().iter().map(|t| t["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        events,
+        [
+            "sandbox_create_requested",
+            "sandbox_created",
+            "agent_up",
+            "start_write_tar",
+            "end_write_tar",
+            "start_step",
+            "end_step",
+            "start_step",
+            "end_step",
+            "sandbox_deleted"
+        ],
+        "{shown:#}"
+    );
+    let human = cli_ok(&home, &["build", "show", &plain["id"].to_string()]);
+    assert!(human.contains("start_step") && human.contains("test exit 0"), "{human}");
+
+    // A commit that breaks the test fails, naming the step and quoting it.
+    let bad = commit(
+        repo.path(),
+        &[("test.sh", "echo on stderr >&2\necho FAIL: expected 4, got 5\nexit 3\n")],
+        "a breaking commit",
+    );
+    let run = finished_run(&dev, &bad);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    let b = build_of(&run, "linux-amd64");
+    assert_eq!(b["failure"]["step"], "test", "{b:#}");
+    assert!(b["failure"]["message"].as_str().unwrap().contains("exit 3"), "{b:#}");
+    let last = b["failure"]["last_lines"].to_string();
+    assert!(
+        last.contains("FAIL: expected 4, got 5") && last.contains("on stderr"),
+        "stdout and stderr are both kept: {b:#}"
+    );
+    let failed_run = run["id"].as_u64().unwrap();
+
+    // Retry: a new attempt, visible as such (and failing again, the same way).
+    let retried = json(&home, &["run", "retry", &failed_run.to_string()]);
+    assert_eq!(retried["builds"].as_array().unwrap().len(), 2, "{retried}");
+    let again = wait_until(WAIT, "the retried run to finish", || {
+        let r = json(&home, &["run", "show", &failed_run.to_string()]);
+        (r["state"] == "failed" && r["builds"].as_array()?.len() == 4).then_some(r)
+    });
+    let second: Vec<&Value> = again["builds"].as_array().unwrap().iter().filter(|b| b["attempt"] == 2).collect();
+    assert_eq!(second.len(), 2, "{again:#}");
+    for b in second {
+        assert_eq!(b["retry_reason"], "retried by hand");
+        assert!(b["retry_of"].as_u64().is_some());
+    }
+
+    // Cancel: a build stuck in a long step is stopped and its sandbox goes.
+    let slow = commit(repo.path(), &[("test.sh", "echo waiting\nsleep 300\n")], "a slow commit");
+    let (run_id, build_id) = wait_until(WAIT, "the slow build to start its step", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == slow.as_str())?.clone();
+        let b = build_of(&run, "linux-amd64-race");
+        let shown = json(&home, &["build", "show", &b["id"].to_string()]);
+        shown["timeline"]
+            .as_array()?
+            .iter()
+            .any(|t| t["event"] == "start_step")
+            .then(|| (run["id"].as_u64().unwrap(), b["id"].as_u64().unwrap()))
+    });
+    cli_ok(&home, &["run", "cancel", &run_id.to_string()]);
+    let run = finished_run(&dev, &slow);
+    assert_eq!(run["state"], "canceled", "{run:#}");
+    let b = json(&home, &["build", "show", &build_id.to_string()]);
+    assert!(b["timeline"].as_array().unwrap().iter().any(|t| t["event"] == "canceled"), "{b:#}");
+    wait_until(WAIT, "the canceled build's sandbox to be deleted", || {
+        let list = json(&home, &["sandbox", "ls"]);
+        (!list.as_array()?.iter().any(|s| s["name"] == format!("build-{build_id}"))).then_some(())
+    });
+
+    // kill -9 mid-build: the build goes on, is re-attached, finishes once,
+    // and its log is exactly the step's output.
+    let script = "for i in $(seq 1 30); do echo \"line $i\"; sleep 0.1; done\n";
+    let crashy = commit(repo.path(), &[("test.sh", script)], "a commit the coordinator crashes under");
+    let build = wait_until(WAIT, "the crashy build to print", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == crashy.as_str())?.clone();
+        let b = build_of(&run, "linux-amd64-race");
+        log(&home, &b).contains("line 3\n").then_some(b)
+    });
+    let mut dev = dev;
+    dev.kill9();
+    dev.start_again();
+    let run = finished_run(&dev, &crashy);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let b = build_of(&run, "linux-amd64-race");
+    assert_eq!(b["id"], build["id"], "the same build finished: not a retry");
+    assert_eq!(b["attempt"], 1);
+    let expected: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(log(&home, &b), expected, "the log has no gap and no repeat");
+    let shown = json(&home, &["build", "show", &b["id"].to_string()]);
+    let starts = shown["timeline"].as_array().unwrap().iter().filter(|t| t["event"] == "start_step").count();
+    assert_eq!(starts, 1, "the step ran once: {shown:#}");
+    assert!(shown["timeline"].as_array().unwrap().iter().any(|t| t["event"] == "reattached"), "{shown:#}");
+}
+
+#[test]
+fn a_try_builds_a_patch_and_the_config_is_checked() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "127.0.0.1:0", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let bad_config = "[[builder]]\nname = \"linux_amd64\"\nsteps = [{ name = \"t\", run = \"true\" }]\n";
+    let head = commit(repo.path(), &[("flotilla.toml", bad_config), ("hello.txt", "hello\n")], "a bad config");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    // A config that does not parse fails the run, saying why.
+    let run = finished_run(&dev, &head);
+    assert_eq!(run["state"], "failed");
+    assert!(run["error"].as_str().unwrap().contains("linux_amd64"), "{run:#}");
+    let p = json(&home, &["project", "show", "demo"]);
+    assert!(p["config_error"].as_str().unwrap_or_default().contains("linux_amd64"), "{p:#}");
+
+    // A try of a patch that fixes it: built with the patched config.
+    let fixed = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"cat\", run = \"cat hello.txt\" }]\n";
+    std::fs::write(repo.path().join("flotilla.toml"), fixed).unwrap();
+    std::fs::write(repo.path().join("hello.txt"), "patched\n").unwrap();
+    let diff = git(repo.path(), &["diff"]);
+    git(repo.path(), &["checkout", "--", "."]);
+    let patch = repo.path().join("fix.patch");
+    std::fs::write(&patch, format!("{diff}\n")).unwrap();
+    let out = json(&home, &["try", "--project", "demo", "--patch", patch.to_str().unwrap()]);
+    let run_id = out["run_id"].as_u64().unwrap_or_else(|| panic!("{out}"));
+    let run = wait_until(WAIT, "the try run", || {
+        let r = json(&home, &["run", "show", &run_id.to_string()]);
+        matches!(r["state"].as_str(), Some("passed" | "failed")).then_some(r)
+    });
+    assert_eq!(run["state"], "passed", "{run:#}");
+    assert_eq!(run["change"]["kind"], "try");
+    assert_eq!(log(&home, &build_of(&run, "linux-amd64")), "patched\n");
+    // A patch that does not apply is refused with git's reason.
+    std::fs::write(&patch, "--- a/nope.txt\n+++ b/nope.txt\n@@ -1 +1 @@\n-x\n+y\n").unwrap();
+    let (code, _, err) = cli(&home, &["try", "--project", "demo", "--patch", patch.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("nope.txt"), "{err}");
+    // The project manager's log says what each step decided.
+    let p = json(&home, &["project", "show", "demo", "--log", "20"]);
+    let reasons = p["log"].to_string();
+    assert!(reasons.contains("create run"), "{reasons}");
+}
