@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod images;
+pub mod postgres;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

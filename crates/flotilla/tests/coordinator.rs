@@ -271,3 +271,78 @@ fn a_try_builds_a_patch_and_the_config_is_checked() {
     let reasons = p["log"].to_string();
     assert!(reasons.contains("create run"), "{reasons}");
 }
+
+/// simplejson's source as PyPI serves it (a project nobody here wrote),
+/// pinned by its sha256.
+const SIMPLEJSON: &str = "simplejson==3.19.3";
+const SIMPLEJSON_SHA256: &str = "8e086896c36210ab6050f2f9f095a5f1e03c83fa0e7f296d6cba425411364680";
+
+/// Downloads the sdist with pip (cached between runs, checked by hash).
+fn simplejson_sdist() -> std::path::PathBuf {
+    let cache = Path::new("/var/tmp/flotilla-test-cache/pypi");
+    std::fs::create_dir_all(cache).unwrap();
+    let file = cache.join("simplejson-3.19.3.tar.gz");
+    let sha = |p: &Path| {
+        let out = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
+    if file.exists() && sha(&file) == SIMPLEJSON_SHA256 {
+        return file;
+    }
+    let out = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SIMPLEJSON, "-d"])
+        .arg(cache)
+        .output()
+        .expect("running pip (apt-get install python3-pip)");
+    assert!(out.status.success(), "pip download {SIMPLEJSON}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sha(&file), SIMPLEJSON_SHA256, "the sdist PyPI served is not the one pinned");
+    file
+}
+
+/// A real open-source project built with its own test suite: simplejson's
+/// sdist from PyPI, committed by the test into a throwaway repository with
+/// a flotilla.toml of two builders.
+#[test]
+fn an_open_source_project_passes_its_own_test_suite() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let sdist = simplejson_sdist();
+    let repo = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .args(["xzf"])
+        .arg(&sdist)
+        .args(["--strip-components=1", "-C"])
+        .arg(repo.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = r#"
+[[builder]]
+name = "linux-amd64"
+timeout = "10m"
+steps = [
+  { name = "compile", run = "python3 -m compileall -q simplejson" },
+  { name = "test", run = "python3 -m unittest simplejson.tests.all_tests_suite" },
+]
+
+[[builder]]
+name = "linux-amd64-strict"
+env = { PYTHONWARNINGS = "error::DeprecationWarning" }
+steps = [{ name = "test", run = "python3 -bb -X dev -m unittest simplejson.tests.all_tests_suite" }]
+"#;
+    std::fs::write(repo.path().join("flotilla.toml"), config).unwrap();
+    git(repo.path(), &["init", "-q"]);
+    git(repo.path(), &["add", "-A"]);
+    git(repo.path(), &["commit", "-q", "-m", "simplejson 3.19.3 from PyPI"]);
+    let rev = git(repo.path(), &["rev-parse", "HEAD"]);
+
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap()]);
+    let run = finished_run(&dev, &rev);
+    for builder in ["linux-amd64", "linux-amd64-strict"] {
+        let b = build_of(&run, builder);
+        let log = log(&home, &b);
+        assert_eq!(b["state"], "passed", "{builder}: {b:#}\n{log}");
+        assert!(log.contains("Ran 146 tests") && log.contains("\nOK"), "{builder}: {log}");
+    }
+}

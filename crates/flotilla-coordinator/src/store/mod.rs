@@ -675,18 +675,14 @@ impl Store {
                 send(c, p, &format!("poke:refused:{op_id}"), &serde_json::to_string(&Event::Poke)?)?;
                 return Ok(Created::Refused(why));
             }
-            let existing = c.query("SELECT id FROM runs WHERE project = $1 AND op_id = $2", &[p.into(), op_id.as_str().into()])?;
-            if let Some(r) = existing.first() {
-                let id = r[0].int()? as u64;
-                let ev = Event::RunCreated { change_id: change.id.clone(), run_id: id };
-                send(c, p, &format!("run_created:{id}"), &serde_json::to_string(&ev)?)?;
-                return Ok(Created::Existing(id));
-            }
             let state = if error.is_some() || builds.is_empty() { RunState::Failed } else { RunState::Queued };
             let finished = state.is_final().then(now);
+            // Idempotent by operation id, also when two coordinators carry
+            // out the same action at once: the second insert finds the
+            // first's row (the unique key waits for its commit).
             let r = c.query(
                 "INSERT INTO runs (project, op_id, change_id, change, state, config_hash, error, created_at, finished_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (project, op_id) DO NOTHING RETURNING id",
                 &[
                     p.into(),
                     op_id.as_str().into(),
@@ -699,6 +695,15 @@ impl Store {
                     finished.into(),
                 ],
             )?;
+            if r.is_empty() {
+                let existing =
+                    c.query("SELECT id FROM runs WHERE project = $1 AND op_id = $2", &[p.into(), op_id.as_str().into()])?;
+                let id = existing.first().ok_or_else(|| StoreError::Invalid(format!("run of {op_id} vanished")))?[0].int()?
+                    as u64;
+                let ev = Event::RunCreated { change_id: change.id.clone(), run_id: id };
+                send(c, p, &format!("run_created:{id}"), &serde_json::to_string(&ev)?)?;
+                return Ok(Created::Existing(id));
+            }
             let run_id = r[0][0].int()? as u64;
             let kind = match change.kind {
                 ChangeKind::Branch => "branch",
@@ -840,7 +845,8 @@ impl Store {
         self.with(move |c| {
             let rows = c.query(
                 &format!(
-                    "SELECT {} FROM runs WHERE ($1 IS NULL OR project = $1) AND ($2 IS NULL OR id < $2)
+                    "SELECT {} FROM runs WHERE (CAST($1 AS TEXT) IS NULL OR project = $1)
+                     AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
                      ORDER BY id DESC LIMIT $3",
                     Self::RUN_COLS
                 ),

@@ -1,0 +1,285 @@
+//! A throwaway PostgreSQL server for tests: `initdb` into a temporary
+//! directory, `pg_ctl start` on a free loopback port (and a Unix socket in
+//! that directory), stopped and removed when the guard drops, a failing
+//! test included.
+//!
+//! Tuned for speed, not durability (`fsync=off`, no synchronous commit):
+//! the data dies with the test anyway.
+//!
+//! PostgreSQL refuses to run as root; as root the server's commands run as
+//! the `postgres` system user (the Debian package creates it), who owns the
+//! directory.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// How long `pg_ctl` waits for the server to accept connections (it polls
+/// on its own). Start takes ~0.2 s here; the margin is for a loaded CI.
+const START_TIMEOUT_S: u32 = 60;
+
+/// Start attempts: another process may take the port between our probe
+/// and the server's bind.
+const START_ATTEMPTS: usize = 5;
+
+/// The cluster's superuser (trust authentication: no password).
+const SUPERUSER: &str = "postgres";
+
+/// A running throwaway PostgreSQL server.
+pub struct Postgres {
+    bin: PathBuf,
+    /// Holds `data/`, the socket and `log`; removed on drop.
+    dir: tempfile::TempDir,
+    port: u16,
+    /// Set when we are root: the uid/gid the server runs as.
+    run_as: Option<(u32, u32)>,
+}
+
+impl Postgres {
+    /// Starts a fresh server; panics saying why (with the server's log) if
+    /// it cannot.
+    pub fn start() -> Postgres {
+        let bin = bindir();
+        let run_as = crate::is_root().then(postgres_user);
+        let dir = tempfile::Builder::new().prefix("flotilla-pg-").tempdir().expect("tempdir for PostgreSQL");
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the PostgreSQL directory");
+        }
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod the PostgreSQL directory");
+        let mut pg = Postgres { bin, dir, port: 0, run_as };
+
+        let data = pg.data();
+        let initdb = pg.run(
+            pg.tool("initdb")
+                .args(["-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C", "-U", SUPERUSER, "-D"])
+                .arg(&data),
+        );
+        if !initdb.status.success() {
+            panic!("initdb failed ({}):\n{}{}", initdb.status, out(&initdb.stdout), out(&initdb.stderr));
+        }
+
+        for _ in 0..START_ATTEMPTS {
+            pg.port = free_port();
+            let opts = format!(
+                "-k {} -p {} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                pg.dir.path().display(),
+                pg.port
+            );
+            let start = pg.run(
+                pg.tool("pg_ctl")
+                    .args(["-w", "-t", &START_TIMEOUT_S.to_string(), "-D"])
+                    .arg(&data)
+                    .args(["-o", &opts, "-l"])
+                    .arg(pg.log_path())
+                    .arg("start"),
+            );
+            if start.status.success() {
+                return pg;
+            }
+            let log = pg.log();
+            if !log.contains("Address already in use") {
+                panic!(
+                    "pg_ctl start failed ({}):\n{}{}\nserver log:\n{log}",
+                    start.status,
+                    out(&start.stdout),
+                    out(&start.stderr)
+                );
+            }
+            // Port taken: make sure nothing half-started stays, then retry.
+            pg.stop();
+        }
+        panic!("PostgreSQL could not bind a free port in {START_ATTEMPTS} attempts; server log:\n{}", pg.log());
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        self.url_of("postgres")
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url_of(&self, name: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{name}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Creates database `name` (letters, digits, `_`) and returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "database name {name:?}: use letters, digits and _"
+        );
+        let o = self.output(Command::new(self.bin.join("createdb")).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            SUPERUSER,
+            name,
+        ]));
+        if !o.status.success() {
+            panic!("createdb {name} failed ({}): {}\nserver log:\n{}", o.status, out(&o.stderr), self.log());
+        }
+        self.url_of(name)
+    }
+
+    /// Runs `sql` with `psql` in database `db`; returns its unaligned,
+    /// tuples-only output. Panics if psql fails.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let o = self.output(Command::new(self.bin.join("psql")).args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            SUPERUSER,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]));
+        if !o.status.success() {
+            panic!("psql -c {sql:?} failed ({}): {}", o.status, out(&o.stderr));
+        }
+        out(&o.stdout)
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    /// A server tool, as the `postgres` user when we are root.
+    fn tool(&self, name: &str) -> Command {
+        let path = self.bin.join(name);
+        let mut cmd = match self.run_as {
+            Some(_) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", SUPERUSER, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
+        // The postgres user may not be able to enter the test's directory.
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    fn run(&self, cmd: &mut Command) -> Output {
+        self.output(cmd)
+    }
+
+    fn output(&self, cmd: &mut Command) -> Output {
+        cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {:?}: {e}", cmd.get_program()))
+    }
+
+    /// Stops the server at once (no checkpoint: the data is thrown away).
+    fn stop(&self) {
+        if self.data().join("postmaster.pid").exists() {
+            let _ = self.run(self.tool("pg_ctl").args(["-w", "-m", "immediate", "-D"]).arg(self.data()).arg("stop"));
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+        // The TempDir removes the directory after this.
+    }
+}
+
+fn out(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+}
+
+/// Where the server's binaries are: `pg_config --bindir`, else the newest
+/// `/usr/lib/postgresql/*/bin`, else `PATH`.
+fn bindir() -> PathBuf {
+    let has_server = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
+    if let Ok(o) = Command::new("pg_config").arg("--bindir").stderr(Stdio::null()).output() {
+        let d = PathBuf::from(out(&o.stdout).trim());
+        if o.status.success() && has_server(&d) {
+            return d;
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.split('.').next()?.parse().ok()?;
+            Some((v, e.path().join("bin")))
+        })
+        .filter(|(_, d)| has_server(d))
+        .collect();
+    versions.sort();
+    if let Some((_, d)) = versions.pop() {
+        return d;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(d) = std::env::split_paths(&path).find(|d| has_server(d)) {
+        return d;
+    }
+    panic!("PostgreSQL is not installed: apt-get install postgresql (initdb and pg_ctl not found)")
+}
+
+/// The `postgres` user's uid and gid, from `/etc/passwd`.
+fn postgres_user() -> (u32, u32) {
+    let passwd = fs::read_to_string("/etc/passwd").expect("reading /etc/passwd");
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == SUPERUSER)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .unwrap_or_else(|| {
+            panic!(
+                "running as root, and PostgreSQL refuses root, but there is no `postgres` user to run it as \
+                 (apt-get install postgresql creates one)"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn starts_creates_a_database_and_answers() {
+        let pg = Postgres::start();
+        let url = pg.create_database("flotilla_test");
+        assert!(url.ends_with("/flotilla_test"), "{url}");
+        assert_eq!(pg.psql("flotilla_test", "select 1").trim(), "1");
+        let (dir, port) = (pg.dir.path().to_path_buf(), pg.port());
+        let uid = fs::metadata(&dir).unwrap().uid();
+        if crate::is_root() {
+            assert_ne!(uid, 0, "the server's directory belongs to postgres");
+        }
+        drop(pg);
+        assert!(!dir.exists(), "the directory is removed on drop");
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the server is stopped on drop");
+    }
+}
