@@ -40,6 +40,9 @@ use crate::store::{BuildWork, StoreError};
 
 /// The label that marks a build's sandbox (the janitor looks for it).
 pub const BUILD_LABEL: &str = "flotilla.build";
+/// The label naming the coordinator that made a build's sandbox: a
+/// janitor reaps only its own.
+pub const COORDINATOR_LABEL: &str = "flotilla.coordinator";
 /// How long a sandbox outlives its builder's timeout before the node reaps
 /// it on its own (a coordinator that never came back).
 pub const DELETE_AT_SLACK: Duration = Duration::from_secs(600);
@@ -218,7 +221,7 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop
                 None => return Stop::Lost(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(&e))),
             },
         }
-        let status = match follow(c, id, &sandbox, &process).await {
+        let status = match follow(c, id, &sandbox, &process, &step.name).await {
             Ok(s) => s,
             Err(stop) => return stop,
         };
@@ -265,6 +268,7 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
             (BUILD_LABEL.to_string(), id.to_string()),
             ("flotilla.project".to_string(), work.project.clone()),
             ("flotilla.builder".to_string(), work.builder.clone()),
+            (COORDINATOR_LABEL.to_string(), c.config.owner.clone()),
         ]
         .into(),
         env: BTreeMap::new(),
@@ -332,6 +336,7 @@ async fn follow(
     id: u64,
     sandbox: &str,
     process: &str,
+    step: &str,
 ) -> Result<Option<flotilla_api::ExitStatus>, Stop> {
     loop {
         let w = c.store.work(id).await?.ok_or(Stop::Done)?;
@@ -373,8 +378,14 @@ async fn follow(
                     }
                     FrameKind::Exit => return Ok(f.as_exit()),
                     FrameKind::Error => {
+                        // The agent's own error (the sandbox stopped under
+                        // the process, say): lost if the sandbox is gone,
+                        // else a failure of the step.
                         let msg = String::from_utf8_lossy(&f.payload).into_owned();
-                        return Err(fail(c, id, Some(sandbox), process, msg).await);
+                        if sandbox_alive(c, sandbox).await.is_none() {
+                            return Err(Stop::Lost(format!("its sandbox {sandbox} is gone ({msg})")));
+                        }
+                        return Err(fail(c, id, Some(sandbox), step, msg).await);
                     }
                     _ => {}
                 },
@@ -474,4 +485,50 @@ async fn lost(c: &Arc<Coordinator>, id: u64, why: String) -> Result<(), StoreErr
     c.build_changed(new).await;
     c.wake_dispatcher();
     Ok(())
+}
+
+/// How often the janitor looks.
+pub const JANITOR_EVERY: Duration = Duration::from_secs(60);
+
+/// Reaps this coordinator's build sandboxes whose build is unknown or
+/// finished (a crash between a build's end and its sandbox's delete, a
+/// store restored from a backup). A running build's sandbox is never
+/// touched. Returns what it deleted.
+pub async fn janitor_pass(c: &Arc<Coordinator>) -> Vec<String> {
+    let mut reaped = Vec::new();
+    let list = match c.node.list().await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "janitor: listing the node's sandboxes failed");
+            return reaped;
+        }
+    };
+    for s in list {
+        let Some(build) = s.labels.get(BUILD_LABEL).and_then(|b| b.parse::<u64>().ok()) else { continue };
+        if s.labels.get(COORDINATOR_LABEL).is_some_and(|o| *o != c.config.owner) {
+            continue;
+        }
+        let why = match c.store.build(build).await {
+            Ok(None) => format!("build {build} is unknown to this coordinator"),
+            Ok(Some(b)) if b.state.is_final() => format!("build {build} is {}", b.state.as_str()),
+            Ok(Some(_)) => continue,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "janitor: reading build {build} failed");
+                continue;
+            }
+        };
+        match c.node.delete(&s.id).await {
+            Ok(()) => {
+                tracing::info!(sandbox = %s.id, reason = %why, "janitor reaped a build sandbox");
+                c.events.publish(flotilla_api::EventBody::Reaped {
+                    what: "sandbox".into(),
+                    target: s.id.clone(),
+                    reason: why,
+                });
+                reaped.push(s.id);
+            }
+            Err(e) => tracing::warn!(sandbox = %s.id, error = %crate::error_chain(&e), "janitor: deleting failed"),
+        }
+    }
+    reaped
 }

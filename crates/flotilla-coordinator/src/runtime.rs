@@ -83,6 +83,13 @@ impl Coordinator {
         }
         let me = self.clone();
         tokio::spawn(async move { me.dispatcher().await });
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                build::janitor_pass(&me).await;
+                tokio::time::sleep(build::JANITOR_EVERY).await;
+            }
+        });
         Ok(())
     }
 

@@ -96,8 +96,23 @@ steps = [{ name = "test", run = "sh test.sh" }]
 
 #[test]
 fn commits_become_builds_that_pass_fail_cancel_retry_and_survive_a_crash() {
+    full_cycle(&[]);
+}
+
+/// The same on PostgreSQL (a throwaway cluster on loopback).
+#[test]
+fn the_same_on_postgresql() {
+    let pg = flotilla_testkit::postgres::Postgres::start();
+    let url = pg.create_database("coordinator");
+    full_cycle(&["--database", &url]);
+    drop(pg);
+}
+
+fn full_cycle(extra: &[&str]) {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
-    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "127.0.0.1:0", "--stop-apps"]);
+    let mut args = vec!["--coordinator-listen", "127.0.0.1:0", "--stop-apps"];
+    args.extend_from_slice(extra);
+    let dev = NodeProcess::start_dev(Path::new(BIN), &args);
     let home = dev.home().to_path_buf();
     let repo = tempfile::tempdir().unwrap();
     git(repo.path(), &["init", "-q"]);
@@ -345,4 +360,195 @@ steps = [{ name = "test", run = "python3 -bb -X dev -m unittest simplejson.tests
         assert_eq!(b["state"], "passed", "{builder}: {b:#}\n{log}");
         assert!(log.contains("Ran 146 tests") && log.contains("\nOK"), "{builder}: {log}");
     }
+}
+
+/// A build whose sandbox is truly gone is retried once, visibly; the
+/// janitor reaps a build sandbox the coordinator does not know.
+#[test]
+fn a_lost_sandbox_is_retried_once_and_strays_are_reaped() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let mut dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"slow\", run = \"echo started; sleep 3; echo finished\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config)], "one slow step");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let first = wait_until(WAIT, "the build to start its step", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev.as_str())?.clone();
+        let b = build_of(&run, "linux-amd64");
+        log(&home, &b).contains("started").then_some(b)
+    });
+    // Someone deletes the build's sandbox under it.
+    cli_ok(&home, &["sandbox", "rm", &format!("build-{}", first["id"])]);
+    let run = finished_run(&dev, &rev);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let shown = json(&home, &["run", "show", &run["id"].to_string()]);
+    let builds = shown["builds"].as_array().unwrap();
+    assert_eq!(builds.len(), 2, "one retry, not more: {shown:#}");
+    let lost = builds.iter().find(|b| b["attempt"] == 1).unwrap();
+    let again = builds.iter().find(|b| b["attempt"] == 2).unwrap();
+    assert_eq!(lost["state"], "failed");
+    assert_eq!(lost["failure"]["step"], "sandbox");
+    assert_eq!(again["retry_reason"], "sandbox lost");
+    assert_eq!(again["retry_of"], lost["id"]);
+    assert_eq!(log(&home, again), "started\nfinished\n");
+    let t = json(&home, &["build", "show", &lost["id"].to_string()]);
+    assert!(t["timeline"].to_string().contains("sandbox lost"), "{t:#}");
+
+    // A build sandbox of a build the coordinator never made is reaped at
+    // its next start (and every minute).
+    let stray = cli_ok(&home, &["sandbox", "create", "--name", "stray", "--label", "flotilla.build=999999"]);
+    assert!(!stray.trim().is_empty());
+    dev.kill9();
+    dev.start_again();
+    wait_until(WAIT, "the janitor to reap the stray", || {
+        let list = json(&home, &["sandbox", "ls"]);
+        (!list.as_array()?.iter().any(|s| s["name"] == "stray")).then_some(())
+    });
+}
+
+fn post(url: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = url.trim().trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut req =
+        format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out)
+}
+
+/// A signed push webhook starts the build at once (the poller waits an
+/// hour); unsigned or wrongly signed ones are refused, as are changes over
+/// TCP.
+#[test]
+fn a_signed_push_webhook_starts_a_build() {
+    use hmac::Mac;
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "127.0.0.1:0", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let url = std::fs::read_to_string(home.join("coordinator.url")).unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"hi\", run = \"cat msg\" }]\n";
+    commit(repo.path(), &[("flotilla.toml", config), ("msg", "one\n")], "first");
+    let repo_arg = repo.path().to_str().unwrap();
+    let args = ["project", "add", "demo", "--repo", repo_arg, "--poll-interval", "1h", "--webhook-secret", "s3cret"];
+    cli_ok(&home, &args);
+    let rev = commit(repo.path(), &[("msg", "two\n")], "second");
+    let body =
+        format!(r#"{{"ref":"refs/heads/main","before":"0","after":"{rev}","repository":{{"full_name":"t/demo"}}}}"#);
+    let sign = |secret: &[u8]| {
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+        m.update(body.as_bytes());
+        let sig: String = m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256={sig}")
+    };
+    let path = "/v1/webhooks/github/demo";
+    let ev = ("X-GitHub-Event", "push".to_string());
+    let (code, out) = post(&url, path, std::slice::from_ref(&ev), body.as_bytes());
+    assert_eq!(code, 401, "unsigned: {out}");
+    let (code, out) = post(&url, path, &[ev.clone(), ("X-Hub-Signature-256", sign(b"wrong"))], body.as_bytes());
+    assert_eq!(code, 401, "wrong secret: {out}");
+    let (code, out) = post(&url, "/v1/projects/demo/poll", &[], b"");
+    assert_eq!(code, 401, "changes over TCP: {out}");
+    let (code, out) = post(&url, path, &[ev, ("X-Hub-Signature-256", sign(b"s3cret"))], body.as_bytes());
+    assert_eq!(code, 202, "signed: {out}");
+    let run = finished_run(&dev, &rev);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    assert_eq!(log(&home, &build_of(&run, "linux-amd64")), "two\n");
+}
+
+/// `flotilla coordinator` as its own process, killed with -9 mid-build
+/// while its node runs on: the restarted coordinator re-attaches.
+struct CoordinatorProcess {
+    child: std::process::Child,
+}
+
+impl CoordinatorProcess {
+    fn start(home: &Path) -> CoordinatorProcess {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("coordinator.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["coordinator", "--home"])
+            .arg(home)
+            .args(["--coordinator-listen", "none"])
+            .env("FLOTILLA_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sock = home.join("coordinator.sock");
+        wait_until(Duration::from_secs(20), "the coordinator socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok().then_some(())
+        });
+        CoordinatorProcess { child }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_coordinator_of_its_own_is_killed_mid_build_and_the_build_finishes_once() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+    let home = node.home().to_path_buf();
+    let mut coordinator = CoordinatorProcess::start(&home);
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let script = "for i in $(seq 1 25); do echo \"out $i\"; echo \"err $i\" >&2; sleep 0.1; done\n";
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"count\", run = \"sh count.sh\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config), ("count.sh", script)], "count");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let build = wait_until(WAIT, "the build to print", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev.as_str())?.clone();
+        let b = build_of(&run, "linux-amd64");
+        log(&home, &b).contains("out 4\n").then_some(b)
+    });
+    let stored = json(&home, &["build", "show", &build["id"].to_string()])["log_bytes"].as_u64().unwrap();
+    coordinator.kill9();
+    // The build goes on without it: its step's output grows well past what
+    // the coordinator had stored.
+    let sandbox = format!("build-{}", build["id"]);
+    wait_until(WAIT, "the step to go on without its coordinator", || {
+        let ps = json(&home, &["sandbox", "ps", &sandbox]);
+        let end = ps.as_array()?.iter().find(|p| p["id"] == "step-0")?["output_end"].as_u64()?;
+        (end > stored + 100).then_some(())
+    });
+    let _coordinator = CoordinatorProcess::start(&home);
+    let run = wait_until(WAIT, "the run to finish", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev.as_str())?.clone();
+        (run["state"] != "running" && run["state"] != "queued").then_some(run)
+    });
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let b = build_of(&run, "linux-amd64");
+    assert_eq!(b["attempt"], 1);
+    let got = log(&home, &b);
+    // Both streams, every line once (their interleaving is the kernel's).
+    for i in 1..=25 {
+        for s in ["out", "err"] {
+            assert_eq!(got.matches(&format!("{s} {i}\n")).count(), 1, "{s} {i} in:\n{got}");
+        }
+    }
+    assert_eq!(got.len(), (1..=25).map(|i| format!("out {i}\nerr {i}\n").len()).sum::<usize>(), "{got}");
 }
