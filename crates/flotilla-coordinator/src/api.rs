@@ -73,20 +73,32 @@ pub fn router(c: Arc<Coordinator>) -> Router {
 }
 
 /// The API as a TCP listener serves it: reads, the event feed and signed
-/// webhooks. Changes go through the 0600 Unix socket (TLS and tokens for
-/// remote clients come with the fleet).
-pub fn tcp_router(c: Arc<Coordinator>) -> Router {
+/// webhooks to anyone who can reach it; changes only with the bearer
+/// `token` (`HOME/coordinator/token`). The 0600 Unix socket needs none.
+pub fn tcp_router(c: Arc<Coordinator>, token: &str) -> Router {
     use axum::http::Method;
-    router(c).layer(axum::middleware::from_fn(|req: Request, next: axum::middleware::Next| async move {
-        let read = matches!(*req.method(), Method::GET | Method::HEAD);
-        if read || req.uri().path().starts_with("/v1/webhooks/") {
-            return next.run(req).await;
+    let token = flotilla_agent::token::BearerToken::new(token);
+    router(c).layer(axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| {
+        let token = token.clone();
+        async move {
+            let open = matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().starts_with("/v1/webhooks/");
+            if open {
+                return next.run(req).await;
+            }
+            match token.check(req.headers()) {
+                Ok(()) => next.run(req).await,
+                Err(f) => HttpError(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    match f {
+                        flotilla_agent::token::AuthFailure::Missing => {
+                            "changes over TCP need the coordinator's token: Authorization: Bearer (HOME/coordinator/token)"
+                        }
+                        flotilla_agent::token::AuthFailure::Wrong => "the bearer token is not valid",
+                    },
+                ))
+                .into_response(),
+            }
         }
-        HttpError(ApiError::new(
-            ErrorCode::Unauthorized,
-            "changes over TCP are not allowed: use the CLI on the coordinator's machine (its Unix socket)",
-        ))
-        .into_response()
     }))
 }
 
@@ -94,9 +106,10 @@ pub fn tcp_router(c: Arc<Coordinator>) -> Router {
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     c: Arc<Coordinator>,
+    token: &str,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, tcp_router(c)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, tcp_router(c, token)).with_graceful_shutdown(shutdown).await
 }
 
 #[derive(OpenApi)]

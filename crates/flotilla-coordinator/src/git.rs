@@ -18,6 +18,9 @@ use tokio::process::Command;
 
 /// Largest `flotilla.toml` read.
 pub const MAX_FILE: usize = 1 << 20;
+/// How long a clone or fetch may take before it is killed and reported: a
+/// poller is never stuck behind a remote that stopped answering.
+pub const NETWORK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -32,6 +35,16 @@ pub enum GitError {
     Failed { what: String, stderr: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("{what}: no answer within {}s", .after.as_secs())]
+    TimedOut { what: String, after: std::time::Duration },
+}
+
+/// [`run`] with [`NETWORK_TIMEOUT`] (the child is killed on drop).
+async fn run_remote(cmd: Command, what: &str) -> Result<String, GitError> {
+    match tokio::time::timeout(NETWORK_TIMEOUT, run(cmd, what)).await {
+        Ok(r) => r,
+        Err(_) => Err(GitError::TimedOut { what: what.to_string(), after: NETWORK_TIMEOUT }),
+    }
 }
 
 /// A commit: its full id and subject line.
@@ -137,7 +150,7 @@ impl Mirror {
         let mut c = git(None, &m.config);
         c.args(["clone", "--quiet", "--bare", "--no-tags", "--", url]).arg(&tmp);
         let what = format!("cloning {}", redact(url));
-        if let Err(e) = run(c, &what).await {
+        if let Err(e) = run_remote(c, &what).await {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
@@ -167,7 +180,7 @@ impl Mirror {
             "+refs/heads/*:refs/heads/*",
             "+refs/tags/*:refs/tags/*",
         ]);
-        run(c, "fetching the repository").await.map(|_| ())
+        run_remote(c, "fetching the repository").await.map(|_| ())
     }
 
     /// Origin's default branch (what its HEAD points at).

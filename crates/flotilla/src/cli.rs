@@ -59,6 +59,9 @@ pub struct NodeArgs {
     /// HOME/coordinator.sock.
     #[arg(long, env = "FLOTILLA_COORDINATOR", global = true)]
     pub coordinator: Option<String>,
+    /// Bearer token for changes through a coordinator's TCP address (its HOME/coordinator/token).
+    #[arg(long, env = "FLOTILLA_COORDINATOR_TOKEN", global = true, hide_env_values = true)]
+    pub coordinator_token: Option<String>,
     /// Trust this certificate (PEM) for an https node, e.g. a copy of the node's HOME/tls/cert.pem.
     #[arg(long, env = "FLOTILLA_CA", global = true)]
     pub ca: Option<PathBuf>,

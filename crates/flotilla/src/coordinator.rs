@@ -74,11 +74,15 @@ pub async fn serve(
                 let addr = l.local_addr()?;
                 std::fs::write(&url_file, format!("http://{addr}\n"))
                     .with_context(|| format!("writing {}", url_file.display()))?;
-                eprintln!("flotilla: coordinator on http://{addr} (webhooks: POST /v1/webhooks/github/PROJECT)");
+                eprintln!(
+                    "flotilla: coordinator on http://{addr} (webhooks: POST /v1/webhooks/github/PROJECT; changes need the token in {})",
+                    data.join("token").display()
+                );
                 let mut rx = rx.clone();
                 let c = c.clone();
+                let token = flotilla_node::tls::load_or_generate_token(&data).context("making the coordinator's token")?;
                 tcp = Some(tokio::spawn(async move {
-                    let _ = flotilla_coordinator::api::serve_tcp(l, c, async move {
+                    let _ = flotilla_coordinator::api::serve_tcp(l, c, &token, async move {
                         let _ = rx.wait_for(|s| *s).await;
                     })
                     .await;
@@ -173,7 +177,7 @@ pub fn client(node: &NodeArgs) -> anyhow::Result<CoordinatorClient> {
             Endpoint::Unix(sock)
         }
     };
-    Ok(CoordinatorClient::new(HttpClient::new(ep)))
+    Ok(CoordinatorClient::new(HttpClient::new(ep).with_token(node.coordinator_token.clone())))
 }
 
 /// Keeps the coordinator in `flotilla dev` from starting before its node

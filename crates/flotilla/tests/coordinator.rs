@@ -460,7 +460,11 @@ fn a_signed_push_webhook_starts_a_build() {
     let (code, out) = post(&url, path, &[ev.clone(), ("X-Hub-Signature-256", sign(b"wrong"))], body.as_bytes());
     assert_eq!(code, 401, "wrong secret: {out}");
     let (code, out) = post(&url, "/v1/projects/demo/poll", &[], b"");
-    assert_eq!(code, 401, "changes over TCP: {out}");
+    assert_eq!(code, 401, "changes over TCP need the token: {out}");
+    let token = std::fs::read_to_string(home.join("coordinator/token")).unwrap();
+    let bearer = ("Authorization", format!("Bearer {}", token.trim()));
+    let (code, out) = post(&url, "/v1/projects/demo/poll", std::slice::from_ref(&bearer), b"");
+    assert_eq!(code, 200, "with the token: {out}");
     let (code, out) = post(&url, path, &[ev, ("X-Hub-Signature-256", sign(b"s3cret"))], body.as_bytes());
     assert_eq!(code, 202, "signed: {out}");
     let run = finished_run(&dev, &rev);
