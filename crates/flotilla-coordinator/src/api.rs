@@ -50,7 +50,7 @@ fn store_error(e: StoreError) -> HttpError {
 /// carry their own signature).
 pub fn router(c: Arc<Coordinator>) -> Router {
     let r = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/openapi.json", get(|| async { axum::Json(Doc::openapi()) }))
         .route("/v1/projects", get(list_projects).post(add_project))
         .route("/v1/projects/{name}", get(show_project).delete(remove_project))
@@ -115,6 +115,7 @@ pub async fn serve_tcp(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Flotilla coordinator API", description = "Projects, runs, builds, logs and events."),
+    modifiers(&ErrorsEverywhere),
     paths(
         list_projects,
         add_project,
@@ -131,7 +132,9 @@ pub async fn serve_tcp(
         build_log,
         cancel_build,
         retry_build,
-        webhook
+        webhook,
+        events,
+        healthz
     ),
     components(schemas(
         Project,
@@ -157,6 +160,52 @@ struct Doc;
 /// `GET /openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     Doc::openapi()
+}
+
+/// Every operation may answer with the error envelope (any status), and
+/// changes over TCP take a bearer token.
+struct ErrorsEverywhere;
+
+impl utoipa::Modify for ErrorsEverywhere {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = ResponseBuilder::new()
+            .description("An error: the envelope with a stable code")
+            .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ApiError"))).build())
+            .build();
+        for item in doc.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                op.responses.responses.insert("default".into(), error.clone().into());
+            }
+        }
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_schema_referenced_exists_and_every_operation_has_its_error() {
+        let json = serde_json::to_value(super::openapi()).unwrap();
+        let schemas = json["components"]["schemas"].as_object().unwrap();
+        let text = json.to_string();
+        for part in text.split("#/components/schemas/").skip(1) {
+            let name: String = part.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            assert!(schemas.contains_key(&name), "{name} is referenced but not defined");
+        }
+        let paths = json["paths"].as_object().unwrap();
+        assert!(paths.len() >= 16, "{:?}", paths.keys());
+        for (path, item) in paths {
+            for (method, op) in item.as_object().unwrap() {
+                assert!(op["responses"]["default"].is_object(), "{method} {path} lacks its error response");
+            }
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/v1/projects", responses((status = 200, body = Page<Project>)))]
@@ -503,13 +552,23 @@ async fn webhook(
     Ok((StatusCode::ACCEPTED, axum::Json(serde_json::json!({ "event": event }))).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
+    /// Resume after this event id.
     after: Option<u64>,
 }
 
-/// Server-sent events: every project, run and build change.
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Server-sent events: every project, run and build change; resume with
+/// `Last-Event-ID` or `?after=`.
+#[utoipa::path(get, path = "/v1/events", params(EventsQuery),
+    responses((status = 200, content_type = "text/event-stream", body = String)))]
 async fn events(State(c): Co, QueryParams(q): QueryParams<EventsQuery>, req: Request) -> Response {
     let last = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
     flotilla_node::api::sse(c.events.subscribe(q.after.or(last)))

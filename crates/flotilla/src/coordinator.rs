@@ -80,7 +80,8 @@ pub async fn serve(
                 );
                 let mut rx = rx.clone();
                 let c = c.clone();
-                let token = flotilla_node::tls::load_or_generate_token(&data).context("making the coordinator's token")?;
+                let token =
+                    flotilla_node::tls::load_or_generate_token(&data).context("making the coordinator's token")?;
                 tcp = Some(tokio::spawn(async move {
                     let _ = flotilla_coordinator::api::serve_tcp(l, c, &token, async move {
                         let _ = rx.wait_for(|s| *s).await;

@@ -1,5 +1,5 @@
-//! Schemathesis, a client nobody here wrote, fuzzes the node's and the
-//! names server's APIs from their own `/openapi.json` within a time budget
+//! Schemathesis, a client nobody here wrote, fuzzes the node's, the names
+//! server's and the coordinator's APIs from their own `/openapi.json` within a time budget
 //! and fails the test on any 5xx, any response that does not match the
 //! document (status, content type, schema: a non-envelope error fails the
 //! `default` response's schema) or any other check it reports.
@@ -15,6 +15,9 @@
 //!   outside this machine);
 //! - `PUT .../workspace` and `.../stdin` (tar and raw bodies schemathesis
 //!   cannot generate; the hostile-tar suites cover them).
+//! - the coordinator's `POST /v1/projects` (clones whatever URL it is given:
+//!   the fuzzer would reach outside this machine) and build logs with
+//!   `follow` (a stream).
 
 mod common;
 
@@ -140,4 +143,41 @@ fn schemathesis_finds_nothing_in_the_names_api() {
     let _kill = Kill(&mut server);
     wait_for_port(port);
     fuzz(&format!("http://{listen}/openapi.json"), token, "^$", 30);
+}
+
+#[test]
+fn schemathesis_finds_nothing_in_the_coordinator_api() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dev = flotilla_testkit::NodeProcess::start_dev(
+        std::path::Path::new(common::BIN),
+        &["--coordinator-listen", &listen, "--stop-apps"],
+    );
+    wait_for_port(port);
+    // A project with a run, so the fuzzer's ids sometimes hit something.
+    let repo = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let ok = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"])
+            .args(args)
+            .current_dir(repo.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(
+        repo.path().join("flotilla.toml"),
+        "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"t\", run = \"true\" }]\n",
+    )
+    .unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-qm", "first"]);
+    let (code, _, err) = common::cli(dev.home(), &["project", "add", "demo", "--repo", repo.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let token = std::fs::read_to_string(dev.home().join("coordinator/token")).unwrap();
+    fuzz(&format!("http://{listen}/openapi.json"), token.trim(), "(^/v1/projects$|/events$|/log$)", 30);
+    let (code, _, err) = common::cli(dev.home(), &["run", "ls"]);
+    assert_eq!(code, 0, "the coordinator answers after the fuzz run: {err}");
 }
