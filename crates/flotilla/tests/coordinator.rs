@@ -556,3 +556,28 @@ fn a_coordinator_of_its_own_is_killed_mid_build_and_the_build_finishes_once() {
     }
     assert_eq!(got.len(), (1..=25).map(|i| format!("out {i}\nerr {i}\n").len()).sum::<usize>(), "{got}");
 }
+
+/// A build past its builder's timeout is stopped and fails, naming the
+/// step it was in and quoting its output.
+#[test]
+fn a_build_past_its_timeout_fails_naming_the_step() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64\"\ntimeout = \"2s\"\n\
+                  steps = [{ name = \"quick\", run = \"true\" }, { name = \"hang\", run = \"echo hanging; sleep 300\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config)], "hangs");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let run = finished_run(&dev, &rev);
+    assert_eq!(run["state"], "failed", "{run:#}");
+    let b = build_of(&run, "linux-amd64");
+    assert_eq!(b["failure"]["step"], "hang", "{b:#}");
+    assert!(b["failure"]["message"].as_str().unwrap().contains("timed out after 2s"), "{b:#}");
+    assert_eq!(b["failure"]["last_lines"][0], "hanging");
+    wait_until(WAIT, "the timed-out build's sandbox to go", || {
+        let list = json(&home, &["sandbox", "ls"]);
+        (!list.as_array()?.iter().any(|s| s["name"] == format!("build-{}", b["id"]))).then_some(())
+    });
+}
