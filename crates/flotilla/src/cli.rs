@@ -112,6 +112,10 @@ pub enum Command {
         /// Resume after this event id (printed with --json).
         #[arg(long)]
         after: Option<u64>,
+        /// Whose events: the node's (sandboxes, operations, apps), or the coordinator's
+        /// (projects, runs, builds with every timeline step).
+        #[arg(long, value_parser = ["node", "coordinator"], default_value = "node")]
+        source: String,
     },
     /// Describe the node: OS, CPUs, memory, backends, images, sandbox counts.
     Info,
@@ -658,7 +662,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd, node, json)),
         Command::Doctor => crate::doctor::run(&default_home(node.home), json),
-        Command::Events { after } => crate::sandbox::block_on(crate::ops::events(node, after, json)),
+        Command::Events { after, source } => {
+            crate::sandbox::block_on(crate::ops::events(node, after, source == "coordinator", json))
+        }
         Command::Sandbox(cmd) => crate::sandbox::block_on(crate::sandbox::run(cmd, node, json)),
         Command::App(cmd) => crate::sandbox::block_on(crate::app::run(cmd, node, json)),
     }

@@ -79,14 +79,19 @@ pub async fn wait_sandbox(c: &NodeClient, op: Operation) -> anyhow::Result<Sandb
 
 /// Follows `GET /v1/events`, one line per event (or one JSON object per
 /// line with `--json`), until interrupted or the node goes away.
-pub async fn events(node: NodeArgs, after: Option<u64>, json: bool) -> anyhow::Result<i32> {
-    let c = client(&node).await?;
+pub async fn events(node: NodeArgs, after: Option<u64>, coordinator: bool, json: bool) -> anyhow::Result<i32> {
+    let http = if coordinator {
+        crate::coordinator::client(&node)?.http().clone()
+    } else {
+        client(&node).await?.http().clone()
+    };
     let path = match after {
         Some(a) => format!("/v1/events?after={a}"),
         None => "/v1/events".to_string(),
     };
-    let req = c.http().request(http::Method::GET, &path).body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let resp = c.http().send_ok(req).await.context("subscribing to the node's events")?;
+    let req = http.request(http::Method::GET, &path).body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let whose = if coordinator { "coordinator" } else { "node" };
+    let resp = http.send_ok(req).await.with_context(|| format!("subscribing to the {whose}'s events"))?;
     let mut body = resp.into_body();
     let mut buf = String::new();
     while let Some(frame) = body.frame().await {

@@ -444,6 +444,23 @@ fn a_signed_push_webhook_starts_a_build() {
     let repo_arg = repo.path().to_str().unwrap();
     let args = ["project", "add", "demo", "--repo", repo_arg, "--poll-interval", "1h", "--webhook-secret", "s3cret"];
     cli_ok(&home, &args);
+    // Someone watching the coordinator's events as it happens.
+    let mut watcher = Command::new(BIN)
+        .args(["events", "--source", "coordinator"])
+        .env("FLOTILLA_HOME", &home)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watcher.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let rev = commit(repo.path(), &[("msg", "two\n")], "second");
     let body =
         format!(r#"{{"ref":"refs/heads/main","before":"0","after":"{rev}","repository":{{"full_name":"t/demo"}}}}"#);
@@ -470,6 +487,14 @@ fn a_signed_push_webhook_starts_a_build() {
     let run = finished_run(&dev, &rev);
     assert_eq!(run["state"], "passed", "{run:#}");
     assert_eq!(log(&home, &build_of(&run, "linux-amd64")), "two\n");
+    let id = build_of(&run, "linux-amd64")["id"].clone();
+    let seen = wait_until(WAIT, "the build's end on the event feed", || {
+        let line = rx.recv_timeout(Duration::from_millis(200)).ok()?;
+        (line.contains(&format!("build {id} demo linux-amd64 passed"))).then_some(line)
+    });
+    assert!(seen.contains("sandbox_deleted"), "{seen}");
+    let _ = watcher.kill();
+    let _ = watcher.wait();
 }
 
 /// `flotilla coordinator` as its own process, killed with -9 mid-build
