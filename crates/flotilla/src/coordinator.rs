@@ -151,13 +151,7 @@ pub fn node_client(node: &NodeArgs, home: &Path) -> anyhow::Result<NodeClient> {
         Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
         None => Endpoint::Unix(home.join("node.sock")),
     };
-    let mut http = HttpClient::new(ep).with_token(node.token.clone());
-    if let Some(ca) = &node.ca {
-        http = http.with_tls_ca(ca).with_context(|| format!("loading {}", ca.display()))?;
-    } else if let Some(fp) = &node.cert_sha256 {
-        http = http.with_cert_sha256(fp).context("reading --cert-sha256")?;
-    }
-    Ok(NodeClient::new(http))
+    crate::sandbox::node_at(node, ep)
 }
 
 /// How a client command finds the coordinator: `--coordinator URL`, else

@@ -43,6 +43,12 @@ pub async fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
             Endpoint::Unix(sock)
         }
     };
+    node_at(args, ep)
+}
+
+/// A client of the node at `ep`, with the token and the trust that `args`
+/// give (`--token`, `--ca`, `--cert-sha256`).
+pub fn node_at(args: &NodeArgs, ep: Endpoint) -> anyhow::Result<NodeClient> {
     let mut http = HttpClient::new(ep).with_token(args.token.clone());
     if let Some(ca) = &args.ca {
         http = http.with_tls_ca(ca).with_context(|| format!("loading {}", ca.display()))?;

@@ -140,6 +140,8 @@ impl Dev {
         let child = cmd
             .args(["dev", "--home"])
             .arg(home.path())
+            // No coordinator listener: tests in parallel would race for its default port.
+            .args(["--coordinator-listen", "none"])
             .args(args)
             .env("FLOTILLA_LOG", "info")
             .stdin(Stdio::null())
