@@ -275,7 +275,7 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
         network: spec.network,
         ..Default::default()
     };
-    let created = match c.node.create(&req).await {
+    let created = match create_patiently(c, &req).await {
         Ok(s) => s,
         // Created before a crash, its id not yet stored: it is ours by name.
         Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => match c.node.get(&name).await {
@@ -295,6 +295,32 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
     }
     c.timeline(id, "agent_up", None).await?;
     Ok(created.id)
+}
+
+/// How long a build waits for a node that does not answer (restarting,
+/// handing over to a new version) before it fails at `create_sandbox`.
+pub const NODE_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Creates the sandbox, waiting out a node that cannot be reached for up to
+/// [`NODE_PATIENCE`]; an answer (even a refusal) ends the wait.
+async fn create_patiently(
+    c: &Arc<Coordinator>,
+    req: &CreateSandboxRequest,
+) -> Result<flotilla_api::Sandbox, ClientError> {
+    let deadline = tokio::time::Instant::now() + NODE_PATIENCE;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match c.node.create(req).await {
+            Err(e @ (ClientError::Connect { .. } | ClientError::Http { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tracing::warn!(error = %crate::error_chain(&e), "the node does not answer; creating the build's sandbox again shortly");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// `git archive` of the revision, streamed into `/workspace`.

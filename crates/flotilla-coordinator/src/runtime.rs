@@ -93,25 +93,48 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Starts the manager and poller tasks of a project (once).
+    /// Starts the manager and poller tasks of a project, each unless it
+    /// runs already (a poller ends when its project is removed; adding the
+    /// project again starts a new one).
     pub fn watch_project(self: &Arc<Self>, project: &str) {
-        let notify = {
+        let manager = {
             let mut m = self.managers.lock().expect("managers");
-            if m.contains_key(project) {
-                return;
+            match m.get(project) {
+                Some(_) => None,
+                None => {
+                    let n = Arc::new(Notify::new());
+                    m.insert(project.to_string(), n.clone());
+                    Some(n)
+                }
             }
-            let n = Arc::new(Notify::new());
-            m.insert(project.to_string(), n.clone());
-            n
         };
-        let me = self.clone();
-        let name = project.to_string();
-        tokio::spawn(async move { crate::driver::manage(me, name, notify).await });
-        let poke = Arc::new(Notify::new());
-        self.pollers.lock().expect("pollers").insert(project.to_string(), poke.clone());
-        let me = self.clone();
-        let name = project.to_string();
-        tokio::spawn(async move { crate::poller::poll_loop(me, name, poke).await });
+        if let Some(notify) = manager {
+            let me = self.clone();
+            let name = project.to_string();
+            tokio::spawn(async move { crate::driver::manage(me, name, notify).await });
+        }
+        let poller = {
+            let mut p = self.pollers.lock().expect("pollers");
+            match p.get(project) {
+                Some(_) => None,
+                None => {
+                    let n = Arc::new(Notify::new());
+                    p.insert(project.to_string(), n.clone());
+                    Some(n)
+                }
+            }
+        };
+        if let Some(poke) = poller {
+            let me = self.clone();
+            let name = project.to_string();
+            tokio::spawn(async move {
+                crate::poller::poll_loop(me.clone(), name.clone(), poke.clone()).await;
+                let mut p = me.pollers.lock().expect("pollers");
+                if p.get(&name).is_some_and(|n| Arc::ptr_eq(n, &poke)) {
+                    p.remove(&name);
+                }
+            });
+        }
         self.wake_manager(project);
     }
 

@@ -285,6 +285,20 @@ fn a_try_builds_a_patch_and_the_config_is_checked() {
     let p = json(&home, &["project", "show", "demo", "--log", "20"]);
     let reasons = p["log"].to_string();
     assert!(reasons.contains("create run"), "{reasons}");
+
+    // Removed, then added again: watched again, and nothing is built twice.
+    cli_ok(&home, &["project", "rm", "demo"]);
+    assert_eq!(json(&home, &["project", "show", "demo"])["status"], "removed");
+    let (code, _, err) = cli(&home, &["project", "rm", "demo"]);
+    assert_ne!(code, 0, "removing twice says so");
+    assert!(err.contains("demo"), "{err}");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let next = commit(repo.path(), &[("flotilla.toml", fixed), ("hello.txt", "again\n")], "after re-adding");
+    let run = finished_run(&dev, &next);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let runs = json(&home, &["run", "ls", "--project", "demo", "--limit", "50"]);
+    let of_head = runs.as_array().unwrap().iter().filter(|r| r["change"]["rev"] == head.as_str()).count();
+    assert_eq!(of_head, 1, "the old head was not built again: {runs:#}");
 }
 
 /// simplejson's source as PyPI serves it (a project nobody here wrote),

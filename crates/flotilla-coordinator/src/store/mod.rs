@@ -410,11 +410,12 @@ impl Store {
                         serde_json::to_string(&[&p.branch])?.into(),
                     ],
                 )?;
-                c.execute("DELETE FROM pm_state WHERE project = $1", &[p.name.as_str().into()])?;
+                // The manager starts afresh, its eversion (and log) going on.
+                c.execute("UPDATE pm_state SET state = '{}' WHERE project = $1", &[p.name.as_str().into()])?;
                 c.execute("DELETE FROM pm_events WHERE project = $1", &[p.name.as_str().into()])?;
             }
             c.execute(
-                "INSERT INTO pm_state (project, eversion, state) VALUES ($1, 0, '{}')",
+                "INSERT INTO pm_state (project, eversion, state) VALUES ($1, 0, '{}') ON CONFLICT (project) DO NOTHING",
                 &[p.name.as_str().into()],
             )?;
             Ok(())

@@ -156,6 +156,25 @@ pub async fn suite(s: Store) {
     s.remove_project("demo").await.unwrap();
     let (_, _, _) = s.load("demo").await.unwrap();
     assert_eq!(s.project("demo").await.unwrap().unwrap().status, flotilla_api::coordinator::ProjectStatus::Removed);
+    assert!(matches!(s.remove_project("demo").await, Err(StoreError::NotFound(_))));
+
+    // Added again: a fresh manager state whose eversion (and log) go on.
+    let before = s.project_log("demo", 1).await.unwrap()[0].eversion;
+    let again = s
+        .add_project(NewProject {
+            name: "demo".into(),
+            repo: "/src/other".into(),
+            branch: "trunk".into(),
+            poll_interval_ms: 1000,
+            webhook_secret: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((again.repo.as_str(), again.webhook, again.eversion), ("/src/other", false, before));
+    s.send("demo", "p", &Event::Poke).await.unwrap();
+    let (o, committed) = step_once(&s, "demo").await;
+    assert!(o.state.changes.is_empty());
+    assert_eq!(committed.unwrap().0, before + 1);
 }
 
 #[tokio::test]
