@@ -620,3 +620,34 @@ fn a_build_past_its_timeout_fails_naming_the_step() {
         (!list.as_array()?.iter().any(|s| s["name"] == format!("build-{}", b["id"]))).then_some(())
     });
 }
+
+#[test]
+fn a_node_killed_mid_build_is_waited_for_and_the_build_finishes_once() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let mut node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+    let home = node.home().to_path_buf();
+    let _coordinator = CoordinatorProcess::start(&home);
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let script = "for i in $(seq 1 30); do echo \"line $i\"; sleep 0.1; done\n";
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"count\", run = \"sh count.sh\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config), ("count.sh", script)], "count");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    wait_until(WAIT, "the build to print", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev.as_str())?.clone();
+        log(&home, &build_of(&run, "linux-amd64")).contains("line 3\n").then_some(())
+    });
+    node.kill9();
+    node.start_again();
+    let run = wait_until(WAIT, "the run to finish", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev.as_str())?.clone();
+        (run["state"] != "running" && run["state"] != "queued").then_some(run)
+    });
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let b = build_of(&run, "linux-amd64");
+    assert_eq!(b["attempt"], 1, "re-adopted, not retried: {b:#}");
+    let expected: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(log(&home, &b), expected);
+}
