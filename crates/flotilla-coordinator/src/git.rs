@@ -59,6 +59,10 @@ pub struct Commit {
 pub struct Mirror {
     dir: PathBuf,
     config: PathBuf,
+    /// Held while git writes refs (fetch, a try commit): two fetches of
+    /// one mirror at once (the poller's timer, a webhook, `try`) would race
+    /// for the ref locks and one would fail.
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// `url` without a password or token in it (for messages).
@@ -138,7 +142,7 @@ impl Mirror {
             return Err(GitError::Invalid(format!("repository {url:?}: may not be empty or start with '-'")));
         }
         let parent = dir.parent().unwrap_or(Path::new("/"));
-        let m = Mirror { dir: dir.to_path_buf(), config: gitconfig(parent)? };
+        let m = Mirror { dir: dir.to_path_buf(), config: gitconfig(parent)?, writing: tokio::sync::Mutex::new(()) };
         if dir.join("HEAD").exists() {
             let mut c = git(Some(dir), &m.config);
             c.args(["remote", "set-url", "origin", url]);
@@ -170,6 +174,7 @@ impl Mirror {
     /// Updates branches and tags from origin (forced, pruned); never
     /// touches `refs/flotilla/*`.
     pub async fn fetch(&self) -> Result<(), GitError> {
+        let _writing = self.writing.lock().await;
         let mut c = git(Some(&self.dir), &self.config);
         c.args([
             "fetch",
@@ -284,6 +289,7 @@ impl Mirror {
     /// index), keeps it under `refs/flotilla/try/<sha>`, and returns its id.
     pub async fn apply_patch(&self, base: &str, patch: &str, message: &str) -> Result<String, GitError> {
         check_rev(base)?;
+        let _writing = self.writing.lock().await;
         let scratch = tempfile_in(&self.dir)?;
         let index = scratch.join("index");
         let patch_file = scratch.join("patch");
@@ -431,6 +437,32 @@ mod tests {
         let m = Mirror::open_or_clone(&t.path().join("m.git"), src.to_str().unwrap()).await.unwrap();
         m.fetch().await.unwrap();
         assert_eq!(m.head("main").await.unwrap().as_deref(), Some(a.as_str()));
+    }
+
+    /// The poller's timer, a webhook and `try` may all fetch one mirror at
+    /// once; git's ref locks made all but one fail ("cannot lock ref").
+    #[tokio::test]
+    async fn concurrent_fetches_of_one_mirror_all_succeed() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        sh(&src, &["init", "-q"]);
+        commit(&src, "f", "1\n", "one");
+        let m =
+            std::sync::Arc::new(Mirror::open_or_clone(&t.path().join("m.git"), src.to_str().unwrap()).await.unwrap());
+        for round in 0..5 {
+            let head = commit(&src, "f", &format!("{round}\n"), "next");
+            let fetches: Vec<_> = (0..4)
+                .map(|_| {
+                    let m = m.clone();
+                    tokio::spawn(async move { m.fetch().await })
+                })
+                .collect();
+            for f in fetches {
+                f.await.unwrap().unwrap();
+            }
+            assert_eq!(m.head("main").await.unwrap().as_deref(), Some(head.as_str()));
+        }
     }
 
     #[test]
