@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod coordinator;
 mod data;
 mod durable;
 mod images;
@@ -42,14 +43,16 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
 vm-kernel also the kernel `flotilla node setup-vm --build-kernel` makes,
 found through $FLOTILLA_VM_KERNEL); `images` runs images-import and
 images-create on Debian's own root (built once with mmdebstrap, which needs
-a Debian mirror).
+a Debian mirror). `coordinator` runs pm-events (on SQLite and a throwaway
+PostgreSQL: it needs Debian's `postgresql`), commit-to-running and
+log-first-byte (each starts its own `flotilla dev`).
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -74,6 +77,9 @@ enum Scenario {
     AppStart,
     AppRestart,
     AppHandover,
+    PmEvents,
+    CommitToRunning,
+    LogFirstByte,
 }
 
 impl Scenario {
@@ -109,6 +115,10 @@ impl Scenario {
             "app-restart" => vec![Scenario::AppRestart],
             "app-handover" => vec![Scenario::AppHandover],
             "apps" => vec![Scenario::AppStart, Scenario::AppRestart, Scenario::AppHandover],
+            "pm-events" => vec![Scenario::PmEvents],
+            "commit-to-running" => vec![Scenario::CommitToRunning],
+            "log-first-byte" => vec![Scenario::LogFirstByte],
+            "coordinator" => vec![Scenario::PmEvents, Scenario::CommitToRunning, Scenario::LogFirstByte],
             _ => return None,
         })
     }
@@ -131,6 +141,9 @@ impl Scenario {
             Scenario::AppStart => "app-start",
             Scenario::AppRestart => "app-restart",
             Scenario::AppHandover => "app-handover",
+            Scenario::PmEvents => "pm-events",
+            Scenario::CommitToRunning => "commit-to-running",
+            Scenario::LogFirstByte => "log-first-byte",
         }
     }
 
@@ -152,6 +165,9 @@ impl Scenario {
             Scenario::AppStart => 10,
             Scenario::AppRestart => 20,
             Scenario::AppHandover => 3,
+            Scenario::PmEvents => 3,
+            Scenario::CommitToRunning => 10,
+            Scenario::LogFirstByte => 10,
         }
     }
 
@@ -256,6 +272,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::AppStart => apps::app_start(&node, &machine, n).await,
                 Scenario::AppRestart => apps::app_restart(&node, &machine, n).await,
                 Scenario::AppHandover => apps::app_handover(&mut node, &bin, &machine, n).await,
+                Scenario::PmEvents => coordinator::pm_events(&machine, n).await,
+                Scenario::CommitToRunning => coordinator::commit_to_running(&bin, &machine, n).await,
+                Scenario::LogFirstByte => coordinator::log_first_byte(&bin, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

@@ -616,8 +616,15 @@ impl Store {
             if n == 0 {
                 return Ok(None);
             }
-            for id in &consumed {
-                c.execute("DELETE FROM pm_events WHERE project = $1 AND id = $2", &[p.into(), id.into()])?;
+            // One statement per hundred ids: a round trip each on PostgreSQL.
+            for chunk in consumed.chunks(100) {
+                let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+                let mut params: Vec<Value> = vec![p.into()];
+                params.extend(chunk.iter().map(Value::from));
+                c.execute(
+                    &format!("DELETE FROM pm_events WHERE project = $1 AND id IN ({})", marks.join(", ")),
+                    &params,
+                )?;
             }
             c.execute(
                 "INSERT INTO pm_log (project, eversion, at, reasons) VALUES ($1, $2, $3, $4)",
