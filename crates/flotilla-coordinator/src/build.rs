@@ -138,6 +138,11 @@ async fn run(c: &Arc<Coordinator>, id: u64, handle: &Handle) -> Stop {
     if work.state.is_final() {
         return Stop::Done;
     }
+    // Canceled while no executor ran it (the coordinator was down): end it
+    // now instead of resuming it.
+    if work.cancel_requested {
+        return end_early(c, &work, RunState::Canceled, None).await;
+    }
     let spec: BuildSpec = match serde_json::from_str(&work.spec) {
         Ok(s) => s,
         Err(e) => return fail(c, id, None, "spec", format!("the stored build spec is damaged: {e}")).await,
