@@ -27,6 +27,7 @@ mod names;
 mod node;
 mod report;
 mod scenarios;
+mod schedule;
 mod stats;
 mod vm;
 
@@ -43,7 +44,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|schedule> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -52,7 +53,8 @@ found through $FLOTILLA_VM_KERNEL); `images` runs images-import and
 images-create on Debian's own root (built once with mmdebstrap, which needs
 a Debian mirror). `coordinator` runs pm-events (on SQLite and a throwaway
 PostgreSQL: it needs Debian's `postgresql`), commit-to-running and
-log-first-byte (each starts its own `flotilla dev`).
+log-first-byte (each starts its own `flotilla dev`). `schedule` times the
+scheduler's pure core over 1,000 simulated nodes and 100,000 builds.
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -80,6 +82,7 @@ enum Scenario {
     PmEvents,
     CommitToRunning,
     LogFirstByte,
+    Schedule,
 }
 
 impl Scenario {
@@ -119,6 +122,7 @@ impl Scenario {
             "commit-to-running" => vec![Scenario::CommitToRunning],
             "log-first-byte" => vec![Scenario::LogFirstByte],
             "coordinator" => vec![Scenario::PmEvents, Scenario::CommitToRunning, Scenario::LogFirstByte],
+            "schedule" => vec![Scenario::Schedule],
             _ => return None,
         })
     }
@@ -144,6 +148,7 @@ impl Scenario {
             Scenario::PmEvents => "pm-events",
             Scenario::CommitToRunning => "commit-to-running",
             Scenario::LogFirstByte => "log-first-byte",
+            Scenario::Schedule => "schedule",
         }
     }
 
@@ -168,6 +173,7 @@ impl Scenario {
             Scenario::PmEvents => 3,
             Scenario::CommitToRunning => 10,
             Scenario::LogFirstByte => 10,
+            Scenario::Schedule => 3,
         }
     }
 
@@ -275,6 +281,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::PmEvents => coordinator::pm_events(&machine, n).await,
                 Scenario::CommitToRunning => coordinator::commit_to_running(&bin, &machine, n).await,
                 Scenario::LogFirstByte => coordinator::log_first_byte(&bin, &machine, n).await,
+                Scenario::Schedule => schedule::schedule(&machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

@@ -23,6 +23,7 @@ pub mod git;
 pub mod pm;
 pub mod poller;
 pub mod runtime;
+pub mod sched;
 pub mod store;
 pub mod webhook;
 
