@@ -248,3 +248,46 @@ pub struct ProjectLogEntry {
     /// The events the step consumed, and what it decided.
     pub reasons: Vec<String>,
 }
+
+/// The scheduler's view: the nodes it places on and the builds waiting,
+/// each with the reason it waits (`GET /v1/queue`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Queue {
+    /// When the scheduler last made a pass.
+    pub at: Timestamp,
+    pub nodes: Vec<QueueNode>,
+    /// Waiting builds in the order they will be served.
+    pub waiting: Vec<QueuedBuild>,
+}
+
+/// A node as the scheduler last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueueNode {
+    pub name: String,
+    /// False when the node did not answer its describe call.
+    pub up: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `os-arch` in Go's names, as builders are named.
+    pub platform: String,
+    pub millicpus: u64,
+    pub memory_bytes: u64,
+    /// What this coordinator's running builds hold on it.
+    pub used_millicpus: u64,
+    pub used_memory_bytes: u64,
+    pub running: u64,
+}
+
+/// A build the scheduler has not placed yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueuedBuild {
+    pub build: u64,
+    pub run: u64,
+    pub project: String,
+    pub builder: String,
+    /// `interactive`, `try` or `post_submit`: the order levels are served in.
+    pub priority: String,
+    pub queued_at: Timestamp,
+    /// Why it waits: "no node can run ...", "all 3 runnable nodes are full".
+    pub reason: String,
+}

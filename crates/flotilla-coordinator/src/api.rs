@@ -66,6 +66,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/v1/builds/{id}/cancel", post(cancel_build))
         .route("/v1/builds/{id}/retry", post(retry_build))
         .route("/v1/webhooks/{forge}/{project}", post(webhook))
+        .route("/v1/queue", get(show_queue))
         .route("/v1/events", get(events))
         .fallback(|| async { HttpError(ApiError::not_found("no such route")) })
         .with_state(c);
@@ -133,6 +134,7 @@ pub async fn serve_tcp(
         cancel_build,
         retry_build,
         webhook,
+        show_queue,
         events,
         healthz
     ),
@@ -151,6 +153,9 @@ pub async fn serve_tcp(
         flotilla_api::coordinator::ProjectStatus,
         flotilla_api::coordinator::TimelineEntry,
         flotilla_api::coordinator::BuildFailure,
+        flotilla_api::coordinator::Queue,
+        flotilla_api::coordinator::QueueNode,
+        flotilla_api::coordinator::QueuedBuild,
         ApiError,
         ErrorCode
     ))
@@ -557,6 +562,13 @@ async fn webhook(
 struct EventsQuery {
     /// Resume after this event id.
     after: Option<u64>,
+}
+
+/// The scheduler's last pass: its nodes and the builds waiting, each with
+/// the reason it waits.
+#[utoipa::path(get, path = "/v1/queue", responses((status = 200, body = flotilla_api::coordinator::Queue)))]
+async fn show_queue(State(c): Co) -> axum::Json<flotilla_api::coordinator::Queue> {
+    axum::Json(c.queue())
 }
 
 /// Liveness.

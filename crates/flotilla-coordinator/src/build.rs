@@ -90,6 +90,23 @@ impl BuildSpec {
     }
 }
 
+impl BuildSpec {
+    /// What the scheduler must find on a node: the builder's platform (from
+    /// its `os-arch[-suffix]` name), image, backend and resources (a nominal
+    /// share when the builder names none).
+    pub fn need(&self) -> Result<crate::sched::Need, String> {
+        let name: crate::config::BuilderName = self.builder.parse().map_err(|e| format!("{e}"))?;
+        Ok(crate::sched::Need {
+            os: name.os,
+            arch: name.arch,
+            image: self.image.clone(),
+            backend: self.backend,
+            millicpus: self.resources.cpus.map_or(crate::sched::DEFAULT_MILLICPUS, |c| (c * 1000.0).ceil() as u64),
+            memory_bytes: self.resources.memory_bytes.unwrap_or(crate::sched::DEFAULT_MEMORY_BYTES),
+        })
+    }
+}
+
 /// A running executor's handle: how cancel reaches it.
 #[derive(Debug, Default)]
 pub struct Handle {

@@ -53,6 +53,11 @@ impl CoordinatorClient {
         self.http.json(Method::POST, &format!("/v1/projects/{}/poll", seg(name)), None::<&()>).await
     }
 
+    /// The scheduler's last pass: nodes, and waiting builds with reasons.
+    pub async fn queue(&self) -> Result<flotilla_api::coordinator::Queue, ClientError> {
+        self.http.json(Method::GET, "/v1/queue", None::<&()>).await
+    }
+
     pub async fn try_change(&self, project: &str, req: &TryRequest) -> Result<TryResponse, ClientError> {
         self.http.json(Method::POST, &format!("/v1/projects/{}/try", seg(project)), Some(req)).await
     }

@@ -2,19 +2,20 @@
 //! and one poller task per project, a dispatcher that starts builds, an
 //! executor per running build, and the event feed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use flotilla_api::EventBody;
-use flotilla_api::coordinator::RunState;
+use flotilla_api::coordinator::{Queue, QueueNode, QueuedBuild as QueuedBuildView, RunState};
+use flotilla_api::{EventBody, NodeInfo, Timestamp};
 use flotilla_node::NodeClient;
 use flotilla_node::events::EventBus;
 use tokio::sync::{Notify, watch};
 
 use crate::build::{self, Handle};
 use crate::git::Mirror;
+use crate::sched::{self, NodeView, Priority, Queued};
 use crate::store::{Store, StoreError};
 
 /// How the coordinator runs.
@@ -25,7 +26,7 @@ pub struct CoordinatorConfig {
     /// This coordinator's stable id: the builds it runs carry it, and it
     /// resumes them after a restart.
     pub owner: String,
-    /// Builds run at once (a fleet scheduler replaces this later).
+    /// Builds run at once, whatever room the nodes have.
     pub max_builds: usize,
 }
 
@@ -41,6 +42,17 @@ pub struct Coordinator {
     logs: Mutex<HashMap<u64, watch::Sender<u64>>>,
     mirrors: tokio::sync::Mutex<HashMap<String, Arc<Mirror>>>,
     dispatch: Notify,
+    described: tokio::sync::Mutex<Option<(Instant, Result<NodeInfo, String>)>>,
+    queue_view: Mutex<Queue>,
+}
+
+/// How long a node's describe answer is trusted.
+const DESCRIBE_EVERY: Duration = Duration::from_secs(5);
+/// Queued builds one scheduling pass looks at (the oldest first).
+const QUEUE_LIMIT: u64 = 10_000;
+
+fn spec_need(spec: &str) -> Result<sched::Need, String> {
+    serde_json::from_str::<build::BuildSpec>(spec).map_err(|e| format!("the stored build spec is damaged: {e}"))?.need()
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -62,6 +74,8 @@ impl Coordinator {
             logs: Mutex::new(HashMap::new()),
             mirrors: tokio::sync::Mutex::new(HashMap::new()),
             dispatch: Notify::new(),
+            described: tokio::sync::Mutex::new(None),
+            queue_view: Mutex::new(Queue { at: Timestamp::now(), nodes: Vec::new(), waiting: Vec::new() }),
         })
     }
 
@@ -175,33 +189,151 @@ impl Coordinator {
         self.mirrors.lock().await.remove(project);
     }
 
-    /// Starts queued builds while there is room, try first and newest
-    /// post-submit first; woken by run creation, retries and finished
-    /// builds, and every second as a backstop.
+    /// Places queued builds with the scheduler's pure core and starts
+    /// them; woken by run creation, retries and finished builds, and every
+    /// second as a backstop.
     async fn dispatcher(self: Arc<Self>) {
         loop {
-            let room = self.config.max_builds.saturating_sub(self.running.lock().expect("running").len());
-            if room > 0 {
-                match self.store.queued(room as u64).await {
-                    Ok(ids) => {
-                        for id in ids {
-                            match self.store.claim(id, &self.config.owner).await {
-                                Ok(true) => {
-                                    self.build_changed(id).await;
-                                    self.spawn_executor(id);
-                                }
-                                Ok(false) => {}
-                                Err(e) => {
-                                    tracing::error!(build = id, error = %crate::error_chain(&e), "claiming a build failed")
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %crate::error_chain(&e), "listing queued builds failed"),
-                }
+            if let Err(e) = self.dispatch_pass().await {
+                tracing::error!(error = %crate::error_chain(&e), "a scheduling pass failed");
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.dispatch.notified()).await;
         }
+    }
+
+    /// The node as last described (at most [`DESCRIBE_EVERY`] old).
+    async fn describe(&self) -> Result<NodeInfo, String> {
+        let mut seen = self.described.lock().await;
+        if let Some((at, info)) = &*seen
+            && at.elapsed() < DESCRIBE_EVERY
+        {
+            return info.clone();
+        }
+        let info = self.node.info().await.map_err(|e| crate::error_chain(&e));
+        *seen = Some((Instant::now(), info.clone()));
+        info
+    }
+
+    /// One scheduling pass: a snapshot of the node and what runs on it, the
+    /// queue, [`sched::place`], then a claim and an executor per placement
+    /// while `max_builds` allows; every build left waiting keeps its reason
+    /// for `GET /v1/queue`.
+    async fn dispatch_pass(self: &Arc<Self>) -> Result<(), StoreError> {
+        let queued = self.store.queue(QUEUE_LIMIT).await?;
+        let info = self.describe().await;
+        let load = self.store.running_load(&self.config.owner).await?;
+        let mut nodes: Vec<NodeView> = info.as_ref().map(|i| vec![sched::view_of(&i.node_id, i)]).unwrap_or_default();
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut running_on: HashMap<usize, u64> = HashMap::new();
+        for (project, node, spec) in &load {
+            *counts.entry(project.clone()).or_default() += 1;
+            let Some(i) = nodes.iter().position(|v| node.as_ref().is_none_or(|n| *n == v.name)) else { continue };
+            *running_on.entry(i).or_default() += 1;
+            if let Ok(need) = spec_need(spec) {
+                nodes[i].take(&need);
+            }
+        }
+        let mut queue = Vec::with_capacity(queued.len());
+        let mut damaged = Vec::new();
+        for b in &queued {
+            match spec_need(&b.spec) {
+                Ok(need) => queue.push(Queued {
+                    id: b.id,
+                    project: b.project.clone(),
+                    priority: Priority::of_kind(&b.kind),
+                    order: b.run,
+                    need,
+                }),
+                Err(e) => damaged.push((b.id, e)),
+            }
+        }
+        let before = nodes.clone();
+        let plan = sched::place(&mut nodes, &queue, &counts);
+        let mut room = self.config.max_builds.saturating_sub(self.running.lock().expect("running").len());
+        let mut reasons: HashMap<u64, String> = plan.waiting.into_iter().map(|w| (w.build, w.reason)).collect();
+        // A spec the scheduler cannot read goes to the executor, which
+        // fails the build saying why.
+        let starts = damaged.iter().map(|(id, _)| (*id, 0)).chain(plan.placements.iter().map(|p| (p.build, p.node)));
+        for (id, i) in starts {
+            let Some(node) = nodes.get(i) else {
+                reasons.insert(id, "no node answers".into());
+                continue;
+            };
+            if room == 0 {
+                let max = self.config.max_builds;
+                reasons.insert(id, format!("the coordinator runs at most {max} builds at once (--max-builds)"));
+                continue;
+            }
+            match self.store.claim(id, &self.config.owner, &node.name).await {
+                Ok(true) => {
+                    room -= 1;
+                    *running_on.entry(i).or_default() += 1;
+                    self.build_changed(id).await;
+                    self.spawn_executor(id);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(build = id, error = %crate::error_chain(&e), "claiming a build failed"),
+            }
+        }
+        if let Err(e) = &info {
+            for r in reasons.values_mut() {
+                *r = format!("the node does not answer: {e}");
+            }
+        }
+        let waiting = queued
+            .iter()
+            .filter_map(|b| {
+                reasons.remove(&b.id).map(|reason| QueuedBuildView {
+                    build: b.id,
+                    run: b.run,
+                    project: b.project.clone(),
+                    builder: b.builder.clone(),
+                    priority: match Priority::of_kind(&b.kind) {
+                        Priority::Interactive => "interactive",
+                        Priority::Try => "try",
+                        Priority::PostSubmit => "post_submit",
+                    }
+                    .into(),
+                    queued_at: Timestamp(b.created_at),
+                    reason,
+                })
+            })
+            .collect();
+        let mut shown: Vec<QueueNode> = before
+            .iter()
+            .enumerate()
+            .map(|(i, v)| QueueNode {
+                name: v.name.clone(),
+                up: true,
+                error: None,
+                platform: format!("{}-{}", sched::go_os(&v.os), sched::go_arch(&v.arch)),
+                millicpus: v.millicpus,
+                memory_bytes: v.memory_bytes,
+                used_millicpus: nodes[i].used_millicpus,
+                used_memory_bytes: nodes[i].used_memory_bytes,
+                running: running_on.get(&i).copied().unwrap_or(0),
+            })
+            .collect();
+        if let Err(e) = info {
+            shown.push(QueueNode {
+                name: "node".into(),
+                up: false,
+                error: Some(e),
+                platform: String::new(),
+                millicpus: 0,
+                memory_bytes: 0,
+                used_millicpus: 0,
+                used_memory_bytes: 0,
+                running: load.len() as u64,
+            });
+        }
+        *self.queue_view.lock().expect("queue") = Queue { at: Timestamp::now(), nodes: shown, waiting };
+        Ok(())
+    }
+
+    /// What the last scheduling pass saw and left waiting.
+    pub fn queue(&self) -> Queue {
+        self.queue_view.lock().expect("queue").clone()
     }
 
     fn spawn_executor(self: &Arc<Self>, id: u64) {

@@ -88,6 +88,9 @@ pub enum Command {
     /// Builds: one builder's work on one change (timeline, log, cancel, retry).
     #[command(subcommand)]
     Build(crate::run::BuildCommand),
+    /// The build queue: the nodes the scheduler places on, and every waiting build with the reason
+    /// it waits ("no node can run ...: 1 node has no image X", "all 3 runnable nodes are full").
+    Queue,
     /// Run a node daemon: owns the sandboxes on this machine.
     Node(NodeCmd),
     /// Create and use sandboxes.
@@ -636,6 +639,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Try(a) => crate::sandbox::block_on(crate::project::try_change(a, node, json)),
         Command::Run(cmd) => crate::sandbox::block_on(crate::run::run(cmd, node, json)),
         Command::Build(cmd) => crate::sandbox::block_on(crate::run::build(cmd, node, json)),
+        Command::Queue => crate::sandbox::block_on(crate::queue::show(node, json)),
         Command::Node(NodeCmd { command: None, daemon }) => crate::daemon::node(daemon, None),
         Command::Node(NodeCmd { command: Some(NodeSub::SetupVm { build_kernel, kernel_source }), .. }) => {
             crate::daemon::setup_vm(default_home(node.home), build_kernel.then_some(kernel_source), json)

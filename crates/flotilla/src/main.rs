@@ -12,6 +12,7 @@ mod names;
 mod ops;
 mod output;
 mod project;
+mod queue;
 mod run;
 mod sandbox;
 mod transfer;

@@ -651,3 +651,51 @@ fn a_node_killed_mid_build_is_waited_for_and_the_build_finishes_once() {
     let expected: String = (1..=30).map(|i| format!("line {i}\n")).collect();
     assert_eq!(log(&home, &b), expected);
 }
+
+#[test]
+fn a_build_no_node_can_run_waits_in_the_queue_saying_why() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"ok\", run = \"true\" }]\n\n\
+                  [[builder]]\nname = \"linux-amd64-custom\"\nimage = \"nosuch/toolchain:1\"\n\
+                  steps = [{ name = \"ok\", run = \"true\" }]\n\n\
+                  [[builder]]\nname = \"linux-s390x\"\nsteps = [{ name = \"ok\", run = \"true\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config)], "three builders");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+
+    // The builder the node can run passes; the other two wait, each saying
+    // what no node has.
+    let queue = wait_until(WAIT, "the runnable build to pass and the others to wait", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev)?.clone();
+        (build_of(&run, "linux-amd64")["state"] == "passed").then_some(())?;
+        let q = json(&home, &["queue"]);
+        (q["waiting"].as_array()?.len() == 2).then_some(q)
+    });
+    let why = |builder: &str| {
+        let w = queue["waiting"].as_array().unwrap().iter().find(|w| w["builder"] == builder).unwrap().clone();
+        assert_eq!(w["project"], "demo");
+        assert_eq!(w["priority"], "post_submit");
+        w["reason"].as_str().unwrap().to_string()
+    };
+    let custom = why("linux-amd64-custom");
+    assert!(custom.starts_with("no node can run linux-amd64 nosuch/toolchain:1"), "{custom}");
+    assert!(custom.ends_with("1 node has no image nosuch/toolchain:1"), "{custom}");
+    let s390 = why("linux-s390x");
+    assert!(s390.ends_with("1 node is amd64, not s390x"), "{s390}");
+    let nodes = queue["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{queue:#}");
+    assert_eq!((nodes[0]["up"].as_bool(), nodes[0]["platform"].as_str()), (Some(true), Some("linux-amd64")));
+    let table = cli_ok(&home, &["queue"]);
+    assert!(table.contains("WHY IT WAITS") && table.contains("1 node has no image nosuch/toolchain:1"), "{table}");
+
+    // Canceling the run empties the queue.
+    let run_id = build_of(&json(&home, &["run", "ls", "--project", "demo"])[0], "linux-s390x")["run_id"].to_string();
+    cli_ok(&home, &["run", "cancel", &run_id]);
+    let run = finished_run(&dev, &rev);
+    assert_eq!(run["state"], "canceled", "{run:#}");
+    wait_until(WAIT, "the queue to empty", || json(&home, &["queue"])["waiting"].as_array()?.is_empty().then_some(()));
+}

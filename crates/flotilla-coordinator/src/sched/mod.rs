@@ -35,9 +35,11 @@ use std::fmt;
 use flotilla_api::types::BackendKind;
 use serde::Serialize;
 
-/// What a build asks for when its builder names no resources.
-pub const DEFAULT_MILLICPUS: u64 = 1000;
-pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+/// What a build is counted as taking when its builder names no resources
+/// (its sandbox is then not limited): half a core and 512 MiB, so a
+/// two-core machine runs four such builds at once.
+pub const DEFAULT_MILLICPUS: u64 = 500;
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
 
 /// Who waits first. The derived order is the serving order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
@@ -174,6 +176,24 @@ pub fn go_os(os: &str) -> &str {
     }
 }
 
+/// A node as the scheduler sees it, from its describe answer. `name` is
+/// how the coordinator calls it; nothing is placed on it yet.
+pub fn view_of(name: &str, info: &flotilla_api::types::NodeInfo) -> NodeView {
+    NodeView {
+        name: name.to_string(),
+        os: info.os.clone(),
+        arch: info.arch.clone(),
+        backends: info.backends.iter().filter(|b| b.available).map(|b| b.kind).collect(),
+        images: info.images.iter().cloned().collect(),
+        pools: BTreeSet::new(),
+        millicpus: info.cpus as u64 * 1000,
+        memory_bytes: info.memory_bytes,
+        used_millicpus: 0,
+        used_memory_bytes: 0,
+        up: true,
+    }
+}
+
 /// Whether `node` could ever run a build that needs `need` (Go's
 /// `IsRunnable`), and if not, why. Load is not considered; size in all is.
 pub fn runnable(need: &Need, node: &NodeView) -> Result<(), Unrunnable> {
@@ -189,7 +209,8 @@ pub fn runnable(need: &Need, node: &NodeView) -> Result<(), Unrunnable> {
     if !node.backends.contains(&need.backend) {
         return Err(Unrunnable::Backend(need.backend));
     }
-    if !node.images.contains(&need.image) {
+    // A `dir:` image is a path on the node: only the node can tell.
+    if !need.image.starts_with("dir:") && !node.images.contains(&need.image) {
         return Err(Unrunnable::Image(need.image.clone()));
     }
     if need.millicpus > node.millicpus || need.memory_bytes > node.memory_bytes {

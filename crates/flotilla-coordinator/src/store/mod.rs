@@ -133,6 +133,7 @@ CREATE TABLE IF NOT EXISTS builds (
     source_written BIGINT NOT NULL DEFAULT 0,
     cancel_requested BIGINT NOT NULL DEFAULT 0,
     owner TEXT,
+    node TEXT,
     failure TEXT,
     log_bytes BIGINT NOT NULL DEFAULT 0,
     created_at BIGINT NOT NULL,
@@ -938,16 +939,41 @@ impl Store {
         .await
     }
 
-    /// Builds to run, in the order the issue's peers serve them: try before
-    /// post-submit, and post-submit newest first.
-    pub async fn queued(&self, limit: u64) -> Result<Vec<u64>, StoreError> {
+    /// The queue for the scheduler: up to `limit` queued builds, what they
+    /// need (their stored spec) and where they rank.
+    pub async fn queue(&self, limit: u64) -> Result<Vec<QueuedBuild>, StoreError> {
         self.with(move |c| {
             let rows = c.query(
-                "SELECT id FROM builds WHERE state = 'queued'
-                 ORDER BY CASE kind WHEN 'try' THEN 0 ELSE 1 END, run_id DESC, id LIMIT $1",
+                "SELECT id, run_id, project, builder, kind, spec, created_at FROM builds WHERE state = 'queued'
+                 ORDER BY id LIMIT $1",
                 &[limit.into()],
             )?;
-            rows.iter().map(|r| Ok(r[0].int()? as u64)).collect()
+            rows.iter()
+                .map(|r| {
+                    Ok(QueuedBuild {
+                        id: r[0].int()? as u64,
+                        run: r[1].int()? as u64,
+                        project: r[2].text()?,
+                        builder: r[3].text()?,
+                        kind: r[4].text()?,
+                        spec: r[5].text()?,
+                        created_at: r[6].int()? as u64,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// What builds running under `owner` hold: (project, node, spec).
+    pub async fn running_load(&self, owner: &str) -> Result<Vec<(String, Option<String>, String)>, StoreError> {
+        let owner = owner.to_string();
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT project, node, spec FROM builds WHERE state = 'running' AND owner = $1",
+                &[owner.into()],
+            )?;
+            rows.iter().map(|r| Ok((r[0].text()?, r[1].opt_text()?, r[2].text()?))).collect()
         })
         .await
     }
@@ -963,13 +989,15 @@ impl Store {
         .await
     }
 
-    /// Takes a queued build for `owner`; false if another took it first.
-    pub async fn claim(&self, id: u64, owner: &str) -> Result<bool, StoreError> {
-        let owner = owner.to_string();
+    /// Takes a queued build for `owner` to run on `node`; false if another
+    /// took it first.
+    pub async fn claim(&self, id: u64, owner: &str, node: &str) -> Result<bool, StoreError> {
+        let (owner, node) = (owner.to_string(), node.to_string());
         self.tx(move |c| {
             let n = c.execute(
-                "UPDATE builds SET state = 'running', owner = $2, started_at = $3 WHERE id = $1 AND state = 'queued'",
-                &[id.into(), owner.into(), now().into()],
+                "UPDATE builds SET state = 'running', owner = $2, started_at = $3, node = $4
+                 WHERE id = $1 AND state = 'queued'",
+                &[id.into(), owner.into(), now().into(), node.into()],
             )?;
             if n > 0 {
                 let run = c.query("SELECT run_id FROM builds WHERE id = $1", &[id.into()])?;
@@ -1290,3 +1318,17 @@ mod tests;
 
 #[cfg(test)]
 mod pg_tests;
+
+/// A queued build as the scheduler reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedBuild {
+    pub id: u64,
+    pub run: u64,
+    pub project: String,
+    pub builder: String,
+    /// `branch` or `try` (the change's kind).
+    pub kind: String,
+    /// The stored [`crate::build::BuildSpec`], as JSON.
+    pub spec: String,
+    pub created_at: u64,
+}

@@ -103,11 +103,15 @@ pub async fn suite(s: Store) {
     step_once(&s, "demo").await;
 
     // Builds: claimed once, logs stored with their offsets.
-    let queued = s.queued(10).await.unwrap();
+    let queued = s.queue(10).await.unwrap();
     assert_eq!(queued.len(), 2);
-    let b = queued[0];
-    assert!(s.claim(b, "me").await.unwrap());
-    assert!(!s.claim(b, "other").await.unwrap(), "a build is claimed once");
+    assert_eq!((queued[0].project.as_str(), queued[0].kind.as_str()), ("demo", "branch"));
+    let b = queued[0].id;
+    assert!(s.claim(b, "me", "n").await.unwrap());
+    let load = s.running_load("me").await.unwrap();
+    assert_eq!(load.len(), 1);
+    assert_eq!((load[0].0.as_str(), load[0].1.as_deref()), ("demo", Some("n")));
+    assert!(!s.claim(b, "other", "n").await.unwrap(), "a build is claimed once");
     assert_eq!(s.running("me").await.unwrap(), vec![b]);
     s.begin_step(b, 0, "test").await.unwrap();
     assert!(s.append_log(b, 0, b"hello ".to_vec()).await.unwrap());
@@ -128,7 +132,7 @@ pub async fn suite(s: Store) {
     // The run ends with its last build, and the manager hears of it.
     let fail = BuildFailure { step: "test".into(), message: "exit 1".into(), last_lines: vec!["two".into()] };
     assert_eq!(s.finish_build(b, RunState::Failed, Some(fail.clone())).await.unwrap(), None);
-    let other = queued[1];
+    let other = queued[1].id;
     let flagged = s.cancel(Some(run), None).await.unwrap();
     assert!(flagged.is_empty(), "the other build was queued: canceled at once");
     let r = s.run(run).await.unwrap().unwrap();
@@ -148,7 +152,7 @@ pub async fn suite(s: Store) {
     assert!(s.build(b).await.unwrap().unwrap().timeline.iter().any(|t| t.event == "retried"));
     let listed = s.runs(Some("demo".into()), 10, None).await.unwrap();
     assert_eq!(listed[0].builds.len(), 2, "ls shows the latest attempt of each builder");
-    assert!(s.claim(again, "me").await.unwrap());
+    assert!(s.claim(again, "me", "n").await.unwrap());
     assert_eq!(s.finish_build(again, RunState::Passed, None).await.unwrap(), Some(RunState::Canceled));
     assert!(s.finish_build(again, RunState::Failed, None).await.unwrap().is_none(), "a final build stays final");
 
