@@ -272,7 +272,9 @@ pub struct QueueNode {
     pub platform: String,
     pub millicpus: u64,
     pub memory_bytes: u64,
-    /// What this coordinator's running builds hold on it.
+    /// What is held on it after the pass: the larger of what its running
+    /// sandboxes' limits add up to and what this coordinator's running
+    /// builds take, plus what the pass placed.
     pub used_millicpus: u64,
     pub used_memory_bytes: u64,
     pub running: u64,

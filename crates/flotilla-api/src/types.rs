@@ -817,6 +817,16 @@ pub struct NodeInfo {
     /// `v1`, `v2` or `none`: which cgroup hierarchy enforces limits.
     pub cgroup: String,
     pub sandboxes: BTreeMap<String, usize>,
+    /// What the limits of running sandboxes add up to (a sandbox without a
+    /// CPU or memory limit adds nothing to that one), so a scheduler sees
+    /// the node's load in the one call that says what it can run.
+    #[serde(default)]
+    pub allocated_millicpus: u64,
+    #[serde(default)]
+    pub allocated_memory_bytes: u64,
+    /// Images whose warm microVM pool has a member booted and waiting.
+    #[serde(default)]
+    pub warm_pools: Vec<String>,
 }
 
 #[cfg(test)]

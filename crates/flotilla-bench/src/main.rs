@@ -240,6 +240,19 @@ fn main() -> ExitCode {
 /// Runs the scenarios; `Ok(false)` if any of them could not finish.
 fn run(args: &Args) -> anyhow::Result<bool> {
     let workload = if args.scenarios.iter().any(|s| s.needs_workload()) { Some(data::ensure()?) } else { None };
+    // The scheduler's core needs no node (and no root).
+    if args.scenarios.iter().all(|s| *s == Scenario::Schedule) {
+        let machine = Machine::probe(Path::new(SCRATCH_PARENT));
+        let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
+        let report = rt.block_on(schedule::schedule(&machine, args.iterations.unwrap_or(3)))?;
+        if args.json {
+            eprint!("{}", report.table());
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(true);
+    }
     let bin = Node::binary()?;
     // One lean thread for the client, as the CLI does: the node gets the
     // machine's cores.

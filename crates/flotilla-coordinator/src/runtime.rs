@@ -225,13 +225,24 @@ impl Coordinator {
         let mut nodes: Vec<NodeView> = info.as_ref().map(|i| vec![sched::view_of(&i.node_id, i)]).unwrap_or_default();
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         let mut running_on: HashMap<usize, u64> = HashMap::new();
+        // What our running builds hold per node: the node's own count of
+        // its sandboxes' limits misses builds whose sandbox is not made yet
+        // and builders without limits, so the larger of the two counts.
+        let mut ours: Vec<NodeView> = nodes.clone();
+        for v in &mut ours {
+            (v.used_millicpus, v.used_memory_bytes) = (0, 0);
+        }
         for (project, node, spec) in &load {
             *counts.entry(project.clone()).or_default() += 1;
             let Some(i) = nodes.iter().position(|v| node.as_ref().is_none_or(|n| *n == v.name)) else { continue };
             *running_on.entry(i).or_default() += 1;
             if let Ok(need) = spec_need(spec) {
-                nodes[i].take(&need);
+                ours[i].take(&need);
             }
+        }
+        for (v, o) in nodes.iter_mut().zip(&ours) {
+            v.used_millicpus = v.used_millicpus.max(o.used_millicpus);
+            v.used_memory_bytes = v.used_memory_bytes.max(o.used_memory_bytes);
         }
         let mut queue = Vec::with_capacity(queued.len());
         let mut damaged = Vec::new();

@@ -1129,6 +1129,14 @@ impl<B: Backend> Node<B> {
 
     pub fn info(&self) -> NodeInfo {
         let counts = self.state_counts();
+        let (mut millicpus, mut memory) = (0u64, 0u64);
+        for e in self.entries.lock().expect("entries").values() {
+            let v = e.view.lock().expect("view");
+            if v.state == SandboxState::Running {
+                millicpus += v.resources.cpus.map_or(0, |c| (c * 1000.0).ceil() as u64);
+                memory += v.resources.memory_bytes.unwrap_or(0);
+            }
+        }
         NodeInfo {
             node_id: self.node_id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -1146,6 +1154,9 @@ impl<B: Backend> Node<B> {
             network_modes: self.backend.network_modes(),
             cgroup: self.backend.cgroup_version(),
             sandboxes: counts,
+            allocated_millicpus: millicpus,
+            allocated_memory_bytes: memory,
+            warm_pools: self.backend.pools().into_iter().filter(|p| p.ready > 0).map(|p| p.image).collect(),
         }
     }
 }

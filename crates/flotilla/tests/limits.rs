@@ -54,6 +54,9 @@ async fn a_memory_hog_is_killed_and_the_sandbox_survives(kind: common::Kind) {
             ..env.request().await
         })
         .await;
+    // The node's describe counts what its running sandboxes are limited to
+    // (what a scheduler places by).
+    assert!(env.client.info().await.unwrap().allocated_memory_bytes >= memory);
     // `tail` keeps its current line in memory; a newline-free stream makes
     // it grow without bound.
     let (_, _, st) = env.sh(&s.id, "head -c 1G /dev/zero | tail -n 1 >/dev/null").await;

@@ -177,7 +177,9 @@ pub fn go_os(os: &str) -> &str {
 }
 
 /// A node as the scheduler sees it, from its describe answer. `name` is
-/// how the coordinator calls it; nothing is placed on it yet.
+/// how the coordinator calls it. It starts as loaded as the limits of the
+/// sandboxes running there (the caller adds what its own builds hold on top,
+/// taking the larger: a build's sandbox is in both once it runs).
 pub fn view_of(name: &str, info: &flotilla_api::types::NodeInfo) -> NodeView {
     NodeView {
         name: name.to_string(),
@@ -185,11 +187,11 @@ pub fn view_of(name: &str, info: &flotilla_api::types::NodeInfo) -> NodeView {
         arch: info.arch.clone(),
         backends: info.backends.iter().filter(|b| b.available).map(|b| b.kind).collect(),
         images: info.images.iter().cloned().collect(),
-        pools: BTreeSet::new(),
+        pools: info.warm_pools.iter().cloned().collect(),
         millicpus: info.cpus as u64 * 1000,
         memory_bytes: info.memory_bytes,
-        used_millicpus: 0,
-        used_memory_bytes: 0,
+        used_millicpus: info.allocated_millicpus,
+        used_memory_bytes: info.allocated_memory_bytes,
         up: true,
     }
 }
