@@ -293,3 +293,38 @@ pub struct QueuedBuild {
     /// Why it waits: "no node can run ...", "all 3 runnable nodes are full".
     pub reason: String,
 }
+
+/// `POST /v1/projects/{name}/sandboxes`: a sandbox set up like one of the
+/// project's builders, to debug a build by hand (Go's gomote).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderSandboxRequest {
+    /// A builder in the project's `flotilla.toml` at `rev`.
+    pub builder: String,
+    /// A revision (default: the watched branch's head).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+    /// Seconds without use after which it is deleted (default 1800).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 604800)]
+    pub idle_ttl_s: Option<u64>,
+}
+
+/// The sandbox made for a builder: where it is and what is in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BuilderSandbox {
+    /// The sandbox's id on its node (what `flotilla exec` and `shell` take).
+    pub sandbox_id: String,
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    pub project: String,
+    pub builder: String,
+    /// The commit whose source is in `/workspace`.
+    pub rev: String,
+    pub image: String,
+    pub backend: String,
+    /// When it is deleted unless used before then (every use moves it on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_at: Option<Timestamp>,
+}

@@ -57,6 +57,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/v1/projects/{name}/log", get(project_log))
         .route("/v1/projects/{name}/poll", post(poll_project))
         .route("/v1/projects/{name}/try", post(submit_try))
+        .route("/v1/projects/{name}/sandboxes", post(builder_sandbox))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(show_run))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
@@ -125,6 +126,7 @@ pub async fn serve_tcp(
         project_log,
         poll_project,
         submit_try,
+        builder_sandbox,
         list_runs,
         show_run,
         cancel_run,
@@ -154,6 +156,8 @@ pub async fn serve_tcp(
         flotilla_api::coordinator::TimelineEntry,
         flotilla_api::coordinator::BuildFailure,
         flotilla_api::coordinator::Queue,
+        flotilla_api::coordinator::BuilderSandboxRequest,
+        flotilla_api::coordinator::BuilderSandbox,
         flotilla_api::coordinator::QueueNode,
         flotilla_api::coordinator::QueuedBuild,
         ApiError,
@@ -366,6 +370,24 @@ async fn submit_try(State(c): Co, Path(name): Path<String>, JsonBody(req): JsonB
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok((StatusCode::CREATED, axum::Json(TryResponse { change_id, run_id })).into_response())
+}
+
+/// A sandbox set up like one of the project's builders, with the source at
+/// `rev` in `/workspace`, deleted after `idle_ttl_s` without use (gomote).
+#[utoipa::path(post, path = "/v1/projects/{name}/sandboxes", params(("name" = String, Path)),
+    request_body = flotilla_api::coordinator::BuilderSandboxRequest,
+    responses((status = 201, body = flotilla_api::coordinator::BuilderSandbox)))]
+async fn builder_sandbox(
+    State(c): Co,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<flotilla_api::coordinator::BuilderSandboxRequest>,
+) -> Result<Response> {
+    project_or_404(&c, &name).await?;
+    match crate::gomote::builder_sandbox(&c, &name, &req).await {
+        Ok(s) => Ok((StatusCode::CREATED, axum::Json(s)).into_response()),
+        Err(crate::gomote::Refused::Invalid(e)) => Err(HttpError(ApiError::invalid(e))),
+        Err(crate::gomote::Refused::Unavailable(e)) => Err(HttpError(ApiError::new(ErrorCode::NotReady, e))),
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

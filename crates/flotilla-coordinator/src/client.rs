@@ -58,6 +58,15 @@ impl CoordinatorClient {
         self.http.json(Method::GET, "/v1/queue", None::<&()>).await
     }
 
+    /// A sandbox set up like a builder (gomote).
+    pub async fn builder_sandbox(
+        &self,
+        project: &str,
+        req: &flotilla_api::coordinator::BuilderSandboxRequest,
+    ) -> Result<flotilla_api::coordinator::BuilderSandbox, ClientError> {
+        self.http.json(Method::POST, &format!("/v1/projects/{}/sandboxes", seg(project)), Some(req)).await
+    }
+
     pub async fn try_change(&self, project: &str, req: &TryRequest) -> Result<TryResponse, ClientError> {
         self.http.json(Method::POST, &format!("/v1/projects/{}/try", seg(project)), Some(req)).await
     }

@@ -20,6 +20,7 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod git;
+pub mod gomote;
 pub mod pm;
 pub mod poller;
 pub mod runtime;

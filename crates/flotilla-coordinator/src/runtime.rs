@@ -202,7 +202,7 @@ impl Coordinator {
     }
 
     /// The node as last described (at most [`DESCRIBE_EVERY`] old).
-    async fn describe(&self) -> Result<NodeInfo, String> {
+    pub async fn describe(&self) -> Result<NodeInfo, String> {
         let mut seen = self.described.lock().await;
         if let Some((at, info)) = &*seen
             && at.elapsed() < DESCRIBE_EVERY

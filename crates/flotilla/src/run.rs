@@ -47,6 +47,19 @@ pub enum BuildCommand {
     Cancel { id: u64 },
     /// Retry a finished build as a new attempt.
     Retry { id: u64 },
+    /// A sandbox set up exactly like a builder (image, backend, resources, network, env) with the
+    /// source at REV in /workspace, to debug a build by hand (Go's gomote). Prints how to exec and
+    /// shell into it; it is deleted after --idle-ttl without use.
+    Sandbox {
+        project: String,
+        builder: String,
+        /// A revision (default: the watched branch's head).
+        #[arg(long)]
+        rev: Option<String>,
+        /// Deleted after this long without use, e.g. 2h (default 30m).
+        #[arg(long, value_parser = flotilla_api::units::parse_duration)]
+        idle_ttl: Option<std::time::Duration>,
+    },
 }
 
 fn short(rev: &str) -> &str {
@@ -174,6 +187,36 @@ fn show_build(b: &Build) {
 pub async fn build(cmd: BuildCommand, node: NodeArgs, json: bool) -> anyhow::Result<i32> {
     let c = crate::coordinator::client(&node)?;
     match cmd {
+        BuildCommand::Sandbox { project, builder, rev, idle_ttl } => {
+            let req = flotilla_api::coordinator::BuilderSandboxRequest {
+                builder,
+                rev,
+                idle_ttl_s: idle_ttl.map(|d| d.as_secs().max(1)),
+            };
+            let s = c.builder_sandbox(&project, &req).await?;
+            if json {
+                output::json(&s)?;
+            } else {
+                println!("{}", s.sandbox_id);
+                eprintln!(
+                    "sandbox {} ({}): {} of {} at {} in /workspace, {} on {}, node {}",
+                    s.name,
+                    s.sandbox_id,
+                    s.builder,
+                    s.project,
+                    short(&s.rev),
+                    s.image,
+                    s.backend,
+                    s.node
+                );
+                if let Some(at) = s.delete_at {
+                    eprintln!("deleted {} unless used (each use moves that on)", output::relative(at));
+                }
+                eprintln!("  flotilla sandbox exec {} --cwd /workspace -- COMMAND", s.sandbox_id);
+                eprintln!("  flotilla sandbox shell {}", s.sandbox_id);
+                eprintln!("  flotilla sandbox rm {}", s.sandbox_id);
+            }
+        }
         BuildCommand::Show { id } => {
             let b = c.build(id).await?;
             if json {

@@ -699,3 +699,44 @@ fn a_build_no_node_can_run_waits_in_the_queue_saying_why() {
     assert_eq!(run["state"], "canceled", "{run:#}");
     wait_until(WAIT, "the queue to empty", || json(&home, &["queue"])["waiting"].as_array()?.is_empty().then_some(()));
 }
+
+#[test]
+fn build_sandbox_sets_up_a_builder_to_debug_by_hand() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64-debug\"\ncpus = 1\nenv = { MODE = \"dbg\" }\n\
+                  steps = [{ name = \"test\", run = \"exit 1\" }]\n";
+    let old = commit(repo.path(), &[("flotilla.toml", config), ("hello.txt", "old\n")], "first");
+    let head = commit(repo.path(), &[("hello.txt", "new\n")], "second");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1h"]);
+
+    let s = json(&home, &["build", "sandbox", "demo", "linux-amd64-debug", "--idle-ttl", "10m"]);
+    assert_eq!(s["rev"], head, "{s:#}");
+    let id = s["sandbox_id"].as_str().unwrap().to_string();
+    let out =
+        cli_ok(&home, &["sandbox", "exec", &id, "--cwd", "/workspace", "--", "sh", "-c", "cat hello.txt; echo $MODE"]);
+    assert_eq!(out, "new\ndbg\n");
+    let sb = json(&home, &["sandbox", "show", &id]);
+    assert_eq!(sb["resources"]["cpus"], 1.0, "{sb:#}");
+    assert_eq!(sb["labels"]["flotilla.builder"], "linux-amd64-debug");
+    assert!(sb["delete_at"].is_number() || sb["delete_at"].is_string(), "it is reaped unless used: {sb:#}");
+
+    // At an older revision; the table names the commands to use.
+    let (code, out, err) = cli(&home, &["build", "sandbox", "demo", "linux-amd64-debug", "--rev", &old]);
+    assert_eq!(code, 0, "{err}");
+    let old_id = out.trim().to_string();
+    assert!(err.contains(&format!("flotilla sandbox shell {old_id}")), "{err}");
+    let out = cli_ok(&home, &["sandbox", "exec", &old_id, "--cwd", "/workspace", "--", "cat", "hello.txt"]);
+    assert_eq!(out, "old\n");
+
+    // A builder the config does not have is refused, naming those it has.
+    let (code, _, err) = cli(&home, &["build", "sandbox", "demo", "linux-arm64"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no builder \"linux-arm64\"") && err.contains("linux-amd64-debug"), "{err}");
+    for sb in [id, old_id] {
+        cli_ok(&home, &["sandbox", "rm", &sb]);
+    }
+}
