@@ -37,6 +37,7 @@ use tokio::sync::Notify;
 
 use crate::runtime::Coordinator;
 use crate::store::{BuildWork, StoreError};
+use flotilla_node::NodeClient;
 
 /// The label that marks a build's sandbox (the janitor looks for it).
 pub const BUILD_LABEL: &str = "flotilla.build";
@@ -48,6 +49,10 @@ pub const COORDINATOR_LABEL: &str = "flotilla.coordinator";
 pub const DELETE_AT_SLACK: Duration = Duration::from_secs(600);
 /// The reason of the one automatic retry.
 pub const SANDBOX_LOST: &str = "sandbox lost";
+/// The retry reason of a build whose node was lost.
+pub const NODE_LOST: &str = "node lost";
+/// Attempts a build gets when its nodes keep being lost.
+pub const NODE_LOST_ATTEMPTS: u32 = 3;
 /// Lines of output a failure quotes.
 pub const FAILURE_LINES: usize = 20;
 /// Pause before re-attaching to a stream that broke while its sandbox runs.
@@ -119,6 +124,8 @@ enum Stop {
     Done,
     /// The sandbox is gone: retry once.
     Lost(String),
+    /// The build's node is lost: retry on another (a few times).
+    NodeLost(String),
     /// The store failed: leave the build running for the next executor.
     Store(StoreError),
 }
@@ -129,14 +136,45 @@ impl From<StoreError> for Stop {
     }
 }
 
-/// Drives build `id` to its end.
+tokio::task_local! {
+    /// The node the executor's build was placed on: every call an executor
+    /// makes to a node goes to this one (see [`node`]).
+    static ON: Placed;
+}
+
+#[derive(Clone)]
+struct Placed {
+    name: String,
+    client: NodeClient,
+}
+
+/// The node of the build this executor runs (the coordinator's first node
+/// outside an executor, e.g. for the janitor's scope-less calls).
+fn node(c: &Coordinator) -> NodeClient {
+    ON.try_with(|p| p.client.clone()).unwrap_or_else(|_| c.node.clone())
+}
+
+/// Drives build `id` to its end, on the node it was placed on.
 pub async fn execute(c: Arc<Coordinator>, id: u64, handle: Arc<Handle>) {
-    let outcome = run(&c, id, &handle).await;
+    let placed = match c.store.work(id).await {
+        Ok(Some(w)) => w.node,
+        _ => None,
+    };
+    let name = placed.clone().unwrap_or_else(|| crate::runtime::node_name(&c.node));
+    let outcome = match c.node_for(placed.as_deref()).await {
+        Some(client) => ON.scope(Placed { name, client }, run(&c, id, &handle)).await,
+        None => Stop::NodeLost(format!("node {name} is no longer in the coordinator's fleet")),
+    };
     match outcome {
         Stop::Done => {}
         Stop::Lost(why) => {
-            if let Err(e) = lost(&c, id, why).await {
+            if let Err(e) = lost(&c, id, why, SANDBOX_LOST).await {
                 tracing::error!(build = id, error = %crate::error_chain(&e), "recording a lost sandbox failed");
+            }
+        }
+        Stop::NodeLost(why) => {
+            if let Err(e) = lost(&c, id, why, NODE_LOST).await {
+                tracing::error!(build = id, error = %crate::error_chain(&e), "recording a lost node failed");
             }
         }
         Stop::Store(e) => {
@@ -222,7 +260,7 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop
             }
             Err(e) => return Stop::Store(e),
         }
-        let agent = c.node.sandbox(&sandbox);
+        let agent = node(c).sandbox(&sandbox);
         let req = ExecRequest {
             argv: vec!["/bin/sh".into(), "-c".into(), step.run.clone()],
             env: spec.env.clone(),
@@ -236,11 +274,11 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop
             // Started before a crash: that process is this step.
             Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => {}
             Err(e) => match sandbox_alive(c, &sandbox).await {
-                Some(_) => {
+                Ok(()) => {
                     let msg = format!("starting step {:?} failed: {}", step.name, crate::error_chain(&e));
                     return fail(c, id, Some(&sandbox), &step.name, msg).await;
                 }
-                None => return Stop::Lost(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(&e))),
+                Err(g) => return g.stop(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(&e))),
             },
         }
         let status = match follow(c, id, &sandbox, &process, &step.name).await {
@@ -274,8 +312,8 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
     let id = work.id;
     if let Some(sb) = &work.sandbox {
         return match sandbox_alive(c, sb).await {
-            Some(_) => Ok(sb.clone()),
-            None => Err(Stop::Lost(format!("its sandbox {sb} is gone or stopped"))),
+            Ok(()) => Ok(sb.clone()),
+            Err(g) => Err(g.stop(format!("its sandbox {sb} is gone or stopped"))),
         };
     }
     c.timeline(id, "sandbox_create_requested", Some(spec.image.clone())).await?;
@@ -300,7 +338,7 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
     let created = match create_patiently(c, &req).await {
         Ok(s) => s,
         // Created before a crash, its id not yet stored: it is ours by name.
-        Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => match c.node.get(&name).await {
+        Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => match node(c).get(&name).await {
             Ok(s) => s,
             Err(e) => return Err(fail(c, id, None, "create_sandbox", crate::error_chain(&e)).await),
         },
@@ -332,7 +370,7 @@ async fn create_patiently(
     let deadline = tokio::time::Instant::now() + NODE_PATIENCE;
     let mut pause = Duration::from_millis(200);
     loop {
-        match c.node.create(req).await {
+        match node(c).create(req).await {
             Err(e @ (ClientError::Connect { .. } | ClientError::Http { .. }))
                 if tokio::time::Instant::now() < deadline =>
             {
@@ -360,7 +398,7 @@ async fn write_source(c: &Arc<Coordinator>, work: &BuildWork, sandbox: &str) -> 
     let stdout = child.stdout.take().expect("piped");
     let stream = tokio_util::io::ReaderStream::with_capacity(stdout, 256 << 10);
     let body = http_body_util::StreamBody::new(stream.map(|r| r.map(hyper::body::Frame::data)));
-    let put = c.node.sandbox(sandbox).put_workspace(body, None, &Default::default()).await;
+    let put = node(c).sandbox(sandbox).put_workspace(body, None, &Default::default()).await;
     let finished = crate::git::Mirror::finish(child).await;
     match (put, finished) {
         (Ok(summary), Ok(())) => {
@@ -389,7 +427,7 @@ async fn follow(
     loop {
         let w = c.store.work(id).await?.ok_or(Stop::Done)?;
         let mut offset = w.proc_offset;
-        let agent = c.node.sandbox(sandbox);
+        let agent = node(c).sandbox(sandbox);
         let attached = agent.output(process, offset, true).await;
         let (mut stream, start) = match attached {
             Ok(x) => x,
@@ -430,8 +468,8 @@ async fn follow(
                         // the process, say): lost if the sandbox is gone,
                         // else a failure of the step.
                         let msg = String::from_utf8_lossy(&f.payload).into_owned();
-                        if sandbox_alive(c, sandbox).await.is_none() {
-                            return Err(Stop::Lost(format!("its sandbox {sandbox} is gone ({msg})")));
+                        if let Err(g) = sandbox_alive(c, sandbox).await {
+                            return Err(g.stop(format!("its sandbox {sandbox} is gone ({msg})")));
                         }
                         return Err(fail(c, id, Some(sandbox), step, msg).await);
                     }
@@ -454,26 +492,52 @@ async fn follow(
 /// otherwise it is lost.
 async fn trouble(c: &Arc<Coordinator>, sandbox: &str, e: &ClientError) -> Result<(), Stop> {
     match sandbox_alive(c, sandbox).await {
-        Some(_) => {
+        Ok(()) => {
             tracing::warn!(sandbox, error = %crate::error_chain(e), "build output stream broke; re-attaching");
             tokio::time::sleep(REATTACH_PAUSE).await;
             Ok(())
         }
-        None => Err(Stop::Lost(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(e)))),
+        Err(g) => Err(g.stop(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(e)))),
     }
 }
 
-/// `Some` if the sandbox exists and runs; `None` if it is gone or stopped.
-/// A node that does not answer is waited for: its sandboxes may be fine.
-async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Option<()> {
+/// What became of a build's sandbox.
+enum Gone {
+    /// The node says it is gone or stopped.
+    Sandbox,
+    /// Its node has not answered for `node_lost_after`: why.
+    Node(String),
+}
+
+impl Gone {
+    /// The stop this means; `sandbox_why` says what happened to the sandbox.
+    fn stop(self, sandbox_why: String) -> Stop {
+        match self {
+            Gone::Sandbox => Stop::Lost(sandbox_why),
+            Gone::Node(why) => Stop::NodeLost(why),
+        }
+    }
+}
+
+/// `Ok` if the sandbox exists and runs. A node that does not answer is
+/// waited for (its sandboxes may be fine) until it counts as lost.
+async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Result<(), Gone> {
     let mut pause = Duration::from_millis(200);
     loop {
-        match c.node.get(sandbox).await {
-            Ok(s) if s.state == SandboxState::Running => return Some(()),
+        match node(c).get(sandbox).await {
+            Ok(s) if s.state == SandboxState::Running => return Ok(()),
             Ok(s) if s.state == SandboxState::Creating => {}
-            Ok(_) => return None,
-            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => return None,
+            Ok(_) => return Err(Gone::Sandbox),
+            Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => return Err(Gone::Sandbox),
             Err(e) => {
+                if let Ok(name) = ON.try_with(|p| p.name.clone())
+                    && let Some(down) = c.node_down_for(&name).await
+                    && down >= c.config.node_lost_after
+                {
+                    let why =
+                        format!("node {name} lost: no answer for {}s ({})", down.as_secs(), crate::error_chain(&e));
+                    return Err(Gone::Node(why));
+                }
                 tracing::warn!(sandbox, error = %crate::error_chain(&e), "the node does not answer; waiting for it");
             }
         }
@@ -483,7 +547,7 @@ async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Option<()> {
 }
 
 async fn delete_sandbox(c: &Arc<Coordinator>, id: u64, sandbox: &str) {
-    match c.node.delete(sandbox).await {
+    match node(c).delete(sandbox).await {
         Ok(()) => {
             let _ = c.timeline(id, "sandbox_deleted", Some(sandbox.to_string())).await;
         }
@@ -516,19 +580,26 @@ async fn finish(c: &Arc<Coordinator>, id: u64, state: RunState, failure: Option<
     }
 }
 
-/// The sandbox is gone: the first time, a new attempt replaces the build
-/// (`retried: sandbox lost`); the second time, the build fails.
-async fn lost(c: &Arc<Coordinator>, id: u64, why: String) -> Result<(), StoreError> {
+/// The sandbox is gone, or its node: a new attempt replaces the build,
+/// marked with `reason` (`retried: sandbox lost`, `retried: node lost`).
+/// A sandbox lost a second time, or nodes lost past
+/// [`NODE_LOST_ATTEMPTS`], fail the build instead.
+async fn lost(c: &Arc<Coordinator>, id: u64, why: String, reason: &str) -> Result<(), StoreError> {
     let work = c.store.work(id).await?;
     let Some(work) = work else { return Ok(()) };
-    let failure =
-        BuildFailure { step: "sandbox".into(), message: format!("sandbox lost: {why}"), last_lines: Vec::new() };
-    if work.retry_reason.as_deref() == Some(SANDBOX_LOST) {
+    let step = if reason == NODE_LOST { "node" } else { "sandbox" };
+    let failure = BuildFailure { step: step.into(), message: format!("{reason}: {why}"), last_lines: Vec::new() };
+    let enough = match reason {
+        NODE_LOST => work.attempt >= NODE_LOST_ATTEMPTS,
+        _ => work.retry_reason.as_deref() == Some(SANDBOX_LOST),
+    };
+    if enough {
         let _ = finish(c, id, RunState::Failed, Some(failure)).await;
         return Ok(());
     }
-    let new = c.store.replace(id, failure, SANDBOX_LOST).await?;
-    tracing::warn!(build = id, retry = new, reason = %why, "build retried: sandbox lost");
+    let new = c.store.replace(id, failure, reason).await?;
+    let _ = c.store.timeline(new, &format!("retried: {reason}"), Some(why.clone())).await;
+    tracing::warn!(build = id, retry = new, reason = %why, "build retried: {reason}");
     c.build_changed(id).await;
     c.build_changed(new).await;
     c.wake_dispatcher();
@@ -544,7 +615,18 @@ pub const JANITOR_EVERY: Duration = Duration::from_secs(60);
 /// touched. Returns what it deleted.
 pub async fn janitor_pass(c: &Arc<Coordinator>) -> Vec<String> {
     let mut reaped = Vec::new();
-    let list = match c.node.list().await {
+    for (name, client, info) in c.describe_fleet().await {
+        if info.is_ok() {
+            reaped.extend(ON.scope(Placed { name, client }, janitor_node(c)).await);
+        }
+    }
+    reaped
+}
+
+/// The janitor's pass over one node.
+async fn janitor_node(c: &Arc<Coordinator>) -> Vec<String> {
+    let mut reaped = Vec::new();
+    let list = match node(c).list().await {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %crate::error_chain(&e), "janitor: listing the node's sandboxes failed");
@@ -565,7 +647,7 @@ pub async fn janitor_pass(c: &Arc<Coordinator>) -> Vec<String> {
                 continue;
             }
         };
-        match c.node.delete(&s.id).await {
+        match node(c).delete(&s.id).await {
             Ok(()) => {
                 tracing::info!(sandbox = %s.id, reason = %why, "janitor reaped a build sandbox");
                 c.events.publish(flotilla_api::EventBody::Reaped {

@@ -66,13 +66,14 @@ pub async fn builder_sandbox(
 
     // The scheduler decides, at the interactive level: a node that can run
     // the builder and has room now.
-    let info = c.describe().await.map_err(|e| Unavailable(format!("the node does not answer: {e}")))?;
-    let mut nodes = vec![sched::view_of(&info.node_id, &info)];
+    let fleet: Vec<_> = c.describe_fleet().await.into_iter().filter_map(|(n, cl, i)| Some((n, cl, i.ok()?))).collect();
+    let mut nodes: Vec<_> = fleet.iter().map(|(name, _, info)| sched::view_of(name, info)).collect();
     let ask = Queued { id: 0, project: project.to_string(), priority: Priority::Interactive, order: 0, need };
     let plan = sched::place(&mut nodes, &[ask], &BTreeMap::new());
     if let Some(w) = plan.waiting.first() {
         return Err(Unavailable(format!("no room for a {} sandbox: {}", req.builder, w.reason)));
     }
+    let (node_name, node, _) = &fleet[plan.placements[0].node];
 
     let n =
         c.store.next_counter(&format!("sandbox:{project}")).await.map_err(|e| Unavailable(crate::error_chain(&e)))?;
@@ -97,8 +98,7 @@ pub async fn builder_sandbox(
         network: spec.network,
         ..Default::default()
     };
-    let created = c
-        .node
+    let created = node
         .create(&create)
         .await
         .map_err(|e| Unavailable(format!("creating the sandbox failed: {}", crate::error_chain(&e))))?;
@@ -106,20 +106,20 @@ pub async fn builder_sandbox(
     let stdout = child.stdout.take().expect("piped");
     let stream = tokio_util::io::ReaderStream::with_capacity(stdout, 256 << 10);
     let body = http_body_util::StreamBody::new(stream.map(|r| r.map(hyper::body::Frame::data)));
-    let put = c.node.sandbox(&created.id).put_workspace(body, None, &Default::default()).await;
+    let put = node.sandbox(&created.id).put_workspace(body, None, &Default::default()).await;
     let finished = crate::git::Mirror::finish(child).await;
     if let Err(e) =
         put.map(|_| ()).map_err(|e| crate::error_chain(&e)).and(finished.map_err(|e| crate::error_chain(&e)))
     {
-        let _ = c.node.delete(&created.id).await;
+        let _ = node.delete(&created.id).await;
         return Err(Unavailable(format!("writing the source at {sha} into the sandbox failed: {e}")));
     }
     // Every use pushes `delete_at` on: read it after the import.
-    let delete_at = c.node.get(&created.id).await.ok().and_then(|s| s.delete_at).or(created.delete_at);
+    let delete_at = node.get(&created.id).await.ok().and_then(|s| s.delete_at).or(created.delete_at);
     Ok(BuilderSandbox {
         sandbox_id: created.id,
         name,
-        node: info.node_id,
+        node: node_name.clone(),
         project: project.to_string(),
         builder: req.builder.clone(),
         rev: sha,

@@ -28,6 +28,28 @@ pub struct CoordinatorConfig {
     pub owner: String,
     /// Builds run at once, whatever room the nodes have.
     pub max_builds: usize,
+    /// More nodes to place builds on, beside the one the coordinator was
+    /// started with.
+    pub fleet: Vec<NodeClient>,
+    /// A node that answers nothing for this long is lost: its running
+    /// builds are retried on another node (`retried: node lost`).
+    pub node_lost_after: Duration,
+}
+
+/// A node of the fleet, known by its address (stable across restarts:
+/// builds store it).
+struct FleetNode {
+    name: String,
+    client: NodeClient,
+    /// The last describe answer and when it came.
+    seen: Option<(Instant, Result<NodeInfo, String>)>,
+    /// Since when it has not answered.
+    down_since: Option<Instant>,
+}
+
+/// The name a node client is known by: its address.
+pub fn node_name(client: &NodeClient) -> String {
+    client.http().endpoint().to_string()
 }
 
 /// The coordinator.
@@ -42,12 +64,14 @@ pub struct Coordinator {
     logs: Mutex<HashMap<u64, watch::Sender<u64>>>,
     mirrors: tokio::sync::Mutex<HashMap<String, Arc<Mirror>>>,
     dispatch: Notify,
-    described: tokio::sync::Mutex<Option<(Instant, Result<NodeInfo, String>)>>,
+    fleet: tokio::sync::Mutex<Vec<FleetNode>>,
     queue_view: Mutex<Queue>,
 }
 
 /// How long a node's describe answer is trusted.
-const DESCRIBE_EVERY: Duration = Duration::from_secs(5);
+const DESCRIBE_EVERY: Duration = Duration::from_secs(2);
+/// How long a describe may take before the node counts as not answering.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Queued builds one scheduling pass looks at (the oldest first).
 const QUEUE_LIMIT: u64 = 10_000;
 
@@ -63,9 +87,16 @@ impl std::fmt::Debug for Coordinator {
 
 impl Coordinator {
     pub fn new(store: Store, node: NodeClient, config: CoordinatorConfig) -> Arc<Coordinator> {
+        let mut fleet: Vec<FleetNode> = Vec::new();
+        for c in std::iter::once(&node).chain(&config.fleet) {
+            let name = node_name(c);
+            if !fleet.iter().any(|n| n.name == name) {
+                fleet.push(FleetNode { name, client: c.clone(), seen: None, down_since: None });
+            }
+        }
         Arc::new(Coordinator {
             store,
-            node,
+            node: node.clone(),
             events: Arc::new(EventBus::new()),
             config,
             managers: Mutex::new(HashMap::new()),
@@ -74,7 +105,7 @@ impl Coordinator {
             logs: Mutex::new(HashMap::new()),
             mirrors: tokio::sync::Mutex::new(HashMap::new()),
             dispatch: Notify::new(),
-            described: tokio::sync::Mutex::new(None),
+            fleet: tokio::sync::Mutex::new(fleet),
             queue_view: Mutex::new(Queue { at: Timestamp::now(), nodes: Vec::new(), waiting: Vec::new() }),
         })
     }
@@ -201,17 +232,54 @@ impl Coordinator {
         }
     }
 
-    /// The node as last described (at most [`DESCRIBE_EVERY`] old).
-    pub async fn describe(&self) -> Result<NodeInfo, String> {
-        let mut seen = self.described.lock().await;
-        if let Some((at, info)) = &*seen
-            && at.elapsed() < DESCRIBE_EVERY
-        {
-            return info.clone();
+    /// Every node of the fleet as last described (at most
+    /// [`DESCRIBE_EVERY`] old; stale ones are asked again, all at once).
+    pub async fn describe_fleet(&self) -> Vec<(String, NodeClient, Result<NodeInfo, String>)> {
+        let mut fleet = self.fleet.lock().await;
+        let stale: Vec<usize> = (0..fleet.len())
+            .filter(|&i| fleet[i].seen.as_ref().is_none_or(|(at, _)| at.elapsed() >= DESCRIBE_EVERY))
+            .collect();
+        let asks = stale.iter().map(|&i| {
+            let client = fleet[i].client.clone();
+            async move {
+                match tokio::time::timeout(DESCRIBE_TIMEOUT, client.info()).await {
+                    Ok(r) => r.map_err(|e| crate::error_chain(&e)),
+                    Err(_) => Err(format!("no answer within {}s", DESCRIBE_TIMEOUT.as_secs())),
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        for (i, info) in stale.into_iter().zip(answers) {
+            let n = &mut fleet[i];
+            match &info {
+                Ok(_) => n.down_since = None,
+                Err(e) => {
+                    if n.down_since.is_none() {
+                        tracing::warn!(node = %n.name, error = %e, "a node does not answer");
+                    }
+                    n.down_since.get_or_insert_with(Instant::now);
+                }
+            }
+            n.seen = Some((Instant::now(), info));
         }
-        let info = self.node.info().await.map_err(|e| crate::error_chain(&e));
-        *seen = Some((Instant::now(), info.clone()));
-        info
+        fleet
+            .iter()
+            .map(|n| (n.name.clone(), n.client.clone(), n.seen.as_ref().expect("described").1.clone()))
+            .collect()
+    }
+
+    /// The client of the node named `name` (the one the coordinator was
+    /// started with when `None`: builds placed before nodes were named).
+    pub async fn node_for(&self, name: Option<&str>) -> Option<NodeClient> {
+        let Some(name) = name else { return Some(self.node.clone()) };
+        self.fleet.lock().await.iter().find(|n| n.name == name).map(|n| n.client.clone())
+    }
+
+    /// How long the node named `name` has not answered (asking it again
+    /// when its last answer is stale); `None` while it answers.
+    pub async fn node_down_for(&self, name: &str) -> Option<Duration> {
+        self.describe_fleet().await;
+        self.fleet.lock().await.iter().find(|n| n.name == name).and_then(|n| n.down_since).map(|t| t.elapsed())
     }
 
     /// One scheduling pass: a snapshot of the node and what runs on it, the
@@ -220,9 +288,13 @@ impl Coordinator {
     /// for `GET /v1/queue`.
     async fn dispatch_pass(self: &Arc<Self>) -> Result<(), StoreError> {
         let queued = self.store.queue(QUEUE_LIMIT).await?;
-        let info = self.describe().await;
+        let described = self.describe_fleet().await;
         let load = self.store.running_load(&self.config.owner).await?;
-        let mut nodes: Vec<NodeView> = info.as_ref().map(|i| vec![sched::view_of(&i.node_id, i)]).unwrap_or_default();
+        let primary = node_name(&self.node);
+        let mut nodes: Vec<NodeView> = described
+            .iter()
+            .filter_map(|(name, _, info)| info.as_ref().ok().map(|i| sched::view_of(name, i)))
+            .collect();
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         let mut running_on: HashMap<usize, u64> = HashMap::new();
         // What our running builds hold per node: the node's own count of
@@ -234,7 +306,8 @@ impl Coordinator {
         }
         for (project, node, spec) in &load {
             *counts.entry(project.clone()).or_default() += 1;
-            let Some(i) = nodes.iter().position(|v| node.as_ref().is_none_or(|n| *n == v.name)) else { continue };
+            let on = node.as_deref().unwrap_or(&primary);
+            let Some(i) = nodes.iter().position(|v| v.name == on) else { continue };
             *running_on.entry(i).or_default() += 1;
             if let Ok(need) = spec_need(spec) {
                 ours[i].take(&need);
@@ -286,9 +359,11 @@ impl Coordinator {
                 Err(e) => tracing::error!(build = id, error = %crate::error_chain(&e), "claiming a build failed"),
             }
         }
-        if let Err(e) = &info {
+        if nodes.is_empty()
+            && let Some((name, _, Err(e))) = described.first()
+        {
             for r in reasons.values_mut() {
-                *r = format!("the node does not answer: {e}");
+                *r = format!("no node answers ({name}: {e})");
             }
         }
         let waiting = queued
@@ -325,18 +400,20 @@ impl Coordinator {
                 running: running_on.get(&i).copied().unwrap_or(0),
             })
             .collect();
-        if let Err(e) = info {
-            shown.push(QueueNode {
-                name: "node".into(),
-                up: false,
-                error: Some(e),
-                platform: String::new(),
-                millicpus: 0,
-                memory_bytes: 0,
-                used_millicpus: 0,
-                used_memory_bytes: 0,
-                running: load.len() as u64,
-            });
+        for (name, _, info) in &described {
+            if let Err(e) = info {
+                shown.push(QueueNode {
+                    name: name.clone(),
+                    up: false,
+                    error: Some(e.clone()),
+                    platform: String::new(),
+                    millicpus: 0,
+                    memory_bytes: 0,
+                    used_millicpus: 0,
+                    used_memory_bytes: 0,
+                    running: load.iter().filter(|(_, n, _)| n.as_deref().unwrap_or(&primary) == name).count() as u64,
+                });
+            }
         }
         *self.queue_view.lock().expect("queue") = Queue { at: Timestamp::now(), nodes: shown, waiting };
         Ok(())

@@ -34,6 +34,13 @@ pub struct CoordinatorArgs {
     /// Builds run at once.
     #[arg(long, default_value_t = 4)]
     pub max_builds: usize,
+    /// Another node to place builds on (repeat for more): unix:///path/node.sock or
+    /// https://host:port, reached with the same --token and --ca (or --cert-sha256) as --node.
+    #[arg(long = "fleet-node", value_name = "URL")]
+    pub fleet_nodes: Vec<String>,
+    /// A node that answers nothing for this long is lost: its builds are retried on another node.
+    #[arg(long, value_parser = flotilla_api::units::parse_duration, default_value = "60s")]
+    pub node_lost_after: std::time::Duration,
 }
 
 /// Starts the coordinator: its store, its tasks, its API on HOME's socket
@@ -42,6 +49,7 @@ pub async fn serve(
     home: &Path,
     args: &CoordinatorArgs,
     node: NodeClient,
+    fleet: Vec<NodeClient>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let data = home.join("coordinator");
@@ -60,7 +68,13 @@ pub async fn serve(
     let c = Coordinator::new(
         store,
         node,
-        CoordinatorConfig { data_dir: data.clone(), owner, max_builds: args.max_builds.max(1) },
+        CoordinatorConfig {
+            data_dir: data.clone(),
+            owner,
+            max_builds: args.max_builds.max(1),
+            fleet,
+            node_lost_after: args.node_lost_after,
+        },
     );
     c.start().await.map_err(|e| anyhow!("starting the coordinator: {}", flotilla_coordinator::error_chain(&e)))?;
     let router = flotilla_coordinator::api::router(c.clone());
@@ -140,7 +154,8 @@ pub fn run(args: CoordinatorArgs, node: NodeArgs) -> anyhow::Result<i32> {
     let rt = crate::daemon::daemon_runtime()?;
     rt.block_on(async move {
         let client = node_client(&node, &home)?;
-        serve(&home, &args, client, crate::daemon::shutdown_signal()).await
+        let fleet = fleet_clients(&node, &args)?;
+        serve(&home, &args, client, fleet, crate::daemon::shutdown_signal()).await
     })?;
     Ok(0)
 }
@@ -152,6 +167,17 @@ pub fn node_client(node: &NodeArgs, home: &Path) -> anyhow::Result<NodeClient> {
         None => Endpoint::Unix(home.join("node.sock")),
     };
     crate::sandbox::node_at(node, ep)
+}
+
+/// The `--fleet-node` clients, with the node options' token and TLS trust.
+pub fn fleet_clients(node: &NodeArgs, args: &CoordinatorArgs) -> anyhow::Result<Vec<NodeClient>> {
+    args.fleet_nodes
+        .iter()
+        .map(|url| {
+            let ep = Endpoint::parse(url).map_err(|e| anyhow!("--fleet-node {url:?}: {e}"))?;
+            crate::sandbox::node_at(node, ep)
+        })
+        .collect()
 }
 
 /// How a client command finds the coordinator: `--coordinator URL`, else

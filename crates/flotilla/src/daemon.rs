@@ -194,7 +194,17 @@ async fn serve(
             let client = flotilla_node::NodeClient::new(flotilla_agent::http::HttpClient::new(
                 flotilla_agent::http::Endpoint::Unix(sock),
             ));
-            if let Err(e) = crate::coordinator::serve(&home, &cargs, client, async move {
+            // Further nodes: reached with $FLOTILLA_TOKEN (the clients' token) when over TLS.
+            let mut fleet = Vec::new();
+            for url in &cargs.fleet_nodes {
+                match flotilla_agent::http::Endpoint::parse(url) {
+                    Ok(ep) => fleet.push(flotilla_node::NodeClient::new(
+                        flotilla_agent::http::HttpClient::new(ep).with_token(std::env::var("FLOTILLA_TOKEN").ok()),
+                    )),
+                    Err(e) => tracing::error!(url = %url, error = %e, "--fleet-node: not an address; left out"),
+                }
+            }
+            if let Err(e) = crate::coordinator::serve(&home, &cargs, client, fleet, async move {
                 s.stopped().await;
             })
             .await

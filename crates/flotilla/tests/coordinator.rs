@@ -740,3 +740,58 @@ fn build_sandbox_sets_up_a_builder_to_debug_by_hand() {
         cli_ok(&home, &["sandbox", "rm", &sb]);
     }
 }
+
+#[test]
+fn builds_spread_over_two_nodes_and_a_lost_nodes_build_finishes_on_the_other() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let mut second = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+    let second_url = format!("unix://{}", second.socket().display());
+    let dev = NodeProcess::start_dev(
+        Path::new(BIN),
+        &["--coordinator-listen", "none", "--stop-apps", "--fleet-node", &second_url, "--node-lost-after", "3s"],
+    );
+    let home = dev.home().to_path_buf();
+    // Each build takes a whole node, so two at once must use both.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = format!(
+        "[[builder]]\nname = \"linux-amd64\"\ncpus = {cpus}\nsteps = [{{ name = \"work\", run = \"sh work.sh\" }}]\n\n\
+         [[builder]]\nname = \"linux-amd64-b\"\ncpus = {cpus}\nsteps = [{{ name = \"work\", run = \"sh work.sh\" }}]\n"
+    );
+    let script = "echo started; sleep 6; echo done\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", &config), ("work.sh", script)], "two builders");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1h"]);
+
+    let run = wait_until(WAIT, "both builds to start, one on each node", || {
+        let runs = json(&home, &["run", "ls", "--project", "demo"]);
+        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev)?.clone();
+        let started = run["builds"].as_array()?.iter().all(|b| log(&home, b).starts_with("started"));
+        started.then_some(run)
+    });
+    let builds = run["builds"].as_array().unwrap();
+    let nodes: std::collections::BTreeSet<&str> = builds.iter().map(|b| b["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "the builds share a node: {run:#}");
+    let on_second = builds.iter().find(|b| b["node"] == second_url).expect("a build on the second node").clone();
+
+    // The second node is lost mid-build: its build is retried on the first,
+    // marked, and passes there.
+    second.kill9();
+    let run = finished_run(&dev, &rev);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let again = build_of(&run, on_second["builder"].as_str().unwrap());
+    assert_eq!(again["attempt"], 2, "{again:#}");
+    assert_eq!(again["retry_reason"], "node lost", "{again:#}");
+    assert_ne!(again["node"], second_url);
+    assert_eq!(log(&home, &again), "started\ndone\n");
+    let shown = json(&home, &["build", "show", &again["id"].to_string()]);
+    let events: Vec<&str> =
+        shown["timeline"].as_array().unwrap().iter().map(|t| t["event"].as_str().unwrap()).collect();
+    assert!(events.contains(&"retried: node lost"), "{events:?}");
+    let old = json(&home, &["build", "show", &on_second["id"].to_string()]);
+    assert_eq!(old["failure"]["step"], "node", "{old:#}");
+    assert!(old["failure"]["message"].as_str().unwrap().contains("lost"), "{old:#}");
+    let q = json(&home, &["queue"]);
+    let down = q["nodes"].as_array().unwrap().iter().find(|n| n["name"] == second_url).expect("listed").clone();
+    assert_eq!(down["up"], false, "{q:#}");
+}

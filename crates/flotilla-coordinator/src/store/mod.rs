@@ -250,6 +250,8 @@ pub struct BuildWork {
     pub source_written: bool,
     pub cancel_requested: bool,
     pub log_bytes: u64,
+    /// The node it was placed on (by name in the coordinator's fleet).
+    pub node: Option<String>,
 }
 
 /// A slice of a build's log.
@@ -798,7 +800,7 @@ impl Store {
     }
 
     const BUILD_COLS: &str = "id, run_id, project, builder, attempt, retry_of, retry_reason, state, rev, sandbox, step, \
-        failure, log_bytes, created_at, started_at, finished_at";
+        failure, log_bytes, created_at, started_at, finished_at, node";
 
     fn build_row(r: &Row) -> Result<Build, StoreError> {
         Ok(Build {
@@ -818,6 +820,7 @@ impl Store {
             created_at: Timestamp(r[13].int()? as u64),
             started_at: ts(&r[14])?,
             finished_at: ts(&r[15])?,
+            node: r[16].opt_text()?,
             timeline: Vec::new(),
         })
     }
@@ -925,11 +928,12 @@ impl Store {
             source_written: r[13].int()? != 0,
             cancel_requested: r[14].int()? != 0,
             log_bytes: r[15].int()? as u64,
+            node: r[16].opt_text()?,
         })
     }
 
     const WORK_COLS: &str = "id, run_id, project, builder, attempt, retry_reason, state, rev, kind, spec, sandbox, \
-        step_index, proc_offset, source_written, cancel_requested, log_bytes";
+        step_index, proc_offset, source_written, cancel_requested, log_bytes, node";
 
     pub async fn work(&self, id: u64) -> Result<Option<BuildWork>, StoreError> {
         self.with(move |c| {
