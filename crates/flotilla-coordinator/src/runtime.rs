@@ -34,7 +34,32 @@ pub struct CoordinatorConfig {
     /// A node that answers nothing for this long is lost: its running
     /// builds are retried on another node (`retried: node lost`).
     pub node_lost_after: Duration,
+    /// Where to find more nodes: the name table's `nodes/*`.
+    pub discovery: Option<Discovery>,
 }
+
+/// Nodes from the name table: each node publishes `nodes/<id>` with its
+/// addresses, and the coordinator joins every one it finds, with no
+/// configuration of its own.
+#[derive(Clone)]
+pub struct Discovery {
+    pub names: flotilla_names::NamesClient,
+    /// Makes the client of a node found at an address (with the fleet's
+    /// token and TLS trust); `None` for an address it cannot use.
+    pub connect: Connect,
+}
+
+/// Makes a node's client from an address in the name table.
+pub type Connect = Arc<dyn Fn(&str) -> Option<NodeClient> + Send + Sync>;
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery").finish_non_exhaustive()
+    }
+}
+
+/// How often the name table is read for nodes.
+const DISCOVER_EVERY: Duration = Duration::from_secs(2);
 
 /// A node of the fleet, known by its address (stable across restarts:
 /// builds store it).
@@ -45,6 +70,10 @@ struct FleetNode {
     seen: Option<(Instant, Result<NodeInfo, String>)>,
     /// Since when it has not answered.
     down_since: Option<Instant>,
+    /// Found in the name table (not configured), and since when its mount
+    /// is gone from there.
+    discovered: bool,
+    missing_since: Option<Instant>,
 }
 
 /// The name a node client is known by: its address.
@@ -91,7 +120,14 @@ impl Coordinator {
         for c in std::iter::once(&node).chain(&config.fleet) {
             let name = node_name(c);
             if !fleet.iter().any(|n| n.name == name) {
-                fleet.push(FleetNode { name, client: c.clone(), seen: None, down_since: None });
+                fleet.push(FleetNode {
+                    name,
+                    client: c.clone(),
+                    seen: None,
+                    down_since: None,
+                    discovered: false,
+                    missing_since: None,
+                });
             }
         }
         Arc::new(Coordinator {
@@ -128,6 +164,10 @@ impl Coordinator {
         }
         let me = self.clone();
         tokio::spawn(async move { me.dispatcher().await });
+        if let Some(d) = self.config.discovery.clone() {
+            let me = self.clone();
+            tokio::spawn(async move { me.discover(d).await });
+        }
         let me = self.clone();
         tokio::spawn(async move {
             loop {
@@ -264,8 +304,75 @@ impl Coordinator {
         }
         fleet
             .iter()
-            .map(|n| (n.name.clone(), n.client.clone(), n.seen.as_ref().expect("described").1.clone()))
+            .map(|n| {
+                let info = match n.missing_since {
+                    Some(_) => Err("its mount in the name table expired".to_string()),
+                    None => n.seen.as_ref().expect("described").1.clone(),
+                };
+                (n.name.clone(), n.client.clone(), info)
+            })
             .collect()
+    }
+
+    /// Reads `nodes/*` from the name table for ever, joining new nodes and
+    /// marking discovered ones whose mount expired.
+    async fn discover(self: Arc<Self>, d: Discovery) {
+        let mut failing = false;
+        loop {
+            match d.names.glob("nodes/*").await {
+                Ok(entries) => {
+                    failing = false;
+                    self.found(entries, &*d.connect).await;
+                }
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %crate::error_chain(&e), "reading nodes/* from the name table failed");
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(DISCOVER_EVERY).await;
+        }
+    }
+
+    async fn found(
+        &self,
+        entries: Vec<flotilla_api::names::MountEntry>,
+        connect: &(dyn Fn(&str) -> Option<NodeClient> + Send + Sync),
+    ) {
+        let mut fleet = self.fleet.lock().await;
+        let mut present: Vec<String> = Vec::new();
+        for e in entries {
+            let urls: Vec<&str> = e.servers.iter().map(|s| s.server.as_str()).collect();
+            if let Some(n) = fleet.iter().find(|n| urls.contains(&n.name.as_str())) {
+                present.push(n.name.clone());
+                continue;
+            }
+            // A socket on this machine needs no TLS; else the node's TLS address.
+            let local = |u: &&&str| u.strip_prefix("unix://").is_some_and(|p| std::path::Path::new(p).exists());
+            let pick = urls.iter().find(local).or_else(|| urls.iter().find(|u| u.starts_with("https://")));
+            let Some(url) = pick else { continue };
+            let Some(client) = connect(url) else { continue };
+            tracing::info!(node = %e.name, address = %url, "a node joined the fleet from the name table");
+            present.push(url.to_string());
+            fleet.push(FleetNode {
+                name: url.to_string(),
+                client,
+                seen: None,
+                down_since: None,
+                discovered: true,
+                missing_since: None,
+            });
+        }
+        for n in fleet.iter_mut().filter(|n| n.discovered) {
+            if present.contains(&n.name) {
+                n.missing_since = None;
+            } else if n.missing_since.is_none() {
+                tracing::warn!(node = %n.name, "a node's mount in the name table expired");
+                n.missing_since = Some(Instant::now());
+            }
+        }
+        drop(fleet);
+        self.wake_dispatcher();
     }
 
     /// The client of the node named `name` (the one the coordinator was
@@ -279,7 +386,10 @@ impl Coordinator {
     /// when its last answer is stale); `None` while it answers.
     pub async fn node_down_for(&self, name: &str) -> Option<Duration> {
         self.describe_fleet().await;
-        self.fleet.lock().await.iter().find(|n| n.name == name).and_then(|n| n.down_since).map(|t| t.elapsed())
+        let fleet = self.fleet.lock().await;
+        let n = fleet.iter().find(|n| n.name == name)?;
+        // Silent, or gone from the name table: whichever came first.
+        [n.down_since, n.missing_since].into_iter().flatten().min().map(|t| t.elapsed())
     }
 
     /// One scheduling pass: a snapshot of the node and what runs on it, the

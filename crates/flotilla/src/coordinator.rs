@@ -50,6 +50,7 @@ pub async fn serve(
     args: &CoordinatorArgs,
     node: NodeClient,
     fleet: Vec<NodeClient>,
+    discovery: Option<flotilla_coordinator::runtime::Discovery>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let data = home.join("coordinator");
@@ -74,6 +75,7 @@ pub async fn serve(
             max_builds: args.max_builds.max(1),
             fleet,
             node_lost_after: args.node_lost_after,
+            discovery,
         },
     );
     c.start().await.map_err(|e| anyhow!("starting the coordinator: {}", flotilla_coordinator::error_chain(&e)))?;
@@ -155,7 +157,8 @@ pub fn run(args: CoordinatorArgs, node: NodeArgs) -> anyhow::Result<i32> {
     rt.block_on(async move {
         let client = node_client(&node, &home)?;
         let fleet = fleet_clients(&node, &args)?;
-        serve(&home, &args, client, fleet, crate::daemon::shutdown_signal()).await
+        let discovery = discovery(&node);
+        serve(&home, &args, client, fleet, discovery, crate::daemon::shutdown_signal()).await
     })?;
     Ok(0)
 }
@@ -167,6 +170,19 @@ pub fn node_client(node: &NodeArgs, home: &Path) -> anyhow::Result<NodeClient> {
         None => Endpoint::Unix(home.join("node.sock")),
     };
     crate::sandbox::node_at(node, ep)
+}
+
+/// Nodes from the name table (`--names`, else the one of HOME/names.url),
+/// reached with the node options' token and TLS trust; none without a table.
+pub fn discovery(node: &NodeArgs) -> Option<flotilla_coordinator::runtime::Discovery> {
+    let names = crate::names::client(node).ok()?;
+    let args = node.clone();
+    Some(flotilla_coordinator::runtime::Discovery {
+        names,
+        connect: std::sync::Arc::new(move |url: &str| {
+            Endpoint::parse(url).ok().and_then(|ep| crate::sandbox::node_at(&args, ep).ok())
+        }),
+    })
 }
 
 /// The `--fleet-node` clients, with the node options' token and TLS trust.

@@ -185,6 +185,11 @@ async fn serve(
         }
     });
     // `dev` runs a coordinator beside the node, driving it over its socket.
+    let names_url = match &names {
+        Some(Names::Embedded { server, .. }) => Some(server.url()),
+        Some(Names::Remote { url, .. }) => Some(url.clone()),
+        None => None,
+    };
     let coordinator_task = coordinator.map(|cargs| {
         let home = home.clone();
         let sock = socket.clone();
@@ -204,7 +209,18 @@ async fn serve(
                     Err(e) => tracing::error!(url = %url, error = %e, "--fleet-node: not an address; left out"),
                 }
             }
-            if let Err(e) = crate::coordinator::serve(&home, &cargs, client, fleet, async move {
+            // Nodes that publish themselves in dev's name table join the fleet.
+            let table = names_url.and_then(|u| flotilla_agent::http::Endpoint::parse(&u).ok());
+            let discovery = table.map(|ep| flotilla_coordinator::runtime::Discovery {
+                names: flotilla_names::NamesClient::new(flotilla_agent::http::HttpClient::new(ep)),
+                connect: std::sync::Arc::new(|url: &str| {
+                    let ep = flotilla_agent::http::Endpoint::parse(url).ok()?;
+                    let http =
+                        flotilla_agent::http::HttpClient::new(ep).with_token(std::env::var("FLOTILLA_TOKEN").ok());
+                    Some(flotilla_node::NodeClient::new(http))
+                }),
+            });
+            if let Err(e) = crate::coordinator::serve(&home, &cargs, client, fleet, discovery, async move {
                 s.stopped().await;
             })
             .await

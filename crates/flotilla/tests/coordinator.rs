@@ -55,10 +55,18 @@ fn json(home: &Path, args: &[&str]) -> Value {
 /// The run of commit `rev`, once it reaches a final state.
 fn finished_run(dev: &NodeProcess, rev: &str) -> Value {
     let home = dev.home();
-    wait_until(WAIT, &format!("the run of {rev} to finish"), || {
-        let runs = json(home, &["run", "ls", "--project", "demo", "--limit", "50"]);
-        let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev)?.clone();
-        matches!(run["state"].as_str(), Some("passed" | "failed" | "canceled")).then_some(run)
+    let wait = || {
+        wait_until(WAIT, &format!("the run of {rev} to finish"), || {
+            let runs = json(home, &["run", "ls", "--project", "demo", "--limit", "50"]);
+            let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev)?.clone();
+            matches!(run["state"].as_str(), Some("passed" | "failed" | "canceled")).then_some(run)
+        })
+    };
+    std::panic::catch_unwind(wait).unwrap_or_else(|e| {
+        eprintln!("DEVLOG {}", std::fs::read_to_string(home.join("node.log")).unwrap_or_default());
+        eprintln!("RUNS {}", cli(home, &["run", "ls", "--project", "demo", "--json"]).1);
+        eprintln!("QUEUE {}", cli(home, &["queue", "--json"]).1);
+        std::panic::resume_unwind(e)
     })
 }
 
@@ -743,14 +751,39 @@ fn build_sandbox_sets_up_a_builder_to_debug_by_hand() {
 
 #[test]
 fn builds_spread_over_two_nodes_and_a_lost_nodes_build_finishes_on_the_other() {
+    two_nodes(false);
+}
+
+#[test]
+fn a_node_that_publishes_itself_in_the_name_table_joins_the_fleet() {
+    two_nodes(true);
+}
+
+/// A coordinator (in `flotilla dev`) and a second node, given with
+/// `--fleet-node` or found in dev's name table, where the second node
+/// publishes itself.
+fn two_nodes(discover: bool) {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
-    let mut second = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+    let lost = ["--coordinator-listen", "none", "--stop-apps", "--node-lost-after", "3s"];
+    let (dev, mut second) = if discover {
+        let dev = NodeProcess::start_dev(Path::new(BIN), &lost);
+        let read = |f: &str| std::fs::read_to_string(dev.home().join(f)).unwrap().trim().to_string();
+        let (url, token) = (read("names.url"), read("names.token"));
+        let second =
+            NodeProcess::start_with(Path::new(BIN), &["--stop-apps", "--names", &url, "--names-token", &token]);
+        (dev, second)
+    } else {
+        let second = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+        let url = format!("unix://{}", second.socket().display());
+        let dev = NodeProcess::start_dev(Path::new(BIN), &[&lost[..], &["--fleet-node", &url]].concat());
+        (dev, second)
+    };
     let second_url = format!("unix://{}", second.socket().display());
-    let dev = NodeProcess::start_dev(
-        Path::new(BIN),
-        &["--coordinator-listen", "none", "--stop-apps", "--fleet-node", &second_url, "--node-lost-after", "3s"],
-    );
     let home = dev.home().to_path_buf();
+    wait_until(WAIT, "both nodes in the fleet", || {
+        let q = json(&home, &["queue"]);
+        (q["nodes"].as_array()?.iter().filter(|n| n["up"] == true).count() == 2).then_some(())
+    });
     // Each build takes a whole node, so two at once must use both.
     let cpus = std::thread::available_parallelism().unwrap().get();
     let repo = tempfile::tempdir().unwrap();

@@ -1291,6 +1291,12 @@ fn send(c: &mut dyn Conn, project: &str, id: &str, body: &str) -> Result<u64, St
 /// A run is over when every latest attempt is: failed if any failed, else
 /// canceled if any was, else passed.
 fn finish_run_if_done(c: &mut dyn Conn, run_id: u64, project: &str) -> Result<Option<RunState>, StoreError> {
+    // Take the run's row lock before reading its builds. Two builds of a run
+    // finishing at once in PostgreSQL (READ COMMITTED) would otherwise each
+    // see the other still running, and neither would finish the run. With
+    // the lock the second waits for the first to commit, and its read then
+    // sees both. (SQLite runs one writer at a time: a no-op there.)
+    c.execute("UPDATE runs SET state = state WHERE id = $1", &[run_id.into()])?;
     let rows = c.query("SELECT state FROM builds WHERE run_id = $1 AND superseded = 0", &[run_id.into()])?;
     let states: Vec<RunState> = rows.iter().map(|r| state_of(&r[0])).collect::<Result<_, _>>()?;
     if states.iter().any(|s| !s.is_final()) {

@@ -358,3 +358,55 @@ async fn two_coordinators_never_lose_an_event_or_create_a_run_twice() {
     assert!(ta.lost + tb.lost >= 1, "the coordinators never raced: a: {ta:?}, b: {tb:?}");
     eprintln!("a: {ta:?}\nb: {tb:?}\neversion {eversion}, {:?}", started.elapsed());
 }
+
+/// Two builds of a run finishing at the same moment, from two connections:
+/// the run finishes every time (each finish once saw the other build still
+/// running, and neither finished the run, before the run's row was locked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_finishing_at_once_finish_their_run() {
+    const RUNS: usize = 30;
+    let pg = Postgres::start();
+    let url = pg.create_database("finish_race");
+    let (a, b) = (Store::postgres(&url, 4).unwrap(), Store::postgres(&url, 4).unwrap());
+    a.add_project(NewProject {
+        name: PROJECT.into(),
+        repo: "/src/race".into(),
+        branch: "main".into(),
+        poll_interval_ms: 10_000,
+        webhook_secret: None,
+    })
+    .await
+    .unwrap();
+    let cfg = Event::UpdateConfig {
+        config: pm::ConfigRef { hash: "h1".into(), branches: vec!["main".into()], try_enabled: true },
+    };
+    a.send(PROJECT, "cfg:h1", &cfg).await.unwrap();
+    for i in 0..RUNS {
+        a.send(PROJECT, &format!("c:{i}"), &notice(i)).await.unwrap();
+    }
+    let (state, ev, events) = a.load(PROJECT).await.unwrap();
+    let out = pm::step(&state, &events, "main");
+    a.commit_step(PROJECT, ev, &out).await.unwrap().expect("committed");
+    let mut runs = Vec::new();
+    for (oid, action) in a.outbox(PROJECT).await.unwrap() {
+        let builds = ["one", "two"].map(|n| NewBuild { builder: n.into(), spec: "{}".into() }).to_vec();
+        match a.create_run(oid, PROJECT, &action, builds, None).await.unwrap() {
+            Created::Run(id) => runs.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(runs.len(), RUNS);
+    for q in a.queue(1000).await.unwrap() {
+        assert!(a.claim(q.id, "me", "n").await.unwrap());
+    }
+    for run in &runs {
+        let ids: Vec<u64> = a.run(*run).await.unwrap().unwrap().builds.iter().map(|b| b.id).collect();
+        let (x, y) = tokio::join!(
+            a.finish_build(ids[0], RunState::Passed, None),
+            b.finish_build(ids[1], RunState::Passed, None)
+        );
+        let finished = [x.unwrap(), y.unwrap()];
+        assert_eq!(finished.iter().flatten().count(), 1, "run {run}: exactly one finish ends the run: {finished:?}");
+        assert_eq!(a.run(*run).await.unwrap().unwrap().state, RunState::Passed, "run {run}");
+    }
+}
