@@ -194,6 +194,10 @@ struct Dev {
 
 impl Dev {
     fn start(bin: &Path) -> anyhow::Result<Dev> {
+        Dev::start_with(bin, &[])
+    }
+
+    fn start_with(bin: &Path, extra: &[&str]) -> anyhow::Result<Dev> {
         let root = tempfile::Builder::new().prefix("flotilla-bench-dev.").tempdir_in("/var/tmp")?;
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         let home = root.path().join("home");
@@ -202,6 +206,7 @@ impl Dev {
             .args(["dev", "--home"])
             .arg(&home)
             .args(["--coordinator-listen", "127.0.0.1:0", "--stop-apps"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -430,6 +435,219 @@ pub async fn commit_to_running(bin: &Path, machine: &Machine, iterations: usize)
         target("commit → running ≤ 1 s (poller's notice)", Some(p <= 1000.0), format!("median {p:.0} ms")),
         target("commit → running ≤ 1 s (webhook)", Some(h <= 1000.0), format!("median {h:.0} ms")),
     ];
+    Ok(report)
+}
+
+// ---------------------------------------------------------------- node-loss
+
+/// How long a silent node is given in `node-loss`.
+const LOST_AFTER_MS: u64 = 3000;
+
+/// A plain `flotilla node` in a scratch home: the fleet's second node.
+struct SecondNode {
+    child: Option<Child>,
+    bin: PathBuf,
+    home: PathBuf,
+    _root: tempfile::TempDir,
+}
+
+impl SecondNode {
+    fn start(bin: &Path) -> anyhow::Result<SecondNode> {
+        let root = tempfile::Builder::new().prefix("flotilla-bench-node.").tempdir_in("/var/tmp")?;
+        std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+        let mut n = SecondNode { child: None, bin: bin.into(), home: root.path().join("home"), _root: root };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(self.home.join("node.sock"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self._root.path().join("node.log"))?;
+        let child = Command::new(&self.bin)
+            .args(["node", "--stop-apps", "--home"])
+            .arg(&self.home)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the second node")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::os::unix::net::UnixStream::connect(self.home.join("node.sock")).is_err() {
+            if Instant::now() > deadline {
+                bail!("the second node did not serve within {WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.home.join("node.sock").display())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SecondNode {
+    fn drop(&mut self) {
+        // Killed with -9: its sandboxes still run. Bring it back once so a
+        // clean stop ends them.
+        if self.child.is_none() && self.spawn().is_err() {
+            return;
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `flotilla dev` plus a second node (`--fleet-node`): a commit whose two
+/// builds land one on each node, then a `kill -9` of the second node until
+/// its build's retry runs its step on the first.
+pub async fn node_loss(bin: &Path, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
+    let (mut commit_ms, mut loss_ms, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let half = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64 / 2.0;
+    for i in 0..iterations.max(1) {
+        let mut second = SecondNode::start(bin)?;
+        let lost_after = format!("{}ms", LOST_AFTER_MS);
+        let dev = Dev::start_with(bin, &["--fleet-node", &second.url(), "--node-lost-after", &lost_after])?;
+        let c = dev.coordinator();
+        let dir = tempfile::tempdir()?;
+        git(dir.path(), &["init", "-q"])?;
+        // Half the machine each: least loaded placement puts one on each node.
+        let step = "echo started; if [ -f go ]; then sleep 30; fi";
+        let config: String = ["", "-b"]
+            .iter()
+            .map(|s| format!("[[builder]]\nname = \"linux-amd64{s}\"\ncpus = {half}\nsteps = [{{ name = \"s\", run = {step:?} }}]\n"))
+            .collect();
+        std::fs::write(dir.path().join("flotilla.toml"), config)?;
+        git(dir.path(), &["add", "."])?;
+        git(dir.path(), &["commit", "-qm", "start"])?;
+        let req = AddProjectRequest {
+            name: "demo".into(),
+            repo: dir.path().to_str().context("utf-8 path")?.into(),
+            branch: Some("main".into()),
+            poll_interval: Some("1h".into()),
+            webhook_secret: None,
+        };
+        c.add_project(&req).await?;
+        let deadline = Instant::now() + WAIT;
+        while c.queue().await?.nodes.iter().filter(|n| n.up).count() < 2 {
+            anyhow::ensure!(Instant::now() < deadline, "the second node never joined the fleet");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::write(dir.path().join("go"), format!("{i}\n"))?;
+        git(dir.path(), &["add", "go"])?;
+        git(dir.path(), &["commit", "-qm", "go"])?;
+        let rev = git(dir.path(), &["rev-parse", "HEAD"])?;
+        let t0 = wall_ms();
+        c.poll("demo").await?;
+        let started =
+            |b: &flotilla_api::coordinator::Build| b.timeline.iter().find(|t| t.event == "start_step").map(|t| t.at.0);
+        let deadline = Instant::now() + WAIT;
+        let builds = loop {
+            let runs = c.runs(Some("demo"), 5, None).await?;
+            if let Some(run) = runs.items.iter().find(|r| r.change.rev == rev) {
+                let mut all = Vec::new();
+                for b in &run.builds {
+                    all.push(c.build(b.id).await?);
+                }
+                if all.len() == 2 && all.iter().all(|b| started(b).is_some()) {
+                    break all;
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the two builds never both started");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let last = builds.iter().filter_map(started).max().unwrap_or(t0);
+        commit_ms.push(last.saturating_sub(t0) as f64);
+        let lost = builds
+            .iter()
+            .find(|b| b.node.as_deref() == Some(second.url().as_str()))
+            .context("no build was placed on the second node")?
+            .clone();
+        let t1 = wall_ms();
+        second.kill9();
+        let deadline = Instant::now() + WAIT;
+        let again = loop {
+            let run = c.run(lost.run_id).await?;
+            if let Some(b) = run.builds.iter().find(|b| b.builder == lost.builder && b.attempt > lost.attempt) {
+                let b = c.build(b.id).await?;
+                if let Some(at) = started(&b) {
+                    break at;
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the lost build was never retried");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        loss_ms.push(again.saturating_sub(t1) as f64);
+        c.cancel_run(lost.run_id).await?;
+        // The floor of starting a build again: a sandbox + a detached exec
+        // by hand on the surviving node, after the deadline.
+        let node = dev.node();
+        let t = Instant::now();
+        let s = node.create(&CreateSandboxRequest::default()).await?;
+        node.sandbox(&s.id)
+            .exec_detached(&ExecRequest { argv: vec!["sleep".into(), "30".into()], detach: true, ..Default::default() })
+            .await?;
+        floor.push(LOST_AFTER_MS as f64 + t.elapsed().as_secs_f64() * 1000.0);
+        node.delete(&s.id).await?;
+    }
+    let mut report = Report {
+        scenario: "node-loss",
+        description: format!(
+            "flotilla dev + a second node (--fleet-node, --node-lost-after {LOST_AFTER_MS}ms), two builders of half \
+             the machine each: commit → both steps running (one per node); kill -9 of the second node → its \
+             build's retry running its step on the first"
+        ),
+        date: now(),
+        machine: machine.clone(),
+        unit: Unit::Millis,
+        warmups: 0,
+        cases: vec![
+            Case::measured(
+                "fleet_commit_to_running",
+                "commit, POST .../poll, until both builds' start_step",
+                false,
+                &commit_ms,
+            ),
+            Case::measured(
+                "node_loss_to_running_elsewhere",
+                "kill -9 of the second node until the retry's start_step on the first",
+                false,
+                &loss_ms,
+            ),
+            Case::measured(
+                "deadline_plus_start_by_hand",
+                "the node-lost deadline plus a sandbox create + detached exec by hand on the surviving node",
+                true,
+                &floor,
+            ),
+        ],
+        targets: vec![],
+        notes: vec![
+            "the deadline (--node-lost-after, default 60s) is the bulk of the loss time by design: a node that is only \
+             restarting must not have its builds run twice"
+                .into(),
+        ],
+        details: serde_json::Value::Null,
+    };
+    report.set_ratios("deadline_plus_start_by_hand");
+    let m = report.case("fleet_commit_to_running").and_then(Case::median).unwrap_or(f64::NAN);
+    report.targets =
+        vec![target("commit → running ≤ 1 s on a two-node fleet", Some(m <= 1000.0), format!("median {m:.0} ms"))];
     Ok(report)
 }
 

@@ -44,7 +44,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|schedule> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -53,7 +53,8 @@ found through $FLOTILLA_VM_KERNEL); `images` runs images-import and
 images-create on Debian's own root (built once with mmdebstrap, which needs
 a Debian mirror). `coordinator` runs pm-events (on SQLite and a throwaway
 PostgreSQL: it needs Debian's `postgresql`), commit-to-running and
-log-first-byte (each starts its own `flotilla dev`). `schedule` times the
+log-first-byte (each starts its own `flotilla dev`). `node-loss` runs dev with a
+second node and kills it mid-build. `schedule` times the
 scheduler's pure core over 1,000 simulated nodes and 100,000 builds.
 
 Runs each scenario against its baseline in the same run and prints a table;
@@ -83,6 +84,7 @@ enum Scenario {
     CommitToRunning,
     LogFirstByte,
     Schedule,
+    NodeLoss,
 }
 
 impl Scenario {
@@ -123,6 +125,7 @@ impl Scenario {
             "log-first-byte" => vec![Scenario::LogFirstByte],
             "coordinator" => vec![Scenario::PmEvents, Scenario::CommitToRunning, Scenario::LogFirstByte],
             "schedule" => vec![Scenario::Schedule],
+            "node-loss" => vec![Scenario::NodeLoss],
             _ => return None,
         })
     }
@@ -149,6 +152,7 @@ impl Scenario {
             Scenario::CommitToRunning => "commit-to-running",
             Scenario::LogFirstByte => "log-first-byte",
             Scenario::Schedule => "schedule",
+            Scenario::NodeLoss => "node-loss",
         }
     }
 
@@ -174,6 +178,7 @@ impl Scenario {
             Scenario::CommitToRunning => 10,
             Scenario::LogFirstByte => 10,
             Scenario::Schedule => 3,
+            Scenario::NodeLoss => 3,
         }
     }
 
@@ -295,6 +300,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::CommitToRunning => coordinator::commit_to_running(&bin, &machine, n).await,
                 Scenario::LogFirstByte => coordinator::log_first_byte(&bin, &machine, n).await,
                 Scenario::Schedule => schedule::schedule(&machine, n).await,
+                Scenario::NodeLoss => coordinator::node_loss(&bin, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }

@@ -531,7 +531,7 @@ async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Result<(), Gone> 
             Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => return Err(Gone::Sandbox),
             Err(e) => {
                 if let Ok(name) = ON.try_with(|p| p.name.clone())
-                    && let Some(down) = c.node_down_for(&name).await
+                    && let Some(down) = c.node_failed(&name).await
                     && down >= c.config.node_lost_after
                 {
                     let why =
@@ -542,7 +542,7 @@ async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Result<(), Gone> 
             }
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -382,6 +382,16 @@ impl Coordinator {
         self.fleet.lock().await.iter().find(|n| n.name == name).map(|n| n.client.clone())
     }
 
+    /// A call to the node named `name` got no answer: it counts as down
+    /// from now unless it already did (its next describe answer clears
+    /// that). Returns how long it has been down or missing from the table.
+    pub async fn node_failed(&self, name: &str) -> Option<Duration> {
+        if let Some(n) = self.fleet.lock().await.iter_mut().find(|n| n.name == name) {
+            n.down_since.get_or_insert_with(Instant::now);
+        }
+        self.node_down_for(name).await
+    }
+
     /// How long the node named `name` has not answered (asking it again
     /// when its last answer is stale); `None` while it answers.
     pub async fn node_down_for(&self, name: &str) -> Option<Duration> {
