@@ -261,6 +261,22 @@ pub struct Queue {
     pub nodes: Vec<QueueNode>,
     /// Waiting builds in the order they will be served.
     pub waiting: Vec<QueuedBuild>,
+    /// Per builder (Go's host type): how many wait, the oldest and newest
+    /// waiting, and when one of its builds last started.
+    #[serde(default)]
+    pub builders: Vec<QueueBuilder>,
+}
+
+/// One builder's queue, as Go's farmer page shows a host type's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueueBuilder {
+    pub builder: String,
+    pub waiting: u64,
+    pub oldest: Timestamp,
+    pub newest: Timestamp,
+    /// When this coordinator last started one of its builds (since it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_moved: Option<Timestamp>,
 }
 
 /// A node as the scheduler last saw it.

@@ -159,6 +159,7 @@ pub async fn serve_tcp(
         flotilla_api::coordinator::BuilderSandboxRequest,
         flotilla_api::coordinator::BuilderSandbox,
         flotilla_api::coordinator::QueueNode,
+        flotilla_api::coordinator::QueueBuilder,
         flotilla_api::coordinator::QueuedBuild,
         ApiError,
         ErrorCode

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_api::coordinator::{Queue, QueueNode, QueuedBuild as QueuedBuildView, RunState};
+use flotilla_api::coordinator::{Queue, QueueBuilder, QueueNode, QueuedBuild as QueuedBuildView, RunState};
 use flotilla_api::{EventBody, NodeInfo, Timestamp};
 use flotilla_node::NodeClient;
 use flotilla_node::events::EventBus;
@@ -95,6 +95,8 @@ pub struct Coordinator {
     dispatch: Notify,
     fleet: tokio::sync::Mutex<Vec<FleetNode>>,
     queue_view: Mutex<Queue>,
+    /// When a build of each builder last started.
+    moved: Mutex<HashMap<String, Timestamp>>,
 }
 
 /// How long a node's describe answer is trusted.
@@ -142,7 +144,13 @@ impl Coordinator {
             mirrors: tokio::sync::Mutex::new(HashMap::new()),
             dispatch: Notify::new(),
             fleet: tokio::sync::Mutex::new(fleet),
-            queue_view: Mutex::new(Queue { at: Timestamp::now(), nodes: Vec::new(), waiting: Vec::new() }),
+            queue_view: Mutex::new(Queue {
+                at: Timestamp::now(),
+                nodes: Vec::new(),
+                waiting: Vec::new(),
+                builders: Vec::new(),
+            }),
+            moved: Mutex::new(HashMap::new()),
         })
     }
 
@@ -472,6 +480,9 @@ impl Coordinator {
                 Ok(true) => {
                     room -= 1;
                     *running_on.entry(i).or_default() += 1;
+                    if let Some(b) = queued.iter().find(|b| b.id == id) {
+                        self.moved.lock().expect("moved").insert(b.builder.clone(), Timestamp::now());
+                    }
                     self.build_changed(id).await;
                     self.spawn_executor(id);
                 }
@@ -486,7 +497,7 @@ impl Coordinator {
                 *r = format!("no node answers ({name}: {e})");
             }
         }
-        let waiting = queued
+        let waiting: Vec<QueuedBuildView> = queued
             .iter()
             .filter_map(|b| {
                 reasons.remove(&b.id).map(|reason| QueuedBuildView {
@@ -535,7 +546,28 @@ impl Coordinator {
                 });
             }
         }
-        *self.queue_view.lock().expect("queue") = Queue { at: Timestamp::now(), nodes: shown, waiting };
+        let mut per: BTreeMap<&str, QueueBuilder> = BTreeMap::new();
+        for w in &waiting {
+            let e = per.entry(w.builder.as_str()).or_insert_with(|| QueueBuilder {
+                builder: w.builder.clone(),
+                waiting: 0,
+                oldest: w.queued_at,
+                newest: w.queued_at,
+                last_moved: None,
+            });
+            e.waiting += 1;
+            e.oldest = e.oldest.min(w.queued_at);
+            e.newest = e.newest.max(w.queued_at);
+        }
+        let moved = self.moved.lock().expect("moved").clone();
+        let builders = per
+            .into_values()
+            .map(|mut b| {
+                b.last_moved = moved.get(&b.builder).copied();
+                b
+            })
+            .collect();
+        *self.queue_view.lock().expect("queue") = Queue { at: Timestamp::now(), nodes: shown, waiting, builders };
         Ok(())
     }
 

@@ -43,6 +43,21 @@ pub async fn show(node: NodeArgs, json: bool) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let rows: Vec<Vec<String>> = q
+        .builders
+        .iter()
+        .map(|b| {
+            vec![
+                b.builder.clone(),
+                b.waiting.to_string(),
+                output::relative(b.oldest),
+                output::relative(b.newest),
+                b.last_moved.map_or_else(|| "-".into(), output::relative),
+            ]
+        })
+        .collect();
+    output::table(&["BUILDER", "WAITING", "OLDEST", "NEWEST", "LAST STARTED"], &rows);
+    println!();
+    let rows: Vec<Vec<String>> = q
         .waiting
         .iter()
         .map(|w| {

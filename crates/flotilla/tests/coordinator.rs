@@ -699,6 +699,15 @@ fn a_build_no_node_can_run_waits_in_the_queue_saying_why() {
     assert_eq!((nodes[0]["up"].as_bool(), nodes[0]["platform"].as_str()), (Some(true), Some("linux-amd64")));
     let table = cli_ok(&home, &["queue"]);
     assert!(table.contains("WHY IT WAITS") && table.contains("1 node has no image nosuch/toolchain:1"), "{table}");
+    // Per builder, as Go's farmer page shows a host type's queue.
+    let per: Vec<(&str, u64)> = queue["builders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["builder"].as_str().unwrap(), b["waiting"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(per, vec![("linux-amd64-custom", 1), ("linux-s390x", 1)], "{queue:#}");
+    assert!(table.contains("LAST STARTED"), "{table}");
 
     // Canceling the run empties the queue.
     let run_id = build_of(&json(&home, &["run", "ls", "--project", "demo"])[0], "linux-s390x")["run_id"].to_string();
