@@ -247,6 +247,13 @@ pub enum TlsConfigError {
     BadFingerprint(String),
     #[error("setting up TLS")]
     Rustls(#[source] rustls::Error),
+    #[error("the client certificate {cert} and key {key} do not go together")]
+    ClientIdentity {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
 }
 
 /// Which server certificates a client trusts. Cheap to clone.
@@ -294,6 +301,27 @@ impl TlsClientConfig {
         TlsClientConfig::from_ca_file(&bundle)
     }
 
+    /// The same trust, and this client certificate (PEM chain, leaf first)
+    /// and its key shown to servers that ask for one: a node started with
+    /// `--client-ca` takes it in place of its bearer token.
+    pub fn with_client_cert(self, cert: &Path, key: &Path) -> Result<TlsClientConfig, TlsConfigError> {
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| TlsConfigError::Read { path: cert.to_path_buf(), source })?;
+        if chain.is_empty() {
+            return Err(TlsConfigError::NoCertificate { path: cert.to_path_buf() });
+        }
+        let der = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+            .map_err(|source| TlsConfigError::Read { path: key.to_path_buf(), source })?;
+        let mut config = (*self.config).clone();
+        let certified =
+            rustls::sign::CertifiedKey::from_der(chain, der, config.crypto_provider()).map_err(|source| {
+                TlsConfigError::ClientIdentity { cert: cert.to_path_buf(), key: key.to_path_buf(), source }
+            })?;
+        config.client_auth_cert_resolver = Arc::new(ClientCert(Arc::new(certified)));
+        Ok(TlsClientConfig { config: Arc::new(config) })
+    }
+
     /// [`TlsClientConfig::system`], read once per process.
     fn system_cached() -> Result<TlsClientConfig, String> {
         static SYSTEM: OnceLock<Result<TlsClientConfig, String>> = OnceLock::new();
@@ -313,6 +341,30 @@ fn client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(TlsConfigError::Rustls)
+}
+
+/// The one certificate a client shows whenever a server asks.
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// An `https://host:port#sha256=HEX` address, as a node publishes itself
+/// in the name table: the address, and the fingerprint of the certificate
+/// it serves (`None` when the address carries none).
+pub fn split_pin(url: &str) -> (&str, Option<&str>) {
+    match url.split_once("#sha256=") {
+        Some((addr, pin)) => (addr, Some(pin)),
+        None => (url, None),
+    }
 }
 
 /// The SHA-256 of a certificate (DER) as lowercase hex: the fingerprint

@@ -5,6 +5,13 @@
 //! <token>` inside a TLS connection. Only `GET /healthz` stays open, so a
 //! load balancer or a probe can see that the node is up without a secret.
 //!
+//! With a client CA ([`TlsIdentity::with_client_ca`], the node's
+//! `--client-ca`), the handshake asks for a client certificate: one that
+//! chains to that CA stands in for the token, so one coordinator holding a
+//! certificate from the fleet's CA reaches every node with no per-node
+//! secret. A certificate from any other CA fails the handshake; a client
+//! with none still gets in with the token.
+//!
 //! # Identity
 //!
 //! [`TlsIdentity::load_or_generate`] takes the operator's certificate and
@@ -130,6 +137,14 @@ pub enum TlsError {
     Generate(#[source] rcgen::Error),
     #[error("the certificate and key are not usable together")]
     Config(#[source] rustls::Error),
+    #[error("{path} holds no CA certificate to check clients' certificates against")]
+    NoClientCa { path: PathBuf },
+    #[error("checking client certificates against {path}")]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::server::VerifierBuilderError,
+    },
     #[error("reading random bytes for a token")]
     Random(#[source] std::io::Error),
     #[error("bad token: {0}")]
@@ -154,6 +169,7 @@ pub struct TlsIdentity {
     leaf: CertificateDer<'static>,
     fingerprint: String,
     cert_path: PathBuf,
+    key_path: PathBuf,
     source: IdentitySource,
 }
 
@@ -189,12 +205,37 @@ impl TlsIdentity {
         }
     }
 
-    fn load(cert_path: &Path, key_path: &Path, source: IdentitySource) -> Result<TlsIdentity, TlsError> {
-        let chain = CertificateDer::pem_file_iter(cert_path)
+    /// The same identity, asking clients for a certificate: one that
+    /// chains to a CA in `ca` (PEM) stands in for the bearer token (see
+    /// [`serve_tls`]); a client without one still may send the token.
+    pub fn with_client_ca(self, ca: &Path) -> Result<TlsIdentity, TlsError> {
+        let certs = CertificateDer::pem_file_iter(ca)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|source| pem_error(cert_path, source))?;
-        let leaf = chain.first().cloned().ok_or_else(|| TlsError::NoCertificate { path: cert_path.to_path_buf() })?;
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| pem_error(key_path, source))?;
+            .map_err(|source| pem_error(ca, source))?;
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(TlsError::NoClientCa { path: ca.to_path_buf() });
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|source| TlsError::ClientCa { path: ca.to_path_buf(), source })?;
+        let (chain, key) = read_pair(&self.cert_path, &self.key_path)?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(TlsError::Config)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(TlsIdentity { config: Arc::new(config), ..self })
+    }
+
+    fn load(cert_path: &Path, key_path: &Path, source: IdentitySource) -> Result<TlsIdentity, TlsError> {
+        let (chain, key) = read_pair(cert_path, key_path)?;
+        let leaf = chain[0].clone();
         let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?
@@ -207,6 +248,7 @@ impl TlsIdentity {
             fingerprint: cert_fingerprint(&leaf),
             leaf,
             cert_path: cert_path.to_path_buf(),
+            key_path: key_path.to_path_buf(),
             source,
         })
     }
@@ -235,6 +277,21 @@ impl TlsIdentity {
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.config.clone()
     }
+}
+
+/// A certificate chain (leaf first, never empty) and its key, from PEM.
+fn read_pair(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| pem_error(cert_path, source))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: cert_path.to_path_buf() });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| pem_error(key_path, source))?;
+    Ok((chain, key))
 }
 
 fn pem_error(path: &Path, source: rustls::pki_types::pem::Error) -> TlsError {
@@ -480,10 +537,16 @@ async fn serve_connection(
         _ = stop.wait_for(|stopping| *stopping) => return,
     };
     drop(permit);
+    // A client certificate is only ever present once the verifier of
+    // `--client-ca` has checked its chain: it stands in for the token.
+    let certified = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
     let svc_shared = shared.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
         async move {
+            if certified {
+                return shared.service.call(req).await;
+            }
             if let Err(failure) = shared.auth.check(req.method(), req.uri().path(), req.headers()) {
                 tracing::debug!(%peer, method = %req.method(), path = req.uri().path(), "refused: {failure:?} token");
                 return Ok::<_, Infallible>(unauthorized(failure));

@@ -39,7 +39,10 @@ impl Server {
     }
 
     async fn start_on(dir: &Path, bind: &str) -> Server {
-        let identity = TlsIdentity::load_or_generate(dir, None, None, &[]).unwrap();
+        Server::start_with(TlsIdentity::load_or_generate(dir, None, None, &[]).unwrap(), dir, bind).await
+    }
+
+    async fn start_with(identity: TlsIdentity, dir: &Path, bind: &str) -> Server {
         let token = load_or_generate_token(dir).unwrap();
         let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -295,4 +298,62 @@ async fn shutdown_stops_accepting() {
     ping(&server.client(Some(&server.token))).await.unwrap();
     server.stop().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+}
+
+/// A CA and a client certificate it issued (with `clientAuth`), as PEM
+/// files in `dir`: `NAME-ca.pem`, `NAME-client.pem`, `NAME-client.key`.
+fn client_pki(dir: &Path, name: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.distinguished_name.push(rcgen::DnType::CommonName, "coordinator");
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join(format!("{name}-ca.pem")), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-client.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-client.key")), key.serialize_pem()).unwrap();
+}
+
+#[tokio::test]
+async fn a_certificate_from_the_client_ca_stands_in_for_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    client_pki(d, "fleet");
+    client_pki(d, "other");
+    let identity =
+        TlsIdentity::load_or_generate(d, None, None, &[]).unwrap().with_client_ca(&d.join("fleet-ca.pem")).unwrap();
+    let server = Server::start_with(identity, d, "127.0.0.1:0").await;
+    let with_cert = |name: &str| {
+        let tls = flotilla_agent::http::TlsClientConfig::pinned(server.identity.fingerprint())
+            .unwrap()
+            .with_client_cert(&d.join(format!("{name}-client.pem")), &d.join(format!("{name}-client.key")))
+            .unwrap();
+        HttpClient::new(server.endpoint()).with_tls(tls)
+    };
+    // The fleet's certificate, no token: in.
+    assert_eq!(ping(&with_cert("fleet")).await.unwrap(), serde_json::json!({"pong": true}));
+    // No certificate: the token is still asked for, and still works.
+    assert_unauthorized(ping(&server.client(None)).await);
+    assert_eq!(ping(&server.client(Some(&server.token))).await.unwrap(), serde_json::json!({"pong": true}));
+    // Another CA's certificate: the handshake fails, token or not.
+    match ping(&with_cert("other").with_token(Some(server.token.clone()))).await {
+        Err(ClientError::Connect { .. } | ClientError::Http { .. }) => {}
+        other => panic!("expected a refused handshake, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+#[test]
+fn a_client_ca_file_without_a_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    let identity = TlsIdentity::load_or_generate(dir.path(), None, None, &[]).unwrap();
+    let err = identity.with_client_ca(&dir.path().join("empty.pem")).unwrap_err();
+    assert!(err.to_string().contains("empty.pem"), "{err}");
 }

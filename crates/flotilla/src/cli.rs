@@ -68,6 +68,13 @@ pub struct NodeArgs {
     /// Trust the https node whose certificate has this SHA-256 fingerprint (printed at its start).
     #[arg(long, env = "FLOTILLA_CERT_SHA256", global = true)]
     pub cert_sha256: Option<String>,
+    /// Show this client certificate (PEM) to https nodes: a node started with `--client-ca` takes
+    /// a certificate its CA issued in place of its token, so one coordinator reaches every node.
+    #[arg(long, env = "FLOTILLA_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(long, env = "FLOTILLA_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +239,10 @@ pub struct DaemonArgs {
     /// Extra host name or address for the self-signed certificate (repeatable).
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
+    /// Take a client certificate issued by this CA (PEM) in place of the bearer token, so a
+    /// coordinator holding one (`--client-cert`) reaches this node with no per-node secret.
+    #[arg(long, requires = "listen")]
+    pub client_ca: Option<PathBuf>,
     /// Publish this node as `nodes/<id>` in the name table at this URL (`flotilla dev` runs its own):
     /// the global `--names`.
     #[arg(skip)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use flotilla_agent::client::drain_exec;
-use flotilla_agent::http::{ClientError, Endpoint, HttpClient};
+use flotilla_agent::http::{ClientError, Endpoint, HttpClient, TlsClientConfig};
 use flotilla_api::{
     BackendKind, CreateSandboxRequest, ExecRequest, FrameKind, NetworkMode, SessionQuery, UpdateSandboxRequest,
 };
@@ -49,13 +49,32 @@ pub async fn client(args: &NodeArgs) -> anyhow::Result<NodeClient> {
 /// A client of the node at `ep`, with the token and the trust that `args`
 /// give (`--token`, `--ca`, `--cert-sha256`).
 pub fn node_at(args: &NodeArgs, ep: Endpoint) -> anyhow::Result<NodeClient> {
-    let mut http = HttpClient::new(ep).with_token(args.token.clone());
-    if let Some(ca) = &args.ca {
-        http = http.with_tls_ca(ca).with_context(|| format!("loading {}", ca.display()))?;
-    } else if let Some(fp) = &args.cert_sha256 {
-        http = http.with_cert_sha256(fp).context("reading --cert-sha256")?;
-    }
-    Ok(NodeClient::new(http))
+    node_pinned(args, ep, None)
+}
+
+/// [`node_at`] for an address found with its certificate's fingerprint
+/// (a node's `https://…#sha256=…` in the name table): `--ca` or
+/// `--cert-sha256` still win when given, else the published pin is trusted
+/// (the name table takes writes only with its token).
+pub fn node_pinned(args: &NodeArgs, ep: Endpoint, pin: Option<&str>) -> anyhow::Result<NodeClient> {
+    let http = HttpClient::new(ep).with_token(args.token.clone());
+    let tls = if let Some(ca) = &args.ca {
+        Some(TlsClientConfig::from_ca_file(ca).with_context(|| format!("loading {}", ca.display()))?)
+    } else if let Some(fp) = args.cert_sha256.as_deref().or(pin) {
+        Some(TlsClientConfig::pinned(fp).context("reading the certificate fingerprint")?)
+    } else if args.client_cert.is_some() {
+        Some(TlsClientConfig::system().context("loading the system CA bundle")?)
+    } else {
+        None
+    };
+    let tls = match (tls, &args.client_cert, &args.client_key) {
+        (Some(t), Some(cert), Some(key)) => Some(t.with_client_cert(cert, key).context("loading --client-cert")?),
+        (t, _, _) => t,
+    };
+    Ok(NodeClient::new(match tls {
+        Some(t) => http.with_tls(t),
+        None => http,
+    }))
 }
 
 pub async fn info(node: NodeArgs, json: bool) -> anyhow::Result<i32> {
