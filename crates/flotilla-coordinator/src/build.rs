@@ -58,6 +58,30 @@ pub const FAILURE_LINES: usize = 20;
 /// Pause before re-attaching to a stream that broke while its sandbox runs.
 const REATTACH_PAUSE: Duration = Duration::from_millis(500);
 
+/// How long a liveness call (is the sandbox there? what runs on the
+/// node?) may take: a node cut off the network answers nothing, not even
+/// a refusal, and TCP alone would wait minutes.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often an executor following a silent step asks whether its node
+/// still answers (the fleet's describe, at most this old).
+const NODE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Resolves only once the executor's node has not answered for
+/// `node_lost_after`, with why: raced against a stream that may stay
+/// silent for ever when the node's link is cut rather than refused.
+async fn node_lost(c: &Arc<Coordinator>) -> String {
+    let Ok(name) = ON.try_with(|p| p.name.clone()) else { return std::future::pending().await };
+    loop {
+        tokio::time::sleep(NODE_CHECK_EVERY).await;
+        if let Some(down) = c.node_down_for(&name).await
+            && down >= c.config.node_lost_after
+        {
+            return format!("node {name} lost: no answer for {}s", down.as_secs());
+        }
+    }
+}
+
 /// What a build runs: its builder, as configured at the change's revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BuildSpec {
@@ -151,7 +175,10 @@ struct Placed {
 /// The node of the build this executor runs (the coordinator's first node
 /// outside an executor, e.g. for the janitor's scope-less calls).
 fn node(c: &Coordinator) -> NodeClient {
-    ON.try_with(|p| p.client.clone()).unwrap_or_else(|_| c.node.clone())
+    ON.try_with(|p| p.client.clone())
+        .ok()
+        .or_else(|| c.node.clone())
+        .expect("node calls run in an executor's or the janitor's scope")
 }
 
 /// Drives build `id` to its end, on the node it was placed on.
@@ -160,7 +187,7 @@ pub async fn execute(c: Arc<Coordinator>, id: u64, handle: Arc<Handle>) {
         Ok(Some(w)) => w.node,
         _ => None,
     };
-    let name = placed.clone().unwrap_or_else(|| crate::runtime::node_name(&c.node));
+    let name = placed.clone().or_else(|| c.node.as_ref().map(crate::runtime::node_name)).unwrap_or_default();
     let outcome = match c.node_for(placed.as_deref()).await {
         Some(client) => ON.scope(Placed { name, client }, run(&c, id, &handle)).await,
         None => Stop::NodeLost(format!("node {name} is no longer in the coordinator's fleet")),
@@ -450,7 +477,14 @@ async fn follow(
             offset = start;
         }
         loop {
-            match stream.next().await {
+            // Made anew for each frame: kept across the loop's body, a
+            // check suspended inside the fleet's lock would hold it while
+            // this task wants it (in `trouble`), a deadlock.
+            let next = tokio::select! {
+                next = stream.next() => next,
+                why = node_lost(c) => return Err(Stop::NodeLost(why)),
+            };
+            match next {
                 Ok(Some(f)) => match f.kind {
                     FrameKind::Stdout | FrameKind::Stderr => {
                         let data: Bytes = f.payload;
@@ -524,7 +558,17 @@ impl Gone {
 async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Result<(), Gone> {
     let mut pause = Duration::from_millis(200);
     loop {
-        match node(c).get(sandbox).await {
+        // The node's silence, as the fleet's describes see it, ends the
+        // wait even while this call hangs.
+        let client = node(c);
+        let got = tokio::select! {
+            got = tokio::time::timeout(CALL_TIMEOUT, client.get(sandbox)) => match got {
+                Ok(got) => got,
+                Err(_) => Err(ClientError::Dead(sandbox.to_string(), CALL_TIMEOUT)),
+            },
+            why = node_lost(c) => return Err(Gone::Node(why)),
+        };
+        match got {
             Ok(s) if s.state == SandboxState::Running => return Ok(()),
             Ok(s) if s.state == SandboxState::Creating => {}
             Ok(_) => return Err(Gone::Sandbox),
@@ -626,10 +670,14 @@ pub async fn janitor_pass(c: &Arc<Coordinator>) -> Vec<String> {
 /// The janitor's pass over one node.
 async fn janitor_node(c: &Arc<Coordinator>) -> Vec<String> {
     let mut reaped = Vec::new();
-    let list = match node(c).list().await {
-        Ok(l) => l,
-        Err(e) => {
+    let list = match tokio::time::timeout(CALL_TIMEOUT, node(c).list()).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
             tracing::warn!(error = %crate::error_chain(&e), "janitor: listing the node's sandboxes failed");
+            return reaped;
+        }
+        Err(_) => {
+            tracing::warn!("janitor: the node did not list its sandboxes within {}s", CALL_TIMEOUT.as_secs());
             return reaped;
         }
     };

@@ -74,6 +74,10 @@ struct FleetNode {
     /// is gone from there.
     discovered: bool,
     missing_since: Option<Instant>,
+    /// Since when a describe of it is under way (see
+    /// [`Coordinator::describe_fleet`]); one older than its timeout was
+    /// dropped by its caller and no longer counts.
+    asking: Option<Instant>,
 }
 
 /// The name a node client is known by: its address.
@@ -84,7 +88,10 @@ pub fn node_name(client: &NodeClient) -> String {
 /// The coordinator.
 pub struct Coordinator {
     pub store: Store,
-    pub node: NodeClient,
+    /// The node it was started with (`--node`), if any: builds placed
+    /// before nodes were named ran there. A coordinator may have none and
+    /// find every node in the name table.
+    pub node: Option<NodeClient>,
     pub events: Arc<EventBus>,
     pub config: CoordinatorConfig,
     managers: Mutex<HashMap<String, Arc<Notify>>>,
@@ -93,6 +100,9 @@ pub struct Coordinator {
     logs: Mutex<HashMap<u64, watch::Sender<u64>>>,
     mirrors: tokio::sync::Mutex<HashMap<String, Arc<Mirror>>>,
     dispatch: Notify,
+    /// Rung when a node answers for the first time or again after being
+    /// lost: the janitor sweeps at once.
+    node_back: Notify,
     fleet: tokio::sync::Mutex<Vec<FleetNode>>,
     queue_view: Mutex<Queue>,
     /// When a build of each builder last started.
@@ -103,6 +113,13 @@ pub struct Coordinator {
 const DESCRIBE_EVERY: Duration = Duration::from_secs(2);
 /// How long a describe may take before the node counts as not answering.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the describer looks for nodes whose answer is stale.
+const DESCRIBE_TICK: Duration = Duration::from_millis(250);
+
+/// A describe unanswered for this long counts toward a node's silence
+/// (a healthy node answers in milliseconds).
+const ANSWER_WITHIN: Duration = Duration::from_secs(1);
 /// Queued builds one scheduling pass looks at (the oldest first).
 const QUEUE_LIMIT: u64 = 10_000;
 
@@ -117,9 +134,9 @@ impl std::fmt::Debug for Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(store: Store, node: NodeClient, config: CoordinatorConfig) -> Arc<Coordinator> {
+    pub fn new(store: Store, node: Option<NodeClient>, config: CoordinatorConfig) -> Arc<Coordinator> {
         let mut fleet: Vec<FleetNode> = Vec::new();
-        for c in std::iter::once(&node).chain(&config.fleet) {
+        for c in node.iter().chain(&config.fleet) {
             let name = node_name(c);
             if !fleet.iter().any(|n| n.name == name) {
                 fleet.push(FleetNode {
@@ -129,12 +146,13 @@ impl Coordinator {
                     down_since: None,
                     discovered: false,
                     missing_since: None,
+                    asking: None,
                 });
             }
         }
         Arc::new(Coordinator {
             store,
-            node: node.clone(),
+            node,
             events: Arc::new(EventBus::new()),
             config,
             managers: Mutex::new(HashMap::new()),
@@ -143,6 +161,7 @@ impl Coordinator {
             logs: Mutex::new(HashMap::new()),
             mirrors: tokio::sync::Mutex::new(HashMap::new()),
             dispatch: Notify::new(),
+            node_back: Notify::new(),
             fleet: tokio::sync::Mutex::new(fleet),
             queue_view: Mutex::new(Queue {
                 at: Timestamp::now(),
@@ -171,6 +190,8 @@ impl Coordinator {
             self.spawn_executor(id);
         }
         let me = self.clone();
+        tokio::spawn(async move { me.describer().await });
+        let me = self.clone();
         tokio::spawn(async move { me.dispatcher().await });
         if let Some(d) = self.config.discovery.clone() {
             let me = self.clone();
@@ -180,7 +201,12 @@ impl Coordinator {
         tokio::spawn(async move {
             loop {
                 build::janitor_pass(&me).await;
-                tokio::time::sleep(build::JANITOR_EVERY).await;
+                // A node that comes back is swept at once: what ran there
+                // for builds retried elsewhere stops now, not a minute on.
+                tokio::select! {
+                    () = tokio::time::sleep(build::JANITOR_EVERY) => {}
+                    () = me.node_back.notified() => {}
+                }
             }
         });
         Ok(())
@@ -280,42 +306,87 @@ impl Coordinator {
         }
     }
 
-    /// Every node of the fleet as last described (at most
-    /// [`DESCRIBE_EVERY`] old; stale ones are asked again, all at once).
-    pub async fn describe_fleet(&self) -> Vec<(String, NodeClient, Result<NodeInfo, String>)> {
-        let mut fleet = self.fleet.lock().await;
-        let stale: Vec<usize> = (0..fleet.len())
-            .filter(|&i| fleet[i].seen.as_ref().is_none_or(|(at, _)| at.elapsed() >= DESCRIBE_EVERY))
-            .collect();
-        let asks = stale.iter().map(|&i| {
-            let client = fleet[i].client.clone();
-            async move {
-                match tokio::time::timeout(DESCRIBE_TIMEOUT, client.info()).await {
-                    Ok(r) => r.map_err(|e| crate::error_chain(&e)),
-                    Err(_) => Err(format!("no answer within {}s", DESCRIBE_TIMEOUT.as_secs())),
-                }
+    /// Asks every node of the fleet `GET /v1/node` every
+    /// [`DESCRIBE_EVERY`], each ask in a task of its own, for ever: callers
+    /// read the answers ([`Coordinator::describe_fleet`]) and never wait on
+    /// a node, so one cut off the network (which answers nothing, not even
+    /// a refusal, for [`DESCRIBE_TIMEOUT`]) holds up no one.
+    async fn describer(self: Arc<Self>) {
+        loop {
+            let due: Vec<(String, NodeClient, Instant)> = {
+                let mut fleet = self.fleet.lock().await;
+                fleet
+                    .iter_mut()
+                    .filter(|n| n.asking.is_none())
+                    .filter(|n| n.seen.as_ref().is_none_or(|(at, _)| at.elapsed() >= DESCRIBE_EVERY))
+                    .map(|n| {
+                        let now = Instant::now();
+                        n.asking = Some(now);
+                        (n.name.clone(), n.client.clone(), now)
+                    })
+                    .collect()
+            };
+            for (name, client, started) in due {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let info = match tokio::time::timeout(DESCRIBE_TIMEOUT, client.info()).await {
+                        Ok(r) => r.map_err(|e| crate::error_chain(&e)),
+                        Err(_) => Err(format!("no answer within {}s", DESCRIBE_TIMEOUT.as_secs())),
+                    };
+                    me.described(&name, started, info).await;
+                });
             }
-        });
-        let answers = futures_util::future::join_all(asks).await;
-        for (i, info) in stale.into_iter().zip(answers) {
-            let n = &mut fleet[i];
-            match &info {
-                Ok(_) => n.down_since = None,
-                Err(e) => {
-                    if n.down_since.is_none() {
-                        tracing::warn!(node = %n.name, error = %e, "a node does not answer");
-                    }
-                    n.down_since.get_or_insert_with(Instant::now);
-                }
-            }
-            n.seen = Some((Instant::now(), info));
+            tokio::time::sleep(DESCRIBE_TICK).await;
         }
+    }
+
+    /// Records a describe answer (or its failure) of the ask that started
+    /// at `started`.
+    async fn described(&self, name: &str, started: Instant, info: Result<NodeInfo, String>) {
+        let mut fleet = self.fleet.lock().await;
+        let Some(n) = fleet.iter_mut().find(|n| n.name == name) else { return };
+        n.asking = None;
+        let first = n.seen.is_none();
+        let mut changed = first;
+        match &info {
+            Ok(_) => {
+                if n.down_since.take().is_some() {
+                    tracing::info!(node = %n.name, "a node answers again");
+                    self.node_back.notify_one();
+                    changed = true;
+                } else if first {
+                    // The janitor's first look at this node.
+                    self.node_back.notify_one();
+                }
+            }
+            Err(e) => {
+                if n.down_since.is_none() {
+                    tracing::warn!(node = %n.name, error = %e, "a node does not answer");
+                    changed = true;
+                }
+                // Silent since the ask that got nothing began.
+                n.down_since.get_or_insert(started);
+            }
+        }
+        n.seen = Some((Instant::now(), info));
+        drop(fleet);
+        if changed {
+            self.wake_dispatcher();
+        }
+    }
+
+    /// Every node of the fleet as last described (at most
+    /// [`DESCRIBE_EVERY`] old, by [`Coordinator::describer`]); no node is
+    /// asked here.
+    pub async fn describe_fleet(&self) -> Vec<(String, NodeClient, Result<NodeInfo, String>)> {
+        let fleet = self.fleet.lock().await;
         fleet
             .iter()
             .map(|n| {
-                let info = match n.missing_since {
-                    Some(_) => Err("its mount in the name table expired".to_string()),
-                    None => n.seen.as_ref().expect("described").1.clone(),
+                let info = match (&n.missing_since, &n.seen) {
+                    (Some(_), _) => Err("its mount in the name table expired".to_string()),
+                    (None, Some((_, info))) => info.clone(),
+                    (None, None) => Err("not described yet".to_string()),
                 };
                 (n.name.clone(), n.client.clone(), info)
             })
@@ -351,7 +422,9 @@ impl Coordinator {
         let mut present: Vec<String> = Vec::new();
         for e in entries {
             let urls: Vec<&str> = e.servers.iter().map(|s| s.server.as_str()).collect();
-            if let Some(n) = fleet.iter().find(|n| urls.contains(&n.name.as_str())) {
+            // Named by address, without the certificate pin it may carry.
+            let addr = |u: &str| flotilla_agent::http::split_pin(u).0.to_string();
+            if let Some(n) = fleet.iter().find(|n| urls.iter().any(|u| addr(u) == n.name)) {
                 present.push(n.name.clone());
                 continue;
             }
@@ -360,20 +433,25 @@ impl Coordinator {
             let pick = urls.iter().find(local).or_else(|| urls.iter().find(|u| u.starts_with("https://")));
             let Some(url) = pick else { continue };
             let Some(client) = connect(url) else { continue };
-            tracing::info!(node = %e.name, address = %url, "a node joined the fleet from the name table");
-            present.push(url.to_string());
+            let name = addr(url);
+            tracing::info!(node = %e.name, address = %name, "a node joined the fleet from the name table");
+            present.push(name.clone());
             fleet.push(FleetNode {
-                name: url.to_string(),
+                name,
                 client,
                 seen: None,
                 down_since: None,
                 discovered: true,
                 missing_since: None,
+                asking: None,
             });
         }
         for n in fleet.iter_mut().filter(|n| n.discovered) {
             if present.contains(&n.name) {
-                n.missing_since = None;
+                if n.missing_since.take().is_some() {
+                    tracing::info!(node = %n.name, "a node's mount is back in the name table");
+                    self.node_back.notify_one();
+                }
             } else if n.missing_since.is_none() {
                 tracing::warn!(node = %n.name, "a node's mount in the name table expired");
                 n.missing_since = Some(Instant::now());
@@ -386,7 +464,7 @@ impl Coordinator {
     /// The client of the node named `name` (the one the coordinator was
     /// started with when `None`: builds placed before nodes were named).
     pub async fn node_for(&self, name: Option<&str>) -> Option<NodeClient> {
-        let Some(name) = name else { return Some(self.node.clone()) };
+        let Some(name) = name else { return self.node.clone() };
         self.fleet.lock().await.iter().find(|n| n.name == name).map(|n| n.client.clone())
     }
 
@@ -400,14 +478,17 @@ impl Coordinator {
         self.node_down_for(name).await
     }
 
-    /// How long the node named `name` has not answered (asking it again
-    /// when its last answer is stale); `None` while it answers.
+    /// How long the node named `name` has not answered: since the ask
+    /// that got nothing, or the one still waiting for its answer, began;
+    /// `None` while it answers.
     pub async fn node_down_for(&self, name: &str) -> Option<Duration> {
-        self.describe_fleet().await;
         let fleet = self.fleet.lock().await;
         let n = fleet.iter().find(|n| n.name == name)?;
-        // Silent, or gone from the name table: whichever came first.
-        [n.down_since, n.missing_since].into_iter().flatten().min().map(|t| t.elapsed())
+        // Silent, unanswered yet, or gone from the name table: whichever
+        // came first. An ask in flight counts only past a healthy node's
+        // answer time, so a slow answer is not a loss.
+        let waiting = n.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN);
+        [n.down_since, n.missing_since, waiting].into_iter().flatten().min().map(|t| t.elapsed())
     }
 
     /// One scheduling pass: a snapshot of the node and what runs on it, the
@@ -418,7 +499,7 @@ impl Coordinator {
         let queued = self.store.queue(QUEUE_LIMIT).await?;
         let described = self.describe_fleet().await;
         let load = self.store.running_load(&self.config.owner).await?;
-        let primary = node_name(&self.node);
+        let primary = self.node.as_ref().map(node_name).unwrap_or_default();
         let mut nodes: Vec<NodeView> = described
             .iter()
             .filter_map(|(name, _, info)| info.as_ref().ok().map(|i| sched::view_of(name, i)))

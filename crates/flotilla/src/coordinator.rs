@@ -48,7 +48,7 @@ pub struct CoordinatorArgs {
 pub async fn serve(
     home: &Path,
     args: &CoordinatorArgs,
-    node: NodeClient,
+    node: Option<NodeClient>,
     fleet: Vec<NodeClient>,
     discovery: Option<flotilla_coordinator::runtime::Discovery>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -158,18 +158,27 @@ pub fn run(args: CoordinatorArgs, node: NodeArgs) -> anyhow::Result<i32> {
         let client = node_client(&node, &home)?;
         let fleet = fleet_clients(&node, &args)?;
         let discovery = discovery(&node);
+        if client.is_none() && fleet.is_empty() && discovery.is_none() {
+            anyhow::bail!(
+                "no node to run builds on: give --node URL, --fleet-node URL or --names URL (nodes publish \
+                 themselves there), or run a node with this --home"
+            );
+        }
         serve(&home, &args, client, fleet, discovery, crate::daemon::shutdown_signal()).await
     })?;
     Ok(0)
 }
 
-/// The node a coordinator drives.
-pub fn node_client(node: &NodeArgs, home: &Path) -> anyhow::Result<NodeClient> {
+/// The node a coordinator was pointed at: `--node`, else HOME's node
+/// socket when a node serves there; none when it finds its nodes in the
+/// name table only.
+pub fn node_client(node: &NodeArgs, home: &Path) -> anyhow::Result<Option<NodeClient>> {
     let ep = match &node.node {
         Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
-        None => Endpoint::Unix(home.join("node.sock")),
+        None if home.join("node.sock").exists() => Endpoint::Unix(home.join("node.sock")),
+        None => return Ok(None),
     };
-    crate::sandbox::node_at(node, ep)
+    crate::sandbox::node_at(node, ep).map(Some)
 }
 
 /// Nodes from the name table (`--names`, else the one of HOME/names.url),
@@ -180,7 +189,11 @@ pub fn discovery(node: &NodeArgs) -> Option<flotilla_coordinator::runtime::Disco
     Some(flotilla_coordinator::runtime::Discovery {
         names,
         connect: std::sync::Arc::new(move |url: &str| {
-            Endpoint::parse(url).ok().and_then(|ep| crate::sandbox::node_at(&args, ep).ok())
+            let (addr, pin) = flotilla_agent::http::split_pin(url);
+            let ep = Endpoint::parse(addr).ok()?;
+            crate::sandbox::node_pinned(&args, ep, pin)
+                .inspect_err(|e| tracing::warn!(node = %addr, error = %format!("{e:#}"), "cannot reach a node from the name table"))
+                .ok()
         }),
     })
 }

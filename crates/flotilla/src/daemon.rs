@@ -114,6 +114,10 @@ async fn serve(
             &names,
         )
         .context("setting up TLS for --listen")?;
+        let identity = match &args.client_ca {
+            Some(ca) => identity.with_client_ca(ca).context("setting up --client-ca")?,
+            None => identity,
+        };
         let token = match &args.token {
             Some(t) => {
                 flotilla_node::tls::check_token(t).context("checking --token")?;
@@ -123,7 +127,7 @@ async fn serve(
         };
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
         let bound = listener.local_addr().context("reading the bound address")?;
-        https_url = Some(format!("https://{bound}"));
+        https_url = Some(format!("https://{bound}#sha256={}", identity.fingerprint()));
         tracing::info!(
             address = %bound,
             certificate = %identity.cert_path().display(),
@@ -149,10 +153,13 @@ async fn serve(
     }
     // Where others find this node: `nodes/<id>` in the name table, which
     // `flotilla dev` serves itself (in memory) and a node joins with --names.
-    let mut urls = vec![format!("unix://{}", socket.display())];
-    if let Some(https) = &https_url {
-        urls.insert(0, https.clone());
-    }
+    // A node serving TLS is meant to be reached over the network: it
+    // publishes that address with its certificate's fingerprint (a client
+    // pins it), not a socket path that means nothing on another host.
+    let urls = match &https_url {
+        Some(https) => vec![https.clone()],
+        None => vec![format!("unix://{}", socket.display())],
+    };
     let names = crate::daemon::names_for(dev, args.names.as_deref(), args.names_token.as_deref(), &home).await?;
     let publisher = match &names {
         Some(n) => Some(crate::daemon::publish(n, &info.node_id, &urls).await?),
@@ -214,13 +221,17 @@ async fn serve(
             let discovery = table.map(|ep| flotilla_coordinator::runtime::Discovery {
                 names: flotilla_names::NamesClient::new(flotilla_agent::http::HttpClient::new(ep)),
                 connect: std::sync::Arc::new(|url: &str| {
-                    let ep = flotilla_agent::http::Endpoint::parse(url).ok()?;
-                    let http =
+                    let (addr, pin) = flotilla_agent::http::split_pin(url);
+                    let ep = flotilla_agent::http::Endpoint::parse(addr).ok()?;
+                    let mut http =
                         flotilla_agent::http::HttpClient::new(ep).with_token(std::env::var("FLOTILLA_TOKEN").ok());
+                    if let Some(pin) = pin {
+                        http = http.with_cert_sha256(pin).ok()?;
+                    }
                     Some(flotilla_node::NodeClient::new(http))
                 }),
             });
-            if let Err(e) = crate::coordinator::serve(&home, &cargs, client, fleet, discovery, async move {
+            if let Err(e) = crate::coordinator::serve(&home, &cargs, Some(client), fleet, discovery, async move {
                 s.stopped().await;
             })
             .await
