@@ -45,13 +45,15 @@ fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> EtcdServerError {
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
+    /// The address it listens on (loopback unless [`EtcdServer::start_on`]).
+    host: std::net::IpAddr,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
 }
 
-fn free_port() -> Result<u16, EtcdServerError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+fn free_port(host: std::net::IpAddr) -> Result<u16, EtcdServerError> {
+    let l = TcpListener::bind((host, 0)).map_err(io("finding a free port"))?;
     Ok(l.local_addr().map_err(io("finding a free port"))?.port())
 }
 
@@ -59,15 +61,22 @@ impl EtcdServer {
     /// Starts etcd and waits until it is healthy. Blocks the calling
     /// thread while it waits (about 150 ms here).
     pub fn start() -> Result<EtcdServer, EtcdServerError> {
+        EtcdServer::start_on(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Starts etcd listening on `host` (an address of this machine, e.g.
+    /// a bridge that network namespaces reach).
+    pub fn start_on(host: std::net::IpAddr) -> Result<EtcdServer, EtcdServerError> {
         let dir = tempfile::Builder::new().prefix("flotilla-etcd-").tempdir().map_err(io("creating the data dir"))?;
-        let mut server = EtcdServer { child: None, dir, client_port: free_port()?, peer_port: free_port()? };
+        let (client_port, peer_port) = (free_port(host)?, free_port(host)?);
+        let mut server = EtcdServer { child: None, host, dir, client_port, peer_port };
         server.spawn()?;
         Ok(server)
     }
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}", SocketAddr::from((self.host, self.client_port)))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -95,7 +104,7 @@ impl EtcdServer {
             .map_err(io("opening the etcd log"))?;
         let err_log = log.try_clone().map_err(io("opening the etcd log"))?;
         let client = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = format!("http://{}", SocketAddr::from((self.host, self.peer_port)));
         let child = Command::new("etcd")
             .arg("--name")
             .arg("flotilla-test")
@@ -120,7 +129,7 @@ impl EtcdServer {
     }
 
     fn wait_ready(&mut self) -> Result<(), EtcdServerError> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
+        let addr = SocketAddr::from((self.host, self.client_port));
         let deadline = Instant::now() + ETCD_READY_TIMEOUT;
         let mut pause = Duration::from_millis(5);
         loop {

@@ -42,6 +42,9 @@ pub struct NodeProcess {
     env: Vec<(String, Option<String>)>,
     /// The role started: `node`, or `dev` (node, name table, coordinator).
     role: &'static str,
+    /// A command the node runs under, e.g. `ip netns exec HOST` (it must
+    /// exec the node, so the child's pid is the node's).
+    wrap: Vec<String>,
 }
 
 impl NodeProcess {
@@ -61,7 +64,35 @@ impl NodeProcess {
         let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
         let args = args.iter().map(|a| a.to_string()).collect();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.map(str::to_string))).collect();
-        let mut n = NodeProcess { child: None, crashed: false, home, bin: bin.to_path_buf(), args, env, role: "node" };
+        let mut n = NodeProcess {
+            child: None,
+            crashed: false,
+            home,
+            bin: bin.to_path_buf(),
+            args,
+            env,
+            role: "node",
+            wrap: Vec::new(),
+        };
+        n.spawn();
+        n
+    }
+
+    /// Starts `WRAP... bin node --home <tmp> ARGS...`: the node under a
+    /// command that execs it, e.g. `ip netns exec HOST` for a node in its
+    /// own network namespace.
+    pub fn start_wrapped(bin: &Path, wrap: &[&str], args: &[&str]) -> NodeProcess {
+        let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
+        let mut n = NodeProcess {
+            child: None,
+            crashed: false,
+            home,
+            bin: bin.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: Vec::new(),
+            role: "node",
+            wrap: wrap.iter().map(|a| a.to_string()).collect(),
+        };
         n.spawn();
         n
     }
@@ -80,6 +111,7 @@ impl NodeProcess {
             args,
             env: Vec::new(),
             role: "dev",
+            wrap: Vec::new(),
         };
         n.spawn();
         n
@@ -92,7 +124,14 @@ impl NodeProcess {
             .append(true)
             .open(self.home.path().join("node.log"))
             .expect("log file");
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         for (k, v) in &self.env {
             match v {
                 Some(v) => cmd.env(k, v),

@@ -32,6 +32,8 @@ pub struct Postgres {
     /// Holds `data/`, the socket and `log`; removed on drop.
     dir: tempfile::TempDir,
     port: u16,
+    /// The address it listens on (loopback unless [`Postgres::start_on`]).
+    host: String,
     /// Set when we are root: the uid/gid the server runs as.
     run_as: Option<(u32, u32)>,
 }
@@ -40,6 +42,13 @@ impl Postgres {
     /// Starts a fresh server; panics saying why (with the server's log) if
     /// it cannot.
     pub fn start() -> Postgres {
+        Postgres::start_on("127.0.0.1")
+    }
+
+    /// Starts a fresh server listening on `host` (an address of this
+    /// machine, e.g. a bridge that network namespaces reach), accepting
+    /// any client there (trust: the cluster is a test's).
+    pub fn start_on(host: &str) -> Postgres {
         let bin = bindir();
         let run_as = crate::is_root().then(postgres_user);
         let dir = tempfile::Builder::new().prefix("flotilla-pg-").tempdir().expect("tempdir for PostgreSQL");
@@ -47,7 +56,7 @@ impl Postgres {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the PostgreSQL directory");
         }
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod the PostgreSQL directory");
-        let mut pg = Postgres { bin, dir, port: 0, run_as };
+        let mut pg = Postgres { bin, dir, port: 0, host: host.to_string(), run_as };
 
         let data = pg.data();
         let initdb = pg.run(
@@ -59,10 +68,17 @@ impl Postgres {
             panic!("initdb failed ({}):\n{}{}", initdb.status, out(&initdb.stdout), out(&initdb.stderr));
         }
 
+        if host != "127.0.0.1" {
+            // initdb's pg_hba.conf trusts loopback only.
+            let hba = data.join("pg_hba.conf");
+            let mut rules = fs::read_to_string(&hba).expect("reading pg_hba.conf");
+            rules.push_str("host all all 0.0.0.0/0 trust\n");
+            fs::write(&hba, rules).expect("writing pg_hba.conf");
+        }
         for _ in 0..START_ATTEMPTS {
-            pg.port = free_port();
+            pg.port = free_port(host);
             let opts = format!(
-                "-k {} -p {} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                "-k {} -p {} -h {host} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
                 pg.dir.path().display(),
                 pg.port
             );
@@ -99,7 +115,7 @@ impl Postgres {
 
     /// The URL of database `name` on this server.
     pub fn url_of(&self, name: &str) -> String {
-        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{name}", self.port)
+        format!("postgres://{SUPERUSER}@{}:{}/{name}", self.host, self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -114,7 +130,7 @@ impl Postgres {
         );
         let o = self.output(Command::new(self.bin.join("createdb")).args([
             "-h",
-            "127.0.0.1",
+            &self.host,
             "-p",
             &self.port.to_string(),
             "-U",
@@ -138,7 +154,7 @@ impl Postgres {
             "-v",
             "ON_ERROR_STOP=1",
             "-h",
-            "127.0.0.1",
+            &self.host,
             "-p",
             &self.port.to_string(),
             "-U",
@@ -210,8 +226,8 @@ fn out(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+fn free_port(host: &str) -> u16 {
+    std::net::TcpListener::bind((host, 0)).and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
 /// Where the server's binaries are: `pg_config --bindir`, else the newest
