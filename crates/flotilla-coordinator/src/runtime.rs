@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 use crate::build::{self, Handle};
 use crate::git::Mirror;
 use crate::sched::{self, NodeView, Priority, Queued};
-use crate::store::{Store, StoreError};
+use crate::store::{Claim, Store, StoreError};
 
 /// How the coordinator runs.
 #[derive(Debug, Clone)]
@@ -557,8 +557,14 @@ impl Coordinator {
                 reasons.insert(id, format!("the coordinator runs at most {max} builds at once (--max-builds)"));
                 continue;
             }
-            match self.store.claim(id, &self.config.owner, &node.name).await {
-                Ok(true) => {
+            let reserve = queue.iter().find(|q| q.id == id).map(|q| crate::store::Reservation {
+                millicpus: q.need.millicpus,
+                memory_bytes: q.need.memory_bytes,
+                node_millicpus: node.millicpus,
+                node_memory_bytes: node.memory_bytes,
+            });
+            match self.store.claim_within(id, &self.config.owner, &node.name, reserve).await {
+                Ok(Claim::Claimed) => {
                     room -= 1;
                     *running_on.entry(i).or_default() += 1;
                     if let Some(b) = queued.iter().find(|b| b.id == id) {
@@ -567,7 +573,19 @@ impl Coordinator {
                     self.build_changed(id).await;
                     self.spawn_executor(id);
                 }
-                Ok(false) => {}
+                Ok(Claim::Taken) => {}
+                Ok(Claim::Full { used_millicpus, used_memory_bytes }) => {
+                    // Another coordinator on this store took the room first.
+                    reasons.insert(
+                        id,
+                        format!(
+                            "node {} is full: builds of every coordinator hold {} CPUs and {} there",
+                            node.name,
+                            used_millicpus as f64 / 1000.0,
+                            flotilla_api::units::format_size(used_memory_bytes)
+                        ),
+                    );
+                }
                 Err(e) => tracing::error!(build = id, error = %crate::error_chain(&e), "claiming a build failed"),
             }
         }

@@ -156,6 +156,16 @@ CREATE TABLE IF NOT EXISTS log_chunks (
     data {blob} NOT NULL,
     PRIMARY KEY (build_id, start)
 );
+CREATE TABLE IF NOT EXISTS node_locks (
+    node TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    build_id BIGINT PRIMARY KEY,
+    node TEXT NOT NULL,
+    millicpus BIGINT NOT NULL,
+    memory_bytes BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_node ON reservations (node);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value BIGINT NOT NULL
@@ -189,6 +199,29 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("dialect", &self.inner.dialect).finish()
     }
+}
+
+/// A build's share of its node and the node's capacity, reserved as it is
+/// claimed ([`Store::claim_within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub millicpus: u64,
+    pub memory_bytes: u64,
+    pub node_millicpus: u64,
+    pub node_memory_bytes: u64,
+}
+
+/// How a claim ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    Claimed,
+    /// Not queued any more (claimed by another coordinator, canceled).
+    Taken,
+    /// The running builds reserved on the node leave no room for it.
+    Full {
+        used_millicpus: u64,
+        used_memory_bytes: u64,
+    },
 }
 
 /// What a new project starts with.
@@ -995,20 +1028,59 @@ impl Store {
 
     /// Takes a queued build for `owner` to run on `node`; false if another
     /// took it first.
+    /// Claims a queued build for `owner` on `node`, with no reservation.
     pub async fn claim(&self, id: u64, owner: &str, node: &str) -> Result<bool, StoreError> {
+        Ok(self.claim_within(id, owner, node, None).await? == Claim::Claimed)
+    }
+
+    /// Claims a queued build for `owner` on `node` and, with `reserve`,
+    /// reserves its share of the node in the same transaction: the claims
+    /// on one node take turns (a row lock in PostgreSQL; SQLite's writes
+    /// take turns anyway), and one that would take the running builds of
+    /// every coordinator sharing this store past the node's capacity is
+    /// refused. Two coordinators never place two builds on its last room.
+    pub async fn claim_within(
+        &self,
+        id: u64,
+        owner: &str,
+        node: &str,
+        reserve: Option<Reservation>,
+    ) -> Result<Claim, StoreError> {
         let (owner, node) = (owner.to_string(), node.to_string());
         self.tx(move |c| {
+            if let Some(r) = reserve {
+                c.execute("INSERT INTO node_locks (node) VALUES ($1) ON CONFLICT (node) DO NOTHING", &[node.as_str().into()])?;
+                c.execute("UPDATE node_locks SET node = node WHERE node = $1", &[node.as_str().into()])?;
+                let used = c.query(
+                    "SELECT CAST(COALESCE(SUM(r.millicpus), 0) AS BIGINT), CAST(COALESCE(SUM(r.memory_bytes), 0) AS BIGINT)
+                     FROM reservations r JOIN builds b ON b.id = r.build_id
+                     WHERE r.node = $1 AND b.state = 'running'",
+                    &[node.as_str().into()],
+                )?;
+                let (cpu, mem) = (used[0][0].int()? as u64, used[0][1].int()? as u64);
+                if cpu + r.millicpus > r.node_millicpus || mem + r.memory_bytes > r.node_memory_bytes {
+                    return Ok(Claim::Full { used_millicpus: cpu, used_memory_bytes: mem });
+                }
+            }
             let n = c.execute(
                 "UPDATE builds SET state = 'running', owner = $2, started_at = $3, node = $4
                  WHERE id = $1 AND state = 'queued'",
-                &[id.into(), owner.into(), now().into(), node.into()],
+                &[id.into(), owner.into(), now().into(), node.as_str().into()],
             )?;
-            if n > 0 {
-                let run = c.query("SELECT run_id FROM builds WHERE id = $1", &[id.into()])?;
-                let run_id = run[0][0].int()?;
-                c.execute("UPDATE runs SET state = 'running' WHERE id = $1 AND state = 'queued'", &[run_id.into()])?;
+            if n == 0 {
+                return Ok(Claim::Taken);
             }
-            Ok(n > 0)
+            if let Some(r) = reserve {
+                c.execute("DELETE FROM reservations WHERE build_id = $1", &[id.into()])?;
+                c.execute(
+                    "INSERT INTO reservations (build_id, node, millicpus, memory_bytes) VALUES ($1, $2, $3, $4)",
+                    &[id.into(), node.as_str().into(), r.millicpus.into(), r.memory_bytes.into()],
+                )?;
+            }
+            let run = c.query("SELECT run_id FROM builds WHERE id = $1", &[id.into()])?;
+            let run_id = run[0][0].int()?;
+            c.execute("UPDATE runs SET state = 'running' WHERE id = $1 AND state = 'queued'", &[run_id.into()])?;
+            Ok(Claim::Claimed)
         })
         .await
     }

@@ -368,33 +368,7 @@ async fn builds_finishing_at_once_finish_their_run() {
     let pg = Postgres::start();
     let url = pg.create_database("finish_race");
     let (a, b) = (Store::postgres(&url, 4).unwrap(), Store::postgres(&url, 4).unwrap());
-    a.add_project(NewProject {
-        name: PROJECT.into(),
-        repo: "/src/race".into(),
-        branch: "main".into(),
-        poll_interval_ms: 10_000,
-        webhook_secret: None,
-    })
-    .await
-    .unwrap();
-    let cfg = Event::UpdateConfig {
-        config: pm::ConfigRef { hash: "h1".into(), branches: vec!["main".into()], try_enabled: true },
-    };
-    a.send(PROJECT, "cfg:h1", &cfg).await.unwrap();
-    for i in 0..RUNS {
-        a.send(PROJECT, &format!("c:{i}"), &notice(i)).await.unwrap();
-    }
-    let (state, ev, events) = a.load(PROJECT).await.unwrap();
-    let out = pm::step(&state, &events, "main");
-    a.commit_step(PROJECT, ev, &out).await.unwrap().expect("committed");
-    let mut runs = Vec::new();
-    for (oid, action) in a.outbox(PROJECT).await.unwrap() {
-        let builds = ["one", "two"].map(|n| NewBuild { builder: n.into(), spec: "{}".into() }).to_vec();
-        match a.create_run(oid, PROJECT, &action, builds, None).await.unwrap() {
-            Created::Run(id) => runs.push(id),
-            other => panic!("{other:?}"),
-        }
-    }
+    let runs = two_build_runs(&a, RUNS).await;
     assert_eq!(runs.len(), RUNS);
     for q in a.queue(1000).await.unwrap() {
         assert!(a.claim(q.id, "me", "n").await.unwrap());
@@ -408,5 +382,67 @@ async fn builds_finishing_at_once_finish_their_run() {
         let finished = [x.unwrap(), y.unwrap()];
         assert_eq!(finished.iter().flatten().count(), 1, "run {run}: exactly one finish ends the run: {finished:?}");
         assert_eq!(a.run(*run).await.unwrap().unwrap().state, RunState::Passed, "run {run}");
+    }
+}
+
+/// `n` runs of two queued builds (`one`, `two`) each in project PROJECT.
+async fn two_build_runs(a: &Store, n: usize) -> Vec<u64> {
+    a.add_project(NewProject {
+        name: PROJECT.into(),
+        repo: "/src/race".into(),
+        branch: "main".into(),
+        poll_interval_ms: 10_000,
+        webhook_secret: None,
+    })
+    .await
+    .unwrap();
+    let cfg = Event::UpdateConfig {
+        config: pm::ConfigRef { hash: "h1".into(), branches: vec!["main".into()], try_enabled: true },
+    };
+    a.send(PROJECT, "cfg:h1", &cfg).await.unwrap();
+    for i in 0..n {
+        a.send(PROJECT, &format!("c:{i}"), &notice(i)).await.unwrap();
+    }
+    let (state, ev, events) = a.load(PROJECT).await.unwrap();
+    let out = pm::step(&state, &events, "main");
+    a.commit_step(PROJECT, ev, &out).await.unwrap().expect("committed");
+    let mut runs = Vec::new();
+    for (oid, action) in a.outbox(PROJECT).await.unwrap() {
+        let builds = ["one", "two"].map(|n| NewBuild { builder: n.into(), spec: "{}".into() }).to_vec();
+        match a.create_run(oid, PROJECT, &action, builds, None).await.unwrap() {
+            Created::Run(id) => runs.push(id),
+            other => panic!("{other:?}"),
+        }
+    }
+    runs
+}
+
+/// Two coordinators on one database claim builds for the same node at
+/// the same moment, with room for one: exactly one gets it, every time,
+/// and a finished build gives its room back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_never_take_a_nodes_last_room_twice() {
+    const ROUNDS: usize = 30;
+    let pg = Postgres::start();
+    let url = pg.create_database("last_slot");
+    let (a, b) = (Store::postgres(&url, 4).unwrap(), Store::postgres(&url, 4).unwrap());
+    let runs = two_build_runs(&a, ROUNDS).await;
+    let room = Reservation { millicpus: 1000, memory_bytes: 1 << 30, node_millicpus: 1500, node_memory_bytes: 4 << 30 };
+    for run in &runs {
+        let ids: Vec<u64> = a.run(*run).await.unwrap().unwrap().builds.iter().map(|b| b.id).collect();
+        let (x, y) = tokio::join!(
+            a.claim_within(ids[0], "a", "node-1", Some(room)),
+            b.claim_within(ids[1], "b", "node-1", Some(room))
+        );
+        let claims = [x.unwrap(), y.unwrap()];
+        assert_eq!(claims.iter().filter(|c| **c == Claim::Claimed).count(), 1, "run {run}: {claims:?}");
+        let (won, lost) = if claims[0] == Claim::Claimed { (ids[0], ids[1]) } else { (ids[1], ids[0]) };
+        assert_eq!(
+            a.claim_within(lost, "a", "node-1", Some(room)).await.unwrap(),
+            Claim::Full { used_millicpus: 1000, used_memory_bytes: 1 << 30 }
+        );
+        a.finish_build(won, RunState::Passed, None).await.unwrap();
+        assert_eq!(b.claim_within(lost, "b", "node-1", Some(room)).await.unwrap(), Claim::Claimed, "room given back");
+        a.finish_build(lost, RunState::Passed, None).await.unwrap();
     }
 }
