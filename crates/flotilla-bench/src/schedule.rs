@@ -90,11 +90,7 @@ fn first_fit(nodes: &mut [NodeView], queue: &[Queued], _: &BTreeMap<String, u64>
         let c = candidates
             .entry(&q.need)
             .or_insert_with(|| (0..nodes.len()).filter(|&i| sched::runnable(&q.need, &nodes[i]).is_ok()).collect());
-        let fits = |n: &NodeView| {
-            n.used_millicpus + q.need.millicpus <= n.millicpus
-                && n.used_memory_bytes + q.need.memory_bytes <= n.memory_bytes
-        };
-        if let Some(&i) = c.iter().find(|&&i| fits(&nodes[i])) {
+        if let Some(&i) = c.iter().find(|&&i| nodes[i].fits(&q.need)) {
             nodes[i].take(&q.need);
             out.push(Placement { build: q.id, node: i });
         }

@@ -90,18 +90,10 @@ fn gitconfig(mirrors: &Path) -> Result<PathBuf, GitError> {
     Ok(f)
 }
 
+/// The node's hardened git, reading the mirrors' own global config.
 fn git(dir: Option<&Path>, config: &Path) -> Command {
-    let mut c = Command::new("git");
-    if let Some(d) = dir {
-        c.arg("-C").arg(d);
-    }
-    c.env("GIT_CONFIG_GLOBAL", config)
-        .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    let mut c = flotilla_node::git::hardened(dir);
+    c.env("GIT_CONFIG_GLOBAL", config);
     c
 }
 

@@ -35,19 +35,29 @@ impl Drop for TempDir {
     }
 }
 
-fn git(dir: Option<&Path>) -> Command {
+/// `git [-C dir]` as Flotilla runs it on repositories it does not trust
+/// (the node's workspaces, the coordinator's mirrors): no system config,
+/// only the file, git, http(s) and ssh transports, never a prompt (ssh in
+/// batch mode), no stdin, killed when dropped. Callers add their own
+/// config on top.
+pub fn hardened(dir: Option<&Path>) -> Command {
     let mut c = Command::new("git");
     if let Some(d) = dir {
         c.arg("-C").arg(d);
     }
-    // Root reads repositories owned by others; only read-only commands run.
-    c.args(["-c", "safe.directory=*", "-c", "core.fsmonitor=false"])
-        .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
+    c.env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
         .stdin(Stdio::null())
         .kill_on_drop(true);
+    c
+}
+
+fn git(dir: Option<&Path>) -> Command {
+    let mut c = hardened(dir);
+    // Root reads repositories owned by others; only read-only commands run.
+    c.args(["-c", "safe.directory=*", "-c", "core.fsmonitor=false"]);
     c
 }
 

@@ -103,7 +103,8 @@ pub struct NodeView {
 }
 
 impl NodeView {
-    fn fits(&self, need: &Need) -> bool {
+    /// Whether `need` fits in what is left of the node.
+    pub fn fits(&self, need: &Need) -> bool {
         self.used_millicpus + need.millicpus <= self.millicpus
             && self.used_memory_bytes + need.memory_bytes <= self.memory_bytes
     }
