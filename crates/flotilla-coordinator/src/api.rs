@@ -78,9 +78,16 @@ pub fn router(c: Arc<Coordinator>) -> Router {
 /// webhooks to anyone who can reach it; changes only with the bearer
 /// `token` (`HOME/coordinator/token`). The 0600 Unix socket needs none.
 pub fn tcp_router(c: Arc<Coordinator>, token: &str) -> Router {
+    guarded(router(c), token)
+}
+
+/// `router` (the API and whatever is merged into it, e.g. the dashboard's
+/// pages) with changes only for the bearer `token`: GETs and webhooks stay
+/// open.
+pub fn guarded(router: Router, token: &str) -> Router {
     use axum::http::Method;
     let token = flotilla_agent::token::BearerToken::new(token);
-    router(c).layer(axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| {
+    router.layer(axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| {
         let token = token.clone();
         async move {
             let open = matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().starts_with("/v1/webhooks/");
@@ -104,14 +111,15 @@ pub fn tcp_router(c: Arc<Coordinator>, token: &str) -> Router {
     }))
 }
 
-/// Serves [`tcp_router`] on `listener` until `shutdown` resolves.
+/// Serves `router` [`guarded`] by `token` on `listener` until `shutdown`
+/// resolves.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
-    c: Arc<Coordinator>,
+    router: Router,
     token: &str,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, tcp_router(c, token)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, guarded(router, token)).with_graceful_shutdown(shutdown).await
 }
 
 #[derive(OpenApi)]

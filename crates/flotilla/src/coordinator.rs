@@ -79,7 +79,8 @@ pub async fn serve(
         },
     );
     c.start().await.map_err(|e| anyhow!("starting the coordinator: {}", flotilla_coordinator::error_chain(&e)))?;
-    let router = flotilla_coordinator::api::router(c.clone());
+    // The API and the dashboard's pages, on the socket and over TCP alike.
+    let router = flotilla_coordinator::api::router(c.clone()).merge(flotilla_dashboard::router(c.clone()));
     let (tx, rx) = tokio::sync::watch::channel(false);
     let mut tcp = None;
     let listen = args.coordinator_listen.clone().unwrap_or_else(|| "127.0.0.1:7780".into());
@@ -91,15 +92,15 @@ pub async fn serve(
                 std::fs::write(&url_file, format!("http://{addr}\n"))
                     .with_context(|| format!("writing {}", url_file.display()))?;
                 eprintln!(
-                    "flotilla: coordinator on http://{addr} (webhooks: POST /v1/webhooks/github/PROJECT; changes need the token in {})",
+                    "flotilla: coordinator on http://{addr} (dashboard: http://{addr}/; webhooks: POST /v1/webhooks/github/PROJECT; changes need the token in {})",
                     data.join("token").display()
                 );
                 let mut rx = rx.clone();
-                let c = c.clone();
+                let router = router.clone();
                 let token =
                     flotilla_node::tls::load_or_generate_token(&data).context("making the coordinator's token")?;
                 tcp = Some(tokio::spawn(async move {
-                    let _ = flotilla_coordinator::api::serve_tcp(l, c, &token, async move {
+                    let _ = flotilla_coordinator::api::serve_tcp(l, router, &token, async move {
                         let _ = rx.wait_for(|s| *s).await;
                     })
                     .await;
