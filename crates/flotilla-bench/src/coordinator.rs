@@ -186,14 +186,14 @@ pub async fn pm_events(machine: &Machine, iterations: usize) -> anyhow::Result<R
 // ------------------------------------------------- a throwaway flotilla dev
 
 /// `flotilla dev` in a scratch directory, stopped on drop.
-struct Dev {
+pub(crate) struct Dev {
     child: Child,
-    home: PathBuf,
+    pub(crate) home: PathBuf,
     _root: tempfile::TempDir,
 }
 
 impl Dev {
-    fn start(bin: &Path) -> anyhow::Result<Dev> {
+    pub(crate) fn start(bin: &Path) -> anyhow::Result<Dev> {
         Dev::start_with(bin, &[])
     }
 
@@ -228,7 +228,7 @@ impl Dev {
         Ok(dev)
     }
 
-    fn coordinator(&self) -> CoordinatorClient {
+    pub(crate) fn coordinator(&self) -> CoordinatorClient {
         CoordinatorClient::new(HttpClient::new(Endpoint::Unix(self.home.join("coordinator.sock"))))
     }
 
@@ -249,7 +249,7 @@ impl Drop for Dev {
     }
 }
 
-fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("git")
         .args(["-c", "user.name=bench", "-c", "user.email=bench@flotilla.invalid", "-c", "init.defaultBranch=main"])
         .args(args)
@@ -262,7 +262,7 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// A repository whose one builder runs `step`.
-fn repo(step: &str) -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn repo(step: &str) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
     git(dir.path(), &["init", "-q"])?;
     let config = format!("[[builder]]\nname = \"linux-amd64\"\nsteps = [{{ name = \"s\", run = {step:?} }}]\n");
@@ -280,7 +280,7 @@ fn commit(dir: &Path, i: usize) -> anyhow::Result<String> {
 }
 
 /// The build of `rev`, once it satisfies `done`.
-async fn build_of(
+pub(crate) async fn build_of(
     c: &CoordinatorClient,
     rev: &str,
     done: impl Fn(&flotilla_api::coordinator::Build) -> bool,

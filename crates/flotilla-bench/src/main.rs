@@ -20,6 +20,7 @@
 
 mod apps;
 mod coordinator;
+mod dashboard;
 mod data;
 mod durable;
 mod images;
@@ -44,7 +45,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule|dashboard-grid|dashboard-log|dashboard> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -85,6 +86,8 @@ enum Scenario {
     LogFirstByte,
     Schedule,
     NodeLoss,
+    DashboardGrid,
+    DashboardLog,
 }
 
 impl Scenario {
@@ -126,6 +129,9 @@ impl Scenario {
             "coordinator" => vec![Scenario::PmEvents, Scenario::CommitToRunning, Scenario::LogFirstByte],
             "schedule" => vec![Scenario::Schedule],
             "node-loss" => vec![Scenario::NodeLoss],
+            "dashboard-grid" => vec![Scenario::DashboardGrid],
+            "dashboard-log" => vec![Scenario::DashboardLog],
+            "dashboard" => vec![Scenario::DashboardGrid, Scenario::DashboardLog],
             _ => return None,
         })
     }
@@ -153,6 +159,8 @@ impl Scenario {
             Scenario::LogFirstByte => "log-first-byte",
             Scenario::Schedule => "schedule",
             Scenario::NodeLoss => "node-loss",
+            Scenario::DashboardGrid => "dashboard-grid",
+            Scenario::DashboardLog => "dashboard-log",
         }
     }
 
@@ -179,6 +187,8 @@ impl Scenario {
             Scenario::LogFirstByte => 10,
             Scenario::Schedule => 3,
             Scenario::NodeLoss => 3,
+            Scenario::DashboardGrid => 30,
+            Scenario::DashboardLog => 5,
         }
     }
 
@@ -301,6 +311,8 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::LogFirstByte => coordinator::log_first_byte(&bin, &machine, n).await,
                 Scenario::Schedule => schedule::schedule(&machine, n).await,
                 Scenario::NodeLoss => coordinator::node_loss(&bin, &machine, n).await,
+                Scenario::DashboardGrid => dashboard::dashboard_grid(&machine, n).await,
+                Scenario::DashboardLog => dashboard::dashboard_log(&bin, &machine, n).await,
                 Scenario::OciImport => {
                     durable::oci_import(&node, &machine, n, workload.as_ref().expect("loaded")).await
                 }
