@@ -223,5 +223,17 @@ async fn log_stream(
 }
 
 async fn queue(State(c): Co) -> Response {
-    pages::queue(&c.queue()).into_response()
+    // What each node said of itself at its last describe (no node is asked
+    // here), and the name table's nodes when the coordinator reads one.
+    let nodes: Vec<(String, Option<flotilla_api::NodeInfo>)> =
+        c.describe_fleet().await.into_iter().map(|(name, _, info)| (name, info.ok())).collect();
+    let table = match &c.config.discovery {
+        Some(d) => match tokio::time::timeout(Duration::from_secs(2), d.names.glob("nodes/*")).await {
+            Ok(Ok(entries)) => Some(Ok(entries)),
+            Ok(Err(e)) => Some(Err(e.to_string())),
+            Err(_) => Some(Err("the name table did not answer within 2 s".to_string())),
+        },
+        None => None,
+    };
+    pages::queue(&c.queue(), &nodes, table.as_ref()).into_response()
 }

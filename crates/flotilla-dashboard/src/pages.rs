@@ -272,7 +272,11 @@ pub fn log_lines(lines: &[(u64, String)]) -> Markup {
     }
 }
 
-pub fn queue(q: &Queue) -> Markup {
+pub fn queue(
+    q: &Queue,
+    nodes: &[(String, Option<flotilla_api::NodeInfo>)],
+    table: Option<&Result<Vec<flotilla_api::names::MountEntry>, String>>,
+) -> Markup {
     layout(
         "Queue and fleet",
         "events",
@@ -318,6 +322,39 @@ pub fn queue(q: &Queue) -> Markup {
                             td { (n.running) }
                         }
                     }
+                }
+            }
+            h2 { "What the nodes have" }
+            table.list {
+                thead { tr { th { "node" } th { "id" } th { "version" } th { "backends" } th { "images" } th { "warm pools" } th { "sandboxes" } } }
+                tbody {
+                    @for (name, info) in nodes {
+                        @if let Some(i) = info {
+                            tr {
+                                td { (name) } td { (i.node_id) } td { (i.version) }
+                                td { (i.backends.iter().filter(|b| b.available).map(|b| b.kind.as_str()).collect::<Vec<_>>().join(", ")) }
+                                td.images { (i.images.join(", ")) }
+                                td { (i.warm_pools.join(", ")) }
+                                td { (i.sandboxes.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")) }
+                            }
+                        }
+                    }
+                }
+            }
+            @if let Some(t) = table {
+                h2 { "Name table: nodes/*" }
+                @match t {
+                    Ok(entries) => table.list {
+                        thead { tr { th { "name" } th { "address" } th { "expires in" } } }
+                        tbody {
+                            @for e in entries {
+                                @for srv in &e.servers {
+                                    tr { td { (e.name) } td { (srv.server.split('#').next().unwrap_or_default()) } td { (format!("{:.0} s", srv.expires_in_s)) } }
+                                }
+                            }
+                        }
+                    },
+                    Err(e) => p.problem { "reading the name table failed: " (e) },
                 }
             }
             p.meta { "as of " (q.at) }

@@ -249,6 +249,16 @@ fn the_dashboard_in_chromium_shows_the_grid_a_growing_log_and_guards_retry() {
     assert_eq!(href, format!("/ui/builds/{failing}").as_str());
     browser.screenshot("grid.png");
 
+    // Queue and fleet: the node with what it has, and the name table.
+    let node_id = json_of(&home, &["info"])["node_id"].as_str().unwrap().to_string();
+    browser.open(&format!("{base}/ui/queue"));
+    let fleet = browser.text("main");
+    assert!(fleet.contains("Nothing waits."), "{fleet}");
+    assert!(fleet.contains(&node_id) && fleet.contains("host"), "the node, its id and its images: {fleet}");
+    assert!(fleet.contains(&format!("nodes/{node_id}")), "the name table's entry: {fleet}");
+    browser.screenshot("queue.png");
+    browser.open(&format!("{base}/"));
+
     // Retry without the token: refused, and nothing is retried.
     browser.click("td.cell.fail a");
     wait_until(WAIT, "the failed build's page", || {
