@@ -36,9 +36,17 @@ impl NamesClient {
     }
 
     /// A client of `url` (`http://host:port`).
+    /// A client of the table at `url`: `http://host:port`, or
+    /// `https://host:port#sha256=FINGERPRINT` for one served over TLS
+    /// (`names serve --tls` prints it), whose certificate is pinned.
     pub fn connect(url: &str) -> Result<NamesClient, ClientError> {
-        let ep = Endpoint::parse(url).map_err(ClientError::Decode)?;
-        Ok(NamesClient::new(HttpClient::new(ep)))
+        let (addr, pin) = flotilla_agent::http::split_pin(url);
+        let ep = Endpoint::parse(addr).map_err(ClientError::Decode)?;
+        let mut http = HttpClient::new(ep);
+        if let Some(pin) = pin {
+            http = http.with_cert_sha256(pin).map_err(|e| ClientError::Decode(format!("{url}: {e}")))?;
+        }
+        Ok(NamesClient::new(http))
     }
 
     /// The HTTP client of reads (no token).

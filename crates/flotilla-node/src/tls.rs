@@ -444,13 +444,35 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     check_token(&token).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let auth = BearerAuth::new(&token);
+    drop(token);
+    serve(router, listener, identity, Some(auth), shutdown).await
+}
+
+/// [`serve_tls`] with no bearer token: `router` guards itself (the name
+/// table, whose reads are open and whose writes check their own token).
+pub async fn serve_tls_open(
+    router: axum::Router,
+    listener: TcpListener,
+    identity: &TlsIdentity,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve(router, listener, identity, None, shutdown).await
+}
+
+async fn serve(
+    router: axum::Router,
+    listener: TcpListener,
+    identity: &TlsIdentity,
+    auth: Option<BearerAuth>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(identity.server_config()),
         service: TowerToHyperService::new(router),
-        auth: BearerAuth::new(&token),
+        auth,
         handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
     });
-    drop(token);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, fingerprint = identity.fingerprint(), "serving the node API over TLS");
     }
@@ -491,7 +513,8 @@ pub async fn serve_tls(
 struct Shared {
     acceptor: TlsAcceptor,
     service: TowerToHyperService<axum::Router>,
-    auth: BearerAuth,
+    /// `None`: the router checks its own requests.
+    auth: Option<BearerAuth>,
     handshakes: Arc<Semaphore>,
 }
 
@@ -544,10 +567,10 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
         async move {
-            if certified {
+            let Some(auth) = shared.auth.as_ref().filter(|_| !certified) else {
                 return shared.service.call(req).await;
-            }
-            if let Err(failure) = shared.auth.check(req.method(), req.uri().path(), req.headers()) {
+            };
+            if let Err(failure) = auth.check(req.method(), req.uri().path(), req.headers()) {
                 tracing::debug!(%peer, method = %req.method(), path = req.uri().path(), "refused: {failure:?} token");
                 return Ok::<_, Infallible>(unauthorized(failure));
             }

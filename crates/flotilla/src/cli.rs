@@ -391,6 +391,16 @@ pub enum NamesCommand {
         /// Key prefix in etcd.
         #[arg(long, default_value = "/flotilla/names/")]
         etcd_prefix: String,
+        /// Serve over TLS: a self-signed certificate in HOME/tls unless --tls-cert/--tls-key are
+        /// given. Clients use the printed `https://ADDR#sha256=FINGERPRINT` as --names.
+        #[arg(long)]
+        tls: bool,
+        /// TLS certificate (PEM) for --tls.
+        #[arg(long, requires_all = ["tls", "tls_key"])]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM) for --tls-cert.
+        #[arg(long, requires_all = ["tls", "tls_cert"])]
+        tls_key: Option<PathBuf>,
     },
     /// List mounted names matching PATTERN (`*` one element, `...` any number; default `...`).
     #[command(alias = "list")]
@@ -672,8 +682,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Info => crate::sandbox::block_on(crate::sandbox::info(node, json)),
         Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd, node, json)),
         Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd, node, json)),
-        Command::Names(NamesCommand::Serve { listen, etcd, etcd_prefix }) => {
-            crate::names::serve(listen, etcd, etcd_prefix, &node)
+        Command::Names(NamesCommand::Serve { listen, etcd, etcd_prefix, tls, tls_cert, tls_key }) => {
+            let tls = tls.then_some(crate::names::Tls { cert: tls_cert, key: tls_key });
+            crate::names::serve(listen, etcd, etcd_prefix, tls, &node)
         }
         Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd, node, json)),
         Command::Doctor => crate::doctor::run(&default_home(node.home), json),

@@ -138,7 +138,21 @@ pub async fn run(cmd: NamesCommand, node: NodeArgs, json: bool) -> anyhow::Resul
 
 /// `flotilla names serve`: reads open, writes with the token of
 /// `--names-token`, else of HOME/names.token (generated on the first start).
-pub fn serve(listen: std::net::SocketAddr, etcd: Vec<String>, prefix: String, node: &NodeArgs) -> anyhow::Result<i32> {
+/// `names serve --tls`: the operator's certificate and key, or none for a
+/// self-signed pair in HOME/tls.
+#[derive(Debug)]
+pub struct Tls {
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+pub fn serve(
+    listen: std::net::SocketAddr,
+    etcd: Vec<String>,
+    prefix: String,
+    tls: Option<Tls>,
+    node: &NodeArgs,
+) -> anyhow::Result<i32> {
     let home = crate::cli::default_home(node.home.clone());
     let (token, token_from) = server_token(node.names_token.as_deref(), &home)?;
     let auth = flotilla_names::WriteAuth::new(&token).context("checking the name table's token")?;
@@ -153,13 +167,35 @@ pub fn serve(listen: std::net::SocketAddr, etcd: Vec<String>, prefix: String, no
         };
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
         let addr = listener.local_addr()?;
+        let kind = if etcd.is_empty() { "in memory" } else { "on etcd" };
+        let Some(tls) = tls else {
+            eprintln!("flotilla: name table on http://{addr} ({kind}; writes need the token in {token_from})");
+            flotilla_names::serve(listener, store, auth, crate::daemon::shutdown_signal())
+                .await
+                .context("serving the name table")?;
+            return Ok(0);
+        };
+        let mut names = Vec::new();
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
+        let identity = flotilla_node::tls::TlsIdentity::load_or_generate(
+            &home.join("tls"),
+            tls.cert.as_deref(),
+            tls.key.as_deref(),
+            &names,
+        )
+        .context("setting up TLS for the name table")?;
+        // Reads stay open and writes check the table's own token: the
+        // router guards itself.
         eprintln!(
-            "flotilla: name table on http://{addr} ({}; writes need the token in {token_from})",
-            if etcd.is_empty() { "in memory" } else { "on etcd" }
+            "flotilla: name table on https://{addr}#sha256={} ({kind}; writes need the token in {token_from})",
+            identity.fingerprint()
         );
-        flotilla_names::serve(listener, store, auth, crate::daemon::shutdown_signal())
+        let router = flotilla_names::server::router(store, auth);
+        flotilla_node::tls::serve_tls_open(router, listener, &identity, crate::daemon::shutdown_signal())
             .await
-            .context("serving the name table")?;
+            .context("serving the name table over TLS")?;
         Ok(0)
     })
 }

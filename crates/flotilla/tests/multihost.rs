@@ -307,26 +307,23 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
     let pki = Pki::new();
     let scratch = tempfile::tempdir().unwrap();
 
-    // The name table on etcd, on host ctl.
+    // The name table on etcd, on host ctl, over TLS: everyone pins the
+    // certificate it prints.
     let names_addr = format!("{}:7700", net.addr(2));
-    let names_url = format!("http://{names_addr}");
+    let home = scratch.path().to_str().unwrap();
     let names = Proc::spawn(
         &ctl,
-        &[
-            "names",
-            "serve",
-            "--listen",
-            &names_addr,
-            "--etcd",
-            &etcd.url(),
-            "--names-token",
-            NAMES_TOKEN,
-            "--home",
-            scratch.path().to_str().unwrap(),
-        ],
+        &["names", "serve", "--listen", &names_addr, "--etcd", &etcd.url(), "--names-token", NAMES_TOKEN]
+            .into_iter()
+            .chain(["--tls", "--home", home])
+            .collect::<Vec<_>>(),
         scratch.path().join("names.log"),
     );
-    wait_until(WAIT, "the name table", || tcp_up(&names_addr).then_some(()));
+    let names_url = wait_until(WAIT, "the name table's address", || {
+        let log = names.log();
+        let url = log.split("name table on ").nth(1)?.split_whitespace().next()?.to_string();
+        (url.starts_with("https://") && url.contains("#sha256=") && tcp_up(&names_addr)).then_some(url)
+    });
 
     // Three nodes, each its own host: TLS only, the coordinator's client
     // certificate in place of a token, published with their fingerprint.
