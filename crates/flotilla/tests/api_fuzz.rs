@@ -67,6 +67,13 @@ fn fuzz(spec: &str, token: &str, exclude: &str, budget_s: u32) {
         // (python/cpython#106905), a runtime error in the fuzzer, not a finding.
         .args(["-n", "50", "--max-time", &budget_s.to_string(), "--request-timeout", "20", "-w", "1"])
         .args(["--generation-database", "none", "--no-color"])
+        // Hypothesis's health check that too many generated cases were
+        // thrown away concerns the generator, not the API: schemathesis
+        // discards path strings it cannot put in a URL, and for a plain
+        // `string` path parameter (POST /v1/projects/{name}/poll) some
+        // seeds discard most (CI seed 205869694150377448577721925108141258881
+        // fails it every time, with every case that was sent passing).
+        .args(["--suppress-health-check", "filter_too_much"])
         .stdin(Stdio::null())
         .output()
         .expect("running schemathesis");
