@@ -10,8 +10,12 @@
 //! - `/ui/builds/{id}`: a build's timeline as bars, its failure, and its log
 //!   with line numbers, links to lines and ANSI colours, growing as it is
 //!   written (`/ui/builds/{id}/log` streams rendered lines over SSE).
-//! - `/ui/queue`: what waits and why, per builder and per build, and the
-//!   fleet's nodes with their load.
+//! - `/ui/queue`: what waits and why, per builder and per build, the
+//!   fleet's nodes with their load and what they have, and the name table.
+//! - `/ui/node?name=ADDRESS`: one node as its own API tells it now (asked
+//!   by the coordinator, with the fleet's credentials): its sandboxes
+//!   (build sandboxes linked to their builds), apps and their instances,
+//!   warm pools.
 //!
 //! Pages are read-only and open to anyone who reaches the coordinator's
 //! TCP address. Cancel and retry call the API with the token the user
@@ -45,6 +49,7 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/ui/builds/{id}", get(build))
         .route("/ui/builds/{id}/log", get(log_stream))
         .route("/ui/queue", get(queue))
+        .route("/ui/node", get(node))
         .route("/ui/assets/dashboard.css", get(|| asset("text/css", include_str!("../assets/dashboard.css"))))
         .route("/ui/assets/dashboard.js", get(|| asset("text/javascript", include_str!("../assets/dashboard.js"))))
         .with_state(c)
@@ -220,6 +225,46 @@ async fn log_stream(
             }
         });
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeQuery {
+    name: String,
+}
+
+/// How long the node page waits for each of the node's answers.
+const NODE_ASK: Duration = Duration::from_secs(3);
+
+async fn node(State(c): Co, Query(q): Query<NodeQuery>) -> Response {
+    let fleet = c.describe_fleet().await;
+    let Some((name, client, info)) = fleet.into_iter().find(|(n, _, _)| *n == q.name) else {
+        return problem(StatusCode::NOT_FOUND, format!("no node {:?} in the coordinator's fleet", q.name));
+    };
+    let (sandboxes, apps, pools) = tokio::join!(
+        tokio::time::timeout(NODE_ASK, client.list()),
+        tokio::time::timeout(NODE_ASK, client.apps()),
+        tokio::time::timeout(NODE_ASK, client.pools()),
+    );
+    pages::node(
+        &name,
+        info.as_ref(),
+        &answered("its sandboxes", sandboxes),
+        &answered("its apps", apps),
+        &answered("its warm pools", pools),
+    )
+    .into_response()
+}
+
+/// A node's answer within [`NODE_ASK`], or what went wrong asking for `what`.
+fn answered<T, E: std::error::Error + 'static>(
+    what: &str,
+    r: Result<Result<T, E>, tokio::time::error::Elapsed>,
+) -> Result<T, String> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {}", flotilla_coordinator::error_chain(&e))),
+        Err(_) => Err(format!("{what}: no answer within {}s", NODE_ASK.as_secs())),
+    }
 }
 
 async fn queue(State(c): Co) -> Response {

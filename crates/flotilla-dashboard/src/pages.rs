@@ -272,6 +272,97 @@ pub fn log_lines(lines: &[(u64, String)]) -> Markup {
     }
 }
 
+/// `s` for a query string value.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One node, from its own API: what it is, its sandboxes, apps and pools.
+pub fn node(
+    name: &str,
+    info: Result<&flotilla_api::NodeInfo, &String>,
+    sandboxes: &Result<Vec<flotilla_api::Sandbox>, String>,
+    apps: &Result<Vec<flotilla_api::app::AppInstallation>, String>,
+    pools: &Result<Vec<flotilla_api::VmPool>, String>,
+) -> Markup {
+    layout(
+        &format!("Node {name}"),
+        "",
+        html! {
+            h1 { "Node " (name) }
+            @match info {
+                Ok(i) => {
+                    p.meta {
+                        (i.node_id) " · flotilla " (i.version) " · " (i.os) "-" (i.arch) " · kernel " (i.kernel)
+                        " · " (i.cpus) " CPUs · " (format_size(i.memory_bytes)) " · cgroup " (i.cgroup)
+                    }
+                    p {
+                        "backends: "
+                        @for b in &i.backends {
+                            span.backend { (b.kind.as_str()) " " @if b.available { "✓" } @else { "✗ " (b.reason.as_deref().unwrap_or("")) } } " "
+                        }
+                    }
+                    p { "images: " (i.images.join(", ")) }
+                }
+                Err(e) => p.problem { "down: " (e) },
+            }
+            h2 { "Sandboxes" }
+            @match sandboxes {
+                Ok(list) if list.is_empty() => p { "None." },
+                Ok(list) => table.list.sandboxes {
+                    thead { tr { th { "name" } th { "state" } th { "image" } th { "backend" } th { "created" } th { "deleted at" } th { "build" } } }
+                    tbody {
+                        @for s in list {
+                            tr {
+                                td { (s.name) }
+                                td { (s.state.as_str()) }
+                                td { (s.image) }
+                                td { (s.backend.as_str()) }
+                                td { (ago(s.created_at)) }
+                                td { @if let Some(t) = s.delete_at { (t) } }
+                                td { @if let Some(b) = s.labels.get("flotilla.build") { a href={"/ui/builds/" (b)} { (b) } } }
+                            }
+                        }
+                    }
+                },
+                Err(e) => p.problem { (e) },
+            }
+            h2 { "Apps" }
+            @match apps {
+                Ok(list) if list.is_empty() => p { "None." },
+                Ok(list) => table.list {
+                    thead { tr { th { "installation" } th { "state" } th { "version" } th { "instances" } } }
+                    tbody {
+                        @for a in list {
+                            tr {
+                                td { (a.address) }
+                                td { (a.state.as_str()) }
+                                td { (a.current) }
+                                td { (a.instances.iter().map(|i| format!("{} {}", i.instance, i.state.as_str())).collect::<Vec<_>>().join(", ")) }
+                            }
+                        }
+                    }
+                },
+                Err(e) => p.problem { (e) },
+            }
+            h2 { "Warm pools" }
+            @match pools {
+                Ok(list) if list.is_empty() => p { "None." },
+                Ok(list) => table.list {
+                    thead { tr { th { "image" } th { "size" } th { "ready" } th { "booting" } } }
+                    tbody { @for p in list { tr { td { (p.image) } td { (p.size) } td { (p.ready) } td { (p.booting) } } } }
+                },
+                Err(e) => p.problem { (e) },
+            }
+        },
+    )
+}
+
 pub fn queue(
     q: &Queue,
     nodes: &[(String, Option<flotilla_api::NodeInfo>)],
@@ -314,7 +405,7 @@ pub fn queue(
                 tbody {
                     @for n in &q.nodes {
                         tr.down[!n.up] {
-                            td { (n.name) }
+                            td { a href={"/ui/node?name=" (url_encode(&n.name))} { (n.name) } }
                             td { @if n.up { "up" } @else { "down" @if let Some(e) = &n.error { ": " (e) } } }
                             td { (n.platform) }
                             td { (format!("{:.1} / {:.1}", n.used_millicpus as f64 / 1000.0, n.millicpus as f64 / 1000.0)) }

@@ -257,6 +257,14 @@ fn the_dashboard_in_chromium_shows_the_grid_a_growing_log_and_guards_retry() {
     assert!(fleet.contains(&node_id) && fleet.contains("host"), "the node, its id and its images: {fleet}");
     assert!(fleet.contains(&format!("nodes/{node_id}")), "the name table's entry: {fleet}");
     browser.screenshot("queue.png");
+    // The node's own page, from its API: the retry's sandbox is not made
+    // yet, so the builds' sandboxes are gone; it shows its sandboxes table
+    // or says it has none, and its images.
+    browser.click("table.list tbody td a[href^='/ui/node']");
+    wait_until(WAIT, "the node's page", || browser.text("h1").starts_with("Node ").then_some(()));
+    let page = browser.text("main");
+    assert!(page.contains(&node_id) && page.contains("Sandboxes") && page.contains("Apps"), "{page}");
+    assert!(page.contains("images: host"), "{page}");
     browser.open(&format!("{base}/"));
 
     // Retry without the token: refused, and nothing is retried.
