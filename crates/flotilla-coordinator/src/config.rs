@@ -17,6 +17,7 @@
 //! timeout = "20m"            # default 20m
 //! env = { CI = "true" }
 //! steps = [{ name = "test", run = "make check" }]
+//! known_issue = "https://github.com/org/repo/issues/123"   # optional: the dashboard dims the builder and links it
 //! ```
 //!
 //! Unknown keys are refused, and every error says where it is
@@ -90,6 +91,10 @@ pub struct Builder {
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
     pub steps: Vec<Step>,
+    /// An http(s) link to an issue known to break this builder: the
+    /// dashboard's grid dims the builder and links the issue (Go's
+    /// `KnownIssues`). Its builds run as ever.
+    pub known_issue: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +222,8 @@ struct RawBuilder {
     env: BTreeMap<String, String>,
     #[serde(default)]
     steps: Vec<toml::Value>,
+    #[serde(default)]
+    known_issue: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +299,11 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
         }
         steps.push(Step { name: s.name, run: s.run });
     }
+    if let Some(url) = &raw.known_issue
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(format!("known_issue {url:?}: give the issue's http(s) address"));
+    }
     Ok(Builder {
         name,
         image: raw.image.unwrap_or_else(|| "host".into()),
@@ -301,6 +313,7 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
         timeout,
         env: raw.env,
         steps,
+        known_issue: raw.known_issue,
     })
 }
 
@@ -423,6 +436,10 @@ steps = [{ name = "test", run = "make check" }]
                     b("name = \"linux-amd64\"\nsteps = [{ name = \"t\", run = \"x\" }]")
                 ),
                 "builder[1] \"linux-amd64\": a builder named linux-amd64 is already defined".into(),
+            ),
+            (
+                b("name = \"linux-amd64\"\nknown_issue = \"#12\"\nsteps = [{ name = \"t\", run = \"x\" }]"),
+                "builder[0] \"linux-amd64\": known_issue \"#12\": give the issue's http(s) address".into(),
             ),
             ("[triggers]\nbranch = [\"main\"]\n".into(), "unknown field `branch`".into()),
             ("[[builder]\n".into(), "TOML parse error".into()),

@@ -74,9 +74,8 @@ struct FleetNode {
     /// is gone from there.
     discovered: bool,
     missing_since: Option<Instant>,
-    /// Since when a describe of it is under way (see
-    /// [`Coordinator::describe_fleet`]); one older than its timeout was
-    /// dropped by its caller and no longer counts.
+    /// Since when the describer's ask of it is under way (each ends within
+    /// [`DESCRIBE_TIMEOUT`]); see [`Coordinator::describer`].
     asking: Option<Instant>,
 }
 

@@ -27,6 +27,7 @@
 mod ansi;
 mod pages;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,7 +105,20 @@ async fn grid(State(c): Co, Query(q): Query<GridQuery>) -> Response {
         .collect();
     // Older runs exist when a page filled, or when the scan did.
     let next = if rows.len() as u64 == GRID_ROWS { rows.last().map(|r| r.id) } else { scanned_to };
-    pages::grid(&projects, project, &branch, &rows, next).into_response()
+    // Builders with a known issue, from the project's current config.
+    let known: BTreeMap<String, String> = match &project.config_hash {
+        Some(hash) => match c.store.config(hash).await {
+            Ok(Some(text)) => flotilla_coordinator::config::parse(&text)
+                .map(|cfg| {
+                    cfg.builders.into_iter().filter_map(|b| Some((b.name.to_string(), b.known_issue?))).collect()
+                })
+                .unwrap_or_default(),
+            Ok(None) => BTreeMap::new(),
+            Err(e) => return store_problem(e),
+        },
+        None => BTreeMap::new(),
+    };
+    pages::grid(&projects, project, &branch, &rows, next, &known).into_response()
 }
 
 /// A path's id, or why it is not one.
@@ -209,7 +223,7 @@ async fn log_stream(
                     let lines = render_lines(&slice.data[..take], line, &mut style);
                     at += take as u64;
                     line += lines.len() as u64;
-                    let html = pages::log_lines(&lines).into_string();
+                    let html = pages::log_lines(&lines, None).into_string();
                     let ev = Event::default().event("lines").id(format!("{at}:{line}")).data(html);
                     return Some((Ok::<_, std::convert::Infallible>(ev), (c, changed, at, line, style, false)));
                 }

@@ -78,7 +78,14 @@ fn split_builder(name: &str) -> (&str, &str, &str) {
     (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""))
 }
 
-pub fn grid(projects: &[Project], project: &Project, branch: &str, runs: &[Run], next: Option<u64>) -> Markup {
+pub fn grid(
+    projects: &[Project],
+    project: &Project,
+    branch: &str,
+    runs: &[Run],
+    next: Option<u64>,
+    known: &BTreeMap<String, String>,
+) -> Markup {
     let mut builders: Vec<&str> = project.builders.iter().map(String::as_str).collect();
     for r in runs {
         for b in &r.builds {
@@ -117,7 +124,10 @@ pub fn grid(projects: &[Project], project: &Project, branch: &str, runs: &[Run],
                         th { "commit" }
                         @for b in &builders {
                             @let (_, arch, rest) = split_builder(b);
-                            th.builder title=(b) { (arch) @if !rest.is_empty() { br; small { (rest) } } }
+                            th.builder.known[known.contains_key(*b)] title=(b) {
+                                (arch) @if !rest.is_empty() { br; small { (rest) } }
+                                @if let Some(url) = known.get(*b) { br; a.issue href=(url) title={"known issue: " (url)} { "known issue" } }
+                            }
                         }
                     }
                 }
@@ -130,7 +140,7 @@ pub fn grid(projects: &[Project], project: &Project, branch: &str, runs: &[Run],
                             }
                             @for b in &builders {
                                 @match r.builds.iter().filter(|x| x.builder == *b).max_by_key(|x| x.attempt) {
-                                    Some(x) => td.cell.(state_class(x.state)) {
+                                    Some(x) => td.cell.(state_class(x.state)).known[known.contains_key(*b)] {
                                         a href={"/ui/builds/" (x.id)} title={(b) ": " (x.state.as_str())} {
                                             @match x.state {
                                                 RunState::Passed => "ok",
@@ -242,7 +252,10 @@ pub fn build(b: &Build, lines: &[(u64, String)], offset: u64, next_line: u64) ->
             }
             @if let Some(f) = &b.failure {
                 div.failure {
-                    p { "failed in " strong { (f.step) } ": " (f.message) }
+                    p {
+                        "failed in " strong { (f.step) } ": " (f.message)
+                        @if let Some(n) = failing_from(b, lines.len() as u64) { " · " a href={"#L" (n)} { "the last lines" } }
+                    }
                 }
             }
             h2 { "Timeline" }
@@ -258,16 +271,27 @@ pub fn build(b: &Build, lines: &[(u64, String)], offset: u64, next_line: u64) ->
                 }
             }
             h2 { "Log " small { a href={"/v1/builds/" (b.id) "/log"} { "raw" } } }
-            pre #log { (log_lines(lines)) }
+            pre #log { (log_lines(lines, failing_from(b, lines.len() as u64))) }
         },
     )
 }
 
-/// Numbered log lines, each with an anchor to link to.
-pub fn log_lines(lines: &[(u64, String)]) -> Markup {
+/// The first of the log's last lines the failure kept (up to 20: the
+/// failing step's output, which ends the log, and what came before it when
+/// that step printed less).
+fn failing_from(b: &Build, lines: u64) -> Option<u64> {
+    let kept = b.failure.as_ref()?.last_lines.len() as u64;
+    (b.state == RunState::Failed && kept > 0 && lines > 0).then(|| lines.saturating_sub(kept) + 1)
+}
+
+/// Numbered log lines, each with an anchor to link to; those from
+/// `failing_from` on marked as the failure's last lines.
+pub fn log_lines(lines: &[(u64, String)], failing_from: Option<u64>) -> Markup {
     html! {
         @for (n, l) in lines {
-            span.line id={"L" (n)} { a.ln href={"#L" (n)} { (n) } (PreEscaped(l)) "\n" }
+            span.line.failing[failing_from.is_some_and(|f| *n >= f)] id={"L" (n)} {
+                a.ln href={"#L" (n)} { (n) } (PreEscaped(l)) "\n"
+            }
         }
     }
 }

@@ -183,6 +183,7 @@ steps = [{ name = "build", run = "sh build.sh" }]
 
 [[builder]]
 name = "linux-amd64-race"
+known_issue = "https://example.com/widget/issues/7"
 steps = [{ name = "test", run = "echo checking; echo 'expected 4, got 5' >&2; exit 1" }]
 "#;
 
@@ -242,8 +243,11 @@ fn the_dashboard_in_chromium_shows_the_grid_a_growing_log_and_guards_retry() {
         let cells =
             browser.js("return [...document.querySelectorAll('td.cell')].map(c => c.className + ' ' + c.textContent)");
         let cells: Vec<String> = cells.as_array()?.iter().map(|c| c.as_str().unwrap_or_default().to_string()).collect();
-        (cells == ["cell ok ok", "cell fail fail"]).then_some(())
+        (cells == ["cell ok ok", "cell fail known fail"]).then_some(())
     });
+    // The builder with a known issue is dimmed and links the issue.
+    let issue = browser.js("const a = document.querySelector('th.builder.known a.issue'); return a && a.href");
+    assert_eq!(issue, "https://example.com/widget/issues/7");
     assert!(browser.text("table.grid").contains("Add the widget frobnicator"));
     let href = browser.js("return document.querySelector('td.cell.fail a').getAttribute('href')");
     assert_eq!(href, format!("/ui/builds/{failing}").as_str());
@@ -274,6 +278,9 @@ fn the_dashboard_in_chromium_shows_the_grid_a_growing_log_and_guards_retry() {
     });
     assert!(browser.text(".failure").contains("test"), "the failing step is named: {}", browser.text(".failure"));
     assert!(browser.js("return document.querySelector('.bar.failed') !== null").as_bool().unwrap());
+    // The failure's last lines (here all the failing step printed) are marked.
+    let marked = browser.js("return [...document.querySelectorAll('#log .line.failing')].map(l => l.id)");
+    assert_eq!(marked, json!(["L1", "L2"]), "the failing step printed both lines");
     browser.screenshot("build-failed.png");
     browser.click("#retry");
     wait_until(WAIT, "the refusal", || browser.text("#notice").contains("refused").then_some(()));
