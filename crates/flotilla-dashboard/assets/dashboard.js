@@ -42,6 +42,23 @@
       if (atEnd) window.scrollTo(0, document.body.scrollHeight);
     });
     stream.addEventListener("done", () => { stream.close(); setTimeout(() => location.reload(), 300); });
+    // The header and the timeline follow the build: on its events, and
+    // every 2 s while a step runs (a running stage's bar grows).
+    let pending = null;
+    const parts = async () => {
+      pending = null;
+      const r = await fetch(location.href, { headers: { Accept: "text/html" } });
+      if (!r.ok) return;
+      const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+      for (const sel of ["h1", "p.meta", ".timeline"]) {
+        const fresh = doc.querySelector(sel);
+        const old = document.querySelector(sel);
+        if (fresh && old) old.replaceWith(fresh);
+      }
+    };
+    const poke = () => { if (!pending) pending = setTimeout(parts, 300); };
+    new EventSource("/v1/events").addEventListener("build", poke);
+    setInterval(poke, 2000);
   }
 
   // Cancel and retry: the API, with the token from the header field.

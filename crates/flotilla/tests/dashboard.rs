@@ -187,7 +187,7 @@ known_issue = "https://example.com/widget/issues/7"
 steps = [{ name = "test", run = "echo checking; echo 'expected 4, got 5' >&2; exit 1" }]
 "#;
 
-const BUILD: &str = "i=1\nwhile [ $i -le 40 ]; do printf '\\033[32mok\\033[0m step %s <compiled>\\n' $i; i=$((i+1)); sleep 0.15; done\n";
+const BUILD: &str = "i=1\nwhile [ $i -le 60 ]; do printf '\\033[32mok\\033[0m step %s <compiled>\\n' $i; i=$((i+1)); sleep 0.15; done\n";
 
 #[test]
 fn the_dashboard_in_chromium_shows_the_grid_a_growing_log_and_guards_retry() {
@@ -228,14 +228,20 @@ fn the_dashboard_in_chromium_shows_the_grid_a_growing_log_and_guards_retry() {
         let n = lines();
         (n > first + 5 && browser.js("return window.unreloaded === true").as_bool() == Some(true)).then_some(n)
     });
-    assert!(grew < 40, "the log grew while the build ran ({first} → {grew} lines)");
+    assert!(grew < 60, "the log grew while the build ran ({first} → {grew} lines)");
+    // The running step's bar follows too, with no reload.
+    let step_time = || browser.text(".bar-row:last-child .bar-time");
+    let before = step_time();
+    wait_until(WAIT, "the step's bar to grow in the open page", || {
+        (step_time() != before && browser.js("return window.unreloaded === true").as_bool() == Some(true)).then_some(())
+    });
     browser.screenshot("build-running.png");
     // The line text is the build's output, colours as spans, markup escaped.
     assert_eq!(browser.text("#L1"), "1ok step 1 <compiled>\n");
     assert_eq!(browser.js("return document.querySelector('#L1 .c2').textContent"), "ok");
-    // At the end the page shows the final state, all 40 lines.
+    // At the end the page shows the final state, all 60 lines.
     wait_until(WAIT, "the build page to show it passed", || (browser.text("#state") == "passed").then_some(()));
-    assert_eq!(lines(), 40);
+    assert_eq!(lines(), 60);
 
     // The grid, once both builds are done: ok and fail, each a link.
     browser.open(&format!("{base}/"));
