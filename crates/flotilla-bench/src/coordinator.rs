@@ -35,7 +35,8 @@ const WAIT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------- pm-events
 
-fn notice(i: usize) -> Event {
+/// A new commit `i` on main, as a poller announces it.
+pub(crate) fn notice(i: usize, subject: &str) -> Event {
     let sha = format!("{i:040x}");
     Event::ChangesUpdated {
         changes: vec![ChangeNotice {
@@ -44,7 +45,7 @@ fn notice(i: usize) -> Event {
                 kind: flotilla_api::coordinator::ChangeKind::Branch,
                 rev: sha,
                 branch: Some("main".into()),
-                subject: String::new(),
+                subject: subject.to_string(),
                 version: 1,
             },
             config_hash: "h".into(),
@@ -52,7 +53,7 @@ fn notice(i: usize) -> Event {
     }
 }
 
-async fn project(store: &Store, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn project(store: &Store, name: &str) -> anyhow::Result<()> {
     store
         .add_project(NewProject {
             name: name.into(),
@@ -66,8 +67,9 @@ async fn project(store: &Store, name: &str) -> anyhow::Result<()> {
 }
 
 /// What `driver::step` does, without the runtime: load, step, commit, carry
-/// out the outbox. Returns the events consumed.
-async fn step(store: &Store, name: &str) -> anyhow::Result<usize> {
+/// out the outbox (a run of one build per `builders`). Returns the events
+/// consumed.
+pub(crate) async fn step(store: &Store, name: &str, builders: &[&str]) -> anyhow::Result<usize> {
     let (state, eversion, events) = store.load(name).await?;
     let n = events.len();
     if n > 0 {
@@ -76,7 +78,7 @@ async fn step(store: &Store, name: &str) -> anyhow::Result<usize> {
     }
     for (id, action) in store.outbox(name).await? {
         let Action::CreateRun { .. } = &action;
-        let b = vec![NewBuild { builder: "linux-amd64".into(), spec: "{}".into() }];
+        let b = builders.iter().map(|b| NewBuild { builder: b.to_string(), spec: "{}".into() }).collect();
         // As in life, the run finishes: the manager's state stays small.
         if let Created::Run(run_id) = store.create_run(id, name, &action, b, None).await? {
             let done = Event::RunFinished { run_id, state: flotilla_api::coordinator::RunState::Passed };
@@ -94,11 +96,11 @@ async fn manager_run(store: &Store, name: &str, batch: usize) -> anyhow::Result<
     let mut sent = 0;
     while sent < EVENTS {
         for i in sent..(sent + batch).min(EVENTS) {
-            store.send(name, &format!("c:{i}"), &notice(i)).await?;
+            store.send(name, &format!("c:{i}"), &notice(i, "")).await?;
         }
         sent = (sent + batch).min(EVENTS);
         // The run_created events the actions put back need a step too.
-        while step(store, name).await? > 0 {}
+        while step(store, name, &["linux-amd64"]).await? > 0 {}
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -108,7 +110,7 @@ async fn raw_sends(store: &Store, name: &str) -> anyhow::Result<f64> {
     project(store, name).await?;
     let t = Instant::now();
     for i in 0..EVENTS {
-        store.send(name, &format!("c:{i}"), &notice(i)).await?;
+        store.send(name, &format!("c:{i}"), &notice(i, "")).await?;
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -654,7 +656,7 @@ pub async fn node_loss(bin: &Path, machine: &Machine, iterations: usize) -> anyh
 // ----------------------------------------------------------- log-first-byte
 
 /// Milliseconds between the nanosecond clock a line carries and now.
-fn lag_ms(line: &[u8]) -> anyhow::Result<f64> {
+pub(crate) fn lag_ms(line: &[u8]) -> anyhow::Result<f64> {
     let text = String::from_utf8_lossy(line);
     let printed: u128 = text.trim().lines().next().unwrap_or_default().trim().parse().context("a clock line")?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();

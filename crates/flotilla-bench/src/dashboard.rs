@@ -11,73 +11,44 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_agent::http::{Endpoint, HttpClient};
 use flotilla_api::coordinator::{AddProjectRequest, RunState};
-use flotilla_coordinator::pm::{self, Action, ChangeNotice, Event};
+use flotilla_coordinator::pm::{self, Event};
 use flotilla_coordinator::runtime::{Coordinator, CoordinatorConfig};
-use flotilla_coordinator::store::{Created, NewBuild, NewProject, Store};
+use flotilla_coordinator::store::Store;
 use http::Method;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use crate::coordinator::{Dev, build_of, repo};
+use crate::coordinator::{Dev, build_of, lag_ms, notice, project, repo, step};
 use crate::report::{Case, Machine, Report, Unit};
 use crate::scenarios::{now, target};
 
 const RUNS: usize = 5_000;
 
-fn notice(i: usize) -> Event {
-    let sha = format!("{i:040x}");
-    Event::ChangesUpdated {
-        changes: vec![ChangeNotice {
-            change: flotilla_api::coordinator::Change {
-                id: format!("main@{sha}"),
-                kind: flotilla_api::coordinator::ChangeKind::Branch,
-                rev: sha,
-                branch: Some("main".into()),
-                subject: format!("change number {i}"),
-                version: 1,
-            },
-            config_hash: "h".into(),
-        }],
-    }
-}
+/// The project's `flotilla.toml`: two builders, one with a known issue.
+const CONFIG: &str = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"test\", run = \"make test\" }]\n\n\
+                      [[builder]]\nname = \"linux-arm64-race\"\nknown_issue = \"https://example.com/issues/1\"\n\
+                      steps = [{ name = \"test\", run = \"make race\" }]\n";
 
 /// A store with `RUNS` runs of two finished builds each.
 async fn filled(dir: &Path) -> anyhow::Result<Store> {
     let store = Store::sqlite(&dir.join("c.db"))?;
-    store
-        .add_project(NewProject {
-            name: "demo".into(),
-            repo: "/bench".into(),
-            branch: "main".into(),
-            poll_interval_ms: 60_000,
-            webhook_secret: None,
-        })
-        .await?;
+    project(&store, "demo").await?;
+    // The config the grid reads for known issues, under the hash the runs use.
+    store.put_config("h", CONFIG).await?;
     let cfg = Event::UpdateConfig {
         config: pm::ConfigRef { hash: "h".into(), branches: vec!["main".into()], try_enabled: true },
     };
     store.send("demo", "cfg", &cfg).await?;
     for chunk in (0..RUNS).collect::<Vec<_>>().chunks(500) {
         for &i in chunk {
-            store.send("demo", &format!("c:{i}"), &notice(i)).await?;
+            store.send("demo", &format!("c:{i}"), &notice(i, &format!("change number {i}"))).await?;
         }
-        let (state, eversion, events) = store.load("demo").await?;
-        let out = pm::step(&state, &events, "main");
-        store.commit_step("demo", eversion, &out).await?.context("one stepper")?;
-        for (id, action) in store.outbox("demo").await? {
-            let Action::CreateRun { .. } = &action;
-            let builds =
-                ["linux-amd64", "linux-arm64-race"].map(|b| NewBuild { builder: b.into(), spec: "{}".into() }).to_vec();
-            if let Created::Run(run) = store.create_run(id, "demo", &action, builds, None).await? {
-                let finished = Event::RunFinished { run_id: run, state: RunState::Passed };
-                store.send("demo", &format!("f:{run}"), &finished).await?;
-            }
-        }
+        while step(&store, "demo", &["linux-amd64", "linux-arm64-race"]).await? > 0 {}
     }
     // Finish every build (a few fail) so the grid shows real states.
     for q in store.queue(u64::MAX).await? {
@@ -90,6 +61,11 @@ async fn filled(dir: &Path) -> anyhow::Result<Store> {
 
 /// Milliseconds `router` takes to answer GET `uri` with a whole body.
 async fn time_get(router: &axum::Router, uri: &str) -> anyhow::Result<f64> {
+    Ok(get(router, uri).await?.0)
+}
+
+/// GET `uri` through `router`: the milliseconds it took and the body.
+async fn get(router: &axum::Router, uri: &str) -> anyhow::Result<(f64, bytes::Bytes)> {
     let req = http::Request::builder().method(Method::GET).uri(uri).body(axum::body::Body::empty())?;
     let t = Instant::now();
     let resp = router.clone().oneshot(req).await?;
@@ -97,7 +73,7 @@ async fn time_get(router: &axum::Router, uri: &str) -> anyhow::Result<f64> {
     let body = resp.into_body().collect().await?.to_bytes();
     let ms = t.elapsed().as_secs_f64() * 1e3;
     anyhow::ensure!(!body.is_empty(), "GET {uri}: empty");
-    Ok(ms)
+    Ok((ms, body))
 }
 
 pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
@@ -120,6 +96,11 @@ pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Res
     let pages = flotilla_dashboard::router(c.clone());
     let api = flotilla_coordinator::api::router(c.clone());
     let deep = RUNS as u64 / 2;
+    // The page timed is the whole one: 30 rows, the known issue read from the config.
+    let (_, page) = get(&pages, "/?project=demo&branch=main").await?;
+    let page = String::from_utf8_lossy(&page);
+    anyhow::ensure!(page.matches("<tr>").count() == 32, "the grid has not 30 rows of runs");
+    anyhow::ensure!(page.contains("known issue"), "the grid did not read the known issue from the config");
     let (mut first, mut older, mut json) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..iterations + 3 {
         let a = time_get(&pages, "/?project=demo&branch=main").await?;
@@ -158,13 +139,6 @@ pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Res
     Ok(report)
 }
 
-/// Milliseconds between the nanosecond clock at the start of `text` and now.
-fn lag_ms(text: &str) -> Option<f64> {
-    let printed: u128 = text.trim().parse().ok()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_nanos();
-    Some(now.saturating_sub(printed) as f64 / 1e6)
-}
-
 /// Reads a streamed body for `lines` clock lines, mapping each chunk to
 /// the clocks it holds with `parse`.
 async fn clocks(
@@ -184,7 +158,7 @@ async fn clocks(
         let Some(cut) = pending.rfind('\n') else { continue };
         let whole: String = pending.drain(..=cut).collect();
         for clock in parse(&whole) {
-            if let Some(ms) = lag_ms(&clock) {
+            if let Ok(ms) = lag_ms(clock.as_bytes()) {
                 out.push(ms);
             }
         }
