@@ -61,27 +61,30 @@ impl NodeProcess {
     /// Starts `bin node --home <tmp> ARGS...` with environment variables
     /// set (`Some`) or removed (`None`).
     pub fn start_with_env(bin: &Path, args: &[&str], env: &[(&str, Option<&str>)]) -> NodeProcess {
-        let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
-        let args = args.iter().map(|a| a.to_string()).collect();
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.map(str::to_string))).collect();
-        let mut n = NodeProcess {
-            child: None,
-            crashed: false,
-            home,
-            bin: bin.to_path_buf(),
-            args,
-            env,
-            role: "node",
-            wrap: Vec::new(),
-        };
-        n.spawn();
-        n
+        NodeProcess::launch(bin, "node", &[], args, env)
     }
 
     /// Starts `WRAP... bin node --home <tmp> ARGS...`: the node under a
     /// command that execs it, e.g. `ip netns exec HOST` for a node in its
     /// own network namespace.
     pub fn start_wrapped(bin: &Path, wrap: &[&str], args: &[&str]) -> NodeProcess {
+        NodeProcess::launch(bin, "node", wrap, args, &[])
+    }
+
+    /// Starts `bin dev --home <tmp> ARGS...`: the node, its name table and
+    /// a coordinator in one process. Waits for the node's socket and the
+    /// coordinator's.
+    pub fn start_dev(bin: &Path, args: &[&str]) -> NodeProcess {
+        NodeProcess::launch(bin, "dev", &[], args, &[])
+    }
+
+    fn launch(
+        bin: &Path,
+        role: &'static str,
+        wrap: &[&str],
+        args: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> NodeProcess {
         let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
         let mut n = NodeProcess {
             child: None,
@@ -89,29 +92,9 @@ impl NodeProcess {
             home,
             bin: bin.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
-            env: Vec::new(),
-            role: "node",
+            env: env.iter().map(|(k, v)| (k.to_string(), v.map(str::to_string))).collect(),
+            role,
             wrap: wrap.iter().map(|a| a.to_string()).collect(),
-        };
-        n.spawn();
-        n
-    }
-
-    /// Starts `bin dev --home <tmp> ARGS...`: the node, its name table and
-    /// a coordinator in one process. Waits for the node's socket and the
-    /// coordinator's.
-    pub fn start_dev(bin: &Path, args: &[&str]) -> NodeProcess {
-        let home = tempfile::Builder::new().prefix("flotilla-test-").tempdir().expect("tempdir");
-        let args = args.iter().map(|a| a.to_string()).collect();
-        let mut n = NodeProcess {
-            child: None,
-            crashed: false,
-            home,
-            bin: bin.to_path_buf(),
-            args,
-            env: Vec::new(),
-            role: "dev",
-            wrap: Vec::new(),
         };
         n.spawn();
         n
@@ -191,19 +174,7 @@ impl NodeProcess {
     /// Stops the node gracefully (it stops its sandboxes) and waits.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            stop_child(&mut c, Duration::from_secs(20));
         }
     }
 
@@ -241,6 +212,24 @@ impl Drop for NodeProcess {
             }
         }
         self.stop();
+    }
+}
+
+/// Stops `child` as a service manager would: SIGTERM, then SIGKILL if it
+/// has not exited within `grace`; reaps it either way.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{commit, git};
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -15,26 +17,6 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const WAIT: Duration = Duration::from_secs(90);
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn commit(dir: &Path, files: &[(&str, &str)], message: &str) -> String {
-    for (name, body) in files {
-        std::fs::write(dir.join(name), body).unwrap();
-        git(dir, &["add", name]);
-    }
-    git(dir, &["commit", "-q", "-m", message]);
-    git(dir, &["rev-parse", "HEAD"])
-}
 
 fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
     common::cli(home, args)

@@ -4,22 +4,13 @@
 //! and refuse hostile or tampered layers.
 
 mod common;
+use common::run;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use flotilla_api::{CreateSandboxRequest, ErrorCode, Image, ImportImageRequest, OperationState};
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed? .ci/run installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Imports and waits; returns the image or the operation's error.
 async fn import(env: &common::Env, reference: &str, path: &Path) -> Result<Image, flotilla_api::ApiError> {

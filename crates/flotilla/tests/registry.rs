@@ -10,6 +10,7 @@
 //! tool.
 
 mod common;
+use common::run;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,16 +31,6 @@ const ALICE: BasicAuth = BasicAuth {
 };
 const USER: &str = ALICE.user;
 const PASSWORD: &str = ALICE.password;
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed? .ci/run installs it)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// An OCI layout at `dir/oci` with tag `v2`: a first layer holding the
 /// minimal rootfs plus /bin/extra and ID=flotilla-v1, a second layer that

@@ -277,3 +277,34 @@ pub fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `cmd`, failing the test with its output unless it succeeds; its
+/// stdout, trimmed.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (is it installed? .ci/run installs it)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `git ARGS` in `dir` as a test user on branch `main`; its stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    run(std::process::Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .current_dir(dir))
+}
+
+/// Writes `files` into `dir`, commits them; the new commit's id.
+pub fn commit(dir: &Path, files: &[(&str, &str)], message: &str) -> String {
+    for (name, body) in files {
+        std::fs::write(dir.join(name), body).unwrap();
+        git(dir, &["add", name]);
+    }
+    git(dir, &["commit", "-q", "-m", message]);
+    git(dir, &["rev-parse", "HEAD"])
+}
