@@ -9,26 +9,32 @@
   token.value = localStorage.getItem("flotilla-token") || "";
   token.addEventListener("change", () => localStorage.setItem("flotilla-token", token.value.trim()));
 
-  // Grid, run and queue pages: re-render <main> when the coordinator says
-  // something changed (its event feed), at most every half second.
-  if (live === "events") {
+  // Re-renders the parts named by `selectors` from the server's page, at
+  // most once per `delay` ms however often it is poked, whenever the
+  // coordinator's event feed carries one of `kinds` and every `every` ms.
+  const follow = (selectors, delay, kinds, every) => {
     let pending = null;
     const refresh = async () => {
       pending = null;
       const r = await fetch(location.href, { headers: { Accept: "text/html" } });
       if (!r.ok) return;
       const doc = new DOMParser().parseFromString(await r.text(), "text/html");
-      const fresh = doc.getElementById("main");
-      if (fresh) document.getElementById("main").replaceWith(fresh);
+      for (const sel of selectors) {
+        const fresh = doc.querySelector(sel);
+        const old = document.querySelector(sel);
+        if (fresh && old) old.replaceWith(fresh);
+      }
     };
+    const poke = () => { if (!pending) pending = setTimeout(refresh, delay); };
     const events = new EventSource("/v1/events");
-    events.onmessage = events.onerror = null;
-    const poke = () => { if (!pending) pending = setTimeout(refresh, 500); };
-    for (const kind of ["run", "build", "project"]) {
-      events.addEventListener(kind, poke);
-    }
-    // Whatever the feed carries, the queue page also looks every 2 s.
-    if (location.pathname === "/ui/queue") setInterval(poke, 2000);
+    for (const kind of kinds) events.addEventListener(kind, poke);
+    if (every) setInterval(poke, every);
+  };
+
+  // Grid, run and queue pages: <main> follows the coordinator's events;
+  // the queue page also looks every 2 s, whatever the feed carries.
+  if (live === "events") {
+    follow(["#main"], 500, ["run", "build", "project"], location.pathname === "/ui/queue" ? 2000 : 0);
   }
 
   // A build page while the build runs: append lines as they are stored.
@@ -44,21 +50,7 @@
     stream.addEventListener("done", () => { stream.close(); setTimeout(() => location.reload(), 300); });
     // The header and the timeline follow the build: on its events, and
     // every 2 s while a step runs (a running stage's bar grows).
-    let pending = null;
-    const parts = async () => {
-      pending = null;
-      const r = await fetch(location.href, { headers: { Accept: "text/html" } });
-      if (!r.ok) return;
-      const doc = new DOMParser().parseFromString(await r.text(), "text/html");
-      for (const sel of ["h1", "p.meta", ".timeline"]) {
-        const fresh = doc.querySelector(sel);
-        const old = document.querySelector(sel);
-        if (fresh && old) old.replaceWith(fresh);
-      }
-    };
-    const poke = () => { if (!pending) pending = setTimeout(parts, 300); };
-    new EventSource("/v1/events").addEventListener("build", poke);
-    setInterval(poke, 2000);
+    follow(["h1", "p.meta", ".timeline"], 300, ["build"], 2000);
   }
 
   // Cancel and retry: the API, with the token from the header field.

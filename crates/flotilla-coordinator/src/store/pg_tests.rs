@@ -296,15 +296,7 @@ async fn two_coordinators_never_lose_an_event_or_create_a_run_twice() {
     // Two pools, as two coordinator processes would have.
     let a = Store::postgres(&url, 4).unwrap();
     let b = Store::postgres(&url, 4).unwrap();
-    a.add_project(NewProject {
-        name: PROJECT.into(),
-        repo: "/src/race".into(),
-        branch: "main".into(),
-        poll_interval_ms: 10_000,
-        webhook_secret: None,
-    })
-    .await
-    .unwrap();
+    race_project(&a).await;
 
     // Each change is announced twice, by two different senders (a poller
     // and a webhook, on either coordinator); pokes in between.
@@ -387,15 +379,7 @@ async fn builds_finishing_at_once_finish_their_run() {
 
 /// `n` runs of two queued builds (`one`, `two`) each in project PROJECT.
 async fn two_build_runs(a: &Store, n: usize) -> Vec<u64> {
-    a.add_project(NewProject {
-        name: PROJECT.into(),
-        repo: "/src/race".into(),
-        branch: "main".into(),
-        poll_interval_ms: 10_000,
-        webhook_secret: None,
-    })
-    .await
-    .unwrap();
+    race_project(a).await;
     let cfg = Event::UpdateConfig {
         config: pm::ConfigRef { hash: "h1".into(), branches: vec!["main".into()], try_enabled: true },
     };
@@ -445,4 +429,17 @@ async fn two_coordinators_never_take_a_nodes_last_room_twice() {
         assert_eq!(b.claim_within(lost, "b", "node-1", Some(room)).await.unwrap(), Claim::Claimed, "room given back");
         a.finish_build(lost, RunState::Passed, None).await.unwrap();
     }
+}
+
+/// Adds PROJECT, the project the races run in.
+async fn race_project(a: &Store) {
+    a.add_project(NewProject {
+        name: PROJECT.into(),
+        repo: "/src/race".into(),
+        branch: "main".into(),
+        poll_interval_ms: 10_000,
+        webhook_secret: None,
+    })
+    .await
+    .unwrap();
 }
