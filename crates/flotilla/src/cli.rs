@@ -30,7 +30,7 @@ pub struct GlobalArgs {
 }
 
 /// How a command finds its node (and, for `node` and `dev`, where it keeps its data).
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct NodeArgs {
     /// Data directory (default: $XDG_DATA_HOME/flotilla); a node's socket is DIR/node.sock.
     #[arg(long, env = "FLOTILLA_HOME", global = true)]

@@ -206,30 +206,29 @@ async fn serve(
             let client = flotilla_node::NodeClient::new(flotilla_agent::http::HttpClient::new(
                 flotilla_agent::http::Endpoint::Unix(sock),
             ));
-            // Further nodes: reached with $FLOTILLA_TOKEN (the clients' token) when over TLS.
+            // Further nodes: reached as `flotilla coordinator` reaches them,
+            // with $FLOTILLA_TOKEN (the clients' token) and a pin when the
+            // address carries one.
+            let reach = crate::cli::NodeArgs { token: std::env::var("FLOTILLA_TOKEN").ok(), ..Default::default() };
+            let connect = move |url: &str| {
+                let (addr, pin) = flotilla_agent::http::split_pin(url);
+                let ep = flotilla_agent::http::Endpoint::parse(addr).map_err(|e| anyhow::anyhow!(e))?;
+                crate::sandbox::node_pinned(&reach, ep, pin)
+            };
             let mut fleet = Vec::new();
             for url in &cargs.fleet_nodes {
-                match flotilla_agent::http::Endpoint::parse(url) {
-                    Ok(ep) => fleet.push(flotilla_node::NodeClient::new(
-                        flotilla_agent::http::HttpClient::new(ep).with_token(std::env::var("FLOTILLA_TOKEN").ok()),
-                    )),
-                    Err(e) => tracing::error!(url = %url, error = %e, "--fleet-node: not an address; left out"),
+                match connect(url) {
+                    Ok(c) => fleet.push(c),
+                    Err(e) => {
+                        tracing::error!(url = %url, error = %format!("{e:#}"), "--fleet-node: not an address; left out")
+                    }
                 }
             }
             // Nodes that publish themselves in dev's name table join the fleet.
             let table = names_url.and_then(|u| flotilla_agent::http::Endpoint::parse(&u).ok());
             let discovery = table.map(|ep| flotilla_coordinator::runtime::Discovery {
                 names: flotilla_names::NamesClient::new(flotilla_agent::http::HttpClient::new(ep)),
-                connect: std::sync::Arc::new(|url: &str| {
-                    let (addr, pin) = flotilla_agent::http::split_pin(url);
-                    let ep = flotilla_agent::http::Endpoint::parse(addr).ok()?;
-                    let mut http =
-                        flotilla_agent::http::HttpClient::new(ep).with_token(std::env::var("FLOTILLA_TOKEN").ok());
-                    if let Some(pin) = pin {
-                        http = http.with_cert_sha256(pin).ok()?;
-                    }
-                    Some(flotilla_node::NodeClient::new(http))
-                }),
+                connect: std::sync::Arc::new(move |url: &str| connect(url).ok()),
             });
             if let Err(e) = crate::coordinator::serve(&home, &cargs, Some(client), fleet, discovery, async move {
                 s.stopped().await;
