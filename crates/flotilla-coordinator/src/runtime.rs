@@ -539,6 +539,7 @@ impl Coordinator {
                 Err(e) => damaged.push((b.id, e)),
             }
         }
+        let needs: HashMap<u64, &sched::Need> = queue.iter().map(|q| (q.id, &q.need)).collect();
         let before = nodes.clone();
         let plan = sched::place(&mut nodes, &queue, &counts);
         let mut room = self.config.max_builds.saturating_sub(self.running.lock().expect("running").len());
@@ -556,9 +557,9 @@ impl Coordinator {
                 reasons.insert(id, format!("the coordinator runs at most {max} builds at once (--max-builds)"));
                 continue;
             }
-            let reserve = queue.iter().find(|q| q.id == id).map(|q| crate::store::Reservation {
-                millicpus: q.need.millicpus,
-                memory_bytes: q.need.memory_bytes,
+            let reserve = needs.get(&id).map(|need| crate::store::Reservation {
+                millicpus: need.millicpus,
+                memory_bytes: need.memory_bytes,
                 node_millicpus: node.millicpus,
                 node_memory_bytes: node.memory_bytes,
             });
