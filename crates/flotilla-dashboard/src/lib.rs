@@ -201,6 +201,12 @@ async fn log_stream(
         .and_then(|v| v.split_once(':'))
         .and_then(|(at, line)| Some((at.parse().ok()?, line.parse().ok()?)));
     let (from, line) = resume.unwrap_or((q.from, q.line));
+    // A stream that ends at once would have the browser reconnect forever.
+    match c.store.build(id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return problem(StatusCode::NOT_FOUND, format!("no build {id}")),
+        Err(e) => return store_problem(e),
+    }
     let mut changed = c.log_watch(id);
     changed.borrow_and_update();
     let state = (c, changed, from, line, ansi::Style::default(), false);
