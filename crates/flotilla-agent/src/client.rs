@@ -120,8 +120,15 @@ impl AgentClient {
     /// Re-attaches to a detached process's output from `from`. Returns the
     /// stream and where the kept output starts (older output is gone).
     pub async fn output(&self, id: &str, from: u64, follow: bool) -> Result<(FrameStream, u64), ClientError> {
-        let q = OutputQuery { from, follow: Some(follow) };
-        let r = self.http.request(Method::GET, &self.path(&format!("/processes/{id}/output{}", qs(&q))));
+        self.output_with(id, &OutputQuery { from, follow: Some(follow), ack: false, limit: None }).await
+    }
+
+    /// [`AgentClient::output`] with every option of the route: `ack`
+    /// acknowledges the bytes before `from` to a held process, `limit`
+    /// ends the stream after that many bytes.
+    pub async fn output_with(&self, id: &str, q: &OutputQuery) -> Result<(FrameStream, u64), ClientError> {
+        let from = q.from;
+        let r = self.http.request(Method::GET, &self.path(&format!("/processes/{id}/output{}", qs(q))));
         let resp = self.http.send_ok(r.body(Full::new(Bytes::new())).expect("valid")).await?;
         let start = resp
             .headers()

@@ -15,7 +15,10 @@
 //! (pipe backpressure) instead of growing memory. A detached process writes
 //! them into a ring of [`PROCESS_RING_BYTES`]; clients re-attach from a byte
 //! offset (counting stdout and stderr bytes, so any byte can be resumed
-//! from), and the exit frame is stored last.
+//! from), and the exit frame is stored last. A process started with `hold`
+//! never loses a byte: the ring keeps what its reader has not acknowledged,
+//! and once that fills the ring the pump stops reading its pipes, so the
+//! process blocks in `write` until the reader catches up (back-pressure).
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
@@ -185,6 +188,15 @@ pub trait FrameSink: Send + 'static {
     fn send(&mut self, frame: Frame) -> impl std::future::Future<Output = bool> + Send;
     /// Resolves when the receiver is gone (never, for sinks that can't go).
     fn closed(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// Whether the sink takes more output now; while it does not, the pump
+    /// leaves the pipes unread (the process blocks once they fill).
+    fn has_room(&self) -> bool {
+        true
+    }
+    /// Resolves once the sink has room again.
+    fn room(&self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// Attached exec: a bounded channel to the HTTP response.
@@ -219,19 +231,33 @@ pub async fn pump(
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.tick().await;
     let mut client_gone = false;
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     loop {
         if exit.is_some() && !out_open && !err_open {
             break;
         }
+        // A full sink stops the reads, and the drain's clock with them:
+        // what waits in the pipes after an exit is still read, once the
+        // reader makes room.
+        let room = sink.has_room();
         if let Some(d) = drain_until
+            && room
             && tokio::time::Instant::now() >= d
         {
             break;
         }
-        let sleep_until =
-            drain_until.or(deadline).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+        let sleep_until = match (drain_until, room) {
+            (Some(d), true) => d,
+            (Some(_), false) => far(),
+            (None, _) => deadline.unwrap_or_else(far),
+        };
         tokio::select! {
-            r = sp.stdout.read(&mut out_buf), if out_open => match r {
+            () = sink.room(), if !room => {
+                if drain_until.is_some() {
+                    drain_until = Some(tokio::time::Instant::now() + DRAIN_AFTER_EXIT);
+                }
+            },
+            r = sp.stdout.read(&mut out_buf), if out_open && room => match r {
                 Ok(0) | Err(_) => out_open = false,
                 Ok(n) => {
                     heartbeat.reset();
@@ -240,7 +266,7 @@ pub async fn pump(
                     }
                 }
             },
-            r = sp.stderr.read(&mut err_buf), if err_open => match r {
+            r = sp.stderr.read(&mut err_buf), if err_open && room => match r {
                 Ok(0) | Err(_) => err_open = false,
                 Ok(n) => {
                     heartbeat.reset();
@@ -312,6 +338,10 @@ struct Ring {
     size: usize,
     /// The encoded exit frame, once the process has exited.
     exit: Option<Bytes>,
+    /// Keep bytes until they are acknowledged (the process's `hold`).
+    hold: bool,
+    /// With `hold`: every byte before this offset is acknowledged.
+    acked: u64,
 }
 
 impl Ring {
@@ -326,11 +356,34 @@ impl Ring {
         self.chunks.push_back((self.end, frame));
         self.end += len as u64;
         self.size += len;
+        self.trim();
+    }
+
+    /// Drops whole chunks from the front while over budget; with `hold`,
+    /// only chunks every byte of which is acknowledged.
+    fn trim(&mut self) {
         while self.size > PROCESS_RING_BYTES && self.chunks.len() > 1 {
-            let (_, f) = self.chunks.pop_front().expect("non-empty");
-            self.size -= f.payload.len();
-            self.start += f.payload.len() as u64;
+            let (off, f) = self.chunks.front().expect("non-empty");
+            let len = f.payload.len();
+            if self.hold && off + len as u64 > self.acked {
+                break;
+            }
+            self.chunks.pop_front();
+            self.size -= len;
+            self.start += len as u64;
         }
+    }
+
+    /// Whether more output may be stored: always, unless `hold` and the
+    /// unacknowledged bytes fill the budget.
+    fn has_room(&self) -> bool {
+        !self.hold || self.end - self.acked.min(self.end) < PROCESS_RING_BYTES as u64
+    }
+
+    /// The reader has stored every byte before `upto`.
+    fn ack(&mut self, upto: u64) {
+        self.acked = self.acked.max(upto.min(self.end));
+        self.trim();
     }
 
     /// Stores the exit frame (the last thing a process sends).
@@ -375,6 +428,8 @@ pub struct Detached {
     exit: Mutex<Option<ExitStatus>>,
     /// Bumped on every new frame; watchers wait on it.
     changed: watch::Sender<u64>,
+    /// Woken by acknowledgements: a held process's pump waits on it.
+    acked: tokio::sync::Notify,
     stdin: tokio::sync::Mutex<Option<tokio::net::unix::pipe::Sender>>,
 }
 
@@ -404,6 +459,20 @@ impl Detached {
     /// from, and whether the exit frame was included (so no more will come).
     pub fn read_from(&self, from: u64) -> (Bytes, u64, bool) {
         self.ring.lock().expect("ring lock").read_from(from)
+    }
+
+    /// Like [`Detached::read_from`], but `None` if bytes from `from` on
+    /// were dropped: a following reader must not skip them unannounced.
+    pub fn read_exactly_from(&self, from: u64) -> Option<(Bytes, u64, bool)> {
+        let ring = self.ring.lock().expect("ring lock");
+        (from >= ring.start).then(|| ring.read_from(from))
+    }
+
+    /// The reader has stored every byte before `upto` (only a process
+    /// started with `hold` cares).
+    pub fn ack(&self, upto: u64) {
+        self.ring.lock().expect("ring lock").ack(upto);
+        self.acked.notify_waiters();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -458,6 +527,22 @@ impl FrameSink for RingSink {
     async fn closed(&self) {
         std::future::pending().await
     }
+    fn has_room(&self) -> bool {
+        self.0.ring.lock().expect("ring lock").has_room()
+    }
+    async fn room(&self) {
+        loop {
+            // Registered before the check, so an ack between the two is
+            // not missed.
+            let acked = self.0.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            acked.await;
+        }
+    }
 }
 
 /// The registry of detached processes.
@@ -495,9 +580,10 @@ impl Registry {
             argv: req.argv.clone(),
             pid: sp.pid,
             started_at: sp.started_at,
-            ring: Mutex::new(Ring::default()),
+            ring: Mutex::new(Ring { hold: req.hold, ..Ring::default() }),
             exit: Mutex::new(None),
             changed: watch::channel(0).0,
+            acked: tokio::sync::Notify::new(),
             stdin: tokio::sync::Mutex::new(stdin),
         });
         if let Some(data) = &req.stdin {
@@ -671,6 +757,81 @@ mod tests {
         // Inside the kept part, resuming is still exact.
         let (frames, _, _) = r.read_from(r.start + 5);
         assert_eq!(output_of(&frames).0.len(), r.size - 5);
+    }
+
+    #[test]
+    fn a_held_ring_keeps_every_unacknowledged_byte() {
+        let mut r = Ring { hold: true, ..Ring::default() };
+        let mib = Frame::new(FrameKind::Stdout, vec![7; 1 << 20]);
+        let fits = PROCESS_RING_BYTES >> 20;
+        for _ in 0..fits - 1 {
+            assert!(r.has_room());
+            r.push_output(mib.clone());
+        }
+        assert!(r.has_room());
+        r.push_output(mib.clone());
+        assert!(!r.has_room(), "a full ring of unacknowledged bytes takes no more");
+        // What the pump had already read is stored all the same: nothing
+        // unacknowledged is ever dropped.
+        r.push_output(mib.clone());
+        assert_eq!((r.start, r.size), (0, (fits + 1) << 20));
+        // An acknowledgement makes room and lets the acknowledged bytes go.
+        r.ack(3 << 20);
+        assert!(r.has_room());
+        assert_eq!(r.start, 1 << 20, "trimmed back to the budget, acknowledged bytes only");
+        let (frames, next, _) = r.read_from(3 << 20);
+        assert_eq!(output_of(&frames).0.len(), (fits - 2) << 20);
+        assert_eq!(next, r.end);
+        // An ack past the end counts only what exists.
+        r.ack(u64::MAX);
+        assert_eq!(r.acked, r.end);
+    }
+
+    #[tokio::test]
+    async fn a_held_process_blocks_instead_of_losing_output_and_finishes_once_read() {
+        let reaper = Reaper::start(false);
+        let registry = Registry::default();
+        // 3 rings' worth, more than a pipe and the ring hold together.
+        let total = 3 * PROCESS_RING_BYTES;
+        let req = ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), format!("head -c {total} /dev/zero | tr '\\0' x")],
+            hold: true,
+            ..Default::default()
+        };
+        let d = registry.start(&reaper, &req, "/").unwrap();
+        // Unread, it stalls: the ring holds its budget and the process runs.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let end = d.ring.lock().unwrap().end;
+            if end >= PROCESS_RING_BYTES as u64 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the process never filled the ring ({end} bytes)");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Given time, it still has not gone past its budget (plus a read).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(d.ring.lock().unwrap().end <= (PROCESS_RING_BYTES + READ_CHUNK) as u64);
+        assert!(d.info().exit.is_none(), "a held process blocks while its output is unread");
+        assert_eq!(d.output_start(), 0);
+        // A reader that acknowledges as it goes gets every byte.
+        let mut got = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (frames, next, done) = d.read_exactly_from(got).expect("nothing dropped");
+            let (out, exit) = output_of(&frames);
+            assert!(out.iter().all(|b| *b == b'x'));
+            assert_eq!(next, got + out.len() as u64);
+            got = next;
+            d.ack(got);
+            if done {
+                assert_eq!(exit.and_then(|e| e.code), Some(0));
+                break;
+            }
+            assert!(Instant::now() < deadline, "stalled at {got} of {total}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(got, total as u64);
     }
 
     #[test]

@@ -213,7 +213,12 @@ async fn get_process(State(a): AgentState, Path(id): Path<String>) -> Result<Jso
 /// stderr bytes, so a resume inside a stored frame sends the rest of that
 /// frame), then follows new output until it exits. The response header
 /// `x-flotilla-output-start` says where the kept output begins, so a
-/// client that asked for something older knows what it missed.
+/// client that asked for something older knows what it missed; output
+/// dropped while the stream follows ends the stream instead of being
+/// skipped, so the client's next request learns of it the same way.
+/// With `ack`, every byte before `from` is acknowledged (a `hold`
+/// process may forget them); with `limit`, the stream ends once that many
+/// bytes were sent, for the client to come back and acknowledge them.
 async fn process_output(
     State(a): AgentState,
     Path(id): Path<String>,
@@ -221,19 +226,24 @@ async fn process_output(
 ) -> Result<Response> {
     let d = a.registry.get(&id)?;
     let follow = q.follow.unwrap_or(true);
+    if q.ack {
+        d.ack(q.from);
+    }
     let start = d.output_start();
     let (tx, rx) = mpsc::channel::<Bytes>(EXEC_CHANNEL_FRAMES);
     tokio::spawn(async move {
         let mut changed = d.subscribe();
-        let mut cursor = q.from;
+        let mut cursor = q.from.max(start);
+        let mut sent = 0u64;
         loop {
             changed.borrow_and_update();
-            let (chunk, next, done) = d.read_from(cursor);
+            let Some((chunk, next, done)) = d.read_exactly_from(cursor) else { return };
+            sent += next - cursor;
             cursor = next;
             if !chunk.is_empty() && tx.send(chunk).await.is_err() {
                 return;
             }
-            if done || !follow {
+            if done || !follow || q.limit.is_some_and(|l| sent >= l) {
                 return;
             }
             match tokio::time::timeout(HEARTBEAT_INTERVAL, changed.changed()).await {
@@ -249,6 +259,10 @@ async fn process_output(
     });
     let mut resp = frames_response(rx);
     resp.headers_mut().insert("x-flotilla-output-start", start.into());
+    // This stream may end cleanly before the exit frame (`follow=false`,
+    // `limit`, output dropped under a follower): the node passes such an
+    // end on as it is instead of calling the agent broken.
+    resp.headers_mut().insert(flotilla_api::limits::STREAM_MAY_END_HEADER, "true".parse().expect("valid"));
     Ok(resp)
 }
 

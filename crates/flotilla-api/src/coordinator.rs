@@ -113,6 +113,10 @@ pub struct Project {
     /// Builder names of the current config.
     #[serde(default)]
     pub builders: Vec<String>,
+    /// Which commits of a push get a run: `all` (oldest first) or `head`
+    /// (`[triggers] commits`), as the current config says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commits: Option<String>,
     /// The newest commit seen on each watched branch.
     #[serde(default)]
     pub heads: BTreeMap<String, String>,

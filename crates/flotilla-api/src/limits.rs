@@ -24,8 +24,15 @@ pub const DEFAULT_TAR_MAX_BYTES: u64 = 16 << 30;
 /// any real source tree, far below what exhausts inodes.
 pub const DEFAULT_TAR_MAX_ENTRIES: u64 = 2_000_000;
 
+/// Response header of a frame stream that may end cleanly without an exit
+/// or error frame (a detached process's output read with `follow=false`
+/// or a `limit`): a clean end of such a stream is not a broken agent.
+pub const STREAM_MAY_END_HEADER: &str = "x-flotilla-stream-may-end";
+
 /// Output a detached process keeps for re-attaching clients. Older output is
-/// dropped; a client asking for it learns where the ring starts.
+/// dropped (a client asking for it learns where the ring starts), except
+/// for a process started with `hold`: it keeps up to this many bytes its
+/// reader has not acknowledged, then blocks its writer.
 pub const PROCESS_RING_BYTES: usize = 8 << 20;
 
 /// How long the node waits for a new sandbox's agent to say it is ready.

@@ -420,6 +420,14 @@ pub struct ExecRequest {
     /// Refused with `conflict` while a process with that id is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// With `detach`: keep every output byte until a reader acknowledges
+    /// it (`ack` on the output route) instead of dropping the oldest once
+    /// [`crate::limits::PROCESS_RING_BYTES`] are kept. Past that many
+    /// unacknowledged bytes the process's writes block (its pipe fills)
+    /// until the reader catches up: back-pressure, never a silent drop.
+    /// For a reader that stores everything, such as the coordinator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
 }
 
 /// The state of a process the agent tracks.
@@ -456,6 +464,14 @@ pub struct OutputQuery {
     /// Keep the stream open until the process exits (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow: Option<bool>,
+    /// The reader has stored every byte before `from`: a process started
+    /// with `hold` may forget them and go on writing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ack: bool,
+    /// End the stream once at least this many output bytes were sent, so a
+    /// reader of a held process comes back (with `ack`) to let it go on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 /// `POST /processes/{id}/signal`.

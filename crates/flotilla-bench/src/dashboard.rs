@@ -90,6 +90,7 @@ pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Res
             max_builds: 1,
             fleet: Vec::new(),
             node_lost_after: Duration::from_secs(60),
+            lease: Duration::from_secs(10),
             discovery: None,
         },
     );

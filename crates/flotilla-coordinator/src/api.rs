@@ -39,6 +39,7 @@ fn store_error(e: StoreError) -> HttpError {
         StoreError::Exists(what) => ApiError::new(ErrorCode::Conflict, format!("{what} already exists")),
         StoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
         StoreError::Invalid(why) => ApiError::new(ErrorCode::Conflict, why),
+        e @ StoreError::Fenced(_) => ApiError::new(ErrorCode::Conflict, e.to_string()),
         e @ (StoreError::Sql(_) | StoreError::Json(_) | StoreError::Join(_)) => {
             ApiError::internal(format!("the coordinator's store failed: {}", crate::error_chain(&e)))
         }

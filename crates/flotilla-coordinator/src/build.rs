@@ -14,24 +14,30 @@
 //! 3. **Steps**: step `i` runs as the detached process `step-<i>`, and its
 //!    index is stored *before* the exec. The agent refuses a second process
 //!    with that id, so a resumed executor finds the one running instead of
-//!    starting it again. Output is followed by offset and stored with the
-//!    offset it reaches ([`Store::append_log`]): a re-attach resumes there,
-//!    no gap, no repeat.
-//! 4. **Cleanup**: the sandbox is deleted, the build finished (and with it,
-//!    maybe, the run).
+//!    starting it again. The process is started with `hold`: the agent keeps
+//!    every output byte until it is acknowledged, and blocks the step's
+//!    writes rather than drop any. Output is followed by offset in streams
+//!    of at most [`FOLLOW_LIMIT`] bytes, stored in batches with the offset
+//!    they reach ([`Store::append_log`]), and acknowledged by the next
+//!    request: a re-attach resumes there, no gap, no repeat.
+//!    The agent enforces the build's timeout on each step (what is left of
+//!    it when the step starts), by the sandbox's own clock: a step that
+//!    ended while the coordinator was away is judged by its real exit.
+//! 4. **Cleanup**: the build finished (and with it, maybe, the run), then
+//!    its sandbox deleted: a crash between the two leaves a sandbox for the
+//!    janitor, never a passed build taken for lost.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use flotilla_agent::http::ClientError;
 use flotilla_api::coordinator::{BuildFailure, RunState};
 use flotilla_api::{
-    BackendKind, CreateSandboxRequest, ErrorCode, ExecRequest, FrameKind, NetworkMode, Resources, SandboxState,
-    Timestamp,
+    BackendKind, CreateSandboxRequest, ErrorCode, ExecRequest, FrameKind, NetworkMode, OutputQuery, Resources,
+    SandboxState, Timestamp,
 };
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -57,6 +63,23 @@ pub const NODE_LOST_ATTEMPTS: u32 = 3;
 pub const FAILURE_LINES: usize = 20;
 /// Pause before re-attaching to a stream that broke while its sandbox runs.
 const REATTACH_PAUSE: Duration = Duration::from_millis(500);
+
+/// Output bytes one follow request asks for before it comes back to
+/// acknowledge them: well under the agent's hold budget
+/// ([`flotilla_api::limits::PROCESS_RING_BYTES`]), so a step printing as
+/// fast as it can keeps running while the last stretch is stored.
+pub const FOLLOW_LIMIT: u64 = 2 << 20;
+
+/// Output gathered before one store write: frames that arrive together
+/// are stored together (one transaction, not one per pipe read).
+const LOG_BATCH: usize = 512 << 10;
+
+/// How long past its deadline the coordinator waits for a build's end
+/// before timing it out itself. The agent times out each step by the
+/// sandbox's clock; this catches what no agent reports (a hung create, a
+/// silent node) and gives a resumed executor time to hear how a step that
+/// ended during an outage really ended.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(30);
 
 /// How long a liveness call (is the sandbox there? what runs on the
 /// node?) may take: a node cut off the network answers nothing, not even
@@ -136,10 +159,12 @@ impl BuildSpec {
     }
 }
 
-/// A running executor's handle: how cancel reaches it.
+/// A running executor's handle: how cancel reaches it, and how it hears
+/// that the build is another coordinator's now.
 #[derive(Debug, Default)]
 pub struct Handle {
     pub cancel: Notify,
+    pub fenced: Notify,
 }
 
 /// Why an executor stopped early.
@@ -152,11 +177,16 @@ enum Stop {
     NodeLost(String),
     /// The store failed: leave the build running for the next executor.
     Store(StoreError),
+    /// Another coordinator adopted the build: stop acting on it.
+    Fenced,
 }
 
 impl From<StoreError> for Stop {
     fn from(e: StoreError) -> Stop {
-        Stop::Store(e)
+        match e {
+            StoreError::Fenced(_) => Stop::Fenced,
+            e => Stop::Store(e),
+        }
     }
 }
 
@@ -205,7 +235,10 @@ pub async fn execute(c: Arc<Coordinator>, id: u64, handle: Arc<Handle>) {
             }
         }
         Stop::Store(e) => {
-            tracing::error!(build = id, error = %crate::error_chain(&e), "the store failed; the build resumes at the next start");
+            tracing::error!(build = id, error = %crate::error_chain(&e), "the store failed; the build's lease lapses and it is adopted where it stopped");
+        }
+        Stop::Fenced => {
+            tracing::warn!(build = id, "another coordinator adopted the build; this one stops acting on it");
         }
     }
     c.build_done(id).await;
@@ -220,6 +253,9 @@ async fn run(c: &Arc<Coordinator>, id: u64, handle: &Handle) -> Stop {
     if work.state.is_final() {
         return Stop::Done;
     }
+    if work.owner.as_deref() != Some(c.config.owner.as_str()) {
+        return Stop::Fenced;
+    }
     // Canceled while no executor ran it (the coordinator was down): end it
     // now instead of resuming it.
     if work.cancel_requested {
@@ -231,22 +267,33 @@ async fn run(c: &Arc<Coordinator>, id: u64, handle: &Handle) -> Stop {
     };
     let started = c.store.build(id).await.ok().flatten().and_then(|b| b.started_at).unwrap_or_else(Timestamp::now);
     let deadline = started.plus(Duration::from_millis(spec.timeout_ms));
-    let until = tokio::time::Instant::now() + Timestamp::now().until(deadline);
+    // Counted from now when the deadline passed while no executor ran (an
+    // outage): the steps' own ends, which the agent knows, come first.
+    let until = tokio::time::Instant::now() + Timestamp::now().until(deadline) + TIMEOUT_GRACE;
     tokio::select! {
-        s = steps(c, &work, &spec) => s,
+        s = steps(c, &work, &spec, deadline) => s,
+        () = handle.fenced.notified() => Stop::Fenced,
         () = handle.cancel.notified() => {
             end_early(c, &work, RunState::Canceled, None).await
         }
         () = tokio::time::sleep_until(until) => {
             let step = c.store.build(id).await.ok().flatten().and_then(|b| b.step).unwrap_or_default();
-            let failure = BuildFailure {
-                step: step.clone(),
-                message: format!("timed out after {} in step {step:?}", flotilla_api::units::format_duration(Duration::from_millis(spec.timeout_ms))),
-                last_lines: c.store.tail(id, FAILURE_LINES).await.unwrap_or_default(),
-            };
-            end_early(c, &work, RunState::Failed, Some(failure)).await
+            timed_out(c, &work, &spec, &step).await
         }
     }
+}
+
+/// Fails the build for its timeout, in `step`.
+async fn timed_out(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, step: &str) -> Stop {
+    let failure = BuildFailure {
+        step: step.to_string(),
+        message: format!(
+            "timed out after {} in step {step:?}",
+            flotilla_api::units::format_duration(Duration::from_millis(spec.timeout_ms))
+        ),
+        last_lines: c.store.tail(work.id, FAILURE_LINES).await.unwrap_or_default(),
+    };
+    end_early(c, work, RunState::Failed, Some(failure)).await
 }
 
 /// Cancel or timeout: stop what runs, delete the sandbox, record the end.
@@ -256,13 +303,10 @@ async fn end_early(c: &Arc<Coordinator>, work: &BuildWork, state: RunState, fail
     let sandbox = w.as_ref().and_then(|w| w.sandbox.clone());
     let event = if state == RunState::Canceled { "canceled" } else { "timeout" };
     let _ = c.store.timeline(id, event, failure.as_ref().map(|f| f.message.clone())).await;
-    if let Some(sb) = sandbox {
-        delete_sandbox(c, id, &sb).await;
-    }
-    finish(c, id, state, failure).await
+    finish_then_delete(c, id, sandbox.as_deref(), state, failure).await
 }
 
-async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop {
+async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, deadline: Timestamp) -> Stop {
     let id = work.id;
     let sandbox = match ensure_sandbox(c, work, spec).await {
         Ok(s) => s,
@@ -276,24 +320,37 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop
     let first = work.step_index;
     for (i, step) in spec.steps.iter().enumerate().skip(first) {
         let process = format!("step-{i}");
-        match c.store.begin_step(id, i, &step.name).await {
+        // What is left of the build's time.
+        let left = Timestamp::now().until(deadline);
+        let resumed = match c.store.begin_step(id, i, &step.name).await {
             Ok(true) => {
+                if left.is_zero() {
+                    return timed_out(c, work, spec, &step.name).await;
+                }
                 let _ = c.timeline(id, "start_step", Some(step.name.clone())).await;
+                false
             }
             Ok(false) => {
                 let _ = c
                     .timeline(id, "reattached", Some(format!("{} at output byte {}", step.name, work.proc_offset)))
                     .await;
+                true
             }
-            Err(e) => return Stop::Store(e),
-        }
+            Err(e) => return e.into(),
+        };
         let agent = node(c).sandbox(&sandbox);
+        // A resumed step keeps the timeout it was started with (the exec
+        // is refused as a conflict) and is judged by how it really ended;
+        // one a crash kept from starting gets what is left, if only 1 ms.
+        let left = if resumed { left.max(Duration::from_millis(1)) } else { left };
         let req = ExecRequest {
             argv: vec!["/bin/sh".into(), "-c".into(), step.run.clone()],
             env: spec.env.clone(),
             cwd: Some("/workspace".into()),
             detach: true,
             id: Some(process.clone()),
+            timeout_ms: Some(left.as_millis() as u64),
+            hold: true,
             ..Default::default()
         };
         match agent.exec_detached(&req).await {
@@ -312,6 +369,10 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop
             Ok(s) => s,
             Err(stop) => return stop,
         };
+        if status.as_ref().is_some_and(|s| s.timed_out) {
+            let _ = c.timeline(id, "end_step", Some(format!("{} timed out", step.name))).await;
+            return timed_out(c, work, spec, &step.name).await;
+        }
         let code = status.as_ref().and_then(|s| s.code);
         let detail = match (&status, code) {
             (_, Some(code)) => format!("{} exit {code}", step.name),
@@ -330,8 +391,7 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec) -> Stop
             .await;
         }
     }
-    delete_sandbox(c, id, &sandbox).await;
-    finish(c, id, RunState::Passed, None).await
+    finish_then_delete(c, id, Some(&sandbox), RunState::Passed, None).await
 }
 
 /// The build's sandbox, running: the recorded one, or a new one.
@@ -455,7 +515,9 @@ async fn follow(
         let w = c.store.work(id).await?.ok_or(Stop::Done)?;
         let mut offset = w.proc_offset;
         let agent = node(c).sandbox(sandbox);
-        let attached = agent.output(process, offset, true).await;
+        // Everything before `offset` is stored: the agent may let it go.
+        let q = OutputQuery { from: offset, follow: Some(true), ack: true, limit: Some(FOLLOW_LIMIT) };
+        let attached = agent.output_with(process, &q).await;
         let (mut stream, start) = match attached {
             Ok(x) => x,
             Err(ClientError::Api(e)) if e.code == ErrorCode::NotFound => {
@@ -476,26 +538,39 @@ async fn follow(
             }
             offset = start;
         }
+        let attached_at = offset;
+        let mut batch: Vec<u8> = Vec::new();
         loop {
-            // Made anew for each frame: kept across the loop's body, a
-            // check suspended inside the fleet's lock would hold it while
-            // this task wants it (in `trouble`), a deadlock.
-            let next = tokio::select! {
-                next = stream.next() => next,
-                why = node_lost(c) => return Err(Stop::NodeLost(why)),
-            };
-            match next {
-                Ok(Some(f)) => match f.kind {
-                    FrameKind::Stdout | FrameKind::Stderr => {
-                        let data: Bytes = f.payload;
-                        if !c.store.append_log(id, offset, data.to_vec()).await? {
-                            // Someone else stored past here: start over from
-                            // the stored offset.
+            // Frames already here join the batch; once none is, the batch
+            // is stored before waiting for more.
+            let next = if batch.is_empty() {
+                // Made anew for each frame: kept across the loop's body, a
+                // check suspended inside the fleet's lock would hold it while
+                // this task wants it (in `trouble`), a deadlock.
+                tokio::select! {
+                    next = stream.next() => next,
+                    why = node_lost(c) => return Err(Stop::NodeLost(why)),
+                }
+            } else {
+                match stream.next().now_or_never() {
+                    Some(next) => next,
+                    None => {
+                        if !store_batch(c, id, &mut offset, &mut batch).await? {
                             break;
                         }
-                        offset += data.len() as u64;
-                        c.log_appended(id);
+                        continue;
                     }
+                }
+            };
+            let ends = !matches!(&next, Ok(Some(f)) if matches!(f.kind, FrameKind::Stdout | FrameKind::Stderr | FrameKind::Heartbeat));
+            if (ends || batch.len() >= LOG_BATCH) && !store_batch(c, id, &mut offset, &mut batch).await? {
+                // Someone else stored past here: start over from the
+                // stored offset.
+                break;
+            }
+            match next {
+                Ok(Some(f)) => match f.kind {
+                    FrameKind::Stdout | FrameKind::Stderr => batch.extend_from_slice(&f.payload),
                     FrameKind::Exit => return Ok(f.as_exit()),
                     FrameKind::Error => {
                         // The agent's own error (the sandbox stopped under
@@ -509,6 +584,11 @@ async fn follow(
                     }
                     _ => {}
                 },
+                // The agent ends a stream after FOLLOW_LIMIT bytes (or
+                // where it dropped output, for the next request to hear
+                // of): come back for the rest at once. A stream that ends
+                // having brought nothing is trouble.
+                Ok(None) if offset > attached_at => break,
                 Ok(None) => {
                     trouble(c, sandbox, &ClientError::Decode("the output stream ended without an exit".into())).await?;
                     break;
@@ -520,6 +600,22 @@ async fn follow(
             }
         }
     }
+}
+
+/// Stores the gathered output at `offset` and moves past it; false if the
+/// store holds other bytes there (another executor stored them).
+async fn store_batch(c: &Arc<Coordinator>, id: u64, offset: &mut u64, batch: &mut Vec<u8>) -> Result<bool, Stop> {
+    if batch.is_empty() {
+        return Ok(true);
+    }
+    let data = std::mem::take(batch);
+    let len = data.len() as u64;
+    if !c.store.append_log(id, &c.config.owner, *offset, data).await? {
+        return Ok(false);
+    }
+    *offset += len;
+    c.log_appended(id);
+    Ok(true)
 }
 
 /// A stream broke: if the sandbox still runs, pause and re-attach;
@@ -605,14 +701,28 @@ async fn delete_sandbox(c: &Arc<Coordinator>, id: u64, sandbox: &str) {
 /// Fails the build at `step` with the last lines of its log.
 async fn fail(c: &Arc<Coordinator>, id: u64, sandbox: Option<&str>, step: &str, message: String) -> Stop {
     let last_lines = c.store.tail(id, FAILURE_LINES).await.unwrap_or_default();
-    if let Some(sb) = sandbox {
+    let failure = BuildFailure { step: step.to_string(), message, last_lines };
+    finish_then_delete(c, id, sandbox, RunState::Failed, Some(failure)).await
+}
+
+/// Records the build's end, then deletes its sandbox: the end is what must
+/// survive a crash; a sandbox left behind is the janitor's.
+async fn finish_then_delete(
+    c: &Arc<Coordinator>,
+    id: u64,
+    sandbox: Option<&str>,
+    state: RunState,
+    failure: Option<BuildFailure>,
+) -> Stop {
+    let stop = finish(c, id, state, failure).await;
+    if let (Stop::Done, Some(sb)) = (&stop, sandbox) {
         delete_sandbox(c, id, sb).await;
     }
-    finish(c, id, RunState::Failed, Some(BuildFailure { step: step.to_string(), message, last_lines })).await
+    stop
 }
 
 async fn finish(c: &Arc<Coordinator>, id: u64, state: RunState, failure: Option<BuildFailure>) -> Stop {
-    match c.store.finish_build(id, state, failure).await {
+    match c.store.finish_build_as(id, Some(&c.config.owner), state, failure).await {
         Ok(run_state) => {
             c.build_changed(id).await;
             if run_state.is_some() {
@@ -620,7 +730,7 @@ async fn finish(c: &Arc<Coordinator>, id: u64, state: RunState, failure: Option<
             }
             Stop::Done
         }
-        Err(e) => Stop::Store(e),
+        Err(e) => e.into(),
     }
 }
 

@@ -29,7 +29,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use flotilla_api::{BackendKind, NetworkMode, Resources};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Where the config lives in the repository.
@@ -78,7 +78,33 @@ pub struct Triggers {
     pub branches: Vec<String>,
     /// Whether `flotilla try` is accepted.
     pub try_enabled: bool,
+    /// Which commits of a push get a run.
+    pub commits: Commits,
 }
+
+/// Which commits of a push get a run (`[triggers] commits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Commits {
+    /// Every commit, oldest first (`"all"`, the default).
+    #[default]
+    All,
+    /// Only the branch's new head (`"head"`).
+    Head,
+}
+
+impl Commits {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Commits::All => "all",
+            Commits::Head => "head",
+        }
+    }
+}
+
+/// Steps one builder may have: a `flotilla.toml` is a stranger's input, and
+/// each step is a process, a timeline entry and a store row.
+pub const MAX_STEPS: usize = 1000;
 
 /// A named build configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,6 +224,8 @@ struct RawTriggers {
     branches: Vec<String>,
     #[serde(default, rename = "try")]
     try_enabled: Option<bool>,
+    #[serde(default)]
+    commits: Option<Commits>,
 }
 
 #[derive(Deserialize)]
@@ -243,9 +271,13 @@ pub fn parse(text: &str) -> Result<ProjectConfig, ConfigError> {
                     return Err(ConfigError(format!("triggers.branches[{i}]: {b:?} is not a branch name")));
                 }
             }
-            Triggers { branches: t.branches, try_enabled: t.try_enabled.unwrap_or(true) }
+            Triggers {
+                branches: t.branches,
+                try_enabled: t.try_enabled.unwrap_or(true),
+                commits: t.commits.unwrap_or_default(),
+            }
         }
-        None => Triggers { branches: Vec::new(), try_enabled: true },
+        None => Triggers { branches: Vec::new(), try_enabled: true, commits: Commits::All },
     };
     if raw.builder.is_empty() {
         return Err(ConfigError("no [[builder]]: a project needs at least one".into()));
@@ -284,6 +316,9 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
     }
     if raw.steps.is_empty() {
         return Err("steps: a builder needs at least one step".into());
+    }
+    if raw.steps.len() > MAX_STEPS {
+        return Err(format!("steps: {} steps, more than the {MAX_STEPS} a builder may have", raw.steps.len()));
     }
     let mut steps: Vec<Step> = Vec::new();
     for (j, s) in raw.steps.into_iter().enumerate() {
@@ -349,7 +384,7 @@ steps = [{ name = "test", run = "make check" }]
     #[test]
     fn the_design_example_parses() {
         let c = parse(DESIGN).unwrap();
-        assert_eq!(c.triggers, Triggers { branches: vec!["main".into()], try_enabled: true });
+        assert_eq!(c.triggers, Triggers { branches: vec!["main".into()], try_enabled: true, commits: Commits::All });
         assert_eq!(c.builders.len(), 2);
         let a = &c.builders[0];
         assert_eq!(a.name.to_string(), "linux-amd64");
@@ -368,7 +403,7 @@ steps = [{ name = "test", run = "make check" }]
     #[test]
     fn defaults() {
         let c = parse("[[builder]]\nname = \"linux-arm64\"\nsteps = [{ name = \"t\", run = \"true\" }]\n").unwrap();
-        assert_eq!(c.triggers, Triggers { branches: vec![], try_enabled: true });
+        assert_eq!(c.triggers, Triggers { branches: vec![], try_enabled: true, commits: Commits::All });
         let b = &c.builders[0];
         assert_eq!((b.image.as_str(), b.backend), ("host", BackendKind::Process));
         assert!(c.watches("trunk", "trunk"));
@@ -428,6 +463,21 @@ steps = [{ name = "test", run = "make check" }]
             (
                 b("name = \"linux-amd64\"\nsteps = [{ name = \"t\", run = \"x\" }, { name = \"t\", run = \"y\" }]"),
                 "steps[1]: a step named \"t\" is already defined".into(),
+            ),
+            (
+                b(&format!(
+                    "name = \"linux-amd64\"\nsteps = [{}]",
+                    (0..=MAX_STEPS)
+                        .map(|i| format!("{{ name = \"s{i}\", run = \"x\" }}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )),
+                "builder[0] \"linux-amd64\": steps: 1001 steps, more than the 1000 a builder may have".into(),
+            ),
+            (
+                "[triggers]\ncommits = \"some\"\n".to_string()
+                    + &b("name = \"linux-amd64\"\nsteps = [{ name = \"t\", run = \"x\" }]"),
+                "unknown variant `some`".into(),
             ),
             (
                 format!(

@@ -136,7 +136,9 @@ pub fn op_id(change: &Change) -> String {
 #[derive(Debug, Default)]
 struct Prepared {
     config: Option<ConfigRef>,
-    changes: BTreeMap<String, ChangeNotice>,
+    /// In the order they were first announced (a push's commits oldest
+    /// first), so runs are created, and numbered, in that order.
+    changes: Vec<ChangeNotice>,
     created: Vec<(String, u64)>,
     finished: Vec<(u64, RunState)>,
     poke: bool,
@@ -163,13 +165,14 @@ fn prepare(events: &[Listed]) -> Prepared {
             }
             Event::ChangesUpdated { changes } => {
                 for n in changes {
-                    match p.changes.get(&n.change.id) {
-                        Some(old) if old.change.version >= n.change.version => p.dropped += 1,
-                        Some(_) | None => {
-                            if p.changes.insert(n.change.id.clone(), n.clone()).is_some() {
-                                p.dropped += 1;
+                    match p.changes.iter_mut().find(|o| o.change.id == n.change.id) {
+                        Some(old) => {
+                            p.dropped += 1;
+                            if old.change.version < n.change.version {
+                                *old = n.clone();
                             }
                         }
+                        None => p.changes.push(n.clone()),
                     }
                 }
             }
@@ -217,7 +220,8 @@ pub fn step(state: &State, events: &[Listed], default_branch: &str) -> Outcome {
         None => (vec![default_branch.to_string()], true, String::new()),
     };
 
-    for (id, notice) in prepared.changes {
+    for notice in prepared.changes {
+        let id = notice.change.id.clone();
         let c = &notice.change;
         match next.changes.get(&id) {
             Some(f) if f.change.version >= c.version => {
@@ -418,6 +422,20 @@ mod tests {
         let o2 = step(&o.state, &[ev("c3", config("h2", &["dev"], false))], "main");
         assert!(o2.new_config.is_none());
         assert!(o2.is_noop());
+    }
+
+    /// Regression: runs were created in SHA order (a map keyed by change
+    /// id), so a push's runs were numbered out of commit order.
+    #[test]
+    fn a_pushs_runs_are_created_in_commit_order() {
+        let shas = ["f3", "0a", "c7", "19", "e2"];
+        let o = step(
+            &State::default(),
+            &[ev("x", Event::ChangesUpdated { changes: shas.iter().map(|s| commit("main", s)).collect() })],
+            "main",
+        );
+        let want: Vec<String> = shas.iter().map(|s| format!("main@{s}@v1")).collect();
+        assert_eq!(created_ops(&o), want);
     }
 
     #[test]

@@ -20,9 +20,10 @@ use crate::pm::{ChangeNotice, ConfigRef, Event};
 use crate::runtime::Coordinator;
 use crate::store::PollResult;
 
-/// Commits announced per branch per poll: a push of more builds only its
-/// newest ones (post-submit builds newest first anyway).
-pub const MAX_NEW_COMMITS: usize = 20;
+/// Commits announced per branch per poll. A push of more (a long-lived
+/// branch merged without squashing, say) builds its newest this many and
+/// says so on the project (`poll_error`), never silently.
+pub const MAX_NEW_COMMITS: usize = 1000;
 
 /// The hash a missing `flotilla.toml` is noted under.
 pub const NO_CONFIG: &str = "none";
@@ -81,6 +82,7 @@ async fn poll_inner(c: &Arc<Coordinator>, project: &str) -> Result<(), String> {
     // The project config: the default branch's flotilla.toml.
     let mut result = PollResult::default();
     let mut branches = vec![default_branch.clone()];
+    let mut commits_mode = config::Commits::All;
     let mut sent = false;
     if let Some(head) = mirror.head(&default_branch).await.map_err(|e| crate::error_chain(&e))? {
         let (hash, parsed) = config_at(c, &mirror, &head).await?;
@@ -91,6 +93,8 @@ async fn poll_inner(c: &Arc<Coordinator>, project: &str) -> Result<(), String> {
                 }
                 result.builders = Some(cfg.builders.iter().map(|b| b.name.to_string()).collect());
                 result.branches = Some(branches.clone());
+                commits_mode = cfg.triggers.commits;
+                result.commits = Some(commits_mode.as_str().to_string());
                 if p.config_hash.as_deref() != Some(hash.as_str()) {
                     let ev = Event::UpdateConfig {
                         config: ConfigRef {
@@ -115,10 +119,23 @@ async fn poll_inner(c: &Arc<Coordinator>, project: &str) -> Result<(), String> {
         let Some(head) = mirror.head(b).await.map_err(|e| crate::error_chain(&e))? else { continue };
         let prev = p.heads.get(b).cloned();
         if prev.as_deref() != Some(head.as_str()) {
-            let commits = mirror
-                .new_commits(prev.as_deref(), &head, MAX_NEW_COMMITS)
-                .await
-                .map_err(|e| crate::error_chain(&e))?;
+            let limit = match commits_mode {
+                config::Commits::All => MAX_NEW_COMMITS,
+                config::Commits::Head => 1,
+            };
+            // One more than the limit tells a cut push from one that fit.
+            let mut commits =
+                mirror.new_commits(prev.as_deref(), &head, limit + 1).await.map_err(|e| crate::error_chain(&e))?;
+            if commits.len() > limit {
+                commits.truncate(limit);
+                if commits_mode == config::Commits::All {
+                    let note = format!(
+                        "a push to {b} brought more than {limit} new commits: only the newest {limit} get runs"
+                    );
+                    tracing::warn!(project, "{note}");
+                    result.error = Some(note);
+                }
+            }
             let mut changes = Vec::new();
             for commit in commits.iter().rev() {
                 let (hash, _) = config_at(c, &mirror, &commit.sha).await?;

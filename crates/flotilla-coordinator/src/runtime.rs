@@ -34,6 +34,8 @@ pub struct CoordinatorConfig {
     /// A node that answers nothing for this long is lost: its running
     /// builds are retried on another node (`retried: node lost`).
     pub node_lost_after: Duration,
+    /// How long a running build's lease lasts (see [`Coordinator::lease_keeper`]).
+    pub lease: Duration,
     /// Where to find more nodes: the name table's `nodes/*`.
     pub discovery: Option<Discovery>,
 }
@@ -188,6 +190,8 @@ impl Coordinator {
             tracing::info!(build = id, "resuming a build that was running at the last stop");
             self.spawn_executor(id);
         }
+        let me = self.clone();
+        tokio::spawn(async move { me.lease_keeper().await });
         let me = self.clone();
         tokio::spawn(async move { me.describer().await });
         let me = self.clone();
@@ -563,7 +567,8 @@ impl Coordinator {
                 node_millicpus: node.millicpus,
                 node_memory_bytes: node.memory_bytes,
             });
-            match self.store.claim_within(id, &self.config.owner, &node.name, reserve).await {
+            let lease = Timestamp::now().plus(self.config.lease);
+            match self.store.claim_within(id, &self.config.owner, &node.name, reserve, lease).await {
                 Ok(Claim::Claimed) => {
                     room -= 1;
                     *running_on.entry(i).or_default() += 1;
@@ -686,6 +691,70 @@ impl Coordinator {
         }
         let me = self.clone();
         tokio::spawn(async move { build::execute(me, id, handle).await });
+    }
+
+    /// Keeps this coordinator's builds leased and takes over lapsed ones
+    /// (Nomad's and Buildkite's "lost agent", with the store as referee).
+    ///
+    /// Every third of [`CoordinatorConfig::lease`]:
+    /// 1. the builds whose executors run here are renewed, and only those:
+    ///    a build this coordinator owns in the store but no longer runs
+    ///    (its executor stopped on a store error) lapses and is adopted
+    ///    like any other, by a peer or by this coordinator itself;
+    /// 2. an executor whose build was adopted elsewhere meanwhile (this
+    ///    coordinator hung or lost the database past its lease) is told to
+    ///    stop; the store refuses its writes anyway (fencing);
+    /// 3. a cancel asked for through any coordinator reaches the executor;
+    /// 4. running builds whose lease lapsed are adopted, each by exactly
+    ///    one coordinator, and resumed from their stored offset;
+    /// 5. projects added through another coordinator get their manager
+    ///    and poller here too.
+    ///
+    /// Times are the coordinators' wall clocks: they must agree to well
+    /// within a lease (NTP does).
+    pub async fn lease_keeper(self: Arc<Self>) {
+        let every = self.config.lease / 3;
+        loop {
+            let now = Timestamp::now();
+            let until = now.plus(self.config.lease);
+            let mine: Vec<u64> = self.running.lock().expect("running").keys().copied().collect();
+            match self.store.renew_leases(&self.config.owner, mine, until).await {
+                Ok(renewed) => {
+                    let r = self.running.lock().expect("running");
+                    for x in renewed {
+                        let Some(h) = r.get(&x.id) else { continue };
+                        if !x.held {
+                            h.fenced.notify_one();
+                        } else if x.cancel_requested {
+                            h.cancel.notify_one();
+                        }
+                    }
+                }
+                Err(e) => {
+                    let e = crate::error_chain(&e);
+                    tracing::warn!(error = %e, "renewing build leases failed");
+                }
+            }
+            match self.store.adopt_lapsed(&self.config.owner, now, until, 100).await {
+                Ok(adopted) => {
+                    for (id, was) in adopted {
+                        tracing::warn!(build = id, from = ?was, "adopted a build whose lease lapsed");
+                        self.build_changed(id).await;
+                        self.spawn_executor(id);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %crate::error_chain(&e), "adopting lapsed builds failed"),
+            }
+            if let Ok(projects) = self.store.projects().await {
+                for p in projects {
+                    let watched = self.pollers.lock().expect("pollers").contains_key(&p.name);
+                    if p.status == flotilla_api::coordinator::ProjectStatus::Enabled && !watched {
+                        self.watch_project(&p.name);
+                    }
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// An executor ended: room for the next build.

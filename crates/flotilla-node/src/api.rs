@@ -183,6 +183,12 @@ fn table<B: Backend>() -> Vec<Entry<B>> {
             &[
                 ("from", QType::Int, "Output byte offset (stdout and stderr bytes) to resume from"),
                 ("follow", QType::Bool, "Keep the stream open until the process exits (default true)"),
+                (
+                    "ack",
+                    QType::Bool,
+                    "Every byte before `from` is stored: a process started with `hold` may forget them",
+                ),
+                ("limit", QType::Int, "End the stream once this many output bytes were sent"),
             ],
             (200, Stream(FRAMES)),
             proxy::<B>,
@@ -777,7 +783,8 @@ async fn proxy<B: Backend>(State(n): NodeState<B>, mut req: Request) -> Result<R
     let (parts, body) = resp.into_parts();
     let frames = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v == FRAMES_CONTENT_TYPE);
     if frames {
-        return Ok(Response::from_parts(parts, ended_frames(n, id.to_string(), boot, body)));
+        let may_end = parts.headers.contains_key(flotilla_api::limits::STREAM_MAY_END_HEADER);
+        return Ok(Response::from_parts(parts, ended_frames(n, id.to_string(), boot, body, may_end)));
     }
     Ok(Response::from_parts(parts, Body::new(body)))
 }
@@ -811,12 +818,15 @@ fn stopped_error(id: &str, during: &str) -> ApiError {
 /// ends with an exit or an error frame: if the agent's stream breaks or
 /// ends without one (the sandbox was stopped, the agent died), the node
 /// adds an error frame that says why, `sandbox_stopped` or
-/// `agent_unreachable`, so a client never sees a stream just stop.
+/// `agent_unreachable`, so a client never sees a stream just stop. A
+/// stream the agent marked as one that `may_end` early (a bounded read of
+/// a process's output) passes a clean end on untouched.
 fn ended_frames<B: Backend>(
     n: Arc<Node<B>>,
     id: String,
     boot: Option<flotilla_api::Timestamp>,
     mut body: hyper::body::Incoming,
+    may_end: bool,
 ) -> Body {
     use http_body_util::BodyExt;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<bytes::Bytes, std::io::Error>>(16);
@@ -839,7 +849,7 @@ fn ended_frames<B: Backend>(
                 None => break None,
             }
         };
-        if ended {
+        if ended || (may_end && broke.is_none()) {
             return;
         }
         let err = if stopped_meanwhile(&n, &id, boot).await {

@@ -41,6 +41,11 @@ pub struct CoordinatorArgs {
     /// A node that answers nothing for this long is lost: its builds are retried on another node.
     #[arg(long, value_parser = flotilla_api::units::parse_duration, default_value = "60s")]
     pub node_lost_after: std::time::Duration,
+    /// How long a running build's lease lasts: renewed every third of it while this coordinator
+    /// runs the build; once it lapses (the coordinator died, hung, or lost the database) any
+    /// coordinator on the same database adopts the build where it stopped.
+    #[arg(long, value_parser = flotilla_api::units::parse_duration, default_value = "10s")]
+    pub lease: std::time::Duration,
 }
 
 /// Starts the coordinator: its store, its tasks, its API on HOME's socket
@@ -75,6 +80,7 @@ pub async fn serve(
             max_builds: args.max_builds.max(1),
             fleet,
             node_lost_after: args.node_lost_after,
+            lease: args.lease.max(std::time::Duration::from_secs(1)),
             discovery,
         },
     );

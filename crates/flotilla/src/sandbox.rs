@@ -334,6 +334,7 @@ async fn exec(a: ExecArgs, node: &NodeArgs, json: bool) -> anyhow::Result<i32> {
         stdin: None,
         detach: a.detach,
         id: None,
+        hold: false,
     };
     let agent = c.sandbox(&a.id);
     if a.detach {

@@ -50,6 +50,10 @@ pub enum StoreError {
     Invalid(String),
     #[error("the store's worker thread failed: {0}")]
     Join(String),
+    /// The build is no longer this coordinator's (its lease lapsed and a
+    /// peer adopted it): the write was refused.
+    #[error("build {0} is run by another coordinator now")]
+    Fenced(u64),
 }
 
 /// The schema, with `{serial}` (an auto-increment primary key) and `{blob}`
@@ -172,6 +176,30 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 ";
 
+/// Columns added after a table was first created: (table, column, type).
+/// `CREATE TABLE IF NOT EXISTS` leaves an existing table as it was, so a
+/// store made by an older version gets them here.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("projects", "commits", "TEXT"), ("builds", "lease_until", "BIGINT")];
+
+/// Adds the [`ADDED_COLUMNS`] a store lacks.
+fn add_columns(c: &mut dyn Conn, d: Dialect) -> Result<(), SqlError> {
+    for (table, column, ty) in ADDED_COLUMNS {
+        match d {
+            Dialect::Postgres => c.batch(&format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {ty}"))?,
+            Dialect::Sqlite => {
+                let has = c.query(
+                    "SELECT 1 FROM pragma_table_info($1) WHERE name = $2",
+                    &[table.to_string().into(), column.to_string().into()],
+                )?;
+                if has.is_empty() {
+                    c.batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn schema(d: Dialect) -> String {
     let (serial, blob) = match d {
         Dialect::Sqlite => ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
@@ -243,6 +271,8 @@ pub struct PollResult {
     /// The current config's builders and watched branches, when it parsed.
     pub builders: Option<Vec<String>>,
     pub branches: Option<Vec<String>>,
+    /// Which commits of a push get a run (`all` or `head`).
+    pub commits: Option<String>,
 }
 
 /// A build to create with a run: its builder's name and spec (JSON, the
@@ -285,6 +315,20 @@ pub struct BuildWork {
     pub log_bytes: u64,
     /// The node it was placed on (by name in the coordinator's fleet).
     pub node: Option<String>,
+    /// The coordinator running it.
+    pub owner: Option<String>,
+}
+
+/// A running build this coordinator holds the lease of, as the renewal
+/// found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewed {
+    pub id: u64,
+    /// Still ours: the lease was extended. When false, a peer adopted it
+    /// (or it ended): the executor must stop acting on it.
+    pub held: bool,
+    /// A cancel was asked for, perhaps through another coordinator.
+    pub cancel_requested: bool,
 }
 
 /// A slice of a build's log.
@@ -338,6 +382,11 @@ impl Store {
         first.batch(&schema(dialect)).or_else(|e| match (dialect, &e) {
             // Two coordinators creating the schema at once on PostgreSQL:
             // the loser's CREATE races the winner's; the schema is there.
+            (Dialect::Postgres, SqlError::Postgres(m)) if m.contains("already exists") => Ok(()),
+            _ => Err(e),
+        })?;
+        add_columns(first.as_mut(), dialect).or_else(|e| match (dialect, &e) {
+            // The same race for an added column.
             (Dialect::Postgres, SqlError::Postgres(m)) if m.contains("already exists") => Ok(()),
             _ => Err(e),
         })?;
@@ -461,7 +510,7 @@ impl Store {
     }
 
     const PROJECT_COLS: &str = "p.name, p.repo, p.branch, p.status, p.poll_interval_ms, p.webhook_secret, p.config_hash, \
-        p.config_error, p.builders, p.branches, p.heads, p.polled_at, p.poll_error, p.created_at, s.eversion";
+        p.config_error, p.builders, p.branches, p.heads, p.polled_at, p.poll_error, p.created_at, s.eversion, p.commits";
 
     fn project_row(r: &Row) -> Result<Project, StoreError> {
         Ok(Project {
@@ -482,6 +531,7 @@ impl Store {
             poll_error: r[12].opt_text()?,
             created_at: Timestamp(r[13].int()? as u64),
             eversion: r[14].opt_int()?.unwrap_or(0) as u64,
+            commits: r[15].opt_text()?,
         })
     }
 
@@ -555,7 +605,8 @@ impl Store {
         self.with(move |c| {
             c.execute(
                 "UPDATE projects SET heads = $2, polled_at = $3, poll_error = $4, config_error = $5,
-                 builders = COALESCE($6, builders), branches = COALESCE($7, branches) WHERE name = $1",
+                 builders = COALESCE($6, builders), branches = COALESCE($7, branches),
+                 commits = COALESCE($8, commits) WHERE name = $1",
                 &[
                     name.into(),
                     serde_json::to_string(&r.heads)?.into(),
@@ -564,6 +615,7 @@ impl Store {
                     r.config_error.into(),
                     r.builders.map(|b| serde_json::to_string(&b)).transpose()?.into(),
                     r.branches.map(|b| serde_json::to_string(&b)).transpose()?.into(),
+                    r.commits.into(),
                 ],
             )?;
             Ok(())
@@ -962,11 +1014,12 @@ impl Store {
             cancel_requested: r[14].int()? != 0,
             log_bytes: r[15].int()? as u64,
             node: r[16].opt_text()?,
+            owner: r[17].opt_text()?,
         })
     }
 
     const WORK_COLS: &str = "id, run_id, project, builder, attempt, retry_reason, state, rev, kind, spec, sandbox, \
-        step_index, proc_offset, source_written, cancel_requested, log_bytes, node";
+        step_index, proc_offset, source_written, cancel_requested, log_bytes, node, owner";
 
     pub async fn work(&self, id: u64) -> Result<Option<BuildWork>, StoreError> {
         self.with(move |c| {
@@ -1030,7 +1083,8 @@ impl Store {
     /// took it first.
     /// Claims a queued build for `owner` on `node`, with no reservation.
     pub async fn claim(&self, id: u64, owner: &str, node: &str) -> Result<bool, StoreError> {
-        Ok(self.claim_within(id, owner, node, None).await? == Claim::Claimed)
+        let lease = Timestamp::now().plus(std::time::Duration::from_secs(60));
+        Ok(self.claim_within(id, owner, node, None, lease).await? == Claim::Claimed)
     }
 
     /// Claims a queued build for `owner` on `node` and, with `reserve`,
@@ -1045,6 +1099,7 @@ impl Store {
         owner: &str,
         node: &str,
         reserve: Option<Reservation>,
+        lease_until: Timestamp,
     ) -> Result<Claim, StoreError> {
         let (owner, node) = (owner.to_string(), node.to_string());
         self.tx(move |c| {
@@ -1063,9 +1118,9 @@ impl Store {
                 }
             }
             let n = c.execute(
-                "UPDATE builds SET state = 'running', owner = $2, started_at = $3, node = $4
+                "UPDATE builds SET state = 'running', owner = $2, started_at = $3, node = $4, lease_until = $5
                  WHERE id = $1 AND state = 'queued'",
-                &[id.into(), owner.into(), now().into(), node.as_str().into()],
+                &[id.into(), owner.into(), now().into(), node.as_str().into(), (lease_until.0 as i64).into()],
             )?;
             if n == 0 {
                 return Ok(Claim::Taken);
@@ -1081,6 +1136,80 @@ impl Store {
             let run_id = run[0][0].int()?;
             c.execute("UPDATE runs SET state = 'running' WHERE id = $1 AND state = 'queued'", &[run_id.into()])?;
             Ok(Claim::Claimed)
+        })
+        .await
+    }
+
+    /// Runs one statement with one id parameter (tests set up states the
+    /// API does not reach).
+    #[cfg(test)]
+    pub async fn execute_for_test(&self, sql: &'static str, id: u64) {
+        self.with(move |c| Ok(c.execute(sql, &[id.into()])?)).await.expect(sql);
+    }
+
+    /// Extends `owner`'s leases on `ids` (the builds its executors run) to
+    /// `until`, and says of each whether it is still `owner`'s and whether
+    /// a cancel was asked for.
+    pub async fn renew_leases(&self, owner: &str, ids: Vec<u64>, until: Timestamp) -> Result<Vec<Renewed>, StoreError> {
+        let owner = owner.to_string();
+        self.tx(move |c| {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let rows = c.query(
+                    "UPDATE builds SET lease_until = $3 WHERE id = $1 AND owner = $2 AND state = 'running'
+                     RETURNING cancel_requested",
+                    &[id.into(), owner.as_str().into(), (until.0 as i64).into()],
+                )?;
+                out.push(match rows.first() {
+                    Some(r) => Renewed { id, held: true, cancel_requested: r[0].int()? != 0 },
+                    None => Renewed { id, held: false, cancel_requested: false },
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Takes over, for `owner`, up to `limit` running builds whose lease
+    /// lapsed before `now` (their coordinator died, hung or lost the
+    /// database), leasing them until `until`. Each take is conditional on
+    /// the lapsed lease it saw, so of two coordinators adopting at once
+    /// exactly one gets each build. Returns (build, previous owner).
+    pub async fn adopt_lapsed(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+        limit: u64,
+    ) -> Result<Vec<(u64, Option<String>)>, StoreError> {
+        let owner = owner.to_string();
+        self.tx(move |c| {
+            let rows = c.query(
+                "SELECT id, owner, lease_until FROM builds
+                 WHERE state = 'running' AND lease_until IS NOT NULL AND lease_until < $1 ORDER BY id LIMIT $2",
+                &[(now.0 as i64).into(), limit.into()],
+            )?;
+            let mut adopted = Vec::new();
+            for r in rows {
+                let (id, was, lease) = (r[0].int()? as u64, r[1].opt_text()?, r[2].int()?);
+                let n = c.execute(
+                    "UPDATE builds SET owner = $2, lease_until = $3 WHERE id = $1 AND state = 'running' AND lease_until = $4",
+                    &[id.into(), owner.as_str().into(), (until.0 as i64).into(), lease.into()],
+                )?;
+                if n == 1 {
+                    c.execute(
+                        "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'adopted', $3)",
+                        &[
+                            id.into(),
+                            (now.0 as i64).into(),
+                            format!("by {owner}: the lease of {} lapsed", was.as_deref().unwrap_or("no coordinator"))
+                                .into(),
+                        ],
+                    )?;
+                    adopted.push((id, was));
+                }
+            }
+            Ok(adopted)
         })
         .await
     }
@@ -1167,15 +1296,22 @@ impl Store {
     /// Appends output of the current step: the bytes between process
     /// offsets `from` and `from + data.len()`. Refused (false) unless the
     /// stored offset is `from`: so a chunk is never stored twice.
-    pub async fn append_log(&self, build: u64, from: u64, data: Vec<u8>) -> Result<bool, StoreError> {
+    pub async fn append_log(&self, build: u64, owner: &str, from: u64, data: Vec<u8>) -> Result<bool, StoreError> {
+        let owner = owner.to_string();
         self.tx(move |c| {
             let to = from + data.len() as u64;
             let rows = c.query(
                 "UPDATE builds SET proc_offset = $3, log_bytes = log_bytes + $4
-                 WHERE id = $1 AND proc_offset = $2 RETURNING log_bytes",
-                &[build.into(), from.into(), to.into(), (data.len() as u64).into()],
+                 WHERE id = $1 AND proc_offset = $2 AND owner = $5 RETURNING log_bytes",
+                &[build.into(), from.into(), to.into(), (data.len() as u64).into(), owner.as_str().into()],
             )?;
-            let Some(r) = rows.first() else { return Ok(false) };
+            let Some(r) = rows.first() else {
+                let o = c.query("SELECT owner FROM builds WHERE id = $1", &[build.into()])?;
+                return match o.first().map(|r| r[0].opt_text()).transpose()?.flatten() {
+                    Some(o) if o != owner => Err(StoreError::Fenced(build)),
+                    _ => Ok(false),
+                };
+            };
             let end = r[0].int()? as u64;
             let start = end - data.len() as u64;
             c.execute(
@@ -1194,24 +1330,38 @@ impl Store {
             let Some(b) = b.first() else { return Ok(None) };
             let total = b[0].int()? as u64;
             let done = state_of(&b[1])?.is_final();
-            let rows = c.query(
-                "SELECT start, data FROM log_chunks WHERE build_id = $1 AND start + length(data) > $2
-                 ORDER BY start LIMIT 256",
-                &[build.into(), from.into()],
-            )?;
+            // The chunk holding `from` is the last one starting at or
+            // before it: found through the primary key, so reading on from
+            // any offset costs the same however long the log is (a filter
+            // on `start + length(data)` scanned every earlier chunk).
             let mut data = Vec::new();
-            for r in rows {
-                let start = r[0].int()? as u64;
-                let chunk = r[1].clone().blob()?;
-                let skip = from.saturating_sub(start) as usize;
-                if skip < chunk.len() {
-                    data.extend_from_slice(&chunk[skip..]);
+            let mut at = from;
+            'read: while (data.len() as u64) < max && at < total {
+                let rows = c.query(
+                    "SELECT start, data FROM log_chunks WHERE build_id = $1 AND start >= COALESCE(
+                       (SELECT MAX(start) FROM log_chunks WHERE build_id = $1 AND start <= $2), 0)
+                     ORDER BY start LIMIT 8",
+                    &[build.into(), at.into()],
+                )?;
+                let mut moved = false;
+                for r in rows {
+                    let start = r[0].int()? as u64;
+                    let chunk = r[1].clone().blob()?;
+                    let skip = at.saturating_sub(start) as usize;
+                    if skip < chunk.len() {
+                        data.extend_from_slice(&chunk[skip..]);
+                        at = start + chunk.len() as u64;
+                        moved = true;
+                    }
+                    if data.len() as u64 >= max {
+                        break 'read;
+                    }
                 }
-                if data.len() as u64 >= max {
-                    data.truncate(max as usize);
+                if !moved {
                     break;
                 }
             }
+            data.truncate(max.min(data.len() as u64) as usize);
             Ok(Some(LogSlice { data, total, done }))
         })
         .await
@@ -1236,8 +1386,30 @@ impl Store {
         state: RunState,
         failure: Option<BuildFailure>,
     ) -> Result<Option<RunState>, StoreError> {
+        self.finish_build_as(build, None, state, failure).await
+    }
+
+    /// [`Store::finish_build`] by the executor of `owner`: refused with
+    /// [`StoreError::Fenced`] when the build runs under another owner now.
+    pub async fn finish_build_as(
+        &self,
+        build: u64,
+        owner: Option<&str>,
+        state: RunState,
+        failure: Option<BuildFailure>,
+    ) -> Result<Option<RunState>, StoreError> {
         let failure = failure.map(|f| serde_json::to_string(&f)).transpose()?;
+        let owner = owner.map(str::to_string);
         self.tx(move |c| {
+            if let Some(o) = &owner {
+                let r = c.query("SELECT owner, state FROM builds WHERE id = $1", &[build.into()])?;
+                if let Some(r) = r.first()
+                    && state_of(&r[1])? == RunState::Running
+                    && r[0].opt_text()?.as_deref() != Some(o.as_str())
+                {
+                    return Err(StoreError::Fenced(build));
+                }
+            }
             let n = c.execute(
                 "UPDATE builds SET state = $2, failure = $3, finished_at = $4
                  WHERE id = $1 AND state IN ('queued', 'running')",
@@ -1272,11 +1444,14 @@ impl Store {
             for r in &rows {
                 let bid = r[0].int()? as u64;
                 touched = Some((r[2].int()? as u64, r[3].text()?));
-                if state_of(&r[1])? == RunState::Queued {
-                    c.execute(
-                        "UPDATE builds SET state = 'canceled', finished_at = $2 WHERE id = $1",
+                // Conditional: a claim between the read and this write makes
+                // it a running build, flagged below like any other.
+                let canceled = state_of(&r[1])? == RunState::Queued
+                    && c.execute(
+                        "UPDATE builds SET state = 'canceled', finished_at = $2 WHERE id = $1 AND state = 'queued'",
                         &[bid.into(), now().into()],
-                    )?;
+                    )? == 1;
+                if canceled {
                     c.execute(
                         "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'canceled', 'before it started')",
                         &[bid.into(), now().into()],
@@ -1327,7 +1502,11 @@ fn new_attempt(c: &mut dyn Conn, build: u64, reason: &str) -> Result<u64, StoreE
     )?;
     let Some(r) = r.first() else { return Err(StoreError::NotFound(format!("build {build}"))) };
     let run_id = r[0].int()?;
-    c.execute("UPDATE builds SET superseded = 1 WHERE id = $1", &[build.into()])?;
+    // Conditional: of two retries racing (on two coordinators) one
+    // supersedes the build; the other is refused.
+    if c.execute("UPDATE builds SET superseded = 1 WHERE id = $1 AND superseded = 0", &[build.into()])? == 0 {
+        return Err(StoreError::Invalid(format!("build {build} was already retried")));
+    }
     let n = c.query(
         "INSERT INTO builds (run_id, project, builder, attempt, retry_of, retry_reason, state, rev, kind, spec, created_at)
          VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $9, $10) RETURNING id",

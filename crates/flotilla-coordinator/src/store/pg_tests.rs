@@ -415,20 +415,62 @@ async fn two_coordinators_never_take_a_nodes_last_room_twice() {
     for run in &runs {
         let ids: Vec<u64> = a.run(*run).await.unwrap().unwrap().builds.iter().map(|b| b.id).collect();
         let (x, y) = tokio::join!(
-            a.claim_within(ids[0], "a", "node-1", Some(room)),
-            b.claim_within(ids[1], "b", "node-1", Some(room))
+            a.claim_within(ids[0], "a", "node-1", Some(room), lease()),
+            b.claim_within(ids[1], "b", "node-1", Some(room), lease())
         );
         let claims = [x.unwrap(), y.unwrap()];
         assert_eq!(claims.iter().filter(|c| **c == Claim::Claimed).count(), 1, "run {run}: {claims:?}");
         let (won, lost) = if claims[0] == Claim::Claimed { (ids[0], ids[1]) } else { (ids[1], ids[0]) };
         assert_eq!(
-            a.claim_within(lost, "a", "node-1", Some(room)).await.unwrap(),
+            a.claim_within(lost, "a", "node-1", Some(room), lease()).await.unwrap(),
             Claim::Full { used_millicpus: 1000, used_memory_bytes: 1 << 30 }
         );
         a.finish_build(won, RunState::Passed, None).await.unwrap();
-        assert_eq!(b.claim_within(lost, "b", "node-1", Some(room)).await.unwrap(), Claim::Claimed, "room given back");
+        assert_eq!(
+            b.claim_within(lost, "b", "node-1", Some(room), lease()).await.unwrap(),
+            Claim::Claimed,
+            "room given back"
+        );
         a.finish_build(lost, RunState::Passed, None).await.unwrap();
     }
+}
+
+fn lease() -> Timestamp {
+    Timestamp::now().plus(Duration::from_secs(60))
+}
+
+/// Three coordinators adopt the lapsed builds of a fourth at the same
+/// moment: each build is adopted exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_build_is_adopted_by_exactly_one_peer() {
+    let pg = Postgres::start();
+    let url = pg.create_database("adopt");
+    let stores: Vec<Store> = (0..3).map(|_| Store::postgres(&url, 2).unwrap()).collect();
+    let runs = two_build_runs(&stores[0], 10).await;
+    let mut ids = Vec::new();
+    for run in &runs {
+        for b in stores[0].run(*run).await.unwrap().unwrap().builds {
+            let past = Timestamp::now();
+            assert_eq!(stores[0].claim_within(b.id, "dead", "n", None, past).await.unwrap(), Claim::Claimed);
+            ids.push(b.id);
+        }
+    }
+    let after = Timestamp::now().plus(Duration::from_millis(5));
+    let (x, y, z) = tokio::join!(
+        stores[0].adopt_lapsed("a", after, lease(), 100),
+        stores[1].adopt_lapsed("b", after, lease(), 100),
+        stores[2].adopt_lapsed("c", after, lease(), 100),
+    );
+    let mut all: Vec<u64> = [x.unwrap(), y.unwrap(), z.unwrap()]
+        .concat()
+        .into_iter()
+        .map(|(id, was)| {
+            assert_eq!(was.as_deref(), Some("dead"));
+            id
+        })
+        .collect();
+    all.sort();
+    assert_eq!(all, ids, "every lapsed build adopted exactly once");
 }
 
 /// Adds PROJECT, the project the races run in.

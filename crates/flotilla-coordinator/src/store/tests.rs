@@ -114,11 +114,11 @@ pub async fn suite(s: Store) {
     assert!(!s.claim(b, "other", "n").await.unwrap(), "a build is claimed once");
     assert_eq!(s.running("me").await.unwrap(), vec![b]);
     s.begin_step(b, 0, "test").await.unwrap();
-    assert!(s.append_log(b, 0, b"hello ".to_vec()).await.unwrap());
-    assert!(!s.append_log(b, 0, b"hello ".to_vec()).await.unwrap(), "the same bytes are never stored twice");
-    assert!(s.append_log(b, 6, b"world\n".to_vec()).await.unwrap());
+    assert!(s.append_log(b, "me", 0, b"hello ".to_vec()).await.unwrap());
+    assert!(!s.append_log(b, "me", 0, b"hello ".to_vec()).await.unwrap(), "the same bytes are never stored twice");
+    assert!(s.append_log(b, "me", 6, b"world\n".to_vec()).await.unwrap());
     s.begin_step(b, 1, "second").await.unwrap();
-    assert!(s.append_log(b, 0, b"two\n".to_vec()).await.unwrap());
+    assert!(s.append_log(b, "me", 0, b"two\n".to_vec()).await.unwrap());
     let log = s.log(b, 0, 1 << 20).await.unwrap().unwrap();
     assert_eq!(log.data, b"hello world\ntwo\n");
     assert_eq!(log.total, 16);
@@ -128,6 +128,32 @@ pub async fn suite(s: Store) {
     let w = s.work(b).await.unwrap().unwrap();
     assert_eq!((w.step_index, w.proc_offset, w.log_bytes), (1, 4, 16));
     s.timeline(b, "start_step", Some("test".into())).await.unwrap();
+
+    // Leases: renewed by the owner; once lapsed, adopted by a peer, after
+    // which the old owner's renewals, log writes and finish are refused.
+    let now = Timestamp::now();
+    let soon = now.plus(std::time::Duration::from_secs(30));
+    let r = s.renew_leases("me", vec![b], soon).await.unwrap();
+    assert_eq!(r, [Renewed { id: b, held: true, cancel_requested: false }]);
+    assert!(s.adopt_lapsed("peer", now, soon, 10).await.unwrap().is_empty(), "a live lease is not adopted");
+    let later = soon.plus(std::time::Duration::from_secs(1));
+    let adopted = s.adopt_lapsed("peer", later, later.plus(std::time::Duration::from_secs(30)), 10).await.unwrap();
+    assert_eq!(adopted, [(b, Some("me".to_string()))]);
+    assert!(s.adopt_lapsed("third", later, later, 10).await.unwrap().is_empty(), "adopted once");
+    assert!(!s.renew_leases("me", vec![b], soon).await.unwrap()[0].held, "adopted: no longer ours");
+    assert!(matches!(s.append_log(b, "me", 4, b"late\n".to_vec()).await, Err(StoreError::Fenced(x)) if x == b));
+    assert!(matches!(
+        s.finish_build_as(b, Some("me"), RunState::Passed, None).await,
+        Err(StoreError::Fenced(x)) if x == b
+    ));
+    assert!(s.build(b).await.unwrap().unwrap().timeline.iter().any(|t| t.event == "adopted"));
+    assert_eq!(s.work(b).await.unwrap().unwrap().owner.as_deref(), Some("peer"));
+    // The new owner goes on where the old one stopped; a cancel asked for
+    // anywhere reaches it with its next renewal.
+    assert!(s.append_log(b, "peer", 4, b"more\n".to_vec()).await.unwrap());
+    s.cancel(None, Some(b)).await.unwrap();
+    assert!(s.renew_leases("peer", vec![b], soon).await.unwrap()[0].cancel_requested);
+    s.execute_for_test("UPDATE builds SET cancel_requested = 0, owner = 'me' WHERE id = $1", b).await;
 
     // The run ends with its last build, and the manager hears of it.
     let fail = BuildFailure { step: "test".into(), message: "exit 1".into(), last_lines: vec!["two".into()] };
