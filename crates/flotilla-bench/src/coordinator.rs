@@ -199,7 +199,7 @@ impl Dev {
         Dev::start_with(bin, &[])
     }
 
-    fn start_with(bin: &Path, extra: &[&str]) -> anyhow::Result<Dev> {
+    pub(crate) fn start_with(bin: &Path, extra: &[&str]) -> anyhow::Result<Dev> {
         let root = tempfile::Builder::new().prefix("flotilla-bench-dev.").tempdir_in("/var/tmp")?;
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
         let home = root.path().join("home");
@@ -228,6 +228,10 @@ impl Dev {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(dev)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub(crate) fn coordinator(&self) -> CoordinatorClient {

@@ -91,6 +91,7 @@ pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Res
             fleet: Vec::new(),
             node_lost_after: Duration::from_secs(60),
             lease: Duration::from_secs(10),
+            max_log_bytes: 64 << 20,
             discovery: None,
         },
     );

@@ -26,6 +26,7 @@ mod durable;
 mod images;
 mod names;
 mod node;
+mod nothing_lost;
 mod report;
 mod scenarios;
 mod schedule;
@@ -45,7 +46,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule|dashboard-grid|dashboard-log|dashboard> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule|dashboard-grid|dashboard-log|dashboard|log-ingest|log-follow|adopt|nothing-lost> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -57,6 +58,10 @@ PostgreSQL: it needs Debian's `postgresql`), commit-to-running and
 log-first-byte (each starts its own `flotilla dev`). `node-loss` runs dev with a
 second node and kills it mid-build. `schedule` times the
 scheduler's pure core over 1,000 simulated nodes and 100,000 builds.
+`nothing-lost` runs log-ingest (200 MB printed as fast as it can, stored
+byte for byte, vs cat into a file), log-follow (a 50 MB log read from byte
+0, ms per MB) and adopt (two coordinators on a throwaway PostgreSQL, the
+owner of a build killed -9).
 
 Runs each scenario against its baseline in the same run and prints a table;
 --json also prints one JSON object per scenario on stdout (tables go to stderr).
@@ -88,6 +93,9 @@ enum Scenario {
     NodeLoss,
     DashboardGrid,
     DashboardLog,
+    LogIngest,
+    LogFollow,
+    Adopt,
 }
 
 impl Scenario {
@@ -132,6 +140,10 @@ impl Scenario {
             "dashboard-grid" => vec![Scenario::DashboardGrid],
             "dashboard-log" => vec![Scenario::DashboardLog],
             "dashboard" => vec![Scenario::DashboardGrid, Scenario::DashboardLog],
+            "log-ingest" => vec![Scenario::LogIngest],
+            "log-follow" => vec![Scenario::LogFollow],
+            "adopt" => vec![Scenario::Adopt],
+            "nothing-lost" => vec![Scenario::LogIngest, Scenario::LogFollow, Scenario::Adopt],
             _ => return None,
         })
     }
@@ -161,6 +173,9 @@ impl Scenario {
             Scenario::NodeLoss => "node-loss",
             Scenario::DashboardGrid => "dashboard-grid",
             Scenario::DashboardLog => "dashboard-log",
+            Scenario::LogIngest => "log-ingest",
+            Scenario::LogFollow => "log-follow",
+            Scenario::Adopt => "adopt",
         }
     }
 
@@ -189,6 +204,9 @@ impl Scenario {
             Scenario::NodeLoss => 3,
             Scenario::DashboardGrid => 30,
             Scenario::DashboardLog => 5,
+            Scenario::LogIngest => 3,
+            Scenario::LogFollow => 5,
+            Scenario::Adopt => 5,
         }
     }
 
@@ -311,6 +329,9 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::LogFirstByte => coordinator::log_first_byte(&bin, &machine, n).await,
                 Scenario::Schedule => schedule::schedule(&machine, n).await,
                 Scenario::NodeLoss => coordinator::node_loss(&bin, &machine, n).await,
+                Scenario::LogIngest => nothing_lost::log_ingest(&bin, &machine, n).await,
+                Scenario::LogFollow => nothing_lost::log_follow(&bin, &machine, n).await,
+                Scenario::Adopt => nothing_lost::adopt(&bin, &machine, n).await,
                 Scenario::DashboardGrid => dashboard::dashboard_grid(&machine, n).await,
                 Scenario::DashboardLog => dashboard::dashboard_log(&bin, &machine, n).await,
                 Scenario::OciImport => {

@@ -274,14 +274,22 @@ async fn add_project(State(c): Co, JsonBody(req): JsonBody<AddProjectRequest>) -
             ApiError::invalid("poll_interval: at least 1s").with_details(serde_json::json!({"field": "poll_interval"})),
         ));
     }
-    // Clone first: a repository that cannot be read is refused now, with
-    // git's own words, rather than failing every poll.
-    let dir = c.config.data_dir.join("repos").join(format!("{}.git", req.name));
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&dir);
+    // A live project's name is refused before anything is touched (its
+    // mirror is in use).
+    if let Some(p) = c.store.project(&req.name).await.map_err(store_error)?
+        && p.status == flotilla_api::coordinator::ProjectStatus::Enabled
+    {
+        return Err(store_error(crate::store::StoreError::Exists(format!("project {}", req.name))));
     }
-    c.drop_mirror(&req.name).await;
-    let mirror = crate::git::Mirror::open_or_clone(&dir, &req.repo).await.map_err(|e| {
+    // Clone first, beside the mirrors: a repository that cannot be read is
+    // refused now, with git's own words, rather than failing every poll;
+    // the clone replaces the project's mirror only once the store took it.
+    let repos = c.config.data_dir.join("repos");
+    let dir = repos.join(format!("{}.git", req.name));
+    let staging = repos.join(format!(".adding-{}-{}.git", req.name, std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let mirror = crate::git::Mirror::open_or_clone(&staging, &req.repo).await.map_err(|e| {
+        let _ = std::fs::remove_dir_all(&staging);
         HttpError(
             ApiError::invalid(format!("repo: {}", crate::error_chain(&e)))
                 .with_details(serde_json::json!({"field": "repo"})),
@@ -291,7 +299,7 @@ async fn add_project(State(c): Co, JsonBody(req): JsonBody<AddProjectRequest>) -
         Some(b) => b,
         None => mirror.default_branch().await.ok().flatten().unwrap_or_else(|| "main".into()),
     };
-    let p = c
+    let added = c
         .store
         .add_project(NewProject {
             name: req.name.clone(),
@@ -300,8 +308,18 @@ async fn add_project(State(c): Co, JsonBody(req): JsonBody<AddProjectRequest>) -
             poll_interval_ms: poll.as_millis() as u64,
             webhook_secret: req.webhook_secret.clone().filter(|s| !s.is_empty()),
         })
-        .await
-        .map_err(store_error)?;
+        .await;
+    let p = match added {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(store_error(e));
+        }
+    };
+    c.drop_mirror(&req.name).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staging, &dir)
+        .map_err(|e| HttpError(ApiError::internal(format!("moving the new mirror into {}: {e}", dir.display()))))?;
     c.watch_project(&p.name);
     c.events.publish(flotilla_api::EventBody::Project { project: Box::new(p.clone()) });
     Ok((StatusCode::CREATED, axum::Json(p)).into_response())

@@ -422,7 +422,12 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
         network: spec.network,
         ..Default::default()
     };
-    let created = match create_patiently(c, &req).await {
+    // A node that hangs (accepts, never answers) is lost, not waited on.
+    let created = tokio::select! {
+        r = create_patiently(c, &req) => r,
+        why = node_lost(c) => return Err(Stop::NodeLost(why)),
+    };
+    let created = match created {
         Ok(s) => s,
         // Created before a crash, its id not yet stored: it is ours by name.
         Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => match node(c).get(&name).await {
@@ -478,6 +483,13 @@ async fn write_source(c: &Arc<Coordinator>, work: &BuildWork, sandbox: &str) -> 
         Ok(m) => m,
         Err(e) => return Err(fail(c, id, Some(sandbox), "write_source", crate::error_chain(&*e)).await),
     };
+    // Another coordinator may have seen the commit first (or this one
+    // adopted the build): fetch what the mirror lacks.
+    if mirror.commit(&work.rev).await.is_err()
+        && let Err(e) = mirror.fetch().await
+    {
+        tracing::warn!(build = id, error = %crate::error_chain(&e), "fetching the build's revision failed");
+    }
     let mut child = match mirror.archive(&work.rev) {
         Ok(ch) => ch,
         Err(e) => return Err(fail(c, id, Some(sandbox), "write_source", crate::error_chain(&e)).await),
@@ -485,7 +497,15 @@ async fn write_source(c: &Arc<Coordinator>, work: &BuildWork, sandbox: &str) -> 
     let stdout = child.stdout.take().expect("piped");
     let stream = tokio_util::io::ReaderStream::with_capacity(stdout, 256 << 10);
     let body = http_body_util::StreamBody::new(stream.map(|r| r.map(hyper::body::Frame::data)));
-    let put = node(c).sandbox(sandbox).put_workspace(body, None, &Default::default()).await;
+    let agent = node(c).sandbox(sandbox);
+    let limits = Default::default();
+    let put = tokio::select! {
+        put = agent.put_workspace(body, None, &limits) => put,
+        why = node_lost(c) => {
+            let _ = child.kill().await;
+            return Err(Stop::NodeLost(why));
+        }
+    };
     let finished = crate::git::Mirror::finish(child).await;
     match (put, finished) {
         (Ok(summary), Ok(())) => {
@@ -610,7 +630,7 @@ async fn store_batch(c: &Arc<Coordinator>, id: u64, offset: &mut u64, batch: &mu
     }
     let data = std::mem::take(batch);
     let len = data.len() as u64;
-    if !c.store.append_log(id, &c.config.owner, *offset, data).await? {
+    if !c.store.append_log(id, &c.config.owner, *offset, data, c.config.max_log_bytes).await? {
         return Ok(false);
     }
     *offset += len;
@@ -717,6 +737,8 @@ async fn finish_then_delete(
     let stop = finish(c, id, state, failure).await;
     if let (Stop::Done, Some(sb)) = (&stop, sandbox) {
         delete_sandbox(c, id, sb).await;
+        // The feed shows the delete too.
+        c.build_changed(id).await;
     }
     stop
 }

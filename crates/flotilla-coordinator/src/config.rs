@@ -201,11 +201,13 @@ impl ProjectConfig {
     }
 }
 
-/// The config's identity: lowercase hex SHA-256 of its text, first 16
-/// characters (64 bits: plenty to tell one project's configs apart).
+/// The config's identity: lowercase hex SHA-256 of its text.
 pub fn config_hash(text: &str) -> String {
+    // All 256 bits: configs are stored by this key across projects, and a
+    // stranger's flotilla.toml must not be able to collide with another
+    // project's (64 bits fall to a birthday search).
     let d = Sha256::digest(text.as_bytes());
-    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Deserialize)]
@@ -503,6 +505,6 @@ steps = [{ name = "test", run = "make check" }]
     fn the_hash_names_the_text() {
         assert_eq!(config_hash("a"), config_hash("a"));
         assert_ne!(config_hash("a"), config_hash("b"));
-        assert_eq!(config_hash("a").len(), 16);
+        assert_eq!(config_hash("a").len(), 64);
     }
 }

@@ -36,6 +36,8 @@ pub struct CoordinatorConfig {
     pub node_lost_after: Duration,
     /// How long a running build's lease lasts (see [`Coordinator::lease_keeper`]).
     pub lease: Duration,
+    /// Log bytes stored per build (see [`crate::store::Store::append_log`]).
+    pub max_log_bytes: u64,
     /// Where to find more nodes: the name table's `nodes/*`.
     pub discovery: Option<Discovery>,
 }
@@ -99,7 +101,10 @@ pub struct Coordinator {
     pollers: Mutex<HashMap<String, Arc<Notify>>>,
     running: Mutex<HashMap<u64, Arc<Handle>>>,
     logs: Mutex<HashMap<u64, watch::Sender<u64>>>,
-    mirrors: tokio::sync::Mutex<HashMap<String, Arc<Mirror>>>,
+    /// A cell per project, filled by the first caller (a clone may take
+    /// minutes): the map's lock is held only to find the cell, so one
+    /// project's clone never stalls another's builds.
+    mirrors: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Mirror>>>>>,
     dispatch: Notify,
     /// Rung when a node answers for the first time or again after being
     /// lost: the janitor sweeps at once.
@@ -160,7 +165,7 @@ impl Coordinator {
             pollers: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             logs: Mutex::new(HashMap::new()),
-            mirrors: tokio::sync::Mutex::new(HashMap::new()),
+            mirrors: Mutex::new(HashMap::new()),
             dispatch: Notify::new(),
             node_back: Notify::new(),
             fleet: tokio::sync::Mutex::new(fleet),
@@ -281,20 +286,20 @@ impl Coordinator {
 
     /// The project's mirror (cloned on first use).
     pub async fn mirror(&self, project: &str) -> Result<Arc<Mirror>, Box<dyn std::error::Error + Send + Sync>> {
-        let mut mirrors = self.mirrors.lock().await;
-        if let Some(m) = mirrors.get(project) {
-            return Ok(m.clone());
-        }
-        let p = self.store.project(project).await?.ok_or_else(|| format!("project {project} not found"))?;
-        let dir = self.config.data_dir.join("repos").join(format!("{project}.git"));
-        let m = Arc::new(Mirror::open_or_clone(&dir, &p.repo).await?);
-        mirrors.insert(project.to_string(), m.clone());
-        Ok(m)
+        let cell = self.mirrors.lock().expect("mirrors").entry(project.to_string()).or_default().clone();
+        let m = cell
+            .get_or_try_init(|| async {
+                let p = self.store.project(project).await?.ok_or_else(|| format!("project {project} not found"))?;
+                let dir = self.config.data_dir.join("repos").join(format!("{project}.git"));
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Arc::new(Mirror::open_or_clone(&dir, &p.repo).await?))
+            })
+            .await?;
+        Ok(m.clone())
     }
 
     /// Forgets a mirror (the project was removed or re-added).
     pub async fn drop_mirror(&self, project: &str) {
-        self.mirrors.lock().await.remove(project);
+        self.mirrors.lock().expect("mirrors").remove(project);
     }
 
     /// Places queued builds with the scheduler's pure core and starts
@@ -696,7 +701,7 @@ impl Coordinator {
     /// Keeps this coordinator's builds leased and takes over lapsed ones
     /// (Nomad's and Buildkite's "lost agent", with the store as referee).
     ///
-    /// Every third of [`CoordinatorConfig::lease`]:
+    /// Every third of [`CoordinatorConfig::lease`] (at most a second):
     /// 1. the builds whose executors run here are renewed, and only those:
     ///    a build this coordinator owns in the store but no longer runs
     ///    (its executor stopped on a store error) lapses and is adopted
@@ -713,7 +718,8 @@ impl Coordinator {
     /// Times are the coordinators' wall clocks: they must agree to well
     /// within a lease (NTP does).
     pub async fn lease_keeper(self: Arc<Self>) {
-        let every = self.config.lease / 3;
+        // Often enough that a lapse is seen within a second of it.
+        let every = (self.config.lease / 3).min(Duration::from_secs(1));
         loop {
             let now = Timestamp::now();
             let until = now.plus(self.config.lease);

@@ -46,6 +46,10 @@ pub struct CoordinatorArgs {
     /// coordinator on the same database adopts the build where it stopped.
     #[arg(long, value_parser = flotilla_api::units::parse_duration, default_value = "10s")]
     pub lease: std::time::Duration,
+    /// Log bytes stored per build: past this the log says where it was cut, and the step's further
+    /// output is read and dropped (it never blocks the step).
+    #[arg(long, value_parser = flotilla_api::units::parse_size, default_value = "64M")]
+    pub max_log: u64,
 }
 
 /// Starts the coordinator: its store, its tasks, its API on HOME's socket
@@ -81,6 +85,7 @@ pub async fn serve(
             fleet,
             node_lost_after: args.node_lost_after,
             lease: args.lease.max(std::time::Duration::from_secs(1)),
+            max_log_bytes: args.max_log,
             discovery,
         },
     );

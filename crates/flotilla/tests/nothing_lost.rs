@@ -159,7 +159,8 @@ fn follower(home: &Path, id: &Value) -> std::thread::JoinHandle<(u64, String)> {
 #[test]
 fn fast_output_is_stored_byte_for_byte_with_and_without_a_follower() {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
-    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let dev =
+        NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps", "--max-log", "1G"]);
     let home = dev.home().to_path_buf();
     let repo = tempfile::tempdir().unwrap();
     git(repo.path(), &["init", "-q"]);
@@ -250,7 +251,7 @@ fn a_coordinator_killed_mid_output_holds_the_step_back_and_loses_nothing() {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
     let node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
     let home = node.home().to_path_buf();
-    let mut coordinator = CoordinatorProcess::start(&home, &home, &[]);
+    let mut coordinator = CoordinatorProcess::start(&home, &home, &["--max-log", "1G"]);
     let repo = tempfile::tempdir().unwrap();
     git(repo.path(), &["init", "-q"]);
     let config =
@@ -282,7 +283,7 @@ fn a_coordinator_killed_mid_output_holds_the_step_back_and_loses_nothing() {
     let kept = held["output_end"].as_u64().unwrap() - held["output_start"].as_u64().unwrap();
     assert!(kept <= (8 << 20) + (64 << 10), "{held:#}");
     assert!(held["output_end"].as_u64().unwrap() < seq(SEQ_TO).0, "{held:#}");
-    let _coordinator = CoordinatorProcess::start(&home, &home, &[]);
+    let _coordinator = CoordinatorProcess::start(&home, &home, &["--max-log", "1G"]);
     let run = run_of(&home, &rev, "the run to finish", finished);
     assert_eq!(run["state"], "passed", "{run:#}");
     let b = build_of(&run, "linux-amd64");
@@ -317,6 +318,31 @@ fn a_step_that_ended_while_its_coordinator_was_down_is_judged_by_its_exit() {
     assert_eq!(run["state"], "passed", "{run:#}");
     let b = build_of(&run, "linux-amd64");
     assert_eq!(stored_log(&home, &b["id"]).0, "start\ndone\n".len() as u64);
+}
+
+#[test]
+fn a_log_past_the_cap_says_where_it_was_cut_and_the_step_runs_on() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev =
+        NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps", "--max-log", "1M"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64\"\n\
+                  steps = [{ name = \"loud\", run = \"seq 1 3000000\" }, { name = \"after\", run = \"echo after\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config)], "loud");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let run = run_of(&home, &rev, "the run to finish", finished);
+    assert_eq!(run["state"], "passed", "{run:#}");
+    let b = build_of(&run, "linux-amd64");
+    let shown = json(&home, &["build", "show", &b["id"].to_string()]);
+    assert!(shown["timeline"].as_array().unwrap().iter().any(|t| t["event"] == "log_cut"), "{shown:#}");
+    let out =
+        Command::new(BIN).args(["build", "log", &b["id"].to_string()]).env("FLOTILLA_HOME", &home).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.len() < (1 << 20) + 200, "{} bytes stored", text.len());
+    assert!(text.ends_with("the step's further output is not kept]\n"), "{}", &text[text.len() - 200..]);
+    assert!(text.starts_with("1\n2\n3\n"));
 }
 
 #[test]

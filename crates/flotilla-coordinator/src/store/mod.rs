@@ -758,17 +758,22 @@ impl Store {
         self.tx(move |c| {
             let p = project.as_str();
             let off = c.query("SELECT status, config_hash FROM projects WHERE name = $1", &[p.into()])?;
+            // (why, whether the manager should decide again): a removed
+            // project has nothing to decide, and a poke would only make the
+            // same refused action again, for ever.
             let refused = match off.first() {
-                None => Some("the project is gone".to_string()),
-                Some(r) if r[0].text()? != "enabled" => Some("the project was removed".to_string()),
+                None => Some(("the project is gone".to_string(), false)),
+                Some(r) if r[0].text()? != "enabled" => Some(("the project was removed".to_string(), false)),
                 Some(r) if r[1].opt_text()?.unwrap_or_default() != project_config => {
-                    Some(format!("the project config changed since (now {:?})", r[1].opt_text()?))
+                    Some((format!("the project config changed since (now {:?})", r[1].opt_text()?), true))
                 }
                 Some(_) => None,
             };
             c.execute("DELETE FROM outbox WHERE id = $1", &[outbox_id.into()])?;
-            if let Some(why) = refused {
-                send(c, p, &format!("poke:refused:{op_id}"), &serde_json::to_string(&Event::Poke)?)?;
+            if let Some((why, again)) = refused {
+                if again {
+                    send(c, p, &format!("poke:refused:{op_id}"), &serde_json::to_string(&Event::Poke)?)?;
+                }
                 return Ok(Created::Refused(why));
             }
             let state = if error.is_some() || builds.is_empty() { RunState::Failed } else { RunState::Queued };
@@ -1295,23 +1300,59 @@ impl Store {
 
     /// Appends output of the current step: the bytes between process
     /// offsets `from` and `from + data.len()`. Refused (false) unless the
-    /// stored offset is `from`: so a chunk is never stored twice.
-    pub async fn append_log(&self, build: u64, owner: &str, from: u64, data: Vec<u8>) -> Result<bool, StoreError> {
+    /// stored offset is `from`: so a chunk is never stored twice; refused
+    /// with [`StoreError::Fenced`] when the build is no longer `owner`'s.
+    ///
+    /// At most `cap` log bytes are stored per build: the append that
+    /// crosses it stores what fits and a line saying where the log was
+    /// cut (and a `log_cut` timeline entry); later ones store nothing but
+    /// still move the offset, so the step is never held back by a log
+    /// nobody keeps.
+    pub async fn append_log(
+        &self,
+        build: u64,
+        owner: &str,
+        from: u64,
+        mut data: Vec<u8>,
+        cap: u64,
+    ) -> Result<bool, StoreError> {
         let owner = owner.to_string();
         self.tx(move |c| {
             let to = from + data.len() as u64;
+            let cur = c.query("SELECT owner, proc_offset, log_bytes FROM builds WHERE id = $1", &[build.into()])?;
+            let Some(cur) = cur.first() else { return Ok(false) };
+            if cur[0].opt_text()?.as_deref() != Some(owner.as_str()) {
+                return Err(StoreError::Fenced(build));
+            }
+            if cur[1].int()? as u64 != from {
+                return Ok(false);
+            }
+            let stored = cur[2].int()? as u64;
+            if stored + data.len() as u64 > cap {
+                data.truncate(cap.saturating_sub(stored) as usize);
+                if stored <= cap {
+                    data.extend_from_slice(
+                        format!(
+                            "\n[flotilla: the log is cut here, at {cap} bytes (the coordinator's --max-log); \
+                             the step's further output is not kept]\n"
+                        )
+                        .as_bytes(),
+                    );
+                    c.execute(
+                        "INSERT INTO timeline (build_id, at, event, detail) VALUES ($1, $2, 'log_cut', $3)",
+                        &[build.into(), now().into(), format!("at {cap} bytes (--max-log)").into()],
+                    )?;
+                }
+            }
             let rows = c.query(
                 "UPDATE builds SET proc_offset = $3, log_bytes = log_bytes + $4
                  WHERE id = $1 AND proc_offset = $2 AND owner = $5 RETURNING log_bytes",
                 &[build.into(), from.into(), to.into(), (data.len() as u64).into(), owner.as_str().into()],
             )?;
-            let Some(r) = rows.first() else {
-                let o = c.query("SELECT owner FROM builds WHERE id = $1", &[build.into()])?;
-                return match o.first().map(|r| r[0].opt_text()).transpose()?.flatten() {
-                    Some(o) if o != owner => Err(StoreError::Fenced(build)),
-                    _ => Ok(false),
-                };
-            };
+            let Some(r) = rows.first() else { return Ok(false) };
+            if data.is_empty() {
+                return Ok(true);
+            }
             let end = r[0].int()? as u64;
             let start = end - data.len() as u64;
             c.execute(

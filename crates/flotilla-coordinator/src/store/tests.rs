@@ -114,11 +114,14 @@ pub async fn suite(s: Store) {
     assert!(!s.claim(b, "other", "n").await.unwrap(), "a build is claimed once");
     assert_eq!(s.running("me").await.unwrap(), vec![b]);
     s.begin_step(b, 0, "test").await.unwrap();
-    assert!(s.append_log(b, "me", 0, b"hello ".to_vec()).await.unwrap());
-    assert!(!s.append_log(b, "me", 0, b"hello ".to_vec()).await.unwrap(), "the same bytes are never stored twice");
-    assert!(s.append_log(b, "me", 6, b"world\n".to_vec()).await.unwrap());
+    assert!(s.append_log(b, "me", 0, b"hello ".to_vec(), u64::MAX).await.unwrap());
+    assert!(
+        !s.append_log(b, "me", 0, b"hello ".to_vec(), u64::MAX).await.unwrap(),
+        "the same bytes are never stored twice"
+    );
+    assert!(s.append_log(b, "me", 6, b"world\n".to_vec(), u64::MAX).await.unwrap());
     s.begin_step(b, 1, "second").await.unwrap();
-    assert!(s.append_log(b, "me", 0, b"two\n".to_vec()).await.unwrap());
+    assert!(s.append_log(b, "me", 0, b"two\n".to_vec(), u64::MAX).await.unwrap());
     let log = s.log(b, 0, 1 << 20).await.unwrap().unwrap();
     assert_eq!(log.data, b"hello world\ntwo\n");
     assert_eq!(log.total, 16);
@@ -141,7 +144,9 @@ pub async fn suite(s: Store) {
     assert_eq!(adopted, [(b, Some("me".to_string()))]);
     assert!(s.adopt_lapsed("third", later, later, 10).await.unwrap().is_empty(), "adopted once");
     assert!(!s.renew_leases("me", vec![b], soon).await.unwrap()[0].held, "adopted: no longer ours");
-    assert!(matches!(s.append_log(b, "me", 4, b"late\n".to_vec()).await, Err(StoreError::Fenced(x)) if x == b));
+    assert!(
+        matches!(s.append_log(b, "me", 4, b"late\n".to_vec(), u64::MAX).await, Err(StoreError::Fenced(x)) if x == b)
+    );
     assert!(matches!(
         s.finish_build_as(b, Some("me"), RunState::Passed, None).await,
         Err(StoreError::Fenced(x)) if x == b
@@ -150,7 +155,19 @@ pub async fn suite(s: Store) {
     assert_eq!(s.work(b).await.unwrap().unwrap().owner.as_deref(), Some("peer"));
     // The new owner goes on where the old one stopped; a cancel asked for
     // anywhere reaches it with its next renewal.
-    assert!(s.append_log(b, "peer", 4, b"more\n".to_vec()).await.unwrap());
+    assert!(s.append_log(b, "peer", 4, b"more\n".to_vec(), u64::MAX).await.unwrap());
+    // The per-build cap: what fits, then a line saying where the log was
+    // cut; past it only the offset moves (the step is never held back).
+    let total = s.log(b, 0, 0).await.unwrap().unwrap().total;
+    let cap = total + 4;
+    assert!(s.append_log(b, "peer", 9, b"0123456789".to_vec(), cap).await.unwrap());
+    assert!(s.append_log(b, "peer", 19, b"abc".to_vec(), cap).await.unwrap());
+    let log = s.log(b, total, 1 << 20).await.unwrap().unwrap();
+    let text = String::from_utf8(log.data).unwrap();
+    assert!(text.starts_with("0123\n[flotilla: the log is cut here"), "{text}");
+    assert!(!text.contains("abc") && !text.contains("45"), "{text}");
+    assert_eq!(s.work(b).await.unwrap().unwrap().proc_offset, 22);
+    assert!(s.build(b).await.unwrap().unwrap().timeline.iter().any(|t| t.event == "log_cut"));
     s.cancel(None, Some(b)).await.unwrap();
     assert!(s.renew_leases("peer", vec![b], soon).await.unwrap()[0].cancel_requested);
     s.execute_for_test("UPDATE builds SET cancel_requested = 0, owner = 'me' WHERE id = $1", b).await;
@@ -187,6 +204,12 @@ pub async fn suite(s: Store) {
     let (_, _, _) = s.load("demo").await.unwrap();
     assert_eq!(s.project("demo").await.unwrap().unwrap().status, flotilla_api::coordinator::ProjectStatus::Removed);
     assert!(matches!(s.remove_project("demo").await, Err(StoreError::NotFound(_))));
+    // Regression: a change waiting for a run of a removed project looped
+    // (refuse → poke → the same action → refuse …): refused without a poke.
+    let (_, _, before) = s.load("demo").await.unwrap();
+    assert!(matches!(s.create_run(998, "demo", &action, builds(&["a"]), None).await.unwrap(), Created::Refused(_)));
+    let (_, _, after) = s.load("demo").await.unwrap();
+    assert_eq!(after.len(), before.len(), "no poke for a removed project");
 
     // Added again: a fresh manager state whose eversion (and log) go on.
     let before = s.project_log("demo", 1).await.unwrap()[0].eversion;
