@@ -206,6 +206,9 @@ struct Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // killed and reaped already
+        }
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -340,7 +343,8 @@ pub async fn adopt(bin: &Path, machine: &Machine, iterations: usize) -> anyhow::
         ],
         targets: vec![],
         notes: vec![
-            "the keeper looks every lease/3, so adoption lands between the lease and 4/3 of it after the last renewal"
+            "the keeper renews and looks every lease/3 (at most 1 s): a lease lapses 2/3 to 1 lease after a kill and \
+             is taken at the next look"
                 .into(),
         ],
         details: serde_json::Value::Null,
