@@ -32,7 +32,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             u => return Err(format!("bad duration {s:?}: unknown unit {u:?} (use ms, s, m, h, d)")),
         };
         rest = &rest[u_end..];
-        total += Duration::from_secs_f64(n * unit);
+        // Checked: a config is a stranger's input, and `from_secs_f64`
+        // panics past what a Duration holds.
+        let part = Duration::try_from_secs_f64(n * unit).map_err(|_| format!("duration {s:?} is too long"))?;
+        total = total.checked_add(part).ok_or_else(|| format!("duration {s:?} is too long"))?;
     }
     Ok(total)
 }
@@ -98,6 +101,9 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        // Regression: `timeout = "1000000000000000d"` in a flotilla.toml panicked the poller.
+        assert!(parse_duration("1000000000000000d").unwrap_err().contains("too long"));
+        assert!(parse_duration("18446744073709551615s1s").unwrap_err().contains("too long"));
         assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
         assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("").is_err());

@@ -92,6 +92,7 @@ pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Res
             node_lost_after: Duration::from_secs(60),
             lease: Duration::from_secs(10),
             max_log_bytes: 64 << 20,
+            retention: Duration::from_secs(90 * 86_400),
             discovery: None,
         },
     );

@@ -38,6 +38,9 @@ pub struct CoordinatorConfig {
     pub lease: Duration,
     /// Log bytes stored per build (see [`crate::store::Store::append_log`]).
     pub max_log_bytes: u64,
+    /// Finished runs and manager log rows older than this are deleted
+    /// ([`Coordinator::retention_janitor`]).
+    pub retention: Duration,
     /// Where to find more nodes: the name table's `nodes/*`.
     pub discovery: Option<Discovery>,
 }
@@ -197,6 +200,8 @@ impl Coordinator {
         }
         let me = self.clone();
         tokio::spawn(async move { me.lease_keeper().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.retention_janitor().await });
         let me = self.clone();
         tokio::spawn(async move { me.describer().await });
         let me = self.clone();
@@ -760,6 +765,43 @@ impl Coordinator {
                 }
             }
             tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Deletes what is older than [`CoordinatorConfig::retention`] at start
+    /// and every hour, 100 runs per transaction so no pass holds the store
+    /// for long. Several coordinators may run it at once: each deletion
+    /// is idempotent.
+    pub async fn retention_janitor(self: Arc<Self>) {
+        loop {
+            let Some(cutoff) = Timestamp::now().0.checked_sub(self.config.retention.as_millis() as u64) else {
+                return; // a retention longer than the epoch: nothing ever goes
+            };
+            let mut total = crate::store::Purged::default();
+            loop {
+                match self.store.purge_before(Timestamp(cutoff), 100).await {
+                    Ok(p) if p == crate::store::Purged::default() => break,
+                    Ok(p) => {
+                        total.runs += p.runs;
+                        total.builds += p.builds;
+                        total.pm_log += p.pm_log;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "retention: deleting old runs failed");
+                        break;
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+            if total != crate::store::Purged::default() {
+                tracing::info!(
+                    runs = total.runs,
+                    builds = total.builds,
+                    pm_log = total.pm_log,
+                    "retention: deleted what is older than --retention"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
 

@@ -50,6 +50,10 @@ pub struct CoordinatorArgs {
     /// output is read and dropped (it never blocks the step).
     #[arg(long, value_parser = flotilla_api::units::parse_size, default_value = "64M")]
     pub max_log: u64,
+    /// Finished runs (with their builds, logs and timelines) and project-manager log rows older than
+    /// this are deleted, in small batches, every hour.
+    #[arg(long, value_parser = flotilla_api::units::parse_duration, default_value = "90d")]
+    pub retention: std::time::Duration,
 }
 
 /// Starts the coordinator: its store, its tasks, its API on HOME's socket
@@ -86,6 +90,7 @@ pub async fn serve(
             node_lost_after: args.node_lost_after,
             lease: args.lease.max(std::time::Duration::from_secs(1)),
             max_log_bytes: args.max_log,
+            retention: args.retention,
             discovery,
         },
     );

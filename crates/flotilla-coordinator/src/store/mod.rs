@@ -331,6 +331,14 @@ pub struct Renewed {
     pub cancel_requested: bool,
 }
 
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub runs: u64,
+    pub builds: u64,
+    pub pm_log: u64,
+}
+
 /// A slice of a build's log.
 #[derive(Debug, Clone)]
 pub struct LogSlice {
@@ -1039,8 +1047,12 @@ impl Store {
     pub async fn queue(&self, limit: u64) -> Result<Vec<QueuedBuild>, StoreError> {
         self.with(move |c| {
             let rows = c.query(
+                // In the scheduler's order before the limit: try builds
+                // (oldest first), then commits newest first, so a backlog
+                // of commits never hides a try build past the limit.
                 "SELECT id, run_id, project, builder, kind, spec, created_at FROM builds WHERE state = 'queued'
-                 ORDER BY id LIMIT $1",
+                 ORDER BY CASE WHEN kind = 'try' THEN 0 ELSE 1 END, CASE WHEN kind = 'try' THEN id ELSE -id END
+                 LIMIT $1",
                 &[limit.into()],
             )?;
             rows.iter()
@@ -1141,6 +1153,52 @@ impl Store {
             let run_id = run[0][0].int()?;
             c.execute("UPDATE runs SET state = 'running' WHERE id = $1 AND state = 'queued'", &[run_id.into()])?;
             Ok(Claim::Claimed)
+        })
+        .await
+    }
+
+    /// Retention: deletes up to `batch` finished runs that ended before
+    /// `cutoff`, with their builds, logs, timelines and reservations, and
+    /// up to `batch` × 10 project-manager log rows older than it, in one
+    /// transaction. Call until it deletes nothing; a janitor does.
+    pub async fn purge_before(&self, cutoff: Timestamp, batch: u64) -> Result<Purged, StoreError> {
+        self.tx(move |c| {
+            let cut = cutoff.0 as i64;
+            let runs = c.query(
+                "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < $1 ORDER BY id LIMIT $2",
+                &[cut.into(), batch.into()],
+            )?;
+            let mut out = Purged::default();
+            for r in runs {
+                let run = r[0].int()?;
+                // Only runs whose every build is final (a retry reopens a run).
+                let open = c.query(
+                    "SELECT 1 FROM builds WHERE run_id = $1 AND state IN ('queued', 'running') LIMIT 1",
+                    &[run.into()],
+                )?;
+                if !open.is_empty() {
+                    continue;
+                }
+                for table in ["log_chunks", "timeline", "reservations"] {
+                    c.execute(
+                        &format!("DELETE FROM {table} WHERE build_id IN (SELECT id FROM builds WHERE run_id = $1)"),
+                        &[run.into()],
+                    )?;
+                }
+                out.builds += c.execute("DELETE FROM builds WHERE run_id = $1", &[run.into()])?;
+                out.runs += c.execute("DELETE FROM runs WHERE id = $1", &[run.into()])?;
+            }
+            let old = c.query(
+                "SELECT project, eversion FROM pm_log WHERE at < $1 ORDER BY at LIMIT $2",
+                &[cut.into(), (batch * 10).into()],
+            )?;
+            for r in old {
+                out.pm_log += c.execute(
+                    "DELETE FROM pm_log WHERE project = $1 AND eversion = $2",
+                    &[r[0].clone(), r[1].clone()],
+                )?;
+            }
+            Ok(out)
         })
         .await
     }

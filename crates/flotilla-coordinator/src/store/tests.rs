@@ -228,6 +228,24 @@ pub async fn suite(s: Store) {
     let (o, committed) = step_once(&s, "demo").await;
     assert!(o.state.changes.is_empty());
     assert_eq!(committed.unwrap().0, before + 1);
+
+    // Retention: finished runs older than the cutoff go with their builds,
+    // logs and timelines, a bounded batch per call; nothing newer goes.
+    assert_eq!(s.purge_before(Timestamp(1), 10).await.unwrap(), Purged::default(), "nothing is that old");
+    let cutoff = Timestamp::now().plus(std::time::Duration::from_secs(1));
+    let mut runs_gone = 0;
+    loop {
+        let p = s.purge_before(cutoff, 1).await.unwrap();
+        assert!(p.runs <= 1, "a batch is bounded: {p:?}");
+        if p == Purged::default() {
+            break;
+        }
+        runs_gone += p.runs;
+    }
+    assert!(runs_gone >= 1);
+    assert!(s.run(run).await.unwrap().is_none());
+    assert!(s.log(b, 0, 10).await.unwrap().is_none());
+    assert!(s.project_log("demo", 100).await.unwrap().is_empty(), "the manager's old log rows go too");
 }
 
 #[tokio::test]
