@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{commit, git};
+use common::{CoordinatorProcess, build_of, cli_ok, commit, git, json};
 
 use std::path::Path;
 use std::process::Command;
@@ -20,18 +20,6 @@ const WAIT: Duration = Duration::from_secs(90);
 
 fn cli(home: &Path, args: &[&str]) -> (i32, String, String) {
     common::cli(home, args)
-}
-
-fn cli_ok(home: &Path, args: &[&str]) -> String {
-    let (code, out, err) = cli(home, args);
-    assert_eq!(code, 0, "flotilla {args:?} failed: {err}{out}");
-    out
-}
-
-fn json(home: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    serde_json::from_str(&cli_ok(home, &a)).unwrap_or_else(|e| panic!("flotilla {args:?} --json: {e}"))
 }
 
 /// The run of commit `rev`, once it reaches a final state.
@@ -50,16 +38,6 @@ fn finished_run(dev: &NodeProcess, rev: &str) -> Value {
         eprintln!("QUEUE {}", cli(home, &["queue", "--json"]).1);
         std::panic::resume_unwind(e)
     })
-}
-
-fn build_of(run: &Value, builder: &str) -> Value {
-    run["builds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["builder"] == builder)
-        .unwrap_or_else(|| panic!("no {builder} build in {run}"))
-        .clone()
 }
 
 fn log(home: &Path, build: &Value) -> String {
@@ -502,50 +480,12 @@ fn a_signed_push_webhook_starts_a_build() {
     let _ = watcher.wait();
 }
 
-/// `flotilla coordinator` as its own process, killed with -9 mid-build
-/// while its node runs on: the restarted coordinator re-attaches.
-struct CoordinatorProcess {
-    child: std::process::Child,
-}
-
-impl CoordinatorProcess {
-    fn start(home: &Path) -> CoordinatorProcess {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("coordinator.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["coordinator", "--home"])
-            .arg(home)
-            .args(["--coordinator-listen", "none"])
-            .env("FLOTILLA_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let sock = home.join("coordinator.sock");
-        wait_until(Duration::from_secs(20), "the coordinator socket", || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok().then_some(())
-        });
-        CoordinatorProcess { child }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_coordinator_of_its_own_is_killed_mid_build_and_the_build_finishes_once() {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
     let node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
     let home = node.home().to_path_buf();
-    let mut coordinator = CoordinatorProcess::start(&home);
+    let mut coordinator = CoordinatorProcess::start(&home, &home, &[]);
     let repo = tempfile::tempdir().unwrap();
     git(repo.path(), &["init", "-q"]);
     let script = "for i in $(seq 1 25); do echo \"out $i\"; echo \"err $i\" >&2; sleep 0.1; done\n";
@@ -568,7 +508,7 @@ fn a_coordinator_of_its_own_is_killed_mid_build_and_the_build_finishes_once() {
         let end = ps.as_array()?.iter().find(|p| p["id"] == "step-0")?["output_end"].as_u64()?;
         (end > stored + 100).then_some(())
     });
-    let _coordinator = CoordinatorProcess::start(&home);
+    let _coordinator = CoordinatorProcess::start(&home, &home, &[]);
     let run = wait_until(WAIT, "the run to finish", || {
         let runs = json(&home, &["run", "ls", "--project", "demo"]);
         let run = runs.as_array()?.iter().find(|r| r["change"]["rev"] == rev.as_str())?.clone();
@@ -617,7 +557,7 @@ fn a_node_killed_mid_build_is_waited_for_and_the_build_finishes_once() {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
     let mut node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
     let home = node.home().to_path_buf();
-    let _coordinator = CoordinatorProcess::start(&home);
+    let _coordinator = CoordinatorProcess::start(&home, &home, &[]);
     let repo = tempfile::tempdir().unwrap();
     git(repo.path(), &["init", "-q"]);
     let script = "for i in $(seq 1 30); do echo \"line $i\"; sleep 0.1; done\n";

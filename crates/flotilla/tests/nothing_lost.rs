@@ -7,10 +7,10 @@
 
 mod common;
 
-use common::{commit, git};
+use common::{CoordinatorProcess, build_of, cli_ok, commit, git, json};
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,18 +20,6 @@ use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const WAIT: Duration = Duration::from_secs(180);
-
-fn cli_ok(home: &Path, args: &[&str]) -> String {
-    let (code, out, err) = common::cli(home, args);
-    assert_eq!(code, 0, "flotilla {args:?} failed: {err}{out}");
-    out
-}
-
-fn json(home: &Path, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    serde_json::from_str(&cli_ok(home, &a)).unwrap_or_else(|e| panic!("flotilla {args:?} --json: {e}"))
-}
 
 /// The run of `rev` in `project`, once `done` says so of it.
 fn run_of(home: &Path, rev: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -44,16 +32,6 @@ fn run_of(home: &Path, rev: &str, what: &str, done: impl Fn(&Value) -> bool) -> 
 
 fn finished(run: &Value) -> bool {
     matches!(run["state"].as_str(), Some("passed" | "failed" | "canceled"))
-}
-
-fn build_of(run: &Value, builder: &str) -> Value {
-    run["builds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["builder"] == builder)
-        .unwrap_or_else(|| panic!("no {builder} build in {run}"))
-        .clone()
 }
 
 /// Length and sha256 of a build's stored log, read through the CLI.
@@ -193,51 +171,6 @@ fn fast_output_is_stored_byte_for_byte_with_and_without_a_follower() {
         assert_eq!(&stored_log(&home, &b["id"]), want, "{builder}: the stored log differs from the step's output");
     }
     assert_eq!(follow.join().unwrap(), want[0].1, "the follower read other bytes than the step wrote");
-}
-
-struct CoordinatorProcess {
-    child: std::process::Child,
-    home: PathBuf,
-}
-
-impl CoordinatorProcess {
-    /// `flotilla coordinator` with HOME `home`, driving the node of
-    /// `node_home`.
-    fn start(home: &Path, node_home: &Path, extra: &[&str]) -> CoordinatorProcess {
-        std::fs::create_dir_all(home).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("coordinator.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["coordinator", "--home"])
-            .arg(home)
-            .args(["--coordinator-listen", "none", "--node"])
-            .arg(format!("unix://{}", node_home.join("node.sock").display()))
-            .args(extra)
-            .env("FLOTILLA_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let sock = home.join("coordinator.sock");
-        wait_until(Duration::from_secs(20), "the coordinator socket", || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok().then_some(())
-        });
-        CoordinatorProcess { child, home: home.to_path_buf() }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.home.join("coordinator.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for CoordinatorProcess {
-    fn drop(&mut self) {
-        flotilla_testkit::stop_child(&mut self.child, Duration::from_secs(10));
-    }
 }
 
 /// The step-0 process of a build's sandbox, as the node lists it.

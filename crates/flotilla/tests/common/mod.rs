@@ -308,3 +308,74 @@ pub fn commit(dir: &Path, files: &[(&str, &str)], message: &str) -> String {
     git(dir, &["commit", "-q", "-m", message]);
     git(dir, &["rev-parse", "HEAD"])
 }
+
+/// `flotilla ARGS` against `home`, which must succeed: its stdout.
+pub fn cli_ok(home: &Path, args: &[&str]) -> String {
+    let (code, out, err) = cli(home, args);
+    assert_eq!(code, 0, "flotilla {args:?} failed: {err}{out}");
+    out
+}
+
+/// `flotilla ARGS --json` against `home`, parsed.
+pub fn json(home: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&cli_ok(home, &a)).unwrap_or_else(|e| panic!("flotilla {args:?} --json: {e}"))
+}
+
+/// The build of `builder` in a run as `run ls --json` shows it.
+pub fn build_of(run: &serde_json::Value, builder: &str) -> serde_json::Value {
+    run["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["builder"] == builder)
+        .unwrap_or_else(|| panic!("no {builder} build in {run}"))
+        .clone()
+}
+
+/// `flotilla coordinator` as a process of its own with HOME `home`, driving
+/// the node of `node_home`; stopped on drop (killed with -9 by `kill9`).
+pub struct CoordinatorProcess {
+    child: std::process::Child,
+    home: std::path::PathBuf,
+}
+
+impl CoordinatorProcess {
+    pub fn start(home: &Path, node_home: &Path, extra: &[&str]) -> CoordinatorProcess {
+        std::fs::create_dir_all(home).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(home.join("coordinator.log")).unwrap();
+        let child = std::process::Command::new(BIN)
+            .args(["coordinator", "--home"])
+            .arg(home)
+            .args(["--coordinator-listen", "none", "--node"])
+            .arg(format!("unix://{}", node_home.join("node.sock").display()))
+            .args(extra)
+            .env("FLOTILLA_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let sock = home.join("coordinator.sock");
+        flotilla_testkit::wait_until(Duration::from_secs(20), "the coordinator socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok().then_some(())
+        });
+        CoordinatorProcess { child, home: home.to_path_buf() }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("coordinator.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        flotilla_testkit::stop_child(&mut self.child, Duration::from_secs(10));
+    }
+}
