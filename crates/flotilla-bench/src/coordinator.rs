@@ -279,10 +279,23 @@ pub(crate) fn repo(step: &str) -> anyhow::Result<tempfile::TempDir> {
     Ok(dir)
 }
 
-fn commit(dir: &Path, i: usize) -> anyhow::Result<String> {
+pub(crate) fn commit(dir: &Path, i: usize) -> anyhow::Result<String> {
     std::fs::write(dir.join("n"), format!("{i}\n"))?;
     git(dir, &["commit", "-qam", &format!("change {i}")])?;
     git(dir, &["rev-parse", "HEAD"])
+}
+
+/// Adds the repository at `dir` as project `demo`, polled only when asked.
+pub(crate) async fn add_demo(c: &CoordinatorClient, dir: &Path, webhook_secret: Option<&str>) -> anyhow::Result<()> {
+    let req = AddProjectRequest {
+        name: "demo".into(),
+        repo: dir.to_str().context("utf-8 path")?.into(),
+        branch: Some("main".into()),
+        poll_interval: Some("1h".into()),
+        webhook_secret: webhook_secret.map(str::to_string),
+    };
+    c.add_project(&req).await?;
+    Ok(())
 }
 
 /// The build of `rev`, once it satisfies `done`.
@@ -341,14 +354,7 @@ pub async fn commit_to_running(bin: &Path, machine: &Machine, iterations: usize)
     let c = dev.coordinator();
     let url = std::fs::read_to_string(dev.home.join("coordinator.url"))?;
     let repo = repo("sleep 30")?;
-    let req = AddProjectRequest {
-        name: "demo".into(),
-        repo: repo.path().to_str().context("utf-8 path")?.into(),
-        branch: Some("main".into()),
-        poll_interval: Some("1h".into()),
-        webhook_secret: Some("bench-secret".into()),
-    };
-    c.add_project(&req).await?;
+    add_demo(&c, repo.path(), Some("bench-secret")).await?;
     let first = git(repo.path(), &["rev-parse", "HEAD"])?;
     let b = build_of(&c, &first, |b| b.timeline.iter().any(|t| t.event == "start_step")).await?;
     c.cancel_run(b.run_id).await?;
@@ -541,14 +547,7 @@ pub async fn node_loss(bin: &Path, machine: &Machine, iterations: usize) -> anyh
         std::fs::write(dir.path().join("flotilla.toml"), config)?;
         git(dir.path(), &["add", "."])?;
         git(dir.path(), &["commit", "-qm", "start"])?;
-        let req = AddProjectRequest {
-            name: "demo".into(),
-            repo: dir.path().to_str().context("utf-8 path")?.into(),
-            branch: Some("main".into()),
-            poll_interval: Some("1h".into()),
-            webhook_secret: None,
-        };
-        c.add_project(&req).await?;
+        add_demo(&c, dir.path(), None).await?;
         let deadline = Instant::now() + WAIT;
         while c.queue().await?.nodes.iter().filter(|n| n.up).count() < 2 {
             anyhow::ensure!(Instant::now() < deadline, "the second node never joined the fleet");
@@ -671,14 +670,7 @@ pub async fn log_first_byte(bin: &Path, machine: &Machine, iterations: usize) ->
     let dev = Dev::start(bin)?;
     let c = dev.coordinator();
     let repo = repo("sleep 1; date +%s%N; sleep 30")?;
-    let req = AddProjectRequest {
-        name: "demo".into(),
-        repo: repo.path().to_str().context("utf-8 path")?.into(),
-        branch: Some("main".into()),
-        poll_interval: Some("1h".into()),
-        webhook_secret: None,
-    };
-    c.add_project(&req).await?;
+    add_demo(&c, repo.path(), None).await?;
     let node = dev.node();
     let (mut follow, mut floor) = (Vec::new(), Vec::new());
     let mut rev = git(repo.path(), &["rev-parse", "HEAD"])?;

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flotilla_agent::http::{Endpoint, HttpClient};
-use flotilla_api::coordinator::{AddProjectRequest, Build, RunState};
+use flotilla_api::coordinator::{Build, RunState};
 use flotilla_coordinator::client::CoordinatorClient;
 use http_body_util::BodyExt;
 
-use crate::coordinator::{Dev, build_of, git};
+use crate::coordinator::{Dev, add_demo, build_of, commit, git, repo};
 use crate::report::{Case, Machine, Report, Unit};
 use crate::scenarios::{now, target};
 
@@ -30,48 +30,15 @@ const WAIT: Duration = Duration::from_secs(300);
 const INGEST_BYTES: u64 = 200_000_000;
 const FOLLOW_BYTES: u64 = 50_000_000;
 
-/// A repository whose one builder runs `step`; `commit` makes its next change.
-fn project(step: &str) -> anyhow::Result<tempfile::TempDir> {
-    crate::coordinator::repo(step)
-}
-
-fn next_commit(dir: &Path, i: usize) -> anyhow::Result<String> {
-    std::fs::write(dir.join("n"), format!("{i}\n"))?;
-    git(dir, &["commit", "-qam", &format!("change {i}")])?;
-    git(dir, &["rev-parse", "HEAD"])
-}
-
-async fn add(c: &CoordinatorClient, dir: &Path) -> anyhow::Result<()> {
-    let req = AddProjectRequest {
-        name: "demo".into(),
-        repo: dir.to_str().context("utf-8 path")?.into(),
-        branch: Some("main".into()),
-        poll_interval: Some("1h".into()),
-        webhook_secret: None,
-    };
-    c.add_project(&req).await?;
-    Ok(())
-}
-
 fn finished(b: &Build) -> bool {
     b.state.is_final()
-}
-
-/// Resident memory of `pid` in KiB (`VmRSS`).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 pub async fn log_ingest(bin: &Path, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
     let dev = Dev::start_with(bin, &["--max-log", "1G"])?;
     let c = dev.coordinator();
-    let repo = project(&format!("yes | head -c {INGEST_BYTES}"))?;
-    add(&c, repo.path()).await?;
+    let repo = repo(&format!("yes | head -c {INGEST_BYTES}"))?;
+    add_demo(&c, repo.path(), None).await?;
     let pid = dev.pid();
     let (mut flotilla, mut cat, mut growth) = (Vec::new(), Vec::new(), Vec::new());
     let scratch = tempfile::Builder::new().prefix("flotilla-bench-ingest.").tempdir_in("/var/tmp")?;
@@ -82,14 +49,14 @@ pub async fn log_ingest(bin: &Path, machine: &Machine, iterations: usize) -> any
     let mut rev = git(repo.path(), &["rev-parse", "HEAD"])?;
     for i in 0..iterations + 1 {
         if i > 0 {
-            rev = next_commit(repo.path(), i)?;
+            rev = commit(repo.path(), i)?;
             c.poll("demo").await?;
         }
-        let before = rss_kib(pid);
+        let before = flotilla_testkit::rss_kib(pid);
         let mut peak = before;
         let deadline = Instant::now() + WAIT;
         let b = loop {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(flotilla_testkit::rss_kib(pid));
             if let Ok(b) = build_of(&c, &rev, |_| true).await
                 && finished(&b)
             {
@@ -151,8 +118,8 @@ pub async fn log_ingest(bin: &Path, machine: &Machine, iterations: usize) -> any
 pub async fn log_follow(bin: &Path, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
     let dev = Dev::start(bin)?;
     let c = dev.coordinator();
-    let repo = project(&format!("head -c {FOLLOW_BYTES} /dev/zero | tr '\\0' a"))?;
-    add(&c, repo.path()).await?;
+    let repo = repo(&format!("head -c {FOLLOW_BYTES} /dev/zero | tr '\\0' a"))?;
+    add_demo(&c, repo.path(), None).await?;
     let rev = git(repo.path(), &["rev-parse", "HEAD"])?;
     let b = build_of(&c, &rev, finished).await?;
     anyhow::ensure!(b.log_bytes == FOLLOW_BYTES, "stored {} of {FOLLOW_BYTES} bytes", b.log_bytes);
@@ -267,9 +234,9 @@ pub async fn adopt(bin: &Path, machine: &Machine, iterations: usize) -> anyhow::
         &node_home.join("node.sock"),
     )?;
     let (home_a, home_b): (PathBuf, PathBuf) = (root.path().join("a"), root.path().join("b"));
-    let repo = project("while :; do date +%s%N; sleep 0.05; done")?;
+    let repo = repo("while :; do date +%s%N; sleep 0.05; done")?;
     let mut a = Some(coordinator(bin, &home_a, &node_home, &db)?);
-    add(&client(&home_a), repo.path()).await?;
+    add_demo(&client(&home_a), repo.path(), None).await?;
     let (mut adopted_ms, mut flowing_ms, mut lease) = (Vec::new(), Vec::new(), Vec::new());
     let mut rev = git(repo.path(), &["rev-parse", "HEAD"])?;
     for i in 0..iterations.max(1) {
@@ -278,7 +245,7 @@ pub async fn adopt(bin: &Path, machine: &Machine, iterations: usize) -> anyhow::
         }
         let ca = client(&home_a);
         if i > 0 {
-            rev = next_commit(repo.path(), i)?;
+            rev = commit(repo.path(), i)?;
             ca.poll("demo").await?;
         }
         let b = build_of(&ca, &rev, |b| b.log_bytes > 0).await?;

@@ -92,15 +92,6 @@ fn fuzz(spec: &str, token: &str, exclude: &str, budget_s: u32) {
     eprintln!("{tail}");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn schemathesis_finds_nothing_in_the_node_api() {
     let port = free_port();
@@ -110,7 +101,7 @@ fn schemathesis_finds_nothing_in_the_node_api() {
     wait_for_port(port);
     let token = std::fs::read_to_string(env.node.home().join("tls/token")).unwrap();
     let pid = env.node.pid().expect("the node runs");
-    let idle = rss_kib(pid);
+    let idle = flotilla_testkit::rss_kib(pid);
     fuzz(
         &format!("https://{listen}/openapi.json"),
         token.trim(),
@@ -120,7 +111,7 @@ fn schemathesis_finds_nothing_in_the_node_api() {
         90,
     );
     // For bench/README.md: what the fuzz run left behind.
-    eprintln!("node RSS: idle {idle} KiB, after the fuzz run {} KiB", rss_kib(pid));
+    eprintln!("node RSS: idle {idle} KiB, after the fuzz run {} KiB", flotilla_testkit::rss_kib(pid));
     // The node is still whole: it answers, and its sandboxes list.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

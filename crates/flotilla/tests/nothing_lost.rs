@@ -200,16 +200,18 @@ fn a_coordinator_killed_mid_output_holds_the_step_back_and_loses_nothing() {
     coordinator.kill9();
     // With nobody storing its output the step is held back, not drained
     // into a ring that drops: it stops writing and does not end.
-    let mut last = None;
+    // Stopped growing: the same end seen across 300 ms of polls.
+    let mut since: Option<(u64, Instant)> = None;
     let held = wait_until(WAIT, "the step's output to stop growing", || {
         let p = step_process(&home, &build)?;
         let end = p["output_end"].as_u64()?;
-        let same = last == Some(end);
-        last = Some(end);
-        if !same {
-            std::thread::sleep(Duration::from_millis(300));
+        match since {
+            Some((e, at)) if e == end => (at.elapsed() >= Duration::from_millis(300)).then_some(p),
+            _ => {
+                since = Some((end, Instant::now()));
+                None
+            }
         }
-        same.then_some(p)
     });
     assert_eq!(held["state"], "running", "the step ended while its output was unread: {held:#}");
     // What it keeps is bounded (acknowledged bytes go first).
