@@ -52,6 +52,7 @@ fn store_error(e: StoreError) -> HttpError {
 pub fn router(c: Arc<Coordinator>) -> Router {
     let r = Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { axum::Json(Doc::openapi()) }))
         .route("/v1/projects", get(list_projects).post(add_project))
         .route("/v1/projects/{name}", get(show_project).delete(remove_project))
@@ -147,7 +148,8 @@ pub async fn serve_tcp(
         webhook,
         show_queue,
         events,
-        healthz
+        healthz,
+        metrics
     ),
     components(schemas(
         Project,
@@ -625,6 +627,15 @@ async fn show_queue(State(c): Co) -> axum::Json<flotilla_api::coordinator::Queue
 #[utoipa::path(get, path = "/healthz", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// Prometheus metrics: the queue by state and priority (every
+/// coordinator's), the fleet, and what this coordinator did (builds ended,
+/// their durations and queue waits, adoptions, store retries).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+async fn metrics(State(c): Co) -> Result<Response> {
+    let text = crate::metrics::render(&c).await.map_err(store_error)?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 /// Server-sent events: every project, run and build change; resume with

@@ -219,7 +219,7 @@ pub async fn execute(c: Arc<Coordinator>, id: u64, handle: Arc<Handle>) {
     };
     let name = placed.clone().or_else(|| c.node.as_ref().map(crate::runtime::node_name)).unwrap_or_default();
     let outcome = match c.node_for(placed.as_deref()).await {
-        Some(client) => ON.scope(Placed { name, client }, run(&c, id, &handle)).await,
+        Some(client) => ON.scope(Placed { name, client }, run_patiently(&c, id, &handle)).await,
         None => Stop::NodeLost(format!("node {name} is no longer in the coordinator's fleet")),
     };
     match outcome {
@@ -235,13 +235,57 @@ pub async fn execute(c: Arc<Coordinator>, id: u64, handle: Arc<Handle>) {
             }
         }
         Stop::Store(e) => {
-            tracing::error!(build = id, error = %crate::error_chain(&e), "the store failed; the build's lease lapses and it is adopted where it stopped");
+            let why = format!(
+                "the store kept failing for {}: {}",
+                flotilla_api::units::format_duration(STORE_PATIENCE),
+                crate::error_chain(&e)
+            );
+            tracing::error!(build = id, "{why}");
+            // Said on the build if the store takes it now; if not, the
+            // lease lapses and the build is adopted where it stopped.
+            let _ = fail(&c, id, None, "store", why).await;
         }
         Stop::Fenced => {
             tracing::warn!(build = id, "another coordinator adopted the build; this one stops acting on it");
         }
     }
     c.build_done(id).await;
+}
+
+/// How long an executor keeps trying while the store fails (a dropped
+/// connection, a restart, a failover): past this the build's lease lapses
+/// and whichever coordinator reaches the store first adopts it.
+pub const STORE_PATIENCE: Duration = Duration::from_secs(120);
+
+/// [`run`], again from what the store holds after every store failure
+/// (re-attaching at the stored offset, as an adopting coordinator would),
+/// with back-off from 100 ms to 5 s, for up to [`STORE_PATIENCE`]. A run
+/// that gets further than its last failure starts the patience afresh.
+async fn run_patiently(c: &Arc<Coordinator>, id: u64, handle: &Handle) -> Stop {
+    let mut pause = Duration::from_millis(100);
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    loop {
+        let began = tokio::time::Instant::now();
+        match run(c, id, handle).await {
+            Stop::Store(e) => {
+                // A run that went on for a while before failing was not
+                // the same outage: the patience and back-off start over.
+                if began.elapsed() > pause * 4 {
+                    failing_since = None;
+                    pause = Duration::from_millis(100);
+                }
+                let since = *failing_since.get_or_insert(began);
+                if since.elapsed() >= STORE_PATIENCE {
+                    return Stop::Store(e);
+                }
+                crate::metrics::store_retry(&c.metrics, "executor");
+                tracing::warn!(build = id, error = %crate::error_chain(&e), retry_in = ?pause, "the store failed; trying again from what it holds");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn run(c: &Arc<Coordinator>, id: u64, handle: &Handle) -> Stop {
@@ -485,10 +529,26 @@ async fn write_source(c: &Arc<Coordinator>, work: &BuildWork, sandbox: &str) -> 
     };
     // Another coordinator may have seen the commit first (or this one
     // adopted the build): fetch what the mirror lacks.
-    if mirror.commit(&work.rev).await.is_err()
-        && let Err(e) = mirror.fetch().await
-    {
-        tracing::warn!(build = id, error = %crate::error_chain(&e), "fetching the build's revision failed");
+    if mirror.commit(&work.rev).await.is_err() {
+        if let Err(e) = mirror.fetch().await {
+            tracing::warn!(build = id, error = %crate::error_chain(&e), "fetching the build's revision failed");
+        }
+        // A try another coordinator accepted: make its commit here.
+        if mirror.commit(&work.rev).await.is_err()
+            && let Some(p) = c.store.try_patch(&work.rev).await?
+        {
+            match mirror.apply_patch(&p.base, &p.patch, &p.message, p.date).await {
+                Ok(sha) if sha == work.rev => {}
+                Ok(sha) => {
+                    let why = format!("the stored try patch made commit {sha} here, not {}", work.rev);
+                    return Err(fail(c, id, Some(sandbox), "write_source", why).await);
+                }
+                Err(e) => {
+                    let why = format!("making the try commit from its stored patch: {}", crate::error_chain(&e));
+                    return Err(fail(c, id, Some(sandbox), "write_source", why).await);
+                }
+            }
+        }
     }
     let mut child = match mirror.archive(&work.rev) {
         Ok(ch) => ch,
@@ -746,6 +806,13 @@ async fn finish_then_delete(
 async fn finish(c: &Arc<Coordinator>, id: u64, state: RunState, failure: Option<BuildFailure>) -> Stop {
     match c.store.finish_build_as(id, Some(&c.config.owner), state, failure).await {
         Ok(run_state) => {
+            let took = match c.store.build(id).await {
+                Ok(Some(b)) => {
+                    b.started_at.zip(b.finished_at).map(|(s, f)| Duration::from_millis(f.0.saturating_sub(s.0)))
+                }
+                _ => None,
+            };
+            crate::metrics::finished(&c.metrics, state.as_str(), took);
             c.build_changed(id).await;
             if run_state.is_some() {
                 c.run_finished(id).await;
@@ -774,6 +841,7 @@ async fn lost(c: &Arc<Coordinator>, id: u64, why: String, reason: &str) -> Resul
         return Ok(());
     }
     let new = c.store.replace(id, failure, reason).await?;
+    c.metrics.add("flotilla_coordinator_builds_retried_total", &[("reason", reason)], 1.0);
     let _ = c.store.timeline(new, &format!("retried: {reason}"), Some(why.clone())).await;
     tracing::warn!(build = id, retry = new, reason = %why, "build retried: {reason}");
     c.build_changed(id).await;

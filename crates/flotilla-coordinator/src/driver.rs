@@ -31,6 +31,7 @@ pub async fn manage(c: Arc<Coordinator>, project: String, wake: Arc<Notify>) {
             Ok(Stepped::Idle) => {}
             Ok(Stepped::Again) => wake.notify_one(),
             Err(e) => {
+                crate::metrics::store_retry(&c.metrics, "manager");
                 tracing::error!(project, error = %crate::error_chain(&e), "project manager step failed");
                 tokio::time::sleep(ERROR_PAUSE).await;
                 wake.notify_one();

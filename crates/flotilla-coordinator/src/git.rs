@@ -279,7 +279,11 @@ impl Mirror {
 
     /// Commits `patch` applied on `base` without a work tree (a temporary
     /// index), keeps it under `refs/flotilla/try/<sha>`, and returns its id.
-    pub async fn apply_patch(&self, base: &str, patch: &str, message: &str) -> Result<String, GitError> {
+    /// The commit of `patch` applied to `base`, dated `date` (Unix
+    /// seconds): the same arguments give the same commit in any mirror,
+    /// so a coordinator that did not accept a try can make its commit
+    /// again from what the store keeps ([`crate::store::TryPatch`]).
+    pub async fn apply_patch(&self, base: &str, patch: &str, message: &str, date: u64) -> Result<String, GitError> {
         check_rev(base)?;
         let _writing = self.writing.lock().await;
         let scratch = tempfile_in(&self.dir)?;
@@ -301,6 +305,8 @@ impl Mirror {
                 .env("GIT_AUTHOR_EMAIL", "try@flotilla.invalid")
                 .env("GIT_COMMITTER_NAME", "flotilla try")
                 .env("GIT_COMMITTER_EMAIL", "try@flotilla.invalid")
+                .env("GIT_AUTHOR_DATE", format!("{date} +0000"))
+                .env("GIT_COMMITTER_DATE", format!("{date} +0000"))
                 .args(["commit-tree", &tree, "-p", base, "-m", message]);
             let sha = run(c, "committing the patch").await?;
             let mut c = git(Some(&self.dir), &self.config);
@@ -391,12 +397,17 @@ mod tests {
         std::fs::write(src.join("c.txt"), "patched\n").unwrap();
         let diff = sh(&src, &["diff"]);
         sh(&src, &["checkout", "--", "."]);
-        let p = m.apply_patch(&d, &format!("{diff}\n"), "try: a patch").await.unwrap();
+        let p = m.apply_patch(&d, &format!("{diff}\n"), "try: a patch", 1_700_000_000).await.unwrap();
         assert_eq!(m.read_file(&p, "c.txt").await.unwrap().as_deref(), Some("patched\n"));
         assert_eq!(m.commit(&p).await.unwrap().subject, "try: a patch");
         m.fetch().await.unwrap();
         assert_eq!(m.resolve(&p).await.unwrap(), p);
-        let e = m.apply_patch(&d, "--- a/zz\n+++ b/zz\n@@ -1 +1 @@\n-q\n+r\n", "bad").await.unwrap_err();
+        // Another mirror makes the very same commit from the same patch,
+        // base and date (how a peer coordinator builds a try it did not take).
+        let other = Mirror::open_or_clone(&t.path().join("other.git"), src.to_str().unwrap()).await.unwrap();
+        assert!(other.commit(&p).await.is_err());
+        assert_eq!(other.apply_patch(&d, &format!("{diff}\n"), "try: a patch", 1_700_000_000).await.unwrap(), p);
+        let e = m.apply_patch(&d, "--- a/zz\n+++ b/zz\n@@ -1 +1 @@\n-q\n+r\n", "bad", 1_700_000_000).await.unwrap_err();
         assert!(e.to_string().contains("zz"), "{e}");
 
         // The archive holds the tree of the revision.

@@ -21,6 +21,7 @@ pub mod config;
 pub mod driver;
 pub mod git;
 pub mod gomote;
+pub mod metrics;
 pub mod pm;
 pub mod poller;
 pub mod runtime;

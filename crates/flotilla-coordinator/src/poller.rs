@@ -193,10 +193,21 @@ pub async fn submit_try(
                 None => p.branches.first().cloned().unwrap_or_else(|| "HEAD".into()),
             };
             let base_sha = mirror.resolve(&base).await.map_err(|e| crate::error_chain(&e))?;
-            mirror
-                .apply_patch(&base_sha, text, &format!("try: patch on {base}"))
-                .await
-                .map_err(|e| crate::error_chain(&e))?
+            let message = format!("try: patch on {base}");
+            let date = flotilla_api::Timestamp::now().0 / 1000;
+            let sha = mirror.apply_patch(&base_sha, text, &message, date).await.map_err(|e| crate::error_chain(&e))?;
+            // Kept in the store before any build of it exists, so a peer
+            // coordinator that claims one makes the same commit.
+            let kept = crate::store::TryPatch {
+                sha: sha.clone(),
+                project: project.to_string(),
+                base: base_sha,
+                patch: text.to_string(),
+                message,
+                date,
+            };
+            c.store.put_try_patch(kept).await.map_err(|e| crate::error_chain(&e))?;
+            sha
         }
         (None, None) => return Err("give a revision (--rev) or a patch (--patch FILE)".into()),
     };

@@ -100,6 +100,8 @@ pub struct Coordinator {
     pub node: Option<NodeClient>,
     pub events: Arc<EventBus>,
     pub config: CoordinatorConfig,
+    /// Counters for `/metrics` ([`crate::metrics`]).
+    pub metrics: flotilla_node::metrics::Metrics,
     managers: Mutex<HashMap<String, Arc<Notify>>>,
     pollers: Mutex<HashMap<String, Arc<Notify>>>,
     running: Mutex<HashMap<u64, Arc<Handle>>>,
@@ -163,6 +165,7 @@ impl Coordinator {
             store,
             node,
             events: Arc::new(EventBus::new()),
+            metrics: crate::metrics::new(),
             config,
             managers: Mutex::new(HashMap::new()),
             pollers: Mutex::new(HashMap::new()),
@@ -313,6 +316,7 @@ impl Coordinator {
     async fn dispatcher(self: Arc<Self>) {
         loop {
             if let Err(e) = self.dispatch_pass().await {
+                crate::metrics::store_retry(&self.metrics, "dispatcher");
                 tracing::error!(error = %crate::error_chain(&e), "a scheduling pass failed");
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.dispatch.notified()).await;
@@ -491,6 +495,24 @@ impl Coordinator {
         self.node_down_for(name).await
     }
 
+    /// How many nodes of the fleet are up, silent (not answering, not yet
+    /// lost) and lost, for `/metrics`.
+    pub async fn fleet_states(&self) -> [(&'static str, u64); 3] {
+        let fleet = self.fleet.lock().await;
+        let mut n = [("up", 0), ("silent", 0), ("lost", 0)];
+        for f in fleet.iter() {
+            let waiting = f.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN);
+            let down = [f.down_since, f.missing_since, waiting].into_iter().flatten().min().map(|t| t.elapsed());
+            let i = match down {
+                None if matches!(f.seen, Some((_, Ok(_)))) => 0,
+                Some(d) if d >= self.config.node_lost_after => 2,
+                _ => 1,
+            };
+            n[i].1 += 1;
+        }
+        n
+    }
+
     /// How long the node named `name` has not answered: since the ask
     /// that got nothing, or the one still waiting for its answer, began;
     /// `None` while it answers.
@@ -583,6 +605,8 @@ impl Coordinator {
                     room -= 1;
                     *running_on.entry(i).or_default() += 1;
                     if let Some(b) = queued.iter().find(|b| b.id == id) {
+                        let waited = Timestamp::now().0.saturating_sub(b.created_at);
+                        crate::metrics::queue_wait(&self.metrics, &b.kind, Duration::from_millis(waited));
                         self.moved.lock().expect("moved").insert(b.builder.clone(), Timestamp::now());
                     }
                     self.build_changed(id).await;
@@ -718,7 +742,11 @@ impl Coordinator {
     /// 4. running builds whose lease lapsed are adopted, each by exactly
     ///    one coordinator, and resumed from their stored offset;
     /// 5. projects added through another coordinator get their manager
-    ///    and poller here too.
+    ///    and poller here too;
+    /// 6. the manager of every project with events or outbox rows waiting
+    ///    is woken: what a coordinator put in a box and died before
+    ///    stepping on is taken up by its peers within a second (their
+    ///    pollers see nothing new, so nothing else would wake them).
     ///
     /// Times are the coordinators' wall clocks: they must agree to well
     /// within a lease (NTP does).
@@ -742,6 +770,7 @@ impl Coordinator {
                     }
                 }
                 Err(e) => {
+                    crate::metrics::store_retry(&self.metrics, "lease");
                     let e = crate::error_chain(&e);
                     tracing::warn!(error = %e, "renewing build leases failed");
                 }
@@ -749,12 +778,21 @@ impl Coordinator {
             match self.store.adopt_lapsed(&self.config.owner, now, until, 100).await {
                 Ok(adopted) => {
                     for (id, was) in adopted {
+                        self.metrics.add("flotilla_coordinator_lease_adoptions_total", &[], 1.0);
                         tracing::warn!(build = id, from = ?was, "adopted a build whose lease lapsed");
                         self.build_changed(id).await;
                         self.spawn_executor(id);
                     }
                 }
-                Err(e) => tracing::warn!(error = %crate::error_chain(&e), "adopting lapsed builds failed"),
+                Err(e) => {
+                    crate::metrics::store_retry(&self.metrics, "lease");
+                    tracing::warn!(error = %crate::error_chain(&e), "adopting lapsed builds failed")
+                }
+            }
+            if let Ok(waiting) = self.store.projects_with_work().await {
+                for project in waiting {
+                    self.wake_manager(&project);
+                }
             }
             if let Ok(projects) = self.store.projects().await {
                 for p in projects {
@@ -785,6 +823,7 @@ impl Coordinator {
                         total.runs += p.runs;
                         total.builds += p.builds;
                         total.pm_log += p.pm_log;
+                        total.try_patches += p.try_patches;
                     }
                     Err(e) => {
                         tracing::warn!(error = %crate::error_chain(&e), "retention: deleting old runs failed");
@@ -798,6 +837,7 @@ impl Coordinator {
                     runs = total.runs,
                     builds = total.builds,
                     pm_log = total.pm_log,
+                    try_patches = total.try_patches,
                     "retention: deleted what is older than --retention"
                 );
             }

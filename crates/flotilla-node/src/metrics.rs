@@ -12,13 +12,26 @@ use std::time::Duration;
 /// A gauge computed at scrape time: name, labels, value.
 pub type Gauge = (&'static str, Vec<(String, String)>, f64);
 
-/// Counters and sums, keyed by metric name and label set.
-#[derive(Debug, Default)]
+/// One metric's name, type (`counter`, `gauge`) and help text.
+pub type Help = (&'static str, &'static str, &'static str);
+
+/// Counters and sums, keyed by metric name and label set, rendered in the
+/// order of a help table (the node's, or another process's: the
+/// coordinator keeps its own with [`Metrics::with_help`]).
+#[derive(Debug)]
 pub struct Metrics {
+    help: &'static [Help],
     counters: Mutex<BTreeMap<(&'static str, String), f64>>,
 }
 
-const HELP: &[(&str, &str, &str)] = &[
+impl Default for Metrics {
+    /// The node's metrics.
+    fn default() -> Metrics {
+        Metrics::with_help(HELP)
+    }
+}
+
+const HELP: &[Help] = &[
     ("flotilla_operations_total", "counter", "Operations finished, by kind and final state."),
     ("flotilla_operation_duration_seconds_sum", "counter", "Total time operations took, by kind."),
     ("flotilla_operation_duration_seconds_count", "counter", "Operations timed, by kind."),
@@ -28,6 +41,10 @@ const HELP: &[(&str, &str, &str)] = &[
 ];
 
 impl Metrics {
+    pub fn with_help(help: &'static [Help]) -> Metrics {
+        Metrics { help, counters: Mutex::new(BTreeMap::new()) }
+    }
+
     pub fn add(&self, name: &'static str, labels: &[(&str, &str)], v: f64) {
         let key = (name, render_labels(labels));
         *self.counters.lock().expect("metrics").entry(key).or_insert(0.0) += v;
@@ -51,7 +68,7 @@ impl Metrics {
     pub fn render(&self, gauges: &[Gauge]) -> String {
         let counters = self.counters.lock().expect("metrics");
         let mut out = String::new();
-        for (name, kind, help) in HELP {
+        for (name, kind, help) in self.help {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for ((n, labels), v) in counters.iter() {
                 if n == name {

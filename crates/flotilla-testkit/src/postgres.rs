@@ -77,19 +77,7 @@ impl Postgres {
         }
         for _ in 0..START_ATTEMPTS {
             pg.port = free_port(host);
-            let opts = format!(
-                "-k {} -p {} -h {host} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-                pg.dir.path().display(),
-                pg.port
-            );
-            let start = pg.run(
-                pg.tool("pg_ctl")
-                    .args(["-w", "-t", &START_TIMEOUT_S.to_string(), "-D"])
-                    .arg(&data)
-                    .args(["-o", &opts, "-l"])
-                    .arg(pg.log_path())
-                    .arg("start"),
-            );
+            let start = pg.pg_ctl_start();
             if start.status.success() {
                 return pg;
             }
@@ -106,6 +94,56 @@ impl Postgres {
             pg.stop();
         }
         panic!("PostgreSQL could not bind a free port in {START_ATTEMPTS} attempts; server log:\n{}", pg.log());
+    }
+
+    fn pg_ctl_start(&self) -> Output {
+        let opts = format!(
+            "-k {} -p {} -h {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            self.dir.path().display(),
+            self.port,
+            self.host
+        );
+        self.run(
+            self.tool("pg_ctl")
+                .args(["-w", "-t", &START_TIMEOUT_S.to_string(), "-D"])
+                .arg(self.data())
+                .args(["-o", &opts, "-l"])
+                .arg(self.log_path())
+                .arg("start"),
+        )
+    }
+
+    /// Crashes the server (`pg_ctl stop -m immediate`: every connection
+    /// drops, as in a power cut or failover) and leaves it down.
+    pub fn crash(&self) {
+        self.stop();
+    }
+
+    /// Starts the server again on its port after [`Postgres::crash`]
+    /// (it recovers from its WAL); panics with its log if it cannot.
+    pub fn start_again(&self) {
+        let start = self.pg_ctl_start();
+        if !start.status.success() {
+            panic!(
+                "pg_ctl start (again) failed ({}):\n{}{}\nserver log:\n{}",
+                start.status,
+                out(&start.stdout),
+                out(&start.stderr),
+                self.log()
+            );
+        }
+    }
+
+    /// Cuts every connection to the server whose `application_name` is
+    /// `app` (`pg_terminate_backend`), as a network cut or a proxy restart
+    /// would; returns how many it cut.
+    pub fn cut_connections(&self, app: &str) -> u64 {
+        assert!(app.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'), "application name {app:?}");
+        let n = self.psql(
+            "postgres",
+            &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{app}'"),
+        );
+        n.trim().parse().unwrap_or(0)
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`.

@@ -1,10 +1,11 @@
-//! Chaos: three coordinators on one PostgreSQL and one node, a project
+//! Chaos: three coordinators on one PostgreSQL and two nodes, a project
 //! receiving commits, while a seeded driver kill -9s coordinators (and
-//! brings them back, or not for a while) and freezes the node (SIGSTOP,
-//! shorter than `--node-lost-after`). Then an invariant checker: every
-//! commit got exactly one run, which passed; each build's log equals what
-//! its step printed, byte for byte; no build is left running; no build
-//! sandbox is left on the node.
+//! brings them back, or not for a while), freezes a node (SIGSTOP, shorter
+//! and, at most twice a run, longer than `--node-lost-after`), crashes and
+//! restarts PostgreSQL, and cuts a coordinator's database connections.
+//! Then an invariant checker: every commit got exactly one run, which
+//! passed; each build's log equals what its step printed, byte for byte;
+//! no build is left running; no build sandbox is left on either node.
 //!
 //! `FLOTILLA_CHAOS_SEED` replays a run (the seed is printed first);
 //! `FLOTILLA_CHAOS_ROUNDS` (default 12) makes a longer one.
@@ -22,6 +23,9 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const WAIT: Duration = Duration::from_secs(240);
+/// The coordinators' `--node-lost-after`: short, so a freeze past it fits
+/// in a round.
+const NODE_LOST_AFTER: &str = "4s";
 
 /// A small deterministic generator (xorshift64*), so a seed replays.
 struct Rng(u64);
@@ -44,7 +48,13 @@ struct Coord {
 }
 
 impl Coord {
-    fn start(&mut self, node_home: &Path, db: &str) {
+    /// Starts it on the database at `db`, its connections named after it
+    /// (so the driver can cut them), with the first node as `--node` and
+    /// the others as `--fleet-node`.
+    fn start(&mut self, nodes: &[PathBuf], db: &str) {
+        let sock = |home: &PathBuf| format!("unix://{}", home.join("node.sock").display());
+        let app = self.home.file_name().unwrap().to_str().unwrap().to_string();
+        let db = format!("{db}?application_name={app}");
         std::fs::create_dir_all(&self.home).unwrap();
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.home.join("coordinator.log")).unwrap();
@@ -52,8 +62,9 @@ impl Coord {
         let child = Command::new(BIN)
             .args(["coordinator", "--home"])
             .arg(&self.home)
-            .args(["--coordinator-listen", "none", "--lease", "2s", "--max-log", "1G", "--database", db, "--node"])
-            .arg(format!("unix://{}", node_home.join("node.sock").display()))
+            .args(["--coordinator-listen", "none", "--lease", "2s", "--max-log", "1G", "--database", &db])
+            .args(["--node-lost-after", NODE_LOST_AFTER, "--node", &sock(&nodes[0])])
+            .args(nodes[1..].iter().flat_map(|n| ["--fleet-node".to_string(), sock(n)]))
             .env("FLOTILLA_LOG", "info")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -121,7 +132,7 @@ fn freeze(pid: u32, d: Duration) {
 }
 
 #[test]
-fn coordinators_die_and_the_node_freezes_yet_every_commit_is_built_once_with_its_exact_log() {
+fn coordinators_nodes_and_the_database_fail_yet_every_commit_is_built_once_with_its_exact_log() {
     assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
     let seed: u64 = std::env::var("FLOTILLA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
@@ -132,14 +143,17 @@ fn coordinators_die_and_the_node_freezes_yet_every_commit_is_built_once_with_its
 
     let pg = flotilla_testkit::postgres::Postgres::start();
     let db = pg.create_database("chaos");
-    let node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
-    let node_home = node.home().to_path_buf();
-    let node_pid = node.pid().expect("the node runs");
+    let nodes: Vec<NodeProcess> = (0..2).map(|_| NodeProcess::start_with(Path::new(BIN), &["--stop-apps"])).collect();
+    let node_homes: Vec<PathBuf> = nodes.iter().map(|n| n.home().to_path_buf()).collect();
+    let node_pids: Vec<u32> = nodes.iter().map(|n| n.pid().expect("the node runs")).collect();
+    // Each long freeze may cost a build an attempt: two at most, so no
+    // build runs out of them (NODE_LOST_ATTEMPTS is 3).
+    let mut long_freezes = 0;
     let homes = tempfile::tempdir().unwrap();
     let mut coords: Vec<Coord> =
         (0..3).map(|i| Coord { home: homes.path().join(format!("c{i}")), child: None }).collect();
     for c in &mut coords {
-        c.start(&node_home, &db);
+        c.start(&node_homes, &db);
     }
 
     let repo = tempfile::tempdir().unwrap();
@@ -178,7 +192,7 @@ fn coordinators_die_and_the_node_freezes_yet_every_commit_is_built_once_with_its
                     eprintln!("round {round}: kill -9 coordinator {who}");
                     coords[who].kill9();
                     if rng.below(2) == 0 {
-                        coords[who].start(&node_home, &db);
+                        coords[who].start(&node_homes, &db);
                     }
                 }
             }
@@ -187,15 +201,33 @@ fn coordinators_die_and_the_node_freezes_yet_every_commit_is_built_once_with_its
                 for (i, c) in coords.iter_mut().enumerate() {
                     if !c.alive() {
                         eprintln!("round {round}: restart coordinator {i}");
-                        c.start(&node_home, &db);
+                        c.start(&node_homes, &db);
                     }
                 }
             }
-            // Freeze the node, well under --node-lost-after (60 s).
+            // Freeze a node, under --node-lost-after, or (twice at most)
+            // past it: its builds are retried on the other node.
             7 => {
-                let ms = 300 + rng.below(1500);
-                eprintln!("round {round}: SIGSTOP the node for {ms} ms");
-                freeze(node_pid, Duration::from_millis(ms));
+                let n = rng.below(2) as usize;
+                let long = rng.below(2) == 0 && long_freezes < 2;
+                let ms = if long { 5000 + rng.below(2000) } else { 300 + rng.below(1500) };
+                long_freezes += usize::from(long);
+                eprintln!("round {round}: SIGSTOP node {n} for {ms} ms");
+                freeze(node_pids[n], Duration::from_millis(ms));
+            }
+            // Crash PostgreSQL; it is back after up to 3 s.
+            8 => {
+                let ms = rng.below(3000);
+                eprintln!("round {round}: PostgreSQL crashes, back in {ms} ms");
+                pg.crash();
+                let back = Instant::now() + Duration::from_millis(ms);
+                wait_until(WAIT, "the outage to last", || (Instant::now() >= back).then_some(()));
+                pg.start_again();
+            }
+            // Cut a coordinator's database connections.
+            9 => {
+                let cut = pg.cut_connections(&format!("c{who}"));
+                eprintln!("round {round}: cut {cut} database connections of coordinator {who}");
             }
             _ => eprintln!("round {round}: nothing"),
         }
@@ -206,7 +238,7 @@ fn coordinators_die_and_the_node_freezes_yet_every_commit_is_built_once_with_its
     }
     for c in coords.iter_mut() {
         if !c.alive() {
-            c.start(&node_home, &db);
+            c.start(&node_homes, &db);
         }
     }
     let home = coords[0].home.clone();
@@ -272,13 +304,20 @@ fn coordinators_die_and_the_node_freezes_yet_every_commit_is_built_once_with_its
     }
     // Nothing left running, no sandbox left behind.
     wait_until(WAIT, "every build sandbox to be gone", || {
-        let list = json(&node_home, &["sandbox", "ls"])?;
-        (!list.as_array()?.iter().any(|s| s["name"].as_str().is_some_and(|n| n.starts_with("build-")))).then_some(())
+        node_homes
+            .iter()
+            .all(|h| {
+                json(h, &["sandbox", "ls"]).is_some_and(|l| {
+                    !l.as_array()
+                        .is_some_and(|l| l.iter().any(|s| s["name"].as_str().is_some_and(|n| n.starts_with("build-"))))
+                })
+            })
+            .then_some(())
     });
     let queue = json(&home, &["run", "ls", "--project", "demo", "--limit", "200"]).unwrap();
     assert!(!queue.as_array().unwrap().iter().any(|r| r["state"] == "running"), "{}", report("a run still running"));
     eprintln!("chaos seed {seed}: {} commits, every one built once with its exact log", commits.len());
     drop(coords);
-    drop(node);
+    drop(nodes);
     drop(pg);
 }

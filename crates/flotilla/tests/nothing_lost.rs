@@ -2,8 +2,11 @@
 //! writes is stored (sha256 against the same bytes made here), with a
 //! follower connected and with the coordinator killed mid-output; a step
 //! that ended while its coordinator was down is judged by its real exit;
-//! every commit of a push gets a run, in commit order; and a dead
-//! coordinator's build is adopted by a peer on the same PostgreSQL.
+//! every commit of a push gets a run, in commit order; a dead
+//! coordinator's build is adopted by a peer on the same PostgreSQL; and a
+//! coordinator rides out its database connections cut and the database
+//! crashed mid-build; and a try accepted by one coordinator is built by
+//! another, which never saw its patch.
 
 mod common;
 
@@ -350,6 +353,15 @@ fn a_dead_coordinators_build_is_adopted_by_a_peer_and_finishes_once() {
     a.kill9();
     let run = run_of(&home_b, &rev, "the adopted build to finish", finished);
     assert_eq!(run["state"], "passed", "{run:#}\nA:\n{}\nB:\n{}", a.log(), b.log());
+    let metrics = b.get("/metrics").expect("B's /metrics");
+    for line in [
+        "flotilla_coordinator_lease_adoptions_total 1\n",
+        "flotilla_coordinator_builds_finished_total{state=\"passed\"} 1\n",
+        "flotilla_coordinator_nodes{state=\"up\"} 1\n",
+        "flotilla_coordinator_builds{state=\"running\",priority=\"post-submit\"} 0\n",
+    ] {
+        assert!(metrics.contains(line), "B's /metrics lacks {line:?}:\n{metrics}");
+    }
     let build = build_of(&run, "linux-amd64");
     assert_eq!(build["attempt"], 1, "adopted, not retried: {build:#}");
     let shown = json(&home_b, &["build", "show", &build["id"].to_string()]);
@@ -361,6 +373,95 @@ fn a_dead_coordinators_build_is_adopted_by_a_peer_and_finishes_once() {
     let next = commit(repo.path(), &[("count.sh", "echo next\n")], "next");
     let run = run_of(&home_b, &next, "the next commit's run", finished);
     assert_eq!(run["state"], "passed", "{run:#}");
+    drop(b);
+    drop(node);
+    drop(pg);
+}
+
+#[test]
+fn a_coordinator_rides_out_cut_database_connections_and_a_database_crash() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let pg = flotilla_testkit::postgres::Postgres::start();
+    // Its connections are named, so the test can cut this coordinator's.
+    let url = format!("{}?application_name=rider", pg.create_database("ride"));
+    let node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+    let node_home = node.home().to_path_buf();
+    let home = tempfile::tempdir().unwrap();
+    let a = CoordinatorProcess::start(home.path(), &node_home, &["--database", url.as_str(), "--lease", "3s"]);
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let script = "for i in $(seq 1 100); do echo \"line $i\"; sleep 0.1; done\n";
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"count\", run = \"sh count.sh\" }]\n";
+    let rev = commit(repo.path(), &[("flotilla.toml", config), ("count.sh", script)], "count");
+    cli_ok(home.path(), &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let log_has = |line: &str| {
+        let run = run_of(home.path(), &rev, "the run", |_| true);
+        let b = build_of(&run, "linux-amd64");
+        let log =
+            Command::new(BIN).args(["build", "log", &b["id"].to_string()]).env("FLOTILLA_HOME", home.path()).output();
+        String::from_utf8_lossy(&log.ok()?.stdout).contains(line).then_some(())
+    };
+    wait_until(WAIT, "the build to print", || log_has("line 3\n"));
+    // Its connections cut, twice, while the step prints.
+    for _ in 0..2 {
+        let cut = pg.cut_connections("rider");
+        assert!(cut > 0, "the coordinator holds connections to cut");
+        let more = Instant::now() + Duration::from_millis(700);
+        wait_until(WAIT, "a moment of output", || (Instant::now() >= more).then_some(()));
+    }
+    // The database crashes and is down for 4 s (past the lease) mid-step.
+    pg.crash();
+    let back = Instant::now() + Duration::from_secs(4);
+    wait_until(WAIT, "the outage to last", || (Instant::now() >= back).then_some(()));
+    pg.start_again();
+    let run = run_of(home.path(), &rev, "the build to finish", finished);
+    assert_eq!(run["state"], "passed", "{run:#}\n{}", a.log());
+    let build = build_of(&run, "linux-amd64");
+    assert_eq!(build["attempt"], 1, "resumed, not retried: {build:#}");
+    let expected: String = (1..=100).map(|i| format!("line {i}\n")).collect();
+    let (n, sha) = stored_log(home.path(), &build["id"]);
+    assert_eq!((n, sha), (expected.len() as u64, hex(&Sha256::digest(expected.as_bytes()))), "{}", a.log());
+    let metrics = a.get("/metrics").expect("/metrics");
+    assert!(metrics.contains("flotilla_coordinator_store_retries_total{task="), "no store retry counted:\n{metrics}");
+    drop(a);
+    drop(node);
+    drop(pg);
+}
+
+#[test]
+fn a_try_accepted_by_one_coordinator_is_built_by_another() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let pg = flotilla_testkit::postgres::Postgres::start();
+    let url = pg.create_database("trypeer");
+    let node = NodeProcess::start_with(Path::new(BIN), &["--stop-apps"]);
+    let homes = tempfile::tempdir().unwrap();
+    let (home_a, home_b) = (homes.path().join("a"), homes.path().join("b"));
+    // A's only node does not exist: A accepts the try, B (with the real
+    // node) is the one that can build it.
+    let nowhere = homes.path().join("nowhere");
+    let a = CoordinatorProcess::start(&home_a, &nowhere, &["--database", url.as_str()]);
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let config = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"cat\", run = \"cat hello.txt\" }]\n";
+    commit(repo.path(), &[("flotilla.toml", config), ("hello.txt", "base\n")], "base");
+    cli_ok(&home_a, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let b = CoordinatorProcess::start(&home_b, node.home(), &["--database", url.as_str()]);
+    std::fs::write(repo.path().join("hello.txt"), "patched\n").unwrap();
+    let diff = git(repo.path(), &["diff"]);
+    git(repo.path(), &["checkout", "--", "."]);
+    let patch = repo.path().join("fix.patch");
+    std::fs::write(&patch, format!("{diff}\n")).unwrap();
+    let out = json(&home_a, &["try", "--project", "demo", "--patch", patch.to_str().unwrap()]);
+    let run_id = out["run_id"].as_u64().unwrap_or_else(|| panic!("{out}"));
+    let run = wait_until(WAIT, "the try run", || {
+        let r = json(&home_b, &["run", "show", &run_id.to_string()]);
+        finished(&r).then_some(r)
+    });
+    assert_eq!(run["state"], "passed", "{run:#}\nA:\n{}\nB:\n{}", a.log(), b.log());
+    let build = build_of(&run, "linux-amd64");
+    let (_, sha) = stored_log(&home_b, &build["id"]);
+    assert_eq!(sha, hex(&Sha256::digest(b"patched\n")));
+    drop(a);
     drop(b);
     drop(node);
     drop(pg);

@@ -174,12 +174,46 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS try_patches (
+    sha TEXT PRIMARY KEY,
+    project TEXT NOT NULL,
+    base TEXT NOT NULL,
+    patch TEXT NOT NULL,
+    message TEXT NOT NULL,
+    date BIGINT NOT NULL,
+    at BIGINT NOT NULL
+);
 ";
 
 /// Columns added after a table was first created: (table, column, type).
 /// `CREATE TABLE IF NOT EXISTS` leaves an existing table as it was, so a
 /// store made by an older version gets them here.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("projects", "commits", "TEXT"), ("builds", "lease_until", "BIGINT")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("projects", "commits", "TEXT"),
+    ("builds", "lease_until", "BIGINT"),
+    // 1: `data` is a zstd frame; NULL or 0: the bytes as printed.
+    ("log_chunks", "enc", "BIGINT"),
+];
+
+/// A log chunk's `enc` when its data is zstd-compressed.
+const ENC_ZSTD: i64 = 1;
+
+/// A log chunk as stored: zstd (level 1, a few hundred MB/s) when that
+/// saves a tenth or more, else the bytes as they are.
+fn encode_chunk(data: Vec<u8>) -> (Vec<u8>, i64) {
+    match zstd::bulk::compress(&data, 1) {
+        Ok(z) if z.len() < data.len() - data.len() / 10 => (z, ENC_ZSTD),
+        _ => (data, 0),
+    }
+}
+
+fn decode_chunk(data: Vec<u8>, enc: Option<i64>) -> Result<Vec<u8>, StoreError> {
+    match enc {
+        Some(ENC_ZSTD) => zstd::stream::decode_all(&data[..])
+            .map_err(|e| StoreError::Invalid(format!("a log chunk does not decompress: {e}"))),
+        _ => Ok(data),
+    }
+}
 
 /// Adds the [`ADDED_COLUMNS`] a store lacks.
 fn add_columns(c: &mut dyn Conn, d: Dialect) -> Result<(), SqlError> {
@@ -337,6 +371,21 @@ pub struct Purged {
     pub runs: u64,
     pub builds: u64,
     pub pm_log: u64,
+    pub try_patches: u64,
+}
+
+/// A try patch as it was accepted: any coordinator makes the same commit
+/// from it ([`crate::git::Mirror::apply_patch`]) when its mirror lacks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TryPatch {
+    /// The commit it made.
+    pub sha: String,
+    pub project: String,
+    pub base: String,
+    pub patch: String,
+    pub message: String,
+    /// The commit's date, Unix seconds.
+    pub date: u64,
 }
 
 /// A slice of a build's log.
@@ -1042,6 +1091,20 @@ impl Store {
         .await
     }
 
+    /// How many current builds are queued and running, by state and kind
+    /// (the coordinator's `/metrics`).
+    pub async fn active_counts(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        self.with(|c| {
+            let rows = c.query(
+                "SELECT state, kind, COUNT(*) FROM builds
+                 WHERE state IN ('queued', 'running') AND superseded = 0 GROUP BY state, kind",
+                &[],
+            )?;
+            rows.iter().map(|r| Ok((r[0].text()?, r[1].text()?, r[2].int()? as u64))).collect()
+        })
+        .await
+    }
+
     /// The queue for the scheduler: up to `limit` queued builds, what they
     /// need (their stored spec) and where they rank.
     pub async fn queue(&self, limit: u64) -> Result<Vec<QueuedBuild>, StoreError> {
@@ -1198,7 +1261,56 @@ impl Store {
                     &[r[0].clone(), r[1].clone()],
                 )?;
             }
+            out.try_patches = c.execute(
+                "DELETE FROM try_patches WHERE sha IN (SELECT sha FROM try_patches WHERE at < $1 ORDER BY at LIMIT $2)",
+                &[cut.into(), batch.into()],
+            )?;
             Ok(out)
+        })
+        .await
+    }
+
+    /// Keeps a try patch (once: the same commit twice is the same patch).
+    pub async fn put_try_patch(&self, p: TryPatch) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO try_patches (sha, project, base, patch, message, date, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (sha) DO NOTHING",
+                &[
+                    p.sha.into(),
+                    p.project.into(),
+                    p.base.into(),
+                    p.patch.into(),
+                    p.message.into(),
+                    p.date.into(),
+                    now().into(),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The try patch that made commit `sha`, if one did.
+    pub async fn try_patch(&self, sha: &str) -> Result<Option<TryPatch>, StoreError> {
+        let sha = sha.to_string();
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT sha, project, base, patch, message, date FROM try_patches WHERE sha = $1",
+                &[sha.into()],
+            )?;
+            rows.first()
+                .map(|r| {
+                    Ok(TryPatch {
+                        sha: r[0].text()?,
+                        project: r[1].text()?,
+                        base: r[2].text()?,
+                        patch: r[3].text()?,
+                        message: r[4].text()?,
+                        date: r[5].int()? as u64,
+                    })
+                })
+                .transpose()
         })
         .await
     }
@@ -1413,9 +1525,10 @@ impl Store {
             }
             let end = r[0].int()? as u64;
             let start = end - data.len() as u64;
+            let (data, enc) = encode_chunk(data);
             c.execute(
-                "INSERT INTO log_chunks (build_id, start, data) VALUES ($1, $2, $3)",
-                &[build.into(), start.into(), data.into()],
+                "INSERT INTO log_chunks (build_id, start, data, enc) VALUES ($1, $2, $3, $4)",
+                &[build.into(), start.into(), data.into(), enc.into()],
             )?;
             Ok(true)
         })
@@ -1437,7 +1550,7 @@ impl Store {
             let mut at = from;
             'read: while (data.len() as u64) < max && at < total {
                 let rows = c.query(
-                    "SELECT start, data FROM log_chunks WHERE build_id = $1 AND start >= COALESCE(
+                    "SELECT start, data, enc FROM log_chunks WHERE build_id = $1 AND start >= COALESCE(
                        (SELECT MAX(start) FROM log_chunks WHERE build_id = $1 AND start <= $2), 0)
                      ORDER BY start LIMIT 8",
                     &[build.into(), at.into()],
@@ -1445,7 +1558,7 @@ impl Store {
                 let mut moved = false;
                 for r in rows {
                     let start = r[0].int()? as u64;
-                    let chunk = r[1].clone().blob()?;
+                    let chunk = decode_chunk(r[1].clone().blob()?, r[2].opt_int()?)?;
                     let skip = at.saturating_sub(start) as usize;
                     if skip < chunk.len() {
                         data.extend_from_slice(&chunk[skip..]);

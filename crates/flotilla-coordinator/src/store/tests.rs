@@ -253,3 +253,28 @@ async fn sqlite_suite() {
     let dir = tempfile::tempdir().unwrap();
     suite(Store::sqlite(&dir.path().join("c.db")).unwrap()).await;
 }
+
+#[test]
+fn log_chunks_are_compressed_when_that_saves_and_read_back_exact() {
+    let text: Vec<u8> = (0..20_000).flat_map(|i| format!("line {i}\n").into_bytes()).collect();
+    let (stored, enc) = super::encode_chunk(text.clone());
+    assert_eq!(enc, super::ENC_ZSTD);
+    assert!(stored.len() < text.len() / 4, "{} of {}", stored.len(), text.len());
+    assert_eq!(super::decode_chunk(stored, Some(enc)).unwrap(), text);
+    // Bytes that do not compress are kept as they are, and so are a
+    // chunk stored before chunks had an encoding.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    let (stored, enc) = super::encode_chunk(noise.clone());
+    assert_eq!(enc, 0);
+    assert!(stored == noise, "incompressible bytes are kept as they are");
+    assert_eq!(super::decode_chunk(noise.clone(), None).unwrap(), noise);
+    assert!(super::decode_chunk(b"not zstd".to_vec(), Some(super::ENC_ZSTD)).is_err());
+}

@@ -372,6 +372,24 @@ impl CoordinatorProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.home.join("coordinator.log")).unwrap_or_default()
     }
+
+    /// `GET path` on its socket: the body of a 200 answer, else `None`.
+    pub fn get(&self, path: &str) -> Option<String> {
+        coordinator_get(&self.home, path)
+    }
+}
+
+/// `GET path` on the coordinator socket of HOME `home`: the body of a 200
+/// answer, else `None`.
+pub fn coordinator_get(home: &Path, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(home.join("coordinator.sock")).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
 }
 
 impl Drop for CoordinatorProcess {
