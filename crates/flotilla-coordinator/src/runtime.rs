@@ -400,10 +400,19 @@ impl Coordinator {
         fleet
             .iter()
             .map(|n| {
-                let info = match (&n.missing_since, &n.seen) {
-                    (Some(_), _) => Err("its mount in the name table expired".to_string()),
-                    (None, Some((_, info))) => info.clone(),
-                    (None, None) => Err("not described yet".to_string()),
+                // Silent since a call got no answer, or with an ask
+                // unanswered past a healthy node's time: no build is
+                // placed there on the strength of an older answer.
+                let silent =
+                    [n.down_since, n.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN)].into_iter().flatten().min();
+                let info = match (&n.missing_since, silent, &n.seen) {
+                    (Some(_), _, _) => Err("its mount in the name table expired".to_string()),
+                    (None, Some(since), _) => Err(format!(
+                        "it has not answered for {}",
+                        flotilla_api::units::format_duration(since.elapsed())
+                    )),
+                    (None, None, Some((_, info))) => info.clone(),
+                    (None, None, None) => Err("not described yet".to_string()),
                 };
                 (n.name.clone(), n.client.clone(), info)
             })
@@ -539,7 +548,9 @@ impl Coordinator {
             .iter()
             .filter_map(|(name, _, info)| info.as_ref().ok().map(|i| sched::view_of(name, i)))
             .collect();
-        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        // Fair shares count every coordinator's running builds (the
+        // store's), so a project busy elsewhere waits its turn here too.
+        let counts: BTreeMap<String, u64> = self.store.running_per_project().await?.into_iter().collect();
         let mut running_on: HashMap<usize, u64> = HashMap::new();
         // What our running builds hold per node: the node's own count of
         // its sandboxes' limits misses builds whose sandbox is not made yet
@@ -548,8 +559,7 @@ impl Coordinator {
         for v in &mut ours {
             (v.used_millicpus, v.used_memory_bytes) = (0, 0);
         }
-        for (project, node, spec) in &load {
-            *counts.entry(project.clone()).or_default() += 1;
+        for (_, node, spec) in &load {
             let on = node.as_deref().unwrap_or(&primary);
             let Some(i) = nodes.iter().position(|v| v.name == on) else { continue };
             *running_on.entry(i).or_default() += 1;

@@ -1148,6 +1148,19 @@ impl Store {
         .await
     }
 
+    /// How many builds run per project, under any coordinator (the
+    /// scheduler's fair shares).
+    pub async fn running_per_project(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT project, COUNT(*) FROM builds WHERE state = 'running' AND superseded = 0 GROUP BY project",
+                &[],
+            )?;
+            rows.iter().map(|r| Ok((r[0].text()?, r[1].int()? as u64))).collect()
+        })
+        .await
+    }
+
     /// Builds running under `owner` (to resume after a restart).
     pub async fn running(&self, owner: &str) -> Result<Vec<u64>, StoreError> {
         let owner = owner.to_string();

@@ -113,6 +113,9 @@ pub async fn suite(s: Store) {
     assert_eq!((load[0].0.as_str(), load[0].1.as_deref()), ("demo", Some("n")));
     assert!(!s.claim(b, "other", "n").await.unwrap(), "a build is claimed once");
     assert_eq!(s.running("me").await.unwrap(), vec![b]);
+    // Fair shares see every coordinator's builds, not only one's.
+    assert!(s.running_load("other").await.unwrap().is_empty());
+    assert_eq!(s.running_per_project().await.unwrap(), vec![("demo".to_string(), 1)]);
     s.begin_step(b, 0, "test").await.unwrap();
     assert!(s.append_log(b, "me", 0, b"hello ".to_vec(), u64::MAX).await.unwrap());
     assert!(
