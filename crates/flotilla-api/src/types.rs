@@ -652,7 +652,9 @@ pub enum EventBody {
     NodeUpdate { outcome: Box<crate::update::UpdateOutcome> },
     /// A run (coordinator) was created or changed state.
     Run { run: Box<crate::coordinator::Run> },
-    /// A build (coordinator) changed state or took a step.
+    /// A build (coordinator) changed state or took a step: the build as
+    /// it is now, with only its newest timeline entry (what happened);
+    /// `GET /v1/builds/{id}` has the whole timeline.
     Build { build: Box<crate::coordinator::Build> },
     /// A project was added, changed or removed (coordinator).
     Project { project: Box<crate::coordinator::Project> },

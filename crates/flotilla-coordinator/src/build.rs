@@ -397,7 +397,11 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, deadlin
             hold: true,
             ..Default::default()
         };
-        match agent.exec_detached(&req).await {
+        let started = tokio::select! {
+            r = agent.exec_detached(&req) => r,
+            why = node_lost(c) => return Stop::NodeLost(why),
+        };
+        match started {
             Ok(_) => {}
             // Started before a crash: that process is this step.
             Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => {}
@@ -474,10 +478,13 @@ async fn ensure_sandbox(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec
     let created = match created {
         Ok(s) => s,
         // Created before a crash, its id not yet stored: it is ours by name.
-        Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => match node(c).get(&name).await {
-            Ok(s) => s,
-            Err(e) => return Err(fail(c, id, None, "create_sandbox", crate::error_chain(&e)).await),
-        },
+        Err(ClientError::Api(e)) if e.code == ErrorCode::Conflict => {
+            match tokio::time::timeout(CALL_TIMEOUT, node(c).get(&name)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(fail(c, id, None, "create_sandbox", crate::error_chain(&e)).await),
+                Err(_) => return Err(Stop::NodeLost(format!("its node did not answer for {CALL_TIMEOUT:?}"))),
+            }
+        }
         Err(e) => {
             let msg = format!("creating the sandbox failed: {}", crate::error_chain(&e));
             return Err(fail(c, id, None, "create_sandbox", msg).await);
@@ -767,13 +774,17 @@ async fn sandbox_alive(c: &Arc<Coordinator>, sandbox: &str) -> Result<(), Gone> 
 }
 
 async fn delete_sandbox(c: &Arc<Coordinator>, id: u64, sandbox: &str) {
-    match node(c).delete(sandbox).await {
-        Ok(()) => {
+    // Bounded: a hung node must not hold the executor (and its slot).
+    match tokio::time::timeout(CALL_TIMEOUT, node(c).delete(sandbox)).await {
+        Ok(Ok(())) => {
             let _ = c.timeline(id, "sandbox_deleted", Some(sandbox.to_string())).await;
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             // Its delete_at, or the janitor, reaps it.
             tracing::warn!(build = id, sandbox, error = %crate::error_chain(&e), "deleting the build's sandbox failed");
+        }
+        Err(_) => {
+            tracing::warn!(build = id, sandbox, "deleting the build's sandbox got no answer; the janitor reaps it")
         }
     }
 }
@@ -895,7 +906,8 @@ async fn janitor_node(c: &Arc<Coordinator>) -> Vec<String> {
                 continue;
             }
         };
-        match node(c).delete(&s.id).await {
+        let deleted = tokio::time::timeout(CALL_TIMEOUT, node(c).delete(&s.id)).await;
+        match deleted.unwrap_or_else(|_| Err(ClientError::Dead("the node".into(), CALL_TIMEOUT))) {
             Ok(()) => {
                 tracing::info!(sandbox = %s.id, reason = %why, "janitor reaped a build sandbox");
                 c.events.publish(flotilla_api::EventBody::Reaped {

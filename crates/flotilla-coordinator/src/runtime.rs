@@ -111,6 +111,8 @@ pub struct Coordinator {
     /// project's clone never stalls another's builds.
     mirrors: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Arc<Mirror>>>>>,
     dispatch: Notify,
+    /// Makes the lease keeper look now (a cancel through a peer).
+    lease_tick: Notify,
     /// Rung when a node answers for the first time or again after being
     /// lost: the janitor sweeps at once.
     node_back: Notify,
@@ -173,6 +175,7 @@ impl Coordinator {
             logs: Mutex::new(HashMap::new()),
             mirrors: Mutex::new(HashMap::new()),
             dispatch: Notify::new(),
+            lease_tick: Notify::new(),
             node_back: Notify::new(),
             fleet: tokio::sync::Mutex::new(fleet),
             queue_view: Mutex::new(Queue {
@@ -203,6 +206,10 @@ impl Coordinator {
         }
         let me = self.clone();
         tokio::spawn(async move { me.lease_keeper().await });
+        if let Some(notes) = self.store.listen() {
+            let me = self.clone();
+            tokio::spawn(async move { me.hear_peers(notes).await });
+        }
         let me = self.clone();
         tokio::spawn(async move { me.retention_janitor().await });
         let me = self.clone();
@@ -812,7 +819,28 @@ impl Coordinator {
                     }
                 }
             }
-            tokio::time::sleep(every).await;
+            let _ = tokio::time::timeout(every, self.lease_tick.notified()).await;
+        }
+    }
+
+    /// Acts on what peers on the same PostgreSQL just committed
+    /// ([`crate::store::Store::listen`]): their events wake the project's
+    /// manager, queued builds or freed room the dispatcher, a cancel the
+    /// lease keeper (which delivers it). The lease keeper's once-a-second
+    /// look stays the backstop for whatever a lost connection missed.
+    async fn hear_peers(self: Arc<Self>, mut notes: tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use crate::store::{NOTE_BOX, NOTE_CANCEL, NOTE_QUEUE};
+        while let Some(note) = notes.recv().await {
+            if let Some(project) = note.strip_prefix(NOTE_BOX) {
+                self.wake_manager(project);
+            } else if note == NOTE_QUEUE {
+                self.wake_dispatcher();
+            } else if note == NOTE_CANCEL {
+                self.lease_tick.notify_one();
+            } else if note.is_empty() {
+                self.wake_dispatcher();
+                self.lease_tick.notify_one();
+            }
         }
     }
 
@@ -879,8 +907,10 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Publishes a build's change: the build with its newest timeline
+    /// entry only (see [`crate::store::Store::build_change`]).
     pub async fn build_changed(&self, id: u64) {
-        if let Ok(Some(b)) = self.store.build(id).await {
+        if let Ok(Some(b)) = self.store.build_change(id).await {
             self.events.publish(EventBody::Build { build: Box::new(b) });
         }
     }

@@ -250,7 +250,15 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Notification payloads ([`Store::listen`]): a project's box has events
+/// (`box:PROJECT`), builds were queued or room freed, a cancel was asked.
+pub const NOTE_BOX: &str = "box:";
+pub const NOTE_QUEUE: &str = "queue";
+pub const NOTE_CANCEL: &str = "cancel";
+
 struct Inner {
+    /// PostgreSQL's address, for [`Store::listen`]'s own connection.
+    url: Option<String>,
     dialect: Dialect,
     idle: Mutex<Vec<Box<dyn Conn>>>,
     permits: Semaphore,
@@ -425,12 +433,26 @@ impl Store {
     /// PostgreSQL at `url` (`postgres://user@host:port/db`), with up to
     /// `max` connections.
     pub fn postgres(url: &str, max: usize) -> Result<Store, StoreError> {
-        let url = url.to_string();
-        Store::with_opener(
+        let open = url.to_string();
+        let mut s = Store::with_opener(
             Dialect::Postgres,
             max,
-            Box::new(move || Ok(Box::new(postgres::PgConn::connect(&url)?) as Box<dyn Conn>)),
-        )
+            Box::new(move || Ok(Box::new(postgres::PgConn::connect(&open)?) as Box<dyn Conn>)),
+        )?;
+        Arc::get_mut(&mut s.inner).expect("a new store is not shared").url = Some(url.to_string());
+        Ok(s)
+    }
+
+    /// What other coordinators on this database just did, as it commits
+    /// (PostgreSQL `LISTEN`): [`NOTE_BOX`]`PROJECT`, [`NOTE_QUEUE`],
+    /// [`NOTE_CANCEL`], and an empty note whenever the listening connection
+    /// was (re)made, after which the receiver should look at everything.
+    /// `None` on SQLite.
+    pub fn listen(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<String>> {
+        let url = self.inner.url.clone()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        postgres::listen(url, tx);
+        Some(rx)
     }
 
     /// A store over connections from `open`; creates the schema.
@@ -449,6 +471,7 @@ impl Store {
         })?;
         Ok(Store {
             inner: Arc::new(Inner {
+                url: None,
                 dialect,
                 idle: Mutex::new(vec![first]),
                 permits: Semaphore::new(max.max(1)),
@@ -813,6 +836,7 @@ impl Store {
         let Action::CreateRun { op_id, change, config_hash, project_config } = action.clone();
         let project = project.to_string();
         self.tx(move |c| {
+            notify(c, NOTE_QUEUE)?;
             let p = project.as_str();
             let off = c.query("SELECT status, config_hash FROM projects WHERE name = $1", &[p.into()])?;
             // (why, whether the manager should decide again): a removed
@@ -1052,6 +1076,33 @@ impl Store {
             let Some(r) = rows.first() else { return Ok(None) };
             let mut b = Self::build_row(r)?;
             b.timeline = Self::timeline_of(c, id)?;
+            Ok(Some(b))
+        })
+        .await
+    }
+
+    /// A build as its change event carries it: its fields now and only
+    /// its newest timeline entry (what just happened), so an event costs
+    /// the same at step 1,000 as at step 1.
+    pub async fn build_change(&self, id: u64) -> Result<Option<Build>, StoreError> {
+        self.with(move |c| {
+            let rows = c.query(&format!("SELECT {} FROM builds WHERE id = $1", Self::BUILD_COLS), &[id.into()])?;
+            let Some(r) = rows.first() else { return Ok(None) };
+            let mut b = Self::build_row(r)?;
+            let newest = c.query(
+                "SELECT at, event, detail FROM timeline WHERE build_id = $1 ORDER BY seq DESC LIMIT 1",
+                &[id.into()],
+            )?;
+            b.timeline = newest
+                .iter()
+                .map(|r| {
+                    Ok(TimelineEntry {
+                        at: Timestamp(r[0].int()? as u64),
+                        event: r[1].text()?,
+                        detail: r[2].opt_text()?,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
             Ok(Some(b))
         })
         .await
@@ -1626,6 +1677,8 @@ impl Store {
         let failure = failure.map(|f| serde_json::to_string(&f)).transpose()?;
         let owner = owner.map(str::to_string);
         self.tx(move |c| {
+            // Room freed on a node: peers may place there now.
+            notify(c, NOTE_QUEUE)?;
             if let Some(o) = &owner {
                 let r = c.query("SELECT owner, state FROM builds WHERE id = $1", &[build.into()])?;
                 if let Some(r) = r.first()
@@ -1655,6 +1708,7 @@ impl Store {
     /// running builds flagged.
     pub async fn cancel(&self, run: Option<u64>, build: Option<u64>) -> Result<Vec<u64>, StoreError> {
         self.tx(move |c| {
+            notify(c, NOTE_CANCEL)?;
             let (filter, id) = match (run, build) {
                 (_, Some(b)) => ("id = $1", b),
                 (Some(r), None) => ("run_id = $1", r),
@@ -1721,6 +1775,7 @@ impl Store {
 /// Supersedes `build` with a new queued attempt that says why, and
 /// reopens its run.
 fn new_attempt(c: &mut dyn Conn, build: u64, reason: &str) -> Result<u64, StoreError> {
+    notify(c, NOTE_QUEUE)?;
     let r = c.query(
         "SELECT run_id, project, builder, attempt, rev, kind, spec FROM builds WHERE id = $1",
         &[build.into()],
@@ -1758,10 +1813,24 @@ fn new_attempt(c: &mut dyn Conn, build: u64, reason: &str) -> Result<u64, StoreE
 }
 
 fn send(c: &mut dyn Conn, project: &str, id: &str, body: &str) -> Result<u64, StoreError> {
-    Ok(c.execute(
+    let n = c.execute(
         "INSERT INTO pm_events (project, id, body) VALUES ($1, $2, $3) ON CONFLICT (project, id) DO NOTHING",
         &[project.into(), id.into(), body.into()],
-    )?)
+    )?;
+    if n > 0 {
+        notify(c, &format!("{NOTE_BOX}{project}"))?;
+    }
+    Ok(n)
+}
+
+/// Wakes every coordinator listening on PostgreSQL (see
+/// [`Store::listen`]) when the transaction commits; nothing on SQLite,
+/// whose one coordinator wakes itself.
+fn notify(c: &mut dyn Conn, payload: &str) -> Result<(), StoreError> {
+    if c.dialect() == Dialect::Postgres {
+        c.execute("SELECT pg_notify($1, $2)", &[postgres::CHANNEL.into(), payload.into()])?;
+    }
+    Ok(())
 }
 
 /// A run is over when every latest attempt is: failed if any failed, else

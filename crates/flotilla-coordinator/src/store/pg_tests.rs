@@ -485,3 +485,42 @@ async fn race_project(a: &Store) {
     .await
     .unwrap();
 }
+
+/// What one coordinator commits reaches another's `listen` as it commits:
+/// events for a project, queued builds, a cancel; a listener whose
+/// connection is cut is back with an empty note (look at everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_hear_what_another_coordinator_commits() {
+    let pg = Postgres::start();
+    let url = format!("{}?application_name=listener", pg.create_database("notes"));
+    let (a, b) = (Store::postgres(&url, 2).unwrap(), Store::postgres(&pg.url_of("notes"), 2).unwrap());
+    let mut notes = a.listen().expect("PostgreSQL listens");
+    let next = |notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>| {
+        let got = notes.try_recv();
+        got.ok()
+    };
+    let hear = async |notes: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, notes.recv()).await {
+                Ok(Some(n)) if n == want => return,
+                Ok(Some(_)) => {}
+                other => panic!("no note {want:?}: {other:?}"),
+            }
+        }
+    };
+    hear(&mut notes, "").await;
+    let runs = two_build_runs(&b, 1).await;
+    hear(&mut notes, &format!("{NOTE_BOX}{PROJECT}")).await;
+    hear(&mut notes, NOTE_QUEUE).await;
+    let build = b.run(runs[0]).await.unwrap().unwrap().builds[0].id;
+    assert!(b.claim(build, "me", "n").await.unwrap());
+    while next(&mut notes).is_some() {}
+    b.cancel(None, Some(build)).await.unwrap();
+    hear(&mut notes, NOTE_CANCEL).await;
+    // Its connection cut: it comes back, says so, and hears on.
+    assert!(pg.cut_connections("listener") >= 1);
+    hear(&mut notes, "").await;
+    b.finish_build(build, RunState::Canceled, None).await.unwrap();
+    hear(&mut notes, NOTE_QUEUE).await;
+}

@@ -179,6 +179,54 @@ impl PgConn {
     }
 }
 
+/// The channel coordinators wake each other on (`NOTIFY flotilla, …`).
+pub const CHANNEL: &str = "flotilla";
+
+/// How long the listener waits for a notification before it looks at
+/// whether its connection is still there.
+const LISTEN_CHECK: Duration = Duration::from_secs(2);
+
+/// Listens on [`CHANNEL`] over a connection of its own, on a thread of its
+/// own, until `tx` is closed: each notification's payload goes to `tx`.
+/// Whenever the connection is (re)made, an empty payload goes first: the
+/// receiver catches up on whatever it may have missed meanwhile. A lost
+/// connection is made again with back-off (100 ms to 5 s).
+pub fn listen(url: String, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+    let spawned = std::thread::Builder::new().name("flotilla-pg-listen".into()).spawn(move || {
+        let mut pause = Duration::from_millis(100);
+        while !tx.is_closed() {
+            if let Ok(mut conn) = PgConn::connect(&url) {
+                let client = conn.client.as_mut().expect("a new connection has its client");
+                if client.batch_execute(&format!("LISTEN {CHANNEL}")).is_ok() {
+                    pause = Duration::from_millis(100);
+                    if tx.send(String::new()).is_err() {
+                        return;
+                    }
+                    loop {
+                        let mut notes = client.notifications();
+                        let mut it = notes.timeout_iter(LISTEN_CHECK);
+                        while let Ok(Some(n)) = postgres::fallible_iterator::FallibleIterator::next(&mut it) {
+                            if tx.send(n.payload().to_string()).is_err() {
+                                return;
+                            }
+                        }
+                        drop(it);
+                        drop(notes);
+                        if client.is_closed() || tx.is_closed() {
+                            break;
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for PostgreSQL notifications: peers are heard by polling alone");
+    }
+}
+
 impl Drop for PgConn {
     /// The client's own runtime must not be shut down (nor its goodbye
     /// sent) from inside an async task, which panics: a store dropped in

@@ -171,6 +171,12 @@ pub async fn suite(s: Store) {
     assert!(!text.contains("abc") && !text.contains("45"), "{text}");
     assert_eq!(s.work(b).await.unwrap().unwrap().proc_offset, 22);
     assert!(s.build(b).await.unwrap().unwrap().timeline.iter().any(|t| t.event == "log_cut"));
+    // A build's change event carries its newest timeline entry only.
+    let change = s.build_change(b).await.unwrap().unwrap();
+    let whole = s.build(b).await.unwrap().unwrap();
+    assert!(whole.timeline.len() > 1);
+    assert_eq!(change.timeline.as_slice(), &whole.timeline[whole.timeline.len() - 1..]);
+    assert_eq!((change.state, change.log_bytes), (whole.state, whole.log_bytes));
     s.cancel(None, Some(b)).await.unwrap();
     assert!(s.renew_leases("peer", vec![b], soon).await.unwrap()[0].cancel_requested);
     s.execute_for_test("UPDATE builds SET cancel_requested = 0, owner = 'me' WHERE id = $1", b).await;
