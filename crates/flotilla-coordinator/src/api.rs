@@ -25,8 +25,19 @@ use crate::store::{NewProject, StoreError};
 type Result<T> = std::result::Result<T, HttpError>;
 type Co = State<Arc<Coordinator>>;
 
-/// Largest webhook payload read (GitHub caps theirs at 25 MB).
-pub const MAX_WEBHOOK_BODY: usize = 25 << 20;
+/// Largest webhook payload read: a push's is a few kB to a few hundred
+/// (GitHub lists at most 20 commits in one). Anyone may send one, before
+/// any signature is checked, so this, [`WEBHOOKS_AT_ONCE`] and
+/// [`WEBHOOK_READ`] bound what a stranger costs.
+pub const MAX_WEBHOOK_BODY: usize = 1 << 20;
+
+/// Webhook bodies read at once; more wait their turn, briefly.
+const WEBHOOKS_AT_ONCE: usize = 16;
+
+/// How long a webhook's body may take to arrive, whole.
+const WEBHOOK_READ: Duration = Duration::from_secs(10);
+
+static WEBHOOKS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(WEBHOOKS_AT_ONCE);
 /// How long `try` waits for its run to exist before answering without it.
 pub const TRY_WAIT: Duration = Duration::from_secs(10);
 /// Default poll interval of a project.
@@ -231,7 +242,7 @@ mod tests {
 
 #[utoipa::path(get, path = "/v1/projects", responses((status = 200, body = Page<Project>)))]
 async fn list_projects(State(c): Co) -> Result<axum::Json<Page<Project>>> {
-    let items = c.store.projects().await.map_err(store_error)?;
+    let items = c.store.projects().await.map_err(store_error)?.into_iter().map(shown).collect();
     Ok(axum::Json(Page { items, next_page_token: None }))
 }
 
@@ -323,8 +334,16 @@ async fn add_project(State(c): Co, JsonBody(req): JsonBody<AddProjectRequest>) -
     std::fs::rename(&staging, &dir)
         .map_err(|e| HttpError(ApiError::internal(format!("moving the new mirror into {}: {e}", dir.display()))))?;
     c.watch_project(&p.name);
+    let p = shown(p);
     c.events.publish(flotilla_api::EventBody::Project { project: Box::new(p.clone()) });
     Ok((StatusCode::CREATED, axum::Json(p)).into_response())
+}
+
+/// A project as the API and the event feed show it: its repository URL
+/// without the credentials it may carry (`https://user:token@host/…`).
+pub fn shown(mut p: Project) -> Project {
+    p.repo = crate::git::redact(&p.repo);
+    p
 }
 
 async fn project_or_404(c: &Coordinator, name: &str) -> Result<Project> {
@@ -338,7 +357,7 @@ async fn project_or_404(c: &Coordinator, name: &str) -> Result<Project> {
 #[utoipa::path(get, path = "/v1/projects/{name}", params(("name" = String, Path)),
     responses((status = 200, body = Project), (status = 404, body = ApiError)))]
 async fn show_project(State(c): Co, Path(name): Path<String>) -> Result<axum::Json<Project>> {
-    Ok(axum::Json(project_or_404(&c, &name).await?))
+    Ok(axum::Json(shown(project_or_404(&c, &name).await?)))
 }
 
 #[utoipa::path(delete, path = "/v1/projects/{name}", params(("name" = String, Path)),
@@ -372,7 +391,7 @@ async fn project_log(
 async fn poll_project(State(c): Co, Path(name): Path<String>) -> Result<axum::Json<Project>> {
     project_or_404(&c, &name).await?;
     crate::poller::poll(&c, &name).await.map_err(|e| HttpError(ApiError::new(ErrorCode::Conflict, e)))?;
-    Ok(axum::Json(project_or_404(&c, &name).await?))
+    Ok(axum::Json(shown(project_or_404(&c, &name).await?)))
 }
 
 /// The answer to `try`: the change, and its run once created.
@@ -595,9 +614,30 @@ async fn webhook(
             "project {project} has no webhook secret (add it with `flotilla project add --webhook-secret`)"
         ))));
     };
-    let body = axum::body::to_bytes(req.into_body(), MAX_WEBHOOK_BODY)
-        .await
-        .map_err(|e| HttpError(ApiError::new(ErrorCode::PayloadTooLarge, format!("webhook body: {e}"))))?;
+    let too_big = || {
+        HttpError(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("webhook body: over the {MAX_WEBHOOK_BODY} bytes this coordinator reads"),
+        ))
+    };
+    // Said too big before a byte of it is read.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    if declared.is_some_and(|n: u64| n > MAX_WEBHOOK_BODY as u64) {
+        return Err(too_big());
+    }
+    let _turn = tokio::time::timeout(WEBHOOK_READ, WEBHOOKS.acquire()).await.map_err(|_| {
+        HttpError(ApiError::new(ErrorCode::RequestTimeout, "too many webhooks at once: send it again".to_string()))
+    })?;
+    let body = match tokio::time::timeout(WEBHOOK_READ, axum::body::to_bytes(req.into_body(), MAX_WEBHOOK_BODY)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return Err(too_big()),
+        Err(_) => {
+            return Err(HttpError(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!("webhook body: not all there within {}s", WEBHOOK_READ.as_secs()),
+            )));
+        }
+    };
     crate::webhook::verify(forge, secret.as_bytes(), &headers, &body)
         .map_err(|e| HttpError(ApiError::new(ErrorCode::Unauthorized, e.to_string())))?;
     let event = crate::webhook::event(forge, &headers).unwrap_or_default();

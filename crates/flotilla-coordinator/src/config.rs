@@ -8,7 +8,7 @@
 //!
 //! [[builder]]
 //! name = "linux-amd64"       # os-arch[-suffix]
-//! image = "host"             # default "host"; or NAME:TAG, dir:/path
+//! image = "host"             # default "host"; or NAME:TAG of an image on the node
 //! backend = "process"        # or "vm"
 //! cpus = 2
 //! memory = "2G"
@@ -336,6 +336,14 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
         }
         steps.push(Step { name: s.name, run: s.run });
     }
+    // A repository (or a stranger's try patch) names images from the node's
+    // store, never a directory of the node's host.
+    if let Some(dir) = raw.image.as_deref().and_then(|i| i.strip_prefix("dir:")) {
+        return Err(format!(
+            "image = \"dir:{dir}\": a repository may not name a host directory; import it on the node as an \
+             image (`flotilla image import NAME:TAG {dir}`) and give image = \"NAME:TAG\""
+        ));
+    }
     if let Some(url) = &raw.known_issue
         && !(url.starts_with("https://") || url.starts_with("http://"))
     {
@@ -492,6 +500,14 @@ steps = [{ name = "test", run = "make check" }]
             (
                 b("name = \"linux-amd64\"\nknown_issue = \"#12\"\nsteps = [{ name = \"t\", run = \"x\" }]"),
                 "builder[0] \"linux-amd64\": known_issue \"#12\": give the issue's http(s) address".into(),
+            ),
+            (
+                b(
+                    "name = \"linux-amd64\"\nimage = \"dir:/usr\"\nsteps = [{ name = \"t\", run = \"cat /etc/shadow\" }]",
+                ),
+                "builder[0] \"linux-amd64\": image = \"dir:/usr\": a repository may not name a host directory; \
+                 import it on the node as an image (`flotilla image import NAME:TAG /usr`)"
+                    .into(),
             ),
             ("[triggers]\nbranch = [\"main\"]\n".into(), "unknown field `branch`".into()),
             ("[[builder]\n".into(), "TOML parse error".into()),

@@ -62,7 +62,7 @@ pub async fn step(c: &Arc<Coordinator>, project: &str) -> Result<Stepped, StoreE
                 if outcome.new_config.is_some()
                     && let Ok(Some(p)) = c.store.project(project).await
                 {
-                    c.events.publish(flotilla_api::EventBody::Project { project: Box::new(p) });
+                    c.events.publish(flotilla_api::EventBody::Project { project: Box::new(crate::api::shown(p)) });
                 }
             }
             None => {

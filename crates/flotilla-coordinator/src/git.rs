@@ -67,9 +67,13 @@ pub struct Mirror {
 
 /// `url` without a password or token in it (for messages).
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://…@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
+    // The userinfo ends at the last '@' before the path.
+    let Some(s) = url.find("://") else { return url.to_string() };
+    let rest = &url[s + 3..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}://…@{}", &url[..s], &rest[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -245,10 +249,17 @@ impl Mirror {
     pub async fn read_file(&self, rev: &str, path: &str) -> Result<Option<String>, GitError> {
         check_rev(rev)?;
         let spec = format!("{rev}:{path}");
+        // Its size first (from the object's header, nothing inflated): a
+        // blob that would be gigabytes once decompressed is refused unread.
         let mut c = git(Some(&self.dir), &self.config);
-        c.args(["cat-file", "-e", &spec]);
-        if !c.output().await.map_err(|e| spawn_error("looking for a file", e))?.status.success() {
+        c.args(["cat-file", "-s", &spec]);
+        let sized = c.output().await.map_err(|e| spawn_error("looking for a file", e))?;
+        if !sized.status.success() {
             return Ok(None);
+        }
+        let size: u64 = String::from_utf8_lossy(&sized.stdout).trim().parse().unwrap_or(u64::MAX);
+        if size > MAX_FILE as u64 {
+            return Err(GitError::Invalid(format!("{path} at {rev} is {size} bytes, over the {MAX_FILE} read")));
         }
         let mut c = git(Some(&self.dir), &self.config);
         c.args(["cat-file", "blob", &spec]);
@@ -358,6 +369,19 @@ mod tests {
         sh(dir, &["add", file]);
         sh(dir, &["commit", "-q", "-m", msg]);
         sh(dir, &["rev-parse", "HEAD"])
+    }
+
+    /// A file past MAX_FILE is refused by its size, before it is read.
+    #[tokio::test]
+    async fn a_file_too_big_to_read_is_refused_by_its_size() {
+        let t = tempfile::tempdir().unwrap();
+        let src = t.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        sh(&src, &["init", "-q"]);
+        let big = commit(&src, "flotilla.toml", &"x".repeat(MAX_FILE + 1), "big");
+        let m = Mirror::open_or_clone(&t.path().join("m.git"), src.to_str().unwrap()).await.unwrap();
+        let e = m.read_file(&big, "flotilla.toml").await.unwrap_err().to_string();
+        assert!(e.contains(&format!("{} bytes, over", MAX_FILE + 1)), "{e}");
     }
 
     #[tokio::test]
@@ -472,5 +496,8 @@ mod tests {
     fn urls_lose_their_secrets_in_messages() {
         assert_eq!(redact("https://user:tok@github.com/o/r.git"), "https://…@github.com/o/r.git");
         assert_eq!(redact("/srv/repo"), "/srv/repo");
+        assert_eq!(redact("https://u:p@ss@host/a@b.git"), "https://…@host/a@b.git");
+        assert_eq!(redact("https://host/a@b.git"), "https://host/a@b.git");
+        assert_eq!(redact("git@github.com:o/r.git"), "git@github.com:o/r.git");
     }
 }

@@ -68,14 +68,22 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let data = home.join("coordinator");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    // Its database holds webhook secrets and its mirrors private code:
+    // the coordinator's own, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private", data.display()))?;
     let store = match &args.database {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Store::postgres(url, 8)
             .map_err(|e| anyhow!("opening the PostgreSQL database: {}", flotilla_coordinator::error_chain(&e)))?,
         Some(other) => anyhow::bail!("--database {other:?}: give a postgres:// URL (SQLite is the default)"),
         None => {
             let db = data.join("coordinator.db");
-            Store::sqlite(&db)
-                .map_err(|e| anyhow!("opening {}: {}", db.display(), flotilla_coordinator::error_chain(&e)))?
+            let store = Store::sqlite(&db)
+                .map_err(|e| anyhow!("opening {}: {}", db.display(), flotilla_coordinator::error_chain(&e)))?;
+            std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", db.display()))?;
+            store
         }
     };
     let owner = coordinator_id(&data)?;

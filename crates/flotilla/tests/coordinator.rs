@@ -10,7 +10,7 @@ use common::{CoordinatorProcess, build_of, cli_ok, commit, git, json};
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_testkit::{NodeProcess, wait_until};
 use serde_json::Value;
@@ -458,10 +458,38 @@ fn a_signed_push_webhook_starts_a_build() {
     assert_eq!(code, 401, "unsigned: {out}");
     let (code, out) = post(&url, path, &[ev.clone(), ("X-Hub-Signature-256", sign(b"wrong"))], body.as_bytes());
     assert_eq!(code, 401, "wrong secret: {out}");
+    // A stranger's body is bounded before any signature is checked: one
+    // said to be 25 MiB is refused unread, and one that trickles in is cut
+    // off (a timeout, not a connection held for ever).
+    let addr = url.trim().trim_start_matches("http://").trim_end_matches('/').to_string();
+    let partial = |head: String, sent: &[u8]| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(sent).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let out = String::from_utf8_lossy(&out).into_owned();
+        (out.split_whitespace().nth(1).and_then(|c| c.parse::<u16>().ok()).unwrap_or(0), out)
+    };
+    let head = |len: usize| {
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nX-GitHub-Event: push\r\nContent-Length: {len}\r\n\r\n")
+    };
+    let (code, out) = partial(head(25 << 20), b"{");
+    assert_eq!(code, 413, "a 25 MiB body: {out}");
+    let started = Instant::now();
+    let (code, out) = partial(head(100), b"{\"ref\":");
+    assert_eq!(code, 408, "a body that never arrives: {out}");
+    assert!(started.elapsed() < Duration::from_secs(30), "cut off after {:?}", started.elapsed());
     let (code, out) = post(&url, "/v1/projects/demo/poll", &[], b"");
     assert_eq!(code, 401, "changes over TCP need the token: {out}");
     let token = std::fs::read_to_string(home.join("coordinator/token")).unwrap();
     let bearer = ("Authorization", format!("Bearer {}", token.trim()));
+    // The secrets' database and its directory are the coordinator's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(home.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("coordinator"), mode("coordinator/coordinator.db")), (0o700, 0o600));
     let (code, out) = post(&url, "/v1/projects/demo/poll", std::slice::from_ref(&bearer), b"");
     assert_eq!(code, 200, "with the token: {out}");
     let (code, out) = post(&url, path, &[ev, ("X-Hub-Signature-256", sign(b"s3cret"))], body.as_bytes());

@@ -1016,11 +1016,12 @@ impl Store {
     fn timeline_of(c: &mut dyn Conn, build: u64) -> Result<Vec<TimelineEntry>, StoreError> {
         let rows =
             c.query("SELECT at, event, detail FROM timeline WHERE build_id = $1 ORDER BY seq", &[build.into()])?;
-        rows.iter()
-            .map(|r| {
-                Ok(TimelineEntry { at: Timestamp(r[0].int()? as u64), event: r[1].text()?, detail: r[2].opt_text()? })
-            })
-            .collect()
+        rows.iter().map(Self::timeline_row).collect()
+    }
+
+    /// A timeline row: `at, event, detail`.
+    fn timeline_row(r: &Row) -> Result<TimelineEntry, StoreError> {
+        Ok(TimelineEntry { at: Timestamp(r[0].int()? as u64), event: r[1].text()?, detail: r[2].opt_text()? })
     }
 
     /// Runs, newest first, each with the latest attempt of each builder.
@@ -1093,16 +1094,7 @@ impl Store {
                 "SELECT at, event, detail FROM timeline WHERE build_id = $1 ORDER BY seq DESC LIMIT 1",
                 &[id.into()],
             )?;
-            b.timeline = newest
-                .iter()
-                .map(|r| {
-                    Ok(TimelineEntry {
-                        at: Timestamp(r[0].int()? as u64),
-                        event: r[1].text()?,
-                        detail: r[2].opt_text()?,
-                    })
-                })
-                .collect::<Result<_, StoreError>>()?;
+            b.timeline = newest.iter().map(Self::timeline_row).collect::<Result<_, StoreError>>()?;
             Ok(Some(b))
         })
         .await
