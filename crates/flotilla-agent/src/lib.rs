@@ -18,6 +18,7 @@ pub mod client;
 pub mod extract;
 pub mod http;
 pub mod procs;
+pub mod serve;
 pub mod server;
 pub mod session;
 pub mod tarx;

@@ -132,7 +132,12 @@ pub async fn serve_tcp(
     token: &str,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, guarded(router, token)).with_graceful_shutdown(shutdown).await
+    // The node's limits: a cap on open connections, a deadline on request
+    // headers (which also closes idle keep-alive connections), a grace on
+    // shutdown.
+    let max = flotilla_agent::serve::MAX_OPEN_TCP;
+    flotilla_agent::serve::serve_connections(listener, guarded(router, token), max, shutdown).await;
+    Ok(())
 }
 
 #[derive(OpenApi)]

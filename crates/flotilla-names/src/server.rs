@@ -205,14 +205,18 @@ async fn require_token(State(auth): State<Arc<WriteAuth>>, req: Request, next: N
 }
 
 /// Serves the name table on `listener` until `shutdown` completes, then
-/// finishes the requests in flight. Writes need `auth`'s token.
+/// finishes the requests in flight. Writes need `auth`'s token. The
+/// node's limits hold here too ([`flotilla_agent::serve`]): open
+/// connections capped, request headers (and idle keep-alives) timed out.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
     auth: WriteAuth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(store, auth)).with_graceful_shutdown(shutdown).await
+    let max = flotilla_agent::serve::MAX_OPEN_TCP;
+    flotilla_agent::serve::serve_connections(listener, router(store, auth), max, shutdown).await;
+    Ok(())
 }
 
 /// A name table served on a background task (for `flotilla dev` and

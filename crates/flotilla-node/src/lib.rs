@@ -92,61 +92,15 @@ pub async fn serve_router_unix(
     Ok(())
 }
 
-/// Serves `router` on a Unix listener until `shutdown` resolves: one task
-/// per connection, HTTP/1.1 with upgrades, and a deadline on request
-/// headers (a client that never finishes them is disconnected after
-/// `extract::header_timeout`, as on the TLS listener; request bodies are
-/// bounded by the router's own layer). On shutdown, open connections finish
-/// the request in hand within `tls::SHUTDOWN_GRACE`, then are dropped.
+/// Serves `router` on a Unix listener until `shutdown` resolves, with the
+/// limits of [`flotilla_agent::serve`] (a Unix socket's clients are local
+/// and few: the cap only guards the descriptors).
 async fn serve_connections(
     listener: tokio::net::UnixListener,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let service = hyper_util::service::TowerToHyperService::new(router);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut connections = tokio::task::JoinSet::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tls::accept_error(e).await;
-                    continue;
-                }
-            },
-        };
-        let service = service.clone();
-        let mut stop = stop_rx.clone();
-        connections.spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(flotilla_agent::extract::header_timeout());
-            let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), service).with_upgrades());
-            tokio::select! {
-                done = conn.as_mut() => {
-                    if let Err(e) = done {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                _ = stop.wait_for(|stopping| *stopping) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        });
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(tls::SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::info!(open = connections.len(), "dropping connections still open after the shutdown grace");
-        connections.shutdown().await;
-    }
+    flotilla_agent::serve::serve_connections(listener, router, 4096, shutdown).await;
 }
 
 /// Binds a listening Unix socket at `socket`, mode 0600, so that the path

@@ -52,6 +52,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::response::IntoResponse;
 use flotilla_agent::http::{HttpError, cert_fingerprint};
+use flotilla_agent::serve::accept_error;
 use flotilla_agent::token::{AuthFailure, BearerToken};
 use flotilla_api::{ApiError, ErrorCode};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
@@ -84,11 +85,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for open connections to finish before dropping
 /// them: long enough for an ordinary request, short enough that stopping a
 /// node is not held up by a client streaming a large tarball.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Pause after an accept error that means "out of descriptors or memory",
-/// so the loop does not spin while the condition lasts.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+pub use flotilla_agent::serve::SHUTDOWN_GRACE;
 
 /// Shortest token accepted from an operator (see `flotilla_agent::token`).
 pub use flotilla_agent::token::MIN_TOKEN_LEN;
@@ -516,21 +513,6 @@ struct Shared {
     /// `None`: the router checks its own requests.
     auth: Option<BearerAuth>,
     handshakes: Arc<Semaphore>,
-}
-
-/// Errors from `accept` that concern one connection are skipped; the
-/// others (descriptors or memory exhausted) get a short pause.
-pub(crate) async fn accept_error(e: std::io::Error) {
-    use std::io::ErrorKind;
-    match e.kind() {
-        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused => {
-            tracing::debug!(error = %e, "accept");
-        }
-        _ => {
-            tracing::warn!(error = %e, "accept failed; pausing");
-            tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-        }
-    }
 }
 
 /// One connection: the handshake under a deadline, then HTTP/1.1 with

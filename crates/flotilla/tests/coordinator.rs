@@ -788,3 +788,78 @@ fn two_nodes(discover: bool) {
     let down = q["nodes"].as_array().unwrap().iter().find(|n| n["name"] == second_url).expect("listed").clone();
     assert_eq!(down["up"], false, "{q:#}");
 }
+
+/// The coordinator's TCP port meets strangers with the node's limits: 600
+/// connections that never finish their headers hold at most 512 open (the
+/// rest wait in the backlog), each is cut off at the (here shortened)
+/// header timeout, an idle keep-alive connection is closed the same way,
+/// and an ordinary request is served throughout.
+#[test]
+fn slow_and_idle_connections_to_the_coordinators_port_are_bounded() {
+    use std::io::{Read, Write};
+    let home = tempfile::tempdir().unwrap();
+    let nowhere = home.path().join("no-node");
+    let log = std::fs::File::create(home.path().join("coordinator.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["coordinator", "--home"])
+        .arg(home.path())
+        .args(["--coordinator-listen", "127.0.0.1:0", "--node"])
+        .arg(format!("unix://{}", nowhere.join("node.sock").display()))
+        .env("FLOTILLA_HEADER_TIMEOUT_MS", "1500")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            flotilla_testkit::stop_child(&mut self.0, Duration::from_secs(10));
+        }
+    }
+    let child = Stop(child);
+    let url_file = home.path().join("coordinator.url");
+    let url = wait_until(Duration::from_secs(20), "the coordinator's URL", || std::fs::read_to_string(&url_file).ok());
+    let addr = url.trim().trim_start_matches("http://").to_string();
+    let healthz = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(healthz().starts_with("HTTP/1.1 200"));
+
+    let slow: Vec<std::net::TcpStream> = (0..600)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.write_all(b"GET /v1/projects HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", child.0.id())).map(|d| d.count()).unwrap_or(0);
+    let most = (0..20).map(|_| {
+        let n = fds();
+        std::thread::yield_now();
+        n
+    });
+    let most = most.max().unwrap();
+    assert!(most < 512 + 100, "{most} descriptors open with 600 slow clients");
+    let started = Instant::now();
+    assert!(healthz().starts_with("HTTP/1.1 200"), "served while 600 clients dribble");
+    assert!(started.elapsed() < Duration::from_secs(15), "served after {:?}", started.elapsed());
+    for mut s in slow {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut out = Vec::new();
+        assert!(s.read_to_end(&mut out).is_ok(), "a slow client's connection was closed, not left open");
+    }
+    // An idle keep-alive connection goes the same way.
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    assert!(idle.read_to_end(&mut out).is_ok(), "the idle connection was closed");
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(started.elapsed() < Duration::from_secs(20), "closed after {:?}", started.elapsed());
+}
