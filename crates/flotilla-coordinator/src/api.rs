@@ -211,9 +211,16 @@ impl utoipa::Modify for ErrorsEverywhere {
             .description("An error: the envelope with a stable code")
             .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("ApiError"))).build())
             .build();
-        for item in doc.paths.paths.values_mut() {
+        let bearer = utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new());
+        for (path, item) in doc.paths.paths.iter_mut() {
             for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
                 op.responses.responses.insert("default".into(), error.clone().into());
+            }
+            // Changes take the token over TCP; webhooks are signed instead.
+            if !path.starts_with("/v1/webhooks/") {
+                for op in [&mut item.post, &mut item.delete].into_iter().flatten() {
+                    op.security = Some(vec![bearer.clone()]);
+                }
             }
         }
         let components = doc.components.get_or_insert_with(Default::default);
@@ -240,6 +247,12 @@ mod tests {
         for (path, item) in paths {
             for (method, op) in item.as_object().unwrap() {
                 assert!(op["responses"]["default"].is_object(), "{method} {path} lacks its error response");
+                let changes = method != "get" && !path.starts_with("/v1/webhooks/");
+                assert_eq!(op["security"][0]["bearer"].is_array(), changes, "{method} {path}: security");
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    let in_path = path.contains(&format!("{{{}}}", p["name"].as_str().unwrap()));
+                    assert_eq!(p["in"] == "path", in_path, "{method} {path}: parameter {p}");
+                }
             }
         }
     }
@@ -370,10 +383,15 @@ async fn show_project(State(c): Co, Path(name): Path<String>) -> Result<axum::Js
 async fn remove_project(State(c): Co, Path(name): Path<String>) -> Result<StatusCode> {
     c.store.remove_project(&name).await.map_err(store_error)?;
     c.wake_poller(&name);
+    // The feed says so too (status `removed`).
+    if let Ok(Some(p)) = c.store.project(&name).await {
+        c.events.publish(flotilla_api::EventBody::Project { project: Box::new(shown(p)) });
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     limit: Option<u64>,
@@ -445,6 +463,7 @@ async fn builder_sandbox(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RunsQuery {
     project: Option<String>,
@@ -536,6 +555,7 @@ async fn retry_build(State(c): Co, Path(id): Path<String>) -> Result<axum::Json<
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct BuildLogQuery {
     /// Byte offset to start from (resume a follow here).
@@ -655,6 +675,7 @@ async fn webhook(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// Resume after this event id.
