@@ -39,6 +39,14 @@ impl NodeUpdateRequest {
         if let Some(h) = &self.sha256 {
             parse_sha256(h).map_err(|e| field_error("sha256", e))?;
         }
+        // A binary from the network runs as root: it comes over TLS and
+        // is checked against a digest the operator gave, or not at all.
+        if b.starts_with("http://") {
+            return Err(field_error("binary", format!("{b:?}: a binary is downloaded over https only")));
+        }
+        if b.starts_with("https://") && self.sha256.is_none() {
+            return Err(field_error("sha256", "give the SHA-256 of a binary downloaded from a URL (--sha256)"));
+        }
         Ok(())
     }
 }
@@ -180,6 +188,13 @@ mod tests {
         assert_eq!(rel.validate().unwrap_err().details.unwrap()["field"], "binary");
         let bad = NodeUpdateRequest { binary: "https://example.com/flotilla".into(), sha256: Some("abc".into()) };
         assert_eq!(bad.validate().unwrap_err().details.unwrap()["field"], "sha256");
+        // From the network: https, with its digest.
+        let digest = Some("a".repeat(64));
+        let plain = NodeUpdateRequest { binary: "http://example.com/flotilla".into(), sha256: digest.clone() };
+        assert_eq!(plain.validate().unwrap_err().details.unwrap()["field"], "binary");
+        let unchecked = NodeUpdateRequest { binary: "https://example.com/flotilla".into(), sha256: None };
+        assert_eq!(unchecked.validate().unwrap_err().details.unwrap()["field"], "sha256");
+        assert!(NodeUpdateRequest { binary: "https://example.com/flotilla".into(), sha256: digest }.validate().is_ok());
         let err = serde_json::from_str::<NodeUpdateRequest>(r#"{"binary":"/x","sha":"1"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
     }

@@ -11,7 +11,12 @@
 //! `clone3` is answered with `ENOSYS` by a second filter: its flags live in
 //! memory that seccomp cannot inspect, so we make libc fall back to `clone`,
 //! whose flags we can check. (The kernel applies the most restrictive
-//! result of all installed filters, so the two never conflict.)
+//! result of all installed filters, so they never conflict.)
+//!
+//! On x86-64 a third filter answers `ENOSYS` to every syscall number with
+//! the x32 bit set: x32 calls carry the x86-64 audit arch and numbers of
+//! their own, so a deny list by number would let `mount | 0x40000000`
+//! through on a kernel built with `CONFIG_X86_X32_ABI`.
 
 use std::collections::BTreeMap;
 
@@ -90,7 +95,37 @@ pub fn sandbox_programs() -> Result<Vec<Vec<libc::sock_filter>>, SeccompError> {
 
     let a: BpfProgram = deny.try_into().map_err(|e: seccompiler::BackendError| err(e))?;
     let b: BpfProgram = enosys.try_into().map_err(|e: seccompiler::BackendError| err(e))?;
-    Ok(vec![to_libc(a), to_libc(b)])
+    let mut programs = vec![to_libc(a), to_libc(b)];
+    if cfg!(target_arch = "x86_64") {
+        programs.push(no_x32());
+    }
+    Ok(programs)
+}
+
+/// The x32 bit of an x86-64 syscall number.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+/// `AUDIT_ARCH_X86_64`.
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+/// `ENOSYS` for any x86-64 syscall number with [`X32_SYSCALL_BIT`] set,
+/// allow for the rest (the other filters decide those).
+fn no_x32() -> Vec<libc::sock_filter> {
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter { code: code as u16, jt, jf, k };
+    let (ld, jeq, jge, ret) = (
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+        libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+        libc::BPF_RET | libc::BPF_K,
+    );
+    vec![
+        // seccomp_data: nr at 0, arch at 4.
+        op(ld, 0, 0, 4),
+        op(jeq, 0, 3, AUDIT_ARCH_X86_64),
+        op(ld, 0, 0, 0),
+        op(jge, 0, 1, X32_SYSCALL_BIT),
+        op(ret, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        op(ret, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 fn to_libc(p: BpfProgram) -> Vec<libc::sock_filter> {
@@ -102,7 +137,42 @@ mod tests {
     #[test]
     fn programs_compile() {
         let progs = super::sandbox_programs().unwrap();
-        assert_eq!(progs.len(), 2);
+        assert_eq!(progs.len(), if cfg!(target_arch = "x86_64") { 3 } else { 2 });
         assert!(progs.iter().all(|p| !p.is_empty() && p.len() < 4096));
+    }
+
+    /// Runs a filter of loads, jumps and returns on (nr, arch), as the
+    /// kernel would.
+    fn run(prog: &[libc::sock_filter], nr: u32, arch: u32) -> u32 {
+        let (mut pc, mut acc) = (0usize, 0u32);
+        loop {
+            let f = prog[pc];
+            let code = f.code as u32;
+            match code & 0x07 {
+                libc::BPF_LD => acc = if f.k == 0 { nr } else { arch },
+                libc::BPF_JMP => {
+                    let taken = match code & 0xf0 {
+                        libc::BPF_JEQ => acc == f.k,
+                        libc::BPF_JGE => acc >= f.k,
+                        other => panic!("jump {other:#x}"),
+                    };
+                    pc += if taken { f.jt as usize } else { f.jf as usize };
+                }
+                libc::BPF_RET => return f.k,
+                other => panic!("op {other:#x}"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn x32_calls_are_refused_and_the_rest_left_to_the_other_filters() {
+        let p = super::no_x32();
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        let mount = libc::SYS_mount as u32;
+        assert_eq!(run(&p, mount | super::X32_SYSCALL_BIT, super::AUDIT_ARCH_X86_64), enosys);
+        assert_eq!(run(&p, super::X32_SYSCALL_BIT, super::AUDIT_ARCH_X86_64), enosys);
+        assert_eq!(run(&p, mount, super::AUDIT_ARCH_X86_64), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(run(&p, mount | super::X32_SYSCALL_BIT, 0x4000_0003), libc::SECCOMP_RET_ALLOW, "other arches");
     }
 }
