@@ -114,9 +114,15 @@ pub async fn serve_connections<L: Accept>(
         });
     }
     drop(listener);
-    let _ = stop_tx.send(true);
-    let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+    drain(stop_tx, connections).await;
+}
+
+/// Shutdown: tells every connection to finish the request in hand, waits
+/// [`SHUTDOWN_GRACE`] for them, then drops what is still open.
+pub async fn drain(stop: tokio::sync::watch::Sender<bool>, mut connections: tokio::task::JoinSet<()>) {
+    let _ = stop.send(true);
+    let finished = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, finished).await.is_err() {
         tracing::info!(open = connections.len(), "dropping connections still open after the shutdown grace");
         connections.shutdown().await;
     }

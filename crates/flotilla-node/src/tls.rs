@@ -497,12 +497,7 @@ async fn serve(
         connections.spawn(serve_connection(shared.clone(), tcp, peer, permit, stop_rx.clone()));
     }
     drop(listener);
-    let _ = stop_tx.send(true);
-    let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::info!(open = connections.len(), "dropping connections still open after the shutdown grace");
-        connections.shutdown().await;
-    }
+    flotilla_agent::serve::drain(stop_tx, connections).await;
     Ok(())
 }
 
