@@ -86,6 +86,17 @@ struct FleetNode {
     asking: Option<Instant>,
 }
 
+impl FleetNode {
+    /// Since when it has not answered: the call that got nothing, the ask
+    /// still waiting (counted only past a healthy node's answer time, so a
+    /// slow answer is not silence), or its mount gone from the name table,
+    /// whichever came first; `None` while it answers.
+    fn silent_since(&self) -> Option<Instant> {
+        let waiting = self.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN);
+        [self.down_since, self.missing_since, waiting].into_iter().flatten().min()
+    }
+}
+
 /// The name a node client is known by: its address.
 pub fn node_name(client: &NodeClient) -> String {
     client.http().endpoint().to_string()
@@ -407,12 +418,9 @@ impl Coordinator {
         fleet
             .iter()
             .map(|n| {
-                // Silent since a call got no answer, or with an ask
-                // unanswered past a healthy node's time: no build is
-                // placed there on the strength of an older answer.
-                let silent =
-                    [n.down_since, n.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN)].into_iter().flatten().min();
-                let info = match (&n.missing_since, silent, &n.seen) {
+                // A silent node takes no build on the strength of an
+                // older answer.
+                let info = match (&n.missing_since, n.silent_since(), &n.seen) {
                     (Some(_), _, _) => Err("its mount in the name table expired".to_string()),
                     (None, Some(since), _) => Err(format!(
                         "it has not answered for {}",
@@ -517,9 +525,7 @@ impl Coordinator {
         let fleet = self.fleet.lock().await;
         let mut n = [("up", 0), ("silent", 0), ("lost", 0)];
         for f in fleet.iter() {
-            let waiting = f.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN);
-            let down = [f.down_since, f.missing_since, waiting].into_iter().flatten().min().map(|t| t.elapsed());
-            let i = match down {
+            let i = match f.silent_since().map(|t| t.elapsed()) {
                 None if matches!(f.seen, Some((_, Ok(_)))) => 0,
                 Some(d) if d >= self.config.node_lost_after => 2,
                 _ => 1,
@@ -534,12 +540,7 @@ impl Coordinator {
     /// `None` while it answers.
     pub async fn node_down_for(&self, name: &str) -> Option<Duration> {
         let fleet = self.fleet.lock().await;
-        let n = fleet.iter().find(|n| n.name == name)?;
-        // Silent, unanswered yet, or gone from the name table: whichever
-        // came first. An ask in flight counts only past a healthy node's
-        // answer time, so a slow answer is not a loss.
-        let waiting = n.asking.filter(|at| at.elapsed() >= ANSWER_WITHIN);
-        [n.down_since, n.missing_since, waiting].into_iter().flatten().min().map(|t| t.elapsed())
+        fleet.iter().find(|n| n.name == name)?.silent_since().map(|t| t.elapsed())
     }
 
     /// One scheduling pass: a snapshot of the node and what runs on it, the
