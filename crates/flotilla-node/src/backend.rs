@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use flotilla_agent::AgentClient;
 use flotilla_agent::http::{Endpoint, HttpClient};
 use flotilla_api::{ApiError, BackendInfo, BackendKind, ErrorCode, Resources};
+use flotilla_sandbox::egress::EgressPolicy;
 use flotilla_sandbox::process::{UID_BASE, UID_RANGE};
 use flotilla_sandbox::{BootError, Image, Limits, ProcessBackend, ProcessConfig, Running, SandboxSpec};
 
@@ -16,13 +17,22 @@ use crate::store::SandboxRecord;
 pub struct ProcessNodeBackend {
     inner: ProcessBackend,
     home: PathBuf,
+    /// Why `outbound` cannot be had, when the egress policy is not in place.
+    egress: Result<(), String>,
 }
 
 impl ProcessNodeBackend {
     /// Sets up the backend under `home`: the sandboxes directory and the
     /// generated `/etc` of the host image. `agent_exe` is the binary that
     /// implements `agent --init`, `agent_args` the words before `--init`.
-    pub fn new(home: PathBuf, agent_exe: PathBuf, agent_args: Vec<String>) -> Result<Self, ApiError> {
+    /// `egress` is the node's egress policy as installed (or why it is
+    /// not): outbound sandboxes exist only under it.
+    pub fn new(
+        home: PathBuf,
+        agent_exe: PathBuf,
+        agent_args: Vec<String>,
+        egress: &Result<EgressPolicy, String>,
+    ) -> Result<Self, ApiError> {
         let host_etc = home.join("images/host/etc");
         let io = |what: &str, e: std::io::Error| ApiError::internal(format!("{what}: {e}"));
         std::fs::create_dir_all(home.join("sandboxes")).map_err(|e| io("creating the sandboxes directory", e))?;
@@ -36,10 +46,11 @@ impl ProcessNodeBackend {
             agent_args,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_group: cgroup_group_for(&home),
+            egress_gid: egress.as_ref().ok().map(|p| p.gid),
         };
         let inner =
             ProcessBackend::new(config).map_err(|e| ApiError::internal(flotilla_agent::http::error_chain(&e)))?;
-        Ok(ProcessNodeBackend { inner, home })
+        Ok(ProcessNodeBackend { inner, home, egress: egress.as_ref().map(|_| ()).map_err(Clone::clone) })
     }
 
     pub fn inner(&self) -> &ProcessBackend {
@@ -162,7 +173,7 @@ impl Backend for ProcessNodeBackend {
 
     fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
         let mut modes = vec![flotilla_api::NetworkMode::None];
-        if ProcessBackend::network_helper().is_some() {
+        if ProcessBackend::network_helper().is_some() && self.egress.is_ok() {
             modes.push(flotilla_api::NetworkMode::Outbound);
         }
         modes
@@ -171,6 +182,9 @@ impl Backend for ProcessNodeBackend {
     fn check_network(&self, _kind: BackendKind, mode: flotilla_api::NetworkMode) -> Result<(), String> {
         match mode {
             flotilla_api::NetworkMode::None => Ok(()),
+            flotilla_api::NetworkMode::Outbound if let Err(why) = &self.egress => {
+                Err(format!("network `outbound` is off on this node: {why}"))
+            }
             flotilla_api::NetworkMode::Outbound if ProcessBackend::network_helper().is_some() => Ok(()),
             flotilla_api::NetworkMode::Outbound => {
                 Err("network `outbound` needs pasta or slirp4netns: apt-get install -y passt".into())
@@ -201,14 +215,26 @@ impl Backend for ProcessNodeBackend {
 pub struct VmNodeBackend {
     inner: std::sync::Arc<flotilla_vm::VmBackend>,
     home: PathBuf,
+    /// Why `outbound` cannot be had, when the egress policy is not in place.
+    egress: Result<(), String>,
 }
 
 impl VmNodeBackend {
     /// Must be called inside a tokio runtime: it starts the pool refill.
-    pub fn new(home: PathBuf, agent: Option<PathBuf>) -> VmNodeBackend {
-        let inner = std::sync::Arc::new(flotilla_vm::VmBackend::new(&home, agent));
+    pub fn new(home: PathBuf, agent: Option<PathBuf>, egress: &Result<EgressPolicy, String>) -> VmNodeBackend {
+        let gid = egress.as_ref().ok().map(|p| p.gid);
+        let inner = std::sync::Arc::new(flotilla_vm::VmBackend::new(&home, agent).with_egress_gid(gid));
         inner.start_pool();
-        VmNodeBackend { inner, home }
+        VmNodeBackend { inner, home, egress: egress.as_ref().map(|_| ()).map_err(Clone::clone) }
+    }
+
+    fn network_unavailable(&self, mode: flotilla_api::NetworkMode) -> Option<String> {
+        match (&self.egress, mode) {
+            (Err(why), flotilla_api::NetworkMode::Outbound) => {
+                Some(format!("network `outbound` is off on this node: {why}"))
+            }
+            _ => self.inner.network_unavailable(mode),
+        }
     }
 
     pub fn inner(&self) -> &flotilla_vm::VmBackend {
@@ -434,14 +460,15 @@ impl Backend for NodeBackend {
 
     fn network_modes(&self) -> Vec<flotilla_api::NetworkMode> {
         let mut modes = self.process.network_modes();
-        modes.extend(self.vm.inner.network_modes().into_iter().filter(|m| !modes.contains(m)).collect::<Vec<_>>());
+        let vm = self.vm.inner.network_modes().into_iter().filter(|m| self.vm.network_unavailable(*m).is_none());
+        modes.extend(vm.filter(|m| !modes.contains(m)).collect::<Vec<_>>());
         modes
     }
 
     fn check_network(&self, kind: BackendKind, mode: flotilla_api::NetworkMode) -> Result<(), String> {
         match kind {
             BackendKind::Process => self.process.check_network(kind, mode),
-            BackendKind::Vm => self.vm.inner.network_unavailable(mode).map_or(Ok(()), Err),
+            BackendKind::Vm => self.vm.network_unavailable(mode).map_or(Ok(()), Err),
         }
     }
 

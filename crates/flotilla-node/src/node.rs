@@ -1117,6 +1117,16 @@ impl<B: Backend> Node<B> {
         self.backend.shutdown();
     }
 
+    /// Whether a sandbox with outbound network is running (after a
+    /// shutdown: an app instance left running), so that the node's egress
+    /// policy must stay in place.
+    pub fn runs_outbound(&self) -> bool {
+        self.entries.lock().expect("entries").values().any(|e| {
+            let v = e.view.lock().expect("view");
+            v.network == flotilla_api::NetworkMode::Outbound && v.state != SandboxState::Stopped
+        })
+    }
+
     /// How many sandboxes are in each state (what `/metrics` needs, without
     /// the rest of [`Node::info`]'s host probing and image listing).
     pub fn state_counts(&self) -> BTreeMap<String, usize> {

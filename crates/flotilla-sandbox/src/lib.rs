@@ -2,7 +2,8 @@
 //!
 //! This crate owns how a sandbox is made and unmade on a host: Linux
 //! namespaces and mounts ([`process`]), cgroup limits for v1 and v2 behind
-//! one manager ([`cgroup`]), the seccomp policy ([`seccomp`]) and the root
+//! one manager ([`cgroup`]), the seccomp policy ([`seccomp`]), the egress policy of outbound
+//! sandboxes ([`egress`]) and the root
 //! filesystems sandboxes start from ([`image`]).
 //!
 //! It is the only crate in the workspace allowed `unsafe` code, and all of
@@ -11,6 +12,7 @@
 //! store and the locks belong to `flotilla-node`.
 
 pub mod cgroup;
+pub mod egress;
 pub mod image;
 pub mod process;
 pub mod seccomp;

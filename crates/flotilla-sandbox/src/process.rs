@@ -62,6 +62,9 @@ pub struct ProcessConfig {
     pub cgroup_root: PathBuf,
     /// Our group name under each hierarchy; unique per node.
     pub cgroup_group: String,
+    /// The group network helpers run with, under the node's egress policy
+    /// ([`crate::egress`]); `None` leaves them unfiltered.
+    pub egress_gid: Option<u32>,
 }
 
 /// What one boot needs to know.
@@ -286,7 +289,7 @@ impl ProcessBackend {
         }
         let net_helper = match spec.network {
             NetworkMode::None | NetworkMode::Tap => None,
-            NetworkMode::Outbound => match start_network_helper(pid).await {
+            NetworkMode::Outbound => match start_network_helper(pid, self.config.egress_gid).await {
                 Ok(child) => {
                     // The helper joins the sandbox's cgroup: killing the
                     // cgroup then takes it along, also when a crashed node
@@ -555,6 +558,12 @@ impl ProcessBackend {
         ops.push(mount("tmpfs", at("root"), "tmpfs", nsd, "mode=0700"));
         ops.push(mkdir("proc", 0o555));
         ops.push(mount("proc", at("proc"), "proc", nsd | libc::MS_NOEXEC, ""));
+        // `ping` without CAP_NET_RAW: ICMP echo sockets for every group of
+        // the sandbox, in its own network namespace.
+        ops.push(ChildOp::Write {
+            path: at("proc/sys/net/ipv4/ping_group_range"),
+            data: CString::new(format!("0 {}", UID_RANGE - 1)).expect("digits"),
+        });
         ops.push(mkdir("dev", 0o755));
         ops.push(mount("tmpfs", at("dev"), "tmpfs", libc::MS_NOSUID | libc::MS_NOEXEC, "mode=0755,size=64k"));
         for node in ["null", "zero", "full", "random", "urandom", "tty"] {
@@ -662,7 +671,11 @@ pub async fn wait_pidfd(fd: Arc<OwnedFd>) -> ExitInfo {
     }
 }
 
-async fn start_network_helper(pid: i32) -> Result<Option<tokio::process::Child>, BootError> {
+/// Starts slirp4netns or pasta for the sandbox whose init is `pid`. Its
+/// sockets carry the node's egress group `egress_gid`, which the host's
+/// netfilter holds to the egress policy.
+async fn start_network_helper(pid: i32, egress_gid: Option<u32>) -> Result<Option<tokio::process::Child>, BootError> {
+    use std::os::unix::process::CommandExt as _;
     let helper = ProcessBackend::network_helper().ok_or(BootError::NoNetworkHelper)?;
     let net_err = |source| BootError::Network { helper, source };
     let mut cmd = std::process::Command::new(helper);
@@ -670,8 +683,17 @@ async fn start_network_helper(pid: i32) -> Result<Option<tokio::process::Child>,
     if helper == "pasta" {
         // pasta configures the namespace, then daemonises: its first
         // process exiting with 0 means ready. It exits by itself when the
-        // namespace goes away. --no-map-gw keeps the host's loopback out.
-        cmd.args(["--config-net", "--no-map-gw", "--quiet"]).arg(pid.to_string());
+        // namespace goes away. --no-map-gw keeps the host's loopback out,
+        // and no port is forwarded either way (pasta's default maps the
+        // host's bound ports into the namespace: -T/-U auto). It stays
+        // root (it must join the sandbox's user namespace) in the egress
+        // group.
+        cmd.args(["--config-net", "--no-map-gw", "--quiet"]);
+        cmd.args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"]);
+        if let Some(gid) = egress_gid {
+            cmd.args(["--runas", &format!("0:{gid}")]);
+        }
+        cmd.arg(pid.to_string());
         let status = tokio::process::Command::from(cmd).status().await.map_err(net_err)?;
         return if status.success() {
             Ok(None)
@@ -680,10 +702,16 @@ async fn start_network_helper(pid: i32) -> Result<Option<tokio::process::Child>,
         };
     }
     let (ready_r, ready_w) = sys::pipe().map_err(net_err)?;
-    cmd.args(["--configure", "--mtu=65520", "--disable-host-loopback", "--ready-fd=3"])
+    // slirp4netns confines itself (its own mount namespace and an empty
+    // root, capabilities dropped, a seccomp filter) once the TAP exists.
+    cmd.args(["--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp"])
+        .arg("--ready-fd=3")
         .arg(pid.to_string())
         .arg("tap0");
     sys::command_pass_fd(&mut cmd, ready_w.as_raw_fd(), 3);
+    if let Some(gid) = egress_gid {
+        cmd.gid(gid);
+    }
     let mut tcmd = tokio::process::Command::from(cmd);
     tcmd.kill_on_drop(true);
     let child = tcmd.spawn().map_err(net_err)?;

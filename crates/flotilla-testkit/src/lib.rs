@@ -8,6 +8,7 @@
 
 pub mod images;
 pub mod postgres;
+pub mod testhosts;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -189,6 +189,8 @@ pub struct VmBackend {
     net_lock: std::sync::Mutex<()>,
     boot_timeout: Duration,
     pool: std::sync::Mutex<pool::Pool>,
+    /// The group passt runs with, under the node's egress policy.
+    egress_gid: Option<u32>,
 }
 
 impl std::fmt::Debug for VmBackend {
@@ -229,9 +231,17 @@ impl VmBackend {
             net_lock: Default::default(),
             boot_timeout,
             pool: Default::default(),
+            egress_gid: None,
         };
         b.restore_pool();
         b
+    }
+
+    /// Runs every `outbound` guest's passt in the egress group `gid`
+    /// (`flotilla_sandbox::egress::EgressPolicy::gid`).
+    pub fn with_egress_gid(mut self, gid: Option<u32>) -> VmBackend {
+        self.egress_gid = gid;
+        self
     }
 
     pub fn vms_dir(&self) -> PathBuf {
@@ -648,7 +658,9 @@ impl VmBackend {
         let config = dir.join("config.json");
         let (guest_net, host_net) = match spec.network {
             flotilla_api::NetworkMode::None => (None, None),
-            flotilla_api::NetworkMode::Outbound => (Some(net::outbound_guest()), Some(net::HostNet::Passt)),
+            flotilla_api::NetworkMode::Outbound => {
+                (Some(net::outbound_guest()), Some(net::HostNet::Passt { egress_gid: self.egress_gid }))
+            }
             flotilla_api::NetworkMode::Tap => {
                 let _leasing = self.net_lock.lock().expect("net lock");
                 let (g, h) = net::lease(&self.vms_dir(), &spec.id).map_err(io_step("leasing a tap address"))?;

@@ -3,7 +3,9 @@
 //! - `outbound`: the guest's NIC is one end of a socketpair whose other end
 //!   belongs to `passt` (user-mode NAT without a TAP, running as `nobody`
 //!   in its own sandbox). `--no-map-gw` keeps the host's loopback out of
-//!   reach, as `pasta --no-map-gw` does for process sandboxes. passt ends by
+//!   reach, as `pasta --no-map-gw` does for process sandboxes, and the
+//!   node's egress policy (`flotilla_sandbox::egress`) holds its sockets
+//!   away from the host, the LAN and the metadata service. passt ends by
 //!   itself when QEMU's end closes, so it can outlive neither the VM nor a
 //!   launch that failed: nothing to reap, even after the node is killed.
 //! - `tap`: one TAP device per sandbox on the node's bridge [`BRIDGE`]
@@ -50,8 +52,9 @@ pub struct GuestNet {
 /// The host side of a VM's NIC, made anew for each launch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostNet {
-    /// passt on a socketpair.
-    Passt,
+    /// passt on a socketpair, running with the node's egress group (see
+    /// `flotilla_sandbox::egress`) when it has one.
+    Passt { egress_gid: Option<u32> },
     /// A TAP device named `tap` on [`BRIDGE`].
     Tap { tap: String, mac: String },
 }
@@ -61,7 +64,7 @@ impl HostNet {
     /// `log` receives passt's start-up errors.
     pub async fn open(&self, log: &Path) -> io::Result<OwnedFd> {
         match self {
-            HostNet::Passt => start_passt(log).await,
+            HostNet::Passt { egress_gid } => start_passt(log, *egress_gid).await,
             HostNet::Tap { tap, .. } => {
                 let tap = tap.clone();
                 tokio::task::spawn_blocking(move || open_tap(&tap))
@@ -74,7 +77,7 @@ impl HostNet {
     /// The guest MAC QEMU sets, where it matters (many NICs on one bridge).
     pub fn mac(&self) -> Option<&str> {
         match self {
-            HostNet::Passt => None,
+            HostNet::Passt { .. } => None,
             HostNet::Tap { mac, .. } => Some(mac),
         }
     }
@@ -103,7 +106,7 @@ pub fn outbound_guest() -> GuestNet {
     GuestNet { address: OUTBOUND_ADDR, prefix: 24, gateway: Some(OUTBOUND_GATEWAY), dns: Some(OUTBOUND_DNS) }
 }
 
-async fn start_passt(log: &Path) -> io::Result<OwnedFd> {
+async fn start_passt(log: &Path, egress_gid: Option<u32>) -> io::Result<OwnedFd> {
     let passt = passt()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "`outbound` needs passt: apt-get install -y passt"))?;
     let (qemu_end, passt_end) = std::os::unix::net::UnixStream::pair()?;
@@ -114,6 +117,11 @@ async fn start_passt(log: &Path) -> io::Result<OwnedFd> {
     cmd.args(["--no-map-gw", "--dns-forward", &ip(OUTBOUND_DNS)]);
     // No IPv6 plan in the guest: keep passt to IPv4.
     cmd.arg("--ipv4-only");
+    // As `nobody`, in the node's egress group: the host's netfilter holds
+    // its sockets to the egress policy.
+    if let Some(gid) = egress_gid {
+        cmd.args(["--runas", &format!("65534:{gid}")]);
+    }
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
     cmd.stderr(std::fs::File::create(log)?);
     flotilla_sandbox::sys::command_pass_fd(&mut cmd, passt_end.as_raw_fd(), 3);

@@ -203,7 +203,9 @@ impl Vmm for Qemu {
         c.args(["-fw_cfg", &format!("name={CONFIG_FW_CFG},file={}", p(&s.config))]);
         if let Some(net) = &s.network {
             let netdev = match net {
-                crate::net::HostNet::Passt => format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}"),
+                crate::net::HostNet::Passt { .. } => {
+                    format!("stream,id=net0,server=off,addr.type=fd,addr.str={NET_FD}")
+                }
                 crate::net::HostNet::Tap { .. } => format!("tap,id=net0,fd={NET_FD}"),
             };
             let mac = net.mac().map(|m| format!(",mac={m}")).unwrap_or_default();

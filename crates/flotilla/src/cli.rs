@@ -259,6 +259,11 @@ pub struct DaemonArgs {
     /// start re-adopts them; other sandboxes are always stopped).
     #[arg(long)]
     pub stop_apps: bool,
+    /// Let `outbound` sandboxes reach this range too (repeatable; e.g. a private package mirror,
+    /// 10.1.2.0/24). By default they reach the internet and nothing of the host, the LAN
+    /// (RFC 1918, CGNAT, ULA), link-local (the cloud metadata service) or multicast.
+    #[arg(long = "egress-allow", value_name = "CIDR")]
+    pub egress_allow: Vec<flotilla_sandbox::egress::Cidr>,
     /// Try this binary as an update candidate: serve only `GET /v1/node` and a self-test on --socket,
     /// touching no sandbox, store or cgroup (the node runs its candidates so).
     #[arg(long, hide = true, requires = "socket")]

@@ -57,6 +57,31 @@ pub fn node(args: DaemonArgs, coordinator: Option<crate::coordinator::Coordinato
     }
 }
 
+/// Puts the node's egress policy in place; without it, `outbound`
+/// sandboxes are refused (with the reason) and the rest works.
+fn egress_policy(
+    home: &std::path::Path,
+    allow: &[flotilla_sandbox::egress::Cidr],
+) -> Result<flotilla_sandbox::egress::EgressPolicy, String> {
+    let canon = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
+    let policy = flotilla_sandbox::egress::EgressPolicy::for_home(&canon, allow.to_vec());
+    match policy.install() {
+        Ok(()) => {
+            tracing::info!(
+                chain = policy.chain(),
+                gid = policy.gid,
+                allowed = ?policy.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "egress policy in place for outbound sandboxes"
+            );
+            Ok(policy)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no egress policy: outbound sandboxes are refused");
+            Err(e.to_string())
+        }
+    }
+}
+
 /// Runs the node until it stops, and says why.
 async fn serve(
     args: DaemonArgs,
@@ -67,8 +92,10 @@ async fn serve(
     updater: std::sync::Arc<Updater>,
 ) -> anyhow::Result<(Stop, Vec<(String, String)>)> {
     let dev = coordinator.is_some();
-    let process = ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()]).map_err(anyhow::Error::new)?;
-    let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone()) };
+    let egress = egress_policy(&home, &args.egress_allow);
+    let process =
+        ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()], &egress).map_err(anyhow::Error::new)?;
+    let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone(), &egress) };
     let config = NodeConfig { stop_apps: args.stop_apps, ..NodeConfig::new(home.clone()) };
     let node = Node::open(backend, config).await.map_err(anyhow::Error::new)?;
     updater.start();
@@ -241,9 +268,18 @@ async fn serve(
         })
     });
     let apps = node.apps().clone();
+    let served = node.clone();
     let reason = flotilla_node::serve_unix(node, &socket, router, stopped(stop.clone()))
         .await
         .with_context(|| format!("serving on {}", socket.display()))?;
+    // The egress rules go with the node unless an outbound sandbox (an app
+    // instance) outlives it; a hand-over keeps them for the next image.
+    if let Ok(policy) = &egress
+        && reason == Stop::Shutdown
+        && !served.runs_outbound()
+    {
+        policy.remove();
+    }
     // At a hand-over the apps' forwarded ports go to the next image as open
     // sockets: connections wait in their backlog, none is refused.
     let handed = match reason {

@@ -528,8 +528,18 @@ fn network_check(host: &Host) -> Check {
              (`--network none` works)",
             "apt-get install -y slirp4netns   (or: apt-get install -y passt, which provides pasta)",
         )
+    } else if let Some(tool) = ["iptables-restore", "ip6tables-restore"].into_iter().find(|t| host.which(t).is_none()) {
+        Check::warn(
+            NAME,
+            format!(
+                "{} on PATH, but not {tool}: the egress policy (no host, LAN or metadata service for outbound \
+                 sandboxes) cannot be put in place, so `--network outbound` is refused",
+                found.join(" and ")
+            ),
+            "apt-get install -y iptables",
+        )
     } else {
-        Check::ok(NAME, format!("{} on PATH, for `--network outbound`", found.join(" and ")))
+        Check::ok(NAME, format!("{} on PATH, for `--network outbound` under the egress policy", found.join(" and ")))
     }
 }
 
@@ -816,6 +826,10 @@ mod tests {
         };
         assert_eq!(host.which("pasta"), Some(dir.path().join("pasta")));
         assert_eq!(host.which("slirp4netns"), None);
+        // A helper without iptables: no egress policy, so a warning.
+        assert_eq!(network_check(&host).status, Status::Warn);
+        std::fs::write(dir.path().join("iptables-restore"), "").unwrap();
+        std::fs::write(dir.path().join("ip6tables-restore"), "").unwrap();
         assert_eq!(network_check(&host).status, Status::Ok);
         assert_eq!(git_check(&host).status, Status::Warn);
         assert!(kvm_check(&host).detail.starts_with("no /dev/kvm"));

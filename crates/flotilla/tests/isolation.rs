@@ -69,7 +69,10 @@ async fn sandboxes_cannot_see_the_host_or_each_other() {
     assert!(!st.success());
 }
 
-on_both_backends!(the_hosts_loopback_is_out_of_reach, outbound_network_reaches_the_world_but_not_host_loopback);
+on_both_backends!(
+    the_hosts_loopback_is_out_of_reach,
+    outbound_reaches_the_internet_but_not_the_host_the_lan_or_metadata
+);
 
 /// `bash -c script`, with a deadline (a connect that hangs must not).
 fn bash(script: String) -> flotilla_api::ExecRequest {
@@ -98,30 +101,77 @@ async fn the_hosts_loopback_is_out_of_reach(kind: common::Kind) {
     assert!(err.contains("refused"), "the sandbox's loopback is not up: {err}");
 }
 
-async fn outbound_network_reaches_the_world_but_not_host_loopback(kind: common::Kind) {
-    let host_ip = std::process::Command::new("hostname").arg("-I").output().unwrap();
-    let host_ip = String::from_utf8_lossy(&host_ip.stdout).split_whitespace().next().map(str::to_string);
-    let Some(host_ip) = host_ip else { panic!("the host has no non-loopback address to test outbound with") };
-    let env = common::env_for(kind);
-    let world = TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = world.local_addr().unwrap().port();
+/// The egress policy: an outbound sandbox reaches the internet (a public
+/// package registry, and an address outside every denied range) and a
+/// range the operator allowed, but nothing the host holds, no private,
+/// shared or link-local range, and it cannot change that from inside.
+async fn outbound_reaches_the_internet_but_not_the_host_the_lan_or_metadata(kind: common::Kind) {
+    use flotilla_testkit::testhosts::{PORT, TestHosts};
+    let hosts = TestHosts::new(&[
+        "198.51.100.{i}", // "the internet": outside every denied range
+        "10.202.{i}.1",   // RFC 1918, but allowed by the operator (below)
+        "10.201.{i}.1",   // RFC 1918
+        "172.29.{i}.1",   // RFC 1918
+        "192.168.250.{i}",
+        "100.80.{i}.1",  // CGNAT
+        "169.254.{i}.1", // link-local: where the metadata service lives (never .169.254)
+    ]);
+    let allow = format!("10.202.{}.0/24", hosts.index());
+    let args = ["--egress-allow", &allow];
+    let env = match kind {
+        common::Kind::Process => common::env_with(&args),
+        common::Kind::Vm => common::vm_env_with(common::VmKernel::Built, &args),
+    };
     let s = env.create(CreateSandboxRequest { network: NetworkMode::Outbound, ..env.request().await }).await;
-    let (out, err, st) = env.exec(&s.id, bash(format!("echo hi >/dev/tcp/{host_ip}/{port} && echo SENT"))).await;
-    assert!(st.success() && out.contains("SENT"), "outbound on {kind:?} failed: {out} {err}");
-    world.set_nonblocking(false).unwrap();
-    assert!(world.accept().is_ok());
-    // The host's loopback, as slirp4netns/pasta/passt would map it, is refused.
-    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let reach = |addr: &str, port: u16| format!("exec 3<>/dev/tcp/{addr}/{port} && head -1 <&3");
+    for a in &hosts.addrs[..2] {
+        let (out, err, st) = env.exec(&s.id, bash(reach(a, PORT))).await;
+        assert!(st.success() && out.trim() == format!("HELLO {a}"), "{kind:?} did not reach allowed {a}: {out} {err}");
+    }
+    for a in &hosts.addrs[2..] {
+        let (out, err, st) = env.exec(&s.id, bash(reach(a, PORT))).await;
+        assert!(!st.success() && !out.contains("HELLO"), "{kind:?} reached denied {a}: {out} {err}");
+    }
+    // Every address of the host itself, loopback and the gateway's mapping
+    // of it included.
+    let host_ip = std::process::Command::new("hostname").arg("-I").output().unwrap();
+    let host_ips: Vec<String> =
+        String::from_utf8_lossy(&host_ip.stdout).split_whitespace().map(str::to_string).collect();
+    let local = TcpListener::bind("0.0.0.0:0").unwrap();
     local.set_nonblocking(true).unwrap();
     let lport = local.local_addr().unwrap().port();
-    for gw in ["10.0.2.2", "127.0.0.1"] {
-        let (out, _, st) = env.exec(&s.id, bash(format!("echo hi >/dev/tcp/{gw}/{lport} && echo SENT"))).await;
-        assert!(!st.success() && !out.contains("SENT"), "reached host loopback through {gw}");
+    for a in host_ips.iter().map(String::as_str).chain(["10.0.2.2", "127.0.0.1"]).filter(|a| !a.contains(':')) {
+        let (out, _, st) = env.exec(&s.id, bash(format!("echo hi >/dev/tcp/{a}/{lport} && echo SENT"))).await;
+        assert!(!st.success() && !out.contains("SENT"), "{kind:?} reached the host at {a}");
     }
-    assert!(local.accept().is_err(), "the host loopback listener saw a connection");
+    assert!(local.accept().is_err(), "a host listener saw a connection");
+    // A public package registry answers, by name (DNS works under the policy).
+    let registry = "exec 3<>/dev/tcp/deb.debian.org/80 && \
+                    printf 'HEAD /debian/dists/bookworm/Release HTTP/1.0\\r\\nHost: deb.debian.org\\r\\n\\r\\n' >&3 && \
+                    head -1 <&3";
+    let (out, err, st) = env.exec(&s.id, bash(registry.into())).await;
+    assert!(st.success() && out.starts_with("HTTP/1."), "{kind:?} could not reach deb.debian.org: {out} {err}");
     if kind == common::Kind::Vm {
         // The guest was told where DNS is (passt forwards it to the host's resolver).
         let resolv = env.ok(&s.id, "cat /etc/resolv.conf").await;
         assert_eq!(resolv.trim(), "nameserver 10.0.2.3");
+        return;
     }
+    // The sandbox cannot rewrite its own network (no CAP_NET_ADMIN), and
+    // the rules are the host's anyway.
+    let denied = &hosts.addrs[2];
+    let change = format!("ip addr add {denied}/32 dev lo; echo rc=$?; ip route add 10.0.0.0/8 dev lo; echo rc=$?");
+    let (out, _, _) = env.sh(&s.id, &change).await;
+    assert_eq!(out.matches("rc=2").count(), 2, "the sandbox changed its network: {out}");
+    let (_, _, st) = env.exec(&s.id, bash(reach(denied, PORT))).await;
+    assert!(!st.success());
+    // No raw sockets (CAP_NET_RAW is gone), but ICMP echo sockets, which
+    // `ping` uses, are open to every group of the sandbox.
+    let sockets = "import socket
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print('raw')
+except PermissionError: print('no raw')
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); print('echo')";
+    let out = env.ok(&s.id, &format!("python3 -c \"{sockets}\"")).await;
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["no", "raw", "echo"], "{out}");
 }
