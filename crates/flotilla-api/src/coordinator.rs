@@ -151,6 +151,28 @@ pub struct AddProjectRequest {
     pub webhook_secret: Option<String>,
 }
 
+/// `PUT /v1/projects/{name}/secrets/{secret}`.
+#[derive(Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetSecretRequest {
+    /// The value: UTF-8 text of 4 bytes to 64 KiB. It is sealed at rest and
+    /// never read back through the API.
+    pub value: String,
+}
+
+impl std::fmt::Debug for SetSecretRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetSecretRequest { value: <redacted> }")
+    }
+}
+
+/// A project's secret as the API shows it: its name, never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretInfo {
+    pub name: String,
+    pub updated_at: Timestamp,
+}
+
 /// `POST /v1/projects/{name}/try`: a revision, or a patch on a base.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -94,6 +94,7 @@ pub async fn dashboard_grid(machine: &Machine, iterations: usize) -> anyhow::Res
             max_log_bytes: 64 << 20,
             retention: Duration::from_secs(90 * 86_400),
             discovery: None,
+            secrets: Arc::new(flotilla_coordinator::secrets::SecretBox::load_or_create(&dir.path().join("key"))?),
         },
     );
     let pages = flotilla_dashboard::router(c.clone());

@@ -14,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flotilla_agent::extract::{JsonBody, QueryParams};
 use flotilla_agent::http::HttpError;
-use flotilla_api::coordinator::{AddProjectRequest, Build, Project, ProjectLogEntry, Run, TryRequest};
+use flotilla_api::coordinator::{
+    AddProjectRequest, Build, Project, ProjectLogEntry, Run, SecretInfo, SetSecretRequest, TryRequest,
+};
 use flotilla_api::{ApiError, ErrorCode, Page};
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
@@ -68,6 +70,8 @@ pub fn router(c: Arc<Coordinator>) -> Router {
         .route("/v1/projects", get(list_projects).post(add_project))
         .route("/v1/projects/{name}", get(show_project).delete(remove_project))
         .route("/v1/projects/{name}/log", get(project_log))
+        .route("/v1/projects/{name}/secrets", get(list_secrets))
+        .route("/v1/projects/{name}/secrets/{secret}", axum::routing::put(set_secret).delete(remove_secret))
         .route("/v1/projects/{name}/poll", post(poll_project))
         .route("/v1/projects/{name}/try", post(submit_try))
         .route("/v1/projects/{name}/sandboxes", post(builder_sandbox))
@@ -103,7 +107,10 @@ pub fn guarded(router: Router, token: &str) -> Router {
     router.layer(axum::middleware::from_fn(move |req: Request, next: axum::middleware::Next| {
         let token = token.clone();
         async move {
-            let open = matches!(*req.method(), Method::GET | Method::HEAD) || req.uri().path().starts_with("/v1/webhooks/");
+            // Reads are open, but for secrets (their names are nobody's business).
+            let path = req.uri().path();
+            let open = (matches!(*req.method(), Method::GET | Method::HEAD) && !is_secrets_path(path))
+                || path.starts_with("/v1/webhooks/");
             if open {
                 return next.run(req).await;
             }
@@ -122,6 +129,15 @@ pub fn guarded(router: Router, token: &str) -> Router {
             }
         }
     }))
+}
+
+/// `/v1/projects/NAME/secrets[/…]`.
+fn is_secrets_path(path: &str) -> bool {
+    let mut parts = path.trim_end_matches('/').split('/');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(""), Some("v1"), Some("projects"), Some(_), Some("secrets"))
+    )
 }
 
 /// Serves `router` [`guarded`] by `token` on `listener` until `shutdown`
@@ -150,6 +166,9 @@ pub async fn serve_tcp(
         show_project,
         remove_project,
         project_log,
+        list_secrets,
+        set_secret,
+        remove_secret,
         poll_project,
         submit_try,
         builder_sandbox,
@@ -170,6 +189,8 @@ pub async fn serve_tcp(
     components(schemas(
         Project,
         AddProjectRequest,
+        SetSecretRequest,
+        SecretInfo,
         TryRequest,
         TryResponse,
         Run,
@@ -213,12 +234,18 @@ impl utoipa::Modify for ErrorsEverywhere {
             .build();
         let bearer = utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new());
         for (path, item) in doc.paths.paths.iter_mut() {
-            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+            for op in [&mut item.get, &mut item.post, &mut item.put, &mut item.delete].into_iter().flatten() {
                 op.responses.responses.insert("default".into(), error.clone().into());
             }
             // Changes take the token over TCP; webhooks are signed instead.
             if !path.starts_with("/v1/webhooks/") {
-                for op in [&mut item.post, &mut item.delete].into_iter().flatten() {
+                for op in [&mut item.post, &mut item.put, &mut item.delete].into_iter().flatten() {
+                    op.security = Some(vec![bearer.clone()]);
+                }
+            }
+            // So do reads of secrets' names.
+            if is_secrets_path(path) {
+                for op in [&mut item.get].into_iter().flatten() {
                     op.security = Some(vec![bearer.clone()]);
                 }
             }
@@ -247,7 +274,7 @@ mod tests {
         for (path, item) in paths {
             for (method, op) in item.as_object().unwrap() {
                 assert!(op["responses"]["default"].is_object(), "{method} {path} lacks its error response");
-                let changes = method != "get" && !path.starts_with("/v1/webhooks/");
+                let changes = (method != "get" || super::is_secrets_path(path)) && !path.starts_with("/v1/webhooks/");
                 assert_eq!(op["security"][0]["bearer"].is_array(), changes, "{method} {path}: security");
                 for p in op["parameters"].as_array().into_iter().flatten() {
                     let in_path = path.contains(&format!("{{{}}}", p["name"].as_str().unwrap()));
@@ -388,6 +415,48 @@ async fn remove_project(State(c): Co, Path(name): Path<String>) -> Result<Status
         c.events.publish(flotilla_api::EventBody::Project { project: Box::new(shown(p)) });
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/projects/{name}/secrets", params(("name" = String, Path)),
+    responses((status = 200, body = Page<SecretInfo>), (status = 404, body = ApiError)))]
+async fn list_secrets(State(c): Co, Path(name): Path<String>) -> Result<axum::Json<Page<SecretInfo>>> {
+    project_or_404(&c, &name).await?;
+    let items = c.store.secret_names(&name).await.map_err(store_error)?;
+    let items = items
+        .into_iter()
+        .map(|(name, at)| SecretInfo { name, updated_at: flotilla_api::Timestamp(at as u64) })
+        .collect();
+    Ok(axum::Json(Page { items, next_page_token: None }))
+}
+
+#[utoipa::path(put, path = "/v1/projects/{name}/secrets/{secret}",
+    params(("name" = String, Path), ("secret" = String, Path)), request_body = SetSecretRequest,
+    responses((status = 204), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+async fn set_secret(
+    State(c): Co,
+    Path((name, secret)): Path<(String, String)>,
+    JsonBody(req): JsonBody<SetSecretRequest>,
+) -> Result<StatusCode> {
+    let invalid = |field: &str, why: String| {
+        HttpError(ApiError::invalid(why).with_details(serde_json::json!({ "field": field })))
+    };
+    crate::secrets::check_name(&secret).map_err(|e| invalid("secret", e))?;
+    crate::secrets::check_value(req.value.as_bytes()).map_err(|e| invalid("value", e))?;
+    let sealed = c.config.secrets.seal(&name, &secret, req.value.as_bytes());
+    c.store.put_secret(&name, &secret, sealed, crate::secrets::MAX_PER_PROJECT).await.map_err(store_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/v1/projects/{name}/secrets/{secret}",
+    params(("name" = String, Path), ("secret" = String, Path)),
+    responses((status = 204), (status = 404, body = ApiError)))]
+async fn remove_secret(State(c): Co, Path((name, secret)): Path<(String, String)>) -> Result<StatusCode> {
+    project_or_404(&c, &name).await?;
+    if c.store.delete_secret(&name, &secret).await.map_err(store_error)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(HttpError(ApiError::not_found(format!("project {name} has no secret {secret}"))))
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -118,6 +118,10 @@ pub struct BuildSpec {
     pub timeout_ms: u64,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Names of the project secrets the steps get (values are read when
+    /// the steps start, never kept in the spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     pub steps: Vec<SpecStep>,
 }
 
@@ -137,6 +141,7 @@ impl BuildSpec {
             network: b.network,
             timeout_ms: b.timeout.as_millis() as u64,
             env: b.env.clone(),
+            secrets: b.secrets.clone(),
             steps: b.steps.iter().map(|s| SpecStep { name: s.name.clone(), run: s.run.clone() }).collect(),
         }
     }
@@ -352,6 +357,10 @@ async fn end_early(c: &Arc<Coordinator>, work: &BuildWork, state: RunState, fail
 
 async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, deadline: Timestamp) -> Stop {
     let id = work.id;
+    let (env, masker) = match step_env(c, work, spec).await {
+        Ok(x) => x,
+        Err(stop) => return stop,
+    };
     let sandbox = match ensure_sandbox(c, work, spec).await {
         Ok(s) => s,
         Err(stop) => return stop,
@@ -389,7 +398,7 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, deadlin
         let left = if resumed { left.max(Duration::from_millis(1)) } else { left };
         let req = ExecRequest {
             argv: vec!["/bin/sh".into(), "-c".into(), step.run.clone()],
-            env: spec.env.clone(),
+            env: env.clone(),
             cwd: Some("/workspace".into()),
             detach: true,
             id: Some(process.clone()),
@@ -413,7 +422,7 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, deadlin
                 Err(g) => return g.stop(format!("its sandbox {sandbox} is gone ({})", crate::error_chain(&e))),
             },
         }
-        let status = match follow(c, id, &sandbox, &process, &step.name).await {
+        let status = match follow(c, id, &sandbox, &process, &step.name, &masker).await {
             Ok(s) => s,
             Err(stop) => return stop,
         };
@@ -440,6 +449,43 @@ async fn steps(c: &Arc<Coordinator>, work: &BuildWork, spec: &BuildSpec, deadlin
         }
     }
     finish_then_delete(c, id, Some(&sandbox), RunState::Passed, None).await
+}
+
+/// The steps' environment: the builder's `env`, plus the project secrets
+/// it names when this build may have them ([`crate::secrets::allowed`]:
+/// withheld from a try, which the timeline says); and the masker of their
+/// values for the log. A secret that is not set fails the build, naming it.
+async fn step_env(
+    c: &Arc<Coordinator>,
+    work: &BuildWork,
+    spec: &BuildSpec,
+) -> Result<(BTreeMap<String, String>, crate::secrets::Masker), Stop> {
+    let mut env = spec.env.clone();
+    if spec.secrets.is_empty() {
+        return Ok((env, Default::default()));
+    }
+    if let Err(why) = crate::secrets::allowed(work.kind) {
+        let _ = c.timeline(work.id, "secrets_withheld", Some(format!("{}: {why}", spec.secrets.join(", ")))).await;
+        return Ok((env, Default::default()));
+    }
+    let sealed = c.store.sealed_secrets(&work.project, spec.secrets.clone()).await?;
+    let sandbox = work.sandbox.as_deref();
+    if let Some(missing) = spec.secrets.iter().find(|n| !sealed.iter().any(|(s, _)| s == *n)) {
+        let p = &work.project;
+        let msg = format!("secret {missing} is not set for project {p} (flotilla secret set {p} {missing})");
+        return Err(fail(c, work.id, sandbox, "secrets", msg).await);
+    }
+    let mut values = Vec::new();
+    for (name, s) in sealed {
+        match c.config.secrets.open(&work.project, &name, &s) {
+            Ok(v) => {
+                values.push(v.clone());
+                env.insert(name, v);
+            }
+            Err(e) => return Err(fail(c, work.id, sandbox, "secrets", e.to_string()).await),
+        }
+    }
+    Ok((env, crate::secrets::Masker::new(values.iter().map(String::as_str))))
 }
 
 /// The build's sandbox, running: the recorded one, or a new one.
@@ -597,6 +643,7 @@ async fn follow(
     sandbox: &str,
     process: &str,
     step: &str,
+    masker: &crate::secrets::Masker,
 ) -> Result<Option<flotilla_api::ExitStatus>, Stop> {
     loop {
         let w = c.store.work(id).await?.ok_or(Stop::Done)?;
@@ -627,6 +674,10 @@ async fn follow(
         }
         let attached_at = offset;
         let mut batch: Vec<u8> = Vec::new();
+        // Bytes past `offset` held back because they may begin a secret
+        // that the next frame completes; re-read from the agent if this
+        // attachment ends first.
+        let mut held: Vec<u8> = Vec::new();
         loop {
             // Frames already here join the batch; once none is, the batch
             // is stored before waiting for more.
@@ -642,7 +693,7 @@ async fn follow(
                 match stream.next().now_or_never() {
                     Some(next) => next,
                     None => {
-                        if !store_batch(c, id, &mut offset, &mut batch).await? {
+                        if !store_batch(c, id, &mut offset, &mut batch, &mut held, masker, false).await? {
                             break;
                         }
                         continue;
@@ -650,7 +701,11 @@ async fn follow(
                 }
             };
             let ends = !matches!(&next, Ok(Some(f)) if matches!(f.kind, FrameKind::Stdout | FrameKind::Stderr | FrameKind::Heartbeat));
-            if (ends || batch.len() >= LOG_BATCH) && !store_batch(c, id, &mut offset, &mut batch).await? {
+            // The process is done: nothing can complete a held-back tail.
+            let last = matches!(&next, Ok(Some(f)) if matches!(f.kind, FrameKind::Exit | FrameKind::Error));
+            if (ends || batch.len() >= LOG_BATCH)
+                && !store_batch(c, id, &mut offset, &mut batch, &mut held, masker, last).await?
+            {
                 // Someone else stored past here: start over from the
                 // stored offset.
                 break;
@@ -689,13 +744,29 @@ async fn follow(
     }
 }
 
-/// Stores the gathered output at `offset` and moves past it; false if the
-/// store holds other bytes there (another executor stored them).
-async fn store_batch(c: &Arc<Coordinator>, id: u64, offset: &mut u64, batch: &mut Vec<u8>) -> Result<bool, Stop> {
-    if batch.is_empty() {
+/// Stores the gathered output at `offset`, secrets masked, and moves past
+/// it; false if the store holds other bytes there (another executor stored
+/// them). Unless `last`, a tail that may begin a secret stays in `held`.
+async fn store_batch(
+    c: &Arc<Coordinator>,
+    id: u64,
+    offset: &mut u64,
+    batch: &mut Vec<u8>,
+    held: &mut Vec<u8>,
+    masker: &crate::secrets::Masker,
+    last: bool,
+) -> Result<bool, Stop> {
+    if batch.is_empty() && (held.is_empty() || !last) {
         return Ok(true);
     }
-    let data = std::mem::take(batch);
+    let mut data = std::mem::take(held);
+    data.append(batch);
+    masker.mask(&mut data);
+    let keep = if last { 0 } else { masker.hold_back(&data) };
+    *held = data.split_off(data.len() - keep);
+    if data.is_empty() {
+        return Ok(true);
+    }
     let len = data.len() as u64;
     if !c.store.append_log(id, &c.config.owner, *offset, data, c.config.max_log_bytes).await? {
         return Ok(false);

@@ -43,6 +43,23 @@ impl CoordinatorClient {
         self.http.json_empty(Method::DELETE, &format!("/v1/projects/{}", seg(name)), None::<&()>).await
     }
 
+    pub async fn set_secret(&self, project: &str, name: &str, value: &str) -> Result<(), ClientError> {
+        let req = flotilla_api::coordinator::SetSecretRequest { value: value.to_string() };
+        let path = format!("/v1/projects/{}/secrets/{}", seg(project), seg(name));
+        self.http.json_empty(Method::PUT, &path, Some(&req)).await
+    }
+
+    pub async fn secrets(&self, project: &str) -> Result<Vec<flotilla_api::coordinator::SecretInfo>, ClientError> {
+        let path = format!("/v1/projects/{}/secrets", seg(project));
+        let p: Page<flotilla_api::coordinator::SecretInfo> = self.http.json(Method::GET, &path, None::<&()>).await?;
+        Ok(p.items)
+    }
+
+    pub async fn remove_secret(&self, project: &str, name: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/projects/{}/secrets/{}", seg(project), seg(name));
+        self.http.json_empty(Method::DELETE, &path, None::<&()>).await
+    }
+
     pub async fn project_log(&self, name: &str, limit: u64) -> Result<Vec<ProjectLogEntry>, ClientError> {
         let p: Page<ProjectLogEntry> =
             self.http.json(Method::GET, &format!("/v1/projects/{}/log?limit={limit}", seg(name)), None::<&()>).await?;

@@ -116,6 +116,10 @@ pub struct Builder {
     pub network: NetworkMode,
     pub timeout: Duration,
     pub env: BTreeMap<String, String>,
+    /// The project's secrets this builder's steps get as environment
+    /// variables (`flotilla secret set`), in builds that may have them
+    /// ([`crate::secrets::allowed`]).
+    pub secrets: Vec<String>,
     pub steps: Vec<Step>,
     /// An http(s) link to an issue known to break this builder: the
     /// dashboard's grid dims the builder and links the issue (Go's
@@ -251,6 +255,8 @@ struct RawBuilder {
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
     steps: Vec<toml::Value>,
     #[serde(default)]
     known_issue: Option<String>,
@@ -344,6 +350,15 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
              image (`flotilla image import NAME:TAG {dir}`) and give image = \"NAME:TAG\""
         ));
     }
+    if raw.secrets.len() > crate::secrets::MAX_PER_PROJECT {
+        return Err(format!("secrets: more than the {} a project may have", crate::secrets::MAX_PER_PROJECT));
+    }
+    for (j, s) in raw.secrets.iter().enumerate() {
+        crate::secrets::check_name(s).map_err(|e| format!("secrets[{j}]: {e}"))?;
+        if raw.env.contains_key(s) {
+            return Err(format!("secrets[{j}]: {s} is also set in env; a variable comes from one or the other"));
+        }
+    }
     if let Some(url) = &raw.known_issue
         && !(url.starts_with("https://") || url.starts_with("http://"))
     {
@@ -357,6 +372,7 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
         network: raw.network.unwrap_or_default(),
         timeout,
         env: raw.env,
+        secrets: raw.secrets,
         steps,
         known_issue: raw.known_issue,
     })
@@ -508,6 +524,16 @@ steps = [{ name = "test", run = "make check" }]
                 "builder[0] \"linux-amd64\": image = \"dir:/usr\": a repository may not name a host directory; \
                  import it on the node as an image (`flotilla image import NAME:TAG /usr`)"
                     .into(),
+            ),
+            (
+                b("name = \"linux-amd64\"\nsecrets = [\"pypi-token\"]\nsteps = [{ name = \"t\", run = \"x\" }]"),
+                "builder[0] \"linux-amd64\": secrets[0]: secret name \"pypi-token\": use 1 to 128 uppercase".into(),
+            ),
+            (
+                b(
+                    "name = \"linux-amd64\"\nsecrets = [\"T\"]\nenv = { T = \"x\" }\nsteps = [{ name = \"t\", run = \"x\" }]",
+                ),
+                "secrets[0]: T is also set in env".into(),
             ),
             ("[triggers]\nbranch = [\"main\"]\n".into(), "unknown field `branch`".into()),
             ("[[builder]\n".into(), "TOML parse error".into()),

@@ -26,6 +26,7 @@ pub mod pm;
 pub mod poller;
 pub mod runtime;
 pub mod sched;
+pub mod secrets;
 pub mod store;
 pub mod webhook;
 

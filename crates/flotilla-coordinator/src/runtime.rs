@@ -43,6 +43,8 @@ pub struct CoordinatorConfig {
     pub retention: Duration,
     /// Where to find more nodes: the name table's `nodes/*`.
     pub discovery: Option<Discovery>,
+    /// Seals and opens project secrets ([`crate::secrets`]).
+    pub secrets: Arc<crate::secrets::SecretBox>,
 }
 
 /// Nodes from the name table: each node publishes `nodes/<id>` with its

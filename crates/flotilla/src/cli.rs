@@ -89,6 +89,9 @@ pub enum Command {
     Project(crate::project::ProjectCommand),
     /// Build a revision or a patch with a project's builders (a try run).
     Try(crate::project::TryArgs),
+    /// A project's secrets: set (from stdin), list, remove.
+    #[command(subcommand)]
+    Secret(crate::secret::SecretCommand),
     /// Runs: one change verified by every builder.
     #[command(subcommand)]
     Run(crate::run::RunCommand),
@@ -663,6 +666,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Coordinator(a) => crate::coordinator::run(a, node),
         Command::Project(cmd) => crate::sandbox::block_on(crate::project::run(cmd, node, json)),
         Command::Try(a) => crate::sandbox::block_on(crate::project::try_change(a, node, json)),
+        Command::Secret(cmd) => crate::sandbox::block_on(crate::secret::run(cmd, node, json)),
         Command::Run(cmd) => crate::sandbox::block_on(crate::run::run(cmd, node, json)),
         Command::Build(cmd) => crate::sandbox::block_on(crate::run::build(cmd, node, json)),
         Command::Queue => crate::sandbox::block_on(crate::queue::show(node, json)),

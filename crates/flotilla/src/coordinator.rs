@@ -54,6 +54,10 @@ pub struct CoordinatorArgs {
     /// this are deleted, in small batches, every hour.
     #[arg(long, value_parser = flotilla_api::units::parse_duration, default_value = "90d")]
     pub retention: std::time::Duration,
+    /// The key project secrets are sealed with (32 bytes; made, 0600, when absent). Coordinators
+    /// sharing one database need the same file. Default: HOME/coordinator/secrets.key.
+    #[arg(long, value_name = "FILE")]
+    pub secrets_key: Option<std::path::PathBuf>,
 }
 
 /// Starts the coordinator: its store, its tasks, its API on HOME's socket
@@ -87,6 +91,9 @@ pub async fn serve(
         }
     };
     let owner = coordinator_id(&data)?;
+    let key = args.secrets_key.clone().unwrap_or_else(|| data.join("secrets.key"));
+    let secrets = flotilla_coordinator::secrets::SecretBox::load_or_create(&key)
+        .map_err(|e| anyhow!("loading the secrets key: {e}"))?;
     let c = Coordinator::new(
         store,
         node,
@@ -100,6 +107,7 @@ pub async fn serve(
             max_log_bytes: args.max_log,
             retention: args.retention,
             discovery,
+            secrets: std::sync::Arc::new(secrets),
         },
     );
     c.start().await.map_err(|e| anyhow!("starting the coordinator: {}", flotilla_coordinator::error_chain(&e)))?;

@@ -15,6 +15,7 @@ mod project;
 mod queue;
 mod run;
 mod sandbox;
+mod secret;
 mod transfer;
 mod update;
 

@@ -174,6 +174,13 @@ CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS secrets (
+    project TEXT NOT NULL,
+    name TEXT NOT NULL,
+    sealed {blob} NOT NULL,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (project, name)
+);
 CREATE TABLE IF NOT EXISTS try_patches (
     sha TEXT PRIMARY KEY,
     project TEXT NOT NULL,
@@ -675,7 +682,83 @@ impl Store {
             if n == 0 {
                 return Err(StoreError::NotFound(format!("project {name}")));
             }
+            // Its secrets go with it: a project added again under this name
+            // (by anyone) starts with none.
+            c.execute("DELETE FROM secrets WHERE project = $1", &[name.as_str().into()])?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Sets a project's secret (sealed by the caller: the store never sees
+    /// a value). At most `max` per project.
+    pub async fn put_secret(&self, project: &str, name: &str, sealed: Vec<u8>, max: usize) -> Result<(), StoreError> {
+        let (project, name) = (project.to_string(), name.to_string());
+        self.tx(move |c| {
+            let live = c.query(
+                "SELECT name FROM projects WHERE name = $1 AND status = 'enabled'",
+                &[project.as_str().into()],
+            )?;
+            if live.is_empty() {
+                return Err(StoreError::NotFound(format!("project {project}")));
+            }
+            let n = c.query(
+                "SELECT COUNT(*) FROM secrets WHERE project = $1 AND name <> $2",
+                &[project.as_str().into(), name.as_str().into()],
+            )?;
+            if n.first().map(|r| r[0].clone().int()).transpose()?.unwrap_or(0) as usize >= max {
+                return Err(StoreError::Invalid(format!("project {project} has {max} secrets, the most it may")));
+            }
+            c.execute(
+                "INSERT INTO secrets (project, name, sealed, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (project, name) DO UPDATE SET sealed = $3, updated_at = $4",
+                &[project.into(), name.into(), sealed.into(), now().into()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A project's secret names and when each was set (ms), by name.
+    pub async fn secret_names(&self, project: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        let project = project.to_string();
+        self.with(move |c| {
+            let rows =
+                c.query("SELECT name, updated_at FROM secrets WHERE project = $1 ORDER BY name", &[project.into()])?;
+            rows.into_iter().map(|r| Ok((r[0].clone().text()?, r[1].clone().int()?))).collect()
+        })
+        .await
+    }
+
+    /// The sealed values of `names` that the project has (others are
+    /// left out: the caller names what is missing).
+    pub async fn sealed_secrets(
+        &self,
+        project: &str,
+        names: Vec<String>,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let project = project.to_string();
+        self.with(move |c| {
+            let mut out = Vec::new();
+            for name in names {
+                let rows = c.query(
+                    "SELECT sealed FROM secrets WHERE project = $1 AND name = $2",
+                    &[project.as_str().into(), name.as_str().into()],
+                )?;
+                if let Some(r) = rows.into_iter().next() {
+                    out.push((name, r[0].clone().blob()?));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Removes a project's secret; false if it had none by that name.
+    pub async fn delete_secret(&self, project: &str, name: &str) -> Result<bool, StoreError> {
+        let (project, name) = (project.to_string(), name.to_string());
+        self.with(move |c| {
+            Ok(c.execute("DELETE FROM secrets WHERE project = $1 AND name = $2", &[project.into(), name.into()])? > 0)
         })
         .await
     }

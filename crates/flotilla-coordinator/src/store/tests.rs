@@ -55,6 +55,20 @@ pub async fn suite(s: Store) {
         Err(StoreError::Exists(_))
     ));
 
+    // Secrets: sealed bytes in, names out, bounded, gone with the project
+    // (checked at the end).
+    s.put_secret("demo", "B_TOKEN", vec![1, 2, 3], 2).await.unwrap();
+    s.put_secret("demo", "A_TOKEN", vec![4], 2).await.unwrap();
+    s.put_secret("demo", "A_TOKEN", vec![5, 0, 255], 2).await.unwrap();
+    assert!(matches!(s.put_secret("demo", "C_TOKEN", vec![6], 2).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(s.put_secret("nope", "A_TOKEN", vec![6], 2).await, Err(StoreError::NotFound(_))));
+    let names: Vec<String> = s.secret_names("demo").await.unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["A_TOKEN", "B_TOKEN"]);
+    let sealed = s.sealed_secrets("demo", vec!["A_TOKEN".into(), "MISSING".into()]).await.unwrap();
+    assert_eq!(sealed, [("A_TOKEN".to_string(), vec![5, 0, 255])]);
+    assert!(s.delete_secret("demo", "B_TOKEN").await.unwrap());
+    assert!(!s.delete_secret("demo", "B_TOKEN").await.unwrap());
+
     // Events are idempotent by id while they wait.
     let cfg = Event::UpdateConfig {
         config: ConfigRef { hash: "h1".into(), branches: vec!["main".into()], try_enabled: true },
@@ -213,6 +227,7 @@ pub async fn suite(s: Store) {
     let (_, _, _) = s.load("demo").await.unwrap();
     assert_eq!(s.project("demo").await.unwrap().unwrap().status, flotilla_api::coordinator::ProjectStatus::Removed);
     assert!(matches!(s.remove_project("demo").await, Err(StoreError::NotFound(_))));
+    assert!(s.secret_names("demo").await.unwrap().is_empty(), "secrets go with their project");
     // Regression: a change waiting for a run of a removed project looped
     // (refuse → poke → the same action → refuse …): refused without a poke.
     let (_, _, before) = s.load("demo").await.unwrap();
