@@ -36,6 +36,9 @@ use sha2::{Digest, Sha256};
 pub const CONFIG_FILE: &str = "flotilla.toml";
 /// A builder's timeout when it names none.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// The longest timeout a builder may ask for: a stranger's config must not
+/// hold a node for ever.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
 
 /// Go's `GOOS` values: what a builder name's first part may be.
 pub const KNOWN_OS: &[&str] = &[
@@ -322,6 +325,9 @@ fn builder(v: toml::Value) -> Result<Builder, String> {
     if timeout.is_zero() {
         return Err("timeout: must be more than zero".into());
     }
+    if timeout > MAX_TIMEOUT {
+        return Err(format!("timeout {:?}: at most 7d", raw.timeout.as_deref().unwrap_or_default()));
+    }
     if raw.steps.is_empty() {
         return Err("steps: a builder needs at least one step".into());
     }
@@ -534,6 +540,14 @@ steps = [{ name = "test", run = "make check" }]
                     "name = \"linux-amd64\"\nsecrets = [\"T\"]\nenv = { T = \"x\" }\nsteps = [{ name = \"t\", run = \"x\" }]",
                 ),
                 "secrets[0]: T is also set in env".into(),
+            ),
+            (
+                b("name = \"linux-amd64\"\ntimeout = \"1000000000000000d\"\nsteps = [{ name = \"t\", run = \"x\" }]"),
+                "timeout \"1000000000000000d\": duration \"1000000000000000d\" is too long".into(),
+            ),
+            (
+                b("name = \"linux-amd64\"\ntimeout = \"8d\"\nsteps = [{ name = \"t\", run = \"x\" }]"),
+                "timeout \"8d\": at most 7d".into(),
             ),
             ("[triggers]\nbranch = [\"main\"]\n".into(), "unknown field `branch`".into()),
             ("[[builder]\n".into(), "TOML parse error".into()),

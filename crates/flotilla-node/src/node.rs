@@ -162,7 +162,14 @@ pub struct NodeConfig {
     /// Stop app instances' sandboxes too at a graceful shutdown (by default
     /// they keep running and the next start re-adopts them).
     pub stop_apps: bool,
+    /// Sandboxes (of any state) this node keeps at once; at most
+    /// [`MAX_UID_SLOTS`].
+    pub max_sandboxes: usize,
 }
+
+/// uid ranges a node hands out: from `UID_BASE`, `UID_RANGE` each, they
+/// stay below the microVMs' QEMU uids (`3 << 30`) with room to spare.
+pub const MAX_UID_SLOTS: u32 = 16_384;
 
 impl NodeConfig {
     pub fn new(home: PathBuf) -> NodeConfig {
@@ -178,6 +185,7 @@ impl NodeConfig {
             tar_max_entries: flotilla_api::limits::DEFAULT_TAR_MAX_ENTRIES,
             janitor_period: Duration::from_secs(1),
             stop_apps: false,
+            max_sandboxes: 4096,
         }
     }
 }
@@ -562,7 +570,20 @@ impl<B: Backend> Node<B> {
                 }
                 entries.values().map(|e| e.uid_slot).collect()
             };
-            let uid_slot = (0..).find(|s| !used_slots.contains(s)).expect("a free slot");
+            // Slots are bounded: past MAX_SANDBOXES the uid ranges would
+            // run into the microVMs' QEMU uids (VMM_UID_BASE).
+            if used_slots.len() >= self.config.max_sandboxes {
+                return Err(ApiError::new(
+                    flotilla_api::ErrorCode::Conflict,
+                    format!(
+                        "this node holds {} sandboxes, the most it may (--max-sandboxes): delete some first",
+                        used_slots.len()
+                    ),
+                ));
+            }
+            let uid_slot = (0..MAX_UID_SLOTS)
+                .find(|s| !used_slots.contains(s))
+                .ok_or_else(|| ApiError::new(flotilla_api::ErrorCode::Conflict, "no free uid range on this node"))?;
             let mut sandbox = Sandbox {
                 id: id.clone(),
                 name: name.clone(),

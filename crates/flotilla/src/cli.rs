@@ -267,6 +267,10 @@ pub struct DaemonArgs {
     /// (RFC 1918, CGNAT, ULA), link-local (the cloud metadata service) or multicast.
     #[arg(long = "egress-allow", value_name = "CIDR")]
     pub egress_allow: Vec<flotilla_sandbox::egress::Cidr>,
+    /// Sandboxes this node keeps at once, stopped ones included (at most 16384: each has a uid
+    /// range of its own); creates past it are refused until some are deleted.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub max_sandboxes: u32,
     /// Try this binary as an update candidate: serve only `GET /v1/node` and a self-test on --socket,
     /// touching no sandbox, store or cgroup (the node runs its candidates so).
     #[arg(long, hide = true, requires = "socket")]

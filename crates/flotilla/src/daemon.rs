@@ -96,7 +96,11 @@ async fn serve(
     let process =
         ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()], &egress).map_err(anyhow::Error::new)?;
     let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone(), &egress) };
-    let config = NodeConfig { stop_apps: args.stop_apps, ..NodeConfig::new(home.clone()) };
+    let config = NodeConfig {
+        stop_apps: args.stop_apps,
+        max_sandboxes: args.max_sandboxes as usize,
+        ..NodeConfig::new(home.clone())
+    };
     let node = Node::open(backend, config).await.map_err(anyhow::Error::new)?;
     updater.start();
     let socket = home.join("node.sock");

@@ -72,3 +72,17 @@ async fn a_memory_hog_is_killed_and_the_sandbox_survives(kind: common::Kind) {
     assert_eq!(after.resources.pids, Some(100));
     assert_eq!(after.resources.memory_bytes, Some(memory));
 }
+
+/// A node keeps at most `--max-sandboxes` (each holds a uid range): past
+/// it a create is refused, saying so, until one is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_per_node_are_capped() {
+    let env = common::env_with(&["--max-sandboxes", "2"]);
+    let a = env.sandbox().await;
+    let _b = env.sandbox().await;
+    let e = env.client.create(&CreateSandboxRequest::default()).await.unwrap_err();
+    let shown = format!("{e:?}");
+    assert!(shown.contains("2 sandboxes") && shown.contains("--max-sandboxes"), "{shown}");
+    env.client.delete(&a.id).await.unwrap();
+    env.sandbox().await;
+}
