@@ -73,15 +73,17 @@ fn cgroup_group_for(home: &std::path::Path) -> String {
 fn boot_error(e: BootError) -> ApiError {
     let code = match &e {
         BootError::AgentTimeout(..) => ErrorCode::Timeout,
-        BootError::NoNetworkHelper | BootError::TapUnsupported | BootError::AgentNeedsLoader(_) => {
-            ErrorCode::InvalidArgument
-        }
+        BootError::NoNetworkHelper
+        | BootError::TapUnsupported
+        | BootError::AgentNeedsLoader(_)
+        | BootError::DiskTooSmall(_) => ErrorCode::InvalidArgument,
         BootError::Dirs { .. }
         | BootError::Socket { .. }
         | BootError::AgentExe { .. }
         | BootError::Cgroup(_)
         | BootError::Spawn(_)
         | BootError::Network { .. }
+        | BootError::Disk { .. }
         | BootError::AgentDied(_)
         | BootError::Seccomp(_) => ErrorCode::Internal,
     };
@@ -114,6 +116,7 @@ impl Backend for ProcessNodeBackend {
             limits: limits(&s.resources),
             network: s.network,
             uid_base: UID_BASE + rec.uid_slot * UID_RANGE,
+            disk_bytes: s.resources.disk_bytes,
             env: s.env.clone(),
         };
         self.inner.start(&spec, step).await.map_err(boot_error)

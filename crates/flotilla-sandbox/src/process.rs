@@ -47,6 +47,10 @@ pub const UID_RANGE: u32 = 65_536;
 /// hands out, so a sandbox never shares a uid with a host user.
 pub const UID_BASE: u32 = 1 << 30;
 
+/// The smallest disk a process sandbox may have (an ext4 of less is all
+/// metadata).
+pub const MIN_DISK_BYTES: u64 = 16 << 20;
+
 /// Static configuration of the backend.
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
@@ -77,6 +81,10 @@ pub struct SandboxSpec {
     pub network: NetworkMode,
     /// First host uid of this sandbox's range.
     pub uid_base: u32,
+    /// What the sandbox may write, in bytes: its directory (workspace and
+    /// copy-on-write layer) becomes a filesystem of this size, and each
+    /// tmpfs (`/tmp`, `/root`, `/dev/shm`) is capped at it. `None`: no cap.
+    pub disk_bytes: Option<u64>,
     /// Environment the agent (and so every exec) starts with.
     pub env: BTreeMap<String, String>,
 }
@@ -114,6 +122,14 @@ pub enum BootError {
     },
     #[error("outbound networking was asked for, but neither slirp4netns nor pasta is installed")]
     NoNetworkHelper,
+    #[error("giving the sandbox its {bytes}-byte disk")]
+    Disk {
+        bytes: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("a process sandbox's disk needs at least 16 MiB (asked: {0} bytes)")]
+    DiskTooSmall(u64),
     #[error("network `tap` is for microVMs; a process sandbox has `none` or `outbound`")]
     TapUnsupported,
     #[error("the agent did not report ready within {0:?}{1}")]
@@ -226,6 +242,10 @@ impl ProcessBackend {
             let path = path.to_path_buf();
             move |source| BootError::Dirs { path, source }
         };
+        if let Some(bytes) = spec.disk_bytes {
+            self.mount_disk(&spec.id, bytes).await?;
+            on_step("disk_mounted", Some(flotilla_api::units::format_size(bytes)));
+        }
         for sub in ["workspace", "root", "upper", "work", "lower"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(dirs_err(&p))?;
@@ -458,13 +478,64 @@ impl ProcessBackend {
         ids.into_iter().collect()
     }
 
-    /// Deletes everything the sandbox has on disk. The sandbox must be
-    /// stopped.
+    /// Deletes everything the sandbox has on disk (its own filesystem
+    /// too, when it has one). The sandbox must be stopped.
     pub fn destroy(&self, id: &str) -> io::Result<()> {
-        match std::fs::remove_dir_all(self.sandbox_dir(id)) {
+        let dir = self.sandbox_dir(id);
+        if is_mountpoint(&dir) {
+            // Lazy: whatever still holds a file open keeps it until it
+            // closes; the directory is free at once. The loop device goes
+            // with the last user.
+            sys::umount_detach(&cstr(&dir))?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            r => r?,
+        }
+        match std::fs::remove_file(self.disk_image(id)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             r => r,
         }
+    }
+
+    /// Where a sandbox's disk image lives: beside the sandboxes, never in
+    /// the directory it becomes.
+    fn disk_image(&self, id: &str) -> PathBuf {
+        self.config.sandboxes_dir.with_file_name("disks").join(format!("{id}.img"))
+    }
+
+    /// Puts the sandbox's directory on an ext4 of its own of `bytes` (a
+    /// sparse image, loop-mounted `nosuid,nodev`), so that its workspace and
+    /// copy-on-write layer end at its disk limit with ENOSPC, and the host's
+    /// disk and other sandboxes are untouched. Made once; a restart, or a
+    /// sandbox adopted after a node restart, finds it mounted.
+    async fn mount_disk(&self, id: &str, bytes: u64) -> Result<(), BootError> {
+        if bytes < MIN_DISK_BYTES {
+            return Err(BootError::DiskTooSmall(bytes));
+        }
+        let err = |source| BootError::Disk { bytes, source };
+        let dir = self.sandbox_dir(id);
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        if is_mountpoint(&dir) {
+            return Ok(());
+        }
+        let image = self.disk_image(id);
+        let disks = image.parent().expect("a parent");
+        std::fs::create_dir_all(disks).map_err(err)?;
+        std::fs::set_permissions(disks, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        if !image.exists() {
+            let tmp = image.with_extension("tmp");
+            std::fs::File::create(&tmp).and_then(|f| f.set_len(bytes)).map_err(err)?;
+            // No journal: a sandbox's scratch space is not worth the writes,
+            // and lazy init keeps mkfs to metadata of a few block groups.
+            let mkfs = ["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,lazy_journal_init=1"];
+            run_tool("mkfs.ext4", &mkfs, &tmp).await.map_err(err)?;
+            std::fs::rename(&tmp, &image).map_err(err)?;
+        }
+        let mut args = vec!["-t".into(), "ext4".into(), "-o".into(), "loop,nosuid,nodev".into()];
+        args.push(image.into_os_string());
+        args.push(dir.clone().into_os_string());
+        run_tool_args("mount", &args).await.map_err(err)
     }
 
     /// Applies new limits to a running sandbox.
@@ -552,10 +623,13 @@ impl ProcessBackend {
             recursive: false,
         });
         let nsd = libc::MS_NOSUID | libc::MS_NODEV;
+        // With a disk limit, each tmpfs is capped at it too (their pages
+        // count against the memory limit as well).
+        let size = spec.disk_bytes.map(|b| format!(",size={b}")).unwrap_or_default();
         ops.push(mkdir("tmp", 0o1777));
-        ops.push(mount("tmpfs", at("tmp"), "tmpfs", nsd, "mode=1777"));
+        ops.push(mount("tmpfs", at("tmp"), "tmpfs", nsd, &format!("mode=1777{size}")));
         ops.push(mkdir("root", 0o700));
-        ops.push(mount("tmpfs", at("root"), "tmpfs", nsd, "mode=0700"));
+        ops.push(mount("tmpfs", at("root"), "tmpfs", nsd, &format!("mode=0700{size}")));
         ops.push(mkdir("proc", 0o555));
         ops.push(mount("proc", at("proc"), "proc", nsd | libc::MS_NOEXEC, ""));
         // `ping` without CAP_NET_RAW: ICMP echo sockets for every group of
@@ -586,7 +660,7 @@ impl ProcessBackend {
         ));
         ops.push(ChildOp::Symlink { target: c"pts/ptmx".to_owned(), path: at("dev/ptmx") });
         ops.push(mkdir("dev/shm", 0o1777));
-        ops.push(mount("tmpfs", at("dev/shm"), "tmpfs", nsd, "mode=1777"));
+        ops.push(mount("tmpfs", at("dev/shm"), "tmpfs", nsd, &format!("mode=1777{size}")));
         for (name, target) in [
             ("fd", "/proc/self/fd"),
             ("stdin", "/proc/self/fd/0"),
@@ -721,6 +795,39 @@ async fn start_network_helper(pid: i32, egress_gid: Option<u32>) -> Result<Optio
     match tokio::time::timeout(Duration::from_secs(5), r.read(&mut b)).await {
         Ok(Ok(1)) => Ok(Some(child)),
         _ => Err(net_err(io::Error::other("did not report ready within 5s"))),
+    }
+}
+
+/// Whether `path` is the root of a mount (its device differs from its
+/// parent's).
+fn is_mountpoint(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(path), path.parent().map(std::fs::metadata)) {
+        (Ok(m), Some(Ok(p))) => m.dev() != p.dev(),
+        _ => false,
+    }
+}
+
+async fn run_tool(tool: &str, args: &[&str], target: &Path) -> io::Result<()> {
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    all.push(target.into());
+    run_tool_args(tool, &all).await
+}
+
+/// Runs a host tool, its stderr the error when it fails.
+async fn run_tool_args(tool: &str, args: &[std::ffi::OsString]) -> io::Result<()> {
+    let out = tokio::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("running {tool}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{tool}: {} ({})", String::from_utf8_lossy(&out.stderr).trim(), out.status)))
     }
 }
 

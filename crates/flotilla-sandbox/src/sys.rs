@@ -406,6 +406,14 @@ pub fn lchown(path: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Detaches the mount at `path` (`umount2(MNT_DETACH)`): gone from the
+/// tree at once, released when its last user lets go.
+pub fn umount_detach(path: &CStr) -> io::Result<()> {
+    // SAFETY: valid C string; a plain flag.
+    cvt(unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) })?;
+    Ok(())
+}
+
 // ================================================================== sandbox spawning
 
 /// One filesystem action the child performs before pivoting, in order.

@@ -601,7 +601,9 @@ pub struct LimitArgs {
     /// Maximum number of processes and threads.
     #[arg(long)]
     pub pids: Option<u64>,
-    /// Workspace disk size of a microVM (e.g. 8G; sparse).
+    /// What the sandbox may write (e.g. 8G; sparse): a microVM's workspace disk; for a process
+    /// sandbox a filesystem of that size under its workspace and copy-on-write root, and the cap
+    /// of each tmpfs (/tmp, /root, /dev/shm). Past it, writes fail with ENOSPC.
     #[arg(long, value_parser = parse_size)]
     pub disk: Option<u64>,
 }

@@ -86,3 +86,45 @@ async fn sandboxes_per_node_are_capped() {
     env.client.delete(&a.id).await.unwrap();
     env.sandbox().await;
 }
+
+/// A process sandbox with a disk limit writes until ENOSPC, in its
+/// workspace and its tmpfs alike; the node and
+/// other sandboxes are untouched, and deleting it gives everything back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_limit_ends_in_enospc_and_touches_nothing_else() {
+    let env = common::env();
+    let req = CreateSandboxRequest {
+        resources: Resources { disk_bytes: Some(32 << 20), ..Default::default() },
+        ..Default::default()
+    };
+    let s = env.create(req).await;
+    let other = env.sandbox().await;
+    // (An image sandbox's copy-on-write layer sits beside the workspace, on
+    // the same filesystem; the host image's root is read-only.)
+    for path in ["/workspace/big", "/tmp/big", "/dev/shm/big"] {
+        let (out, err, st) = env.sh(&s.id, &format!("dd if=/dev/zero of={path} bs=1M count=64 2>&1")).await;
+        assert!(!st.success(), "{path}: wrote 64 MiB on a 32 MiB disk: {out}{err}");
+        assert!(out.contains("No space left on device"), "{path}: {out}{err}");
+        env.ok(&s.id, &format!("rm {path}")).await;
+    }
+    // Room again once freed; the other sandbox writes as it likes.
+    env.ok(&s.id, "dd if=/dev/zero of=/workspace/ok bs=1M count=8 2>/dev/null").await;
+    env.ok(&other.id, "dd if=/dev/zero of=/workspace/big bs=1M count=64 2>/dev/null").await;
+    let df = env.ok(&s.id, "df -k /workspace | tail -1").await;
+    let size_k: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((20_000..=33_000).contains(&size_k), "the workspace is not 32 MiB: {df}");
+    // Too small to be a filesystem: refused, saying so.
+    let tiny = CreateSandboxRequest {
+        resources: Resources { disk_bytes: Some(1 << 20), ..Default::default() },
+        ..Default::default()
+    };
+    let e = env.client.create(&tiny).await.map(|s| s.error).unwrap_or_else(|e| Some(format!("{e:?}")));
+    assert!(format!("{e:?}").contains("at least 16 MiB"), "{e:?}");
+    // Deleted: its filesystem is unmounted and its image gone.
+    env.client.delete(&s.id).await.unwrap();
+    let image = env.node.home().join("disks").join(format!("{}.img", s.id));
+    flotilla_testkit::wait_until(std::time::Duration::from_secs(10), "the disk to go", || {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        (!image.exists() && !mounts.contains(&s.id)).then_some(())
+    });
+}
