@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod confined;
 mod coordinator;
 mod dashboard;
 mod data;
@@ -46,7 +47,7 @@ use crate::report::{Machine, Report};
 const SCRATCH_PARENT: &str = "/var/tmp";
 
 const USAGE: &str =
-    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule|dashboard-grid|dashboard-log|dashboard|log-ingest|log-follow|adopt|nothing-lost> [--iterations N] [--json]
+    "usage: flotilla-bench <create|exec|import|stop-during-import|restart|oci-import|names|all|vm-kernel|vm-create|vm-exec|vm-import|vm|images-import|images-create|confined-create|images|app-start|app-restart|app-handover|apps|pm-events|commit-to-running|log-first-byte|coordinator|node-loss|schedule|dashboard-grid|dashboard-log|dashboard|log-ingest|log-follow|adopt|nothing-lost> [--iterations N] [--json]
 
 `all` runs the process-backend and name-table scenarios; `vm` runs the four
 microVM ones (they need QEMU, a guest kernel and a static flotilla build;
@@ -83,6 +84,7 @@ enum Scenario {
     VmKernel,
     ImagesImport,
     ImagesCreate,
+    ConfinedCreate,
     AppStart,
     AppRestart,
     AppHandover,
@@ -126,6 +128,7 @@ impl Scenario {
             "vm" => vec![Scenario::VmKernel, Scenario::VmCreate, Scenario::VmExec, Scenario::VmImport],
             "images-import" => vec![Scenario::ImagesImport],
             "images-create" => vec![Scenario::ImagesCreate],
+            "confined-create" => vec![Scenario::ConfinedCreate],
             "images" => vec![Scenario::ImagesImport, Scenario::ImagesCreate],
             "app-start" => vec![Scenario::AppStart],
             "app-restart" => vec![Scenario::AppRestart],
@@ -163,6 +166,7 @@ impl Scenario {
             Scenario::VmKernel => "vm-kernel",
             Scenario::ImagesImport => "images-import",
             Scenario::ImagesCreate => "images-create",
+            Scenario::ConfinedCreate => "confined-create",
             Scenario::AppStart => "app-start",
             Scenario::AppRestart => "app-restart",
             Scenario::AppHandover => "app-handover",
@@ -194,6 +198,7 @@ impl Scenario {
             Scenario::VmKernel => 10,
             Scenario::ImagesImport => 5,
             Scenario::ImagesCreate => 20,
+            Scenario::ConfinedCreate => 20,
             Scenario::AppStart => 10,
             Scenario::AppRestart => 20,
             Scenario::AppHandover => 3,
@@ -321,6 +326,7 @@ fn run(args: &Args) -> anyhow::Result<bool> {
                 Scenario::VmKernel => vm::vm_kernel(&node, &machine, n).await,
                 Scenario::ImagesImport => images::images_import(&node, &machine, n).await,
                 Scenario::ImagesCreate => images::images_create(&node, &machine, n).await,
+                Scenario::ConfinedCreate => confined::confined_create(&node, &machine, n).await,
                 Scenario::AppStart => apps::app_start(&node, &machine, n).await,
                 Scenario::AppRestart => apps::app_restart(&node, &machine, n).await,
                 Scenario::AppHandover => apps::app_handover(&mut node, &bin, &machine, n).await,

@@ -19,9 +19,17 @@ pub struct ProcessNodeBackend {
     home: PathBuf,
     /// Why `outbound` cannot be had, when the egress policy is not in place.
     egress: Result<(), String>,
+    /// Roots under which `dir:` images may be (canonical); none: no `dir:`.
+    image_dirs: Vec<PathBuf>,
 }
 
 impl ProcessNodeBackend {
+    /// Takes `dir:` images under these roots only (`--allow-image-dir`).
+    pub fn allow_image_dirs(mut self, roots: &[PathBuf]) -> std::io::Result<Self> {
+        self.image_dirs = roots.iter().map(|r| r.canonicalize()).collect::<Result<_, _>>()?;
+        Ok(self)
+    }
+
     /// Sets up the backend under `home`: the sandboxes directory and the
     /// generated `/etc` of the host image. `agent_exe` is the binary that
     /// implements `agent --init`, `agent_args` the words before `--init`.
@@ -50,7 +58,8 @@ impl ProcessNodeBackend {
         };
         let inner =
             ProcessBackend::new(config).map_err(|e| ApiError::internal(flotilla_agent::http::error_chain(&e)))?;
-        Ok(ProcessNodeBackend { inner, home, egress: egress.as_ref().map(|_| ()).map_err(Clone::clone) })
+        let egress = egress.as_ref().map(|_| ()).map_err(Clone::clone);
+        Ok(ProcessNodeBackend { inner, home, egress, image_dirs: Vec::new() })
     }
 
     pub fn inner(&self) -> &ProcessBackend {
@@ -207,7 +216,19 @@ impl Backend for ProcessNodeBackend {
     }
 
     fn check_image(&self, image: &str) -> Result<String, ApiError> {
-        Image::parse(image, &self.home).map(|i| i.reference()).map_err(|e| ApiError::invalid(e.to_string()))
+        let parsed = Image::parse(image, &self.home).map_err(|e| ApiError::invalid(e.to_string()))?;
+        if let Image::Dir(dir) = &parsed
+            && !self.image_dirs.iter().any(|root| dir.starts_with(root))
+        {
+            let d = dir.display();
+            return Err(ApiError::invalid(format!(
+                "image dir:{d}: this node takes directory images only under the roots it was started with \
+                 (flotilla node --allow-image-dir ROOT), and none holds {d}; or import it as an image: \
+                 flotilla image import NAME:TAG {d}"
+            ))
+            .with_details(serde_json::json!({"field": "image"})));
+        }
+        Ok(parsed.reference())
     }
 }
 

@@ -267,6 +267,10 @@ pub struct DaemonArgs {
     /// (RFC 1918, CGNAT, ULA), link-local (the cloud metadata service) or multicast.
     #[arg(long = "egress-allow", value_name = "CIDR")]
     pub egress_allow: Vec<flotilla_sandbox::egress::Cidr>,
+    /// Let sandboxes use a host directory under ROOT as their image (`--image dir:ROOT/...`;
+    /// repeatable). Without it, `dir:` images are refused: import the directory instead.
+    #[arg(long = "allow-image-dir", value_name = "ROOT")]
+    pub allow_image_dirs: Vec<PathBuf>,
     /// Sandboxes this node keeps at once, stopped ones included (at most 16384: each has a uid
     /// range of its own); creates past it are refused until some are deleted.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=16384))]

@@ -93,8 +93,10 @@ async fn serve(
 ) -> anyhow::Result<(Stop, Vec<(String, String)>)> {
     let dev = coordinator.is_some();
     let egress = egress_policy(&home, &args.egress_allow);
-    let process =
-        ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()], &egress).map_err(anyhow::Error::new)?;
+    let process = ProcessNodeBackend::new(home.clone(), agent, vec!["agent".into()], &egress)
+        .map_err(anyhow::Error::new)?
+        .allow_image_dirs(&args.allow_image_dirs)
+        .context("reading --allow-image-dir")?;
     let backend = NodeBackend { process, vm: VmNodeBackend::new(home.clone(), args.guest_agent.clone(), &egress) };
     let config = NodeConfig {
         stop_apps: args.stop_apps,

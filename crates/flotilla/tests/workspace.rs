@@ -184,10 +184,15 @@ async fn the_workspace_survives_stop_and_start(kind: common::Kind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_image_is_copy_on_write() {
-    let env = common::env();
     let img = tempfile::tempdir().unwrap();
+    let root = img.path().to_str().unwrap();
+    let env = common::env_with(&["--allow-image-dir", root]);
     common::minimal_rootfs(img.path());
     let image = format!("dir:{}", img.path().display());
+    // Outside the roots the node was given: refused, saying how.
+    let e = env.client.create(&CreateSandboxRequest { image: Some("dir:/usr".into()), ..Default::default() }).await;
+    let shown = format!("{e:?}");
+    assert!(shown.contains("--allow-image-dir") && shown.contains("image import"), "{shown}");
     let a = env.create(CreateSandboxRequest { image: Some(image.clone()), ..Default::default() }).await;
     let b = env.create(CreateSandboxRequest { image: Some(image), ..Default::default() }).await;
     let out = env.ok(&a.id, "echo a > /newfile; cat /newfile; ls /bin").await;
