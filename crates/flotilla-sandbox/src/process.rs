@@ -523,15 +523,20 @@ impl ProcessBackend {
         let disks = image.parent().expect("a parent");
         std::fs::create_dir_all(disks).map_err(err)?;
         std::fs::set_permissions(disks, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        if !image.exists() {
-            let tmp = image.with_extension("tmp");
-            std::fs::File::create(&tmp).and_then(|f| f.set_len(bytes)).map_err(err)?;
-            // No journal: a sandbox's scratch space is not worth the writes,
-            // and lazy init keeps mkfs to metadata of a few block groups.
-            let mkfs = ["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,lazy_journal_init=1"];
-            run_tool("mkfs.ext4", &mkfs, &tmp).await.map_err(err)?;
-            std::fs::rename(&tmp, &image).map_err(err)?;
+        // A spare of this size, formatted after the last create that asked
+        // for it, saves the mkfs; two creates racing for it: one wins the
+        // rename, the other formats its own.
+        let spare = disks.join(format!("spare-{bytes}.img"));
+        if !image.exists() && std::fs::rename(&spare, &image).is_err() {
+            format_disk(&image, bytes).await.map_err(err)?;
         }
+        tokio::spawn(async move {
+            if !spare.exists()
+                && let Err(e) = format_disk(&spare, bytes).await
+            {
+                tracing::warn!(error = %e, "formatting a spare disk failed");
+            }
+        });
         let mut args = vec!["-t".into(), "ext4".into(), "-o".into(), "loop,nosuid,nodev".into()];
         args.push(image.into_os_string());
         args.push(dir.clone().into_os_string());
@@ -796,6 +801,24 @@ async fn start_network_helper(pid: i32, egress_gid: Option<u32>) -> Result<Optio
         Ok(Ok(1)) => Ok(Some(child)),
         _ => Err(net_err(io::Error::other("did not report ready within 5s"))),
     }
+}
+
+/// Makes `path`: a sparse ext4 image of `bytes`, written under a temporary
+/// name and renamed into place, so that `path` is always whole.
+async fn format_disk(path: &Path, bytes: u64) -> io::Result<()> {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    std::fs::File::create(&tmp).and_then(|f| f.set_len(bytes))?;
+    // No journal: a sandbox's scratch space is not worth the writes, and
+    // lazy init keeps mkfs to metadata of a few block groups.
+    let mkfs = ["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,lazy_journal_init=1"];
+    let made = run_tool("mkfs.ext4", &mkfs, &tmp).await;
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Whether `path` is the root of a mount (its device differs from its
