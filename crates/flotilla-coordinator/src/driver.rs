@@ -105,6 +105,13 @@ async fn builds_for(
     rev: &str,
 ) -> Result<(Vec<NewBuild>, Option<String>), StoreError> {
     let short = &rev[..rev.len().min(12)];
+    if hash == crate::poller::TOO_LARGE {
+        let (file, max) = (crate::config::CONFIG_FILE, crate::git::MAX_FILE);
+        return Ok((
+            Vec::new(),
+            Some(format!("{file} at {short} is over the {max} bytes a config may have (not read)")),
+        ));
+    }
     let Some(text) = c.store.config(hash).await? else {
         return Ok((Vec::new(), Some(format!("no {} at {short}", crate::config::CONFIG_FILE))));
     };

@@ -27,6 +27,10 @@ pub const MAX_NEW_COMMITS: usize = 1000;
 
 /// The hash a missing `flotilla.toml` is noted under.
 pub const NO_CONFIG: &str = "none";
+/// The hash an oversized `flotilla.toml` is noted under: its commit gets a
+/// failed run saying so, and polling goes on past it (a stranger's huge
+/// config must not stop the project).
+pub const TOO_LARGE: &str = "too-large";
 
 pub async fn poll_loop(c: Arc<Coordinator>, project: String, wake: Arc<Notify>) {
     loop {
@@ -52,7 +56,11 @@ pub async fn config_at(
     mirror: &Mirror,
     rev: &str,
 ) -> Result<(String, Result<config::ProjectConfig, String>), String> {
-    let text = mirror.read_file(rev, CONFIG_FILE).await.map_err(|e| crate::error_chain(&e))?;
+    let text = match mirror.read_file(rev, CONFIG_FILE).await {
+        Ok(t) => t,
+        Err(crate::git::GitError::Invalid(why)) => return Ok((TOO_LARGE.to_string(), Err(why))),
+        Err(e) => return Err(crate::error_chain(&e)),
+    };
     let Some(text) = text else {
         return Ok((NO_CONFIG.to_string(), Err(format!("no {CONFIG_FILE} at {}", &rev[..rev.len().min(12)]))));
     };

@@ -151,3 +151,45 @@ fn secrets_reach_branch_builds_masked_and_never_a_try() {
     assert_ne!(code, 0, "removing twice says so: {err}");
     assert_eq!(json(&home, &["secret", "ls", "demo"]), serde_json::json!([]));
 }
+
+/// A `flotilla.toml` that is huge (5 MB, or 64 MB of zeros that git keeps
+/// as a few kB) or asks for an absurd timeout is refused with a clear
+/// error, unread past its size; the project goes on, and the next good
+/// commit is built.
+#[test]
+fn oversized_and_absurd_configs_are_refused_and_the_project_goes_on() {
+    assert!(flotilla_testkit::is_root(), "this test runs a real node, which must run as root (as .ci/run does)");
+    let dev = NodeProcess::start_dev(Path::new(BIN), &["--coordinator-listen", "none", "--stop-apps"]);
+    let home = dev.home().to_path_buf();
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    let good = "[[builder]]\nname = \"linux-amd64\"\nsteps = [{ name = \"t\", run = \"echo fine\" }]\n";
+    commit(repo.path(), &[("flotilla.toml", good)], "a good start");
+    cli_ok(&home, &["project", "add", "demo", "--repo", repo.path().to_str().unwrap(), "--poll-interval", "1s"]);
+    let padded = format!("{good}{}", "# padding\n".repeat(500_000));
+    let zeros = format!("{good}#{}\n", "0".repeat(64 << 20));
+    let absurd = good.replace("steps", "timeout = \"1000000000000000d\"\nsteps");
+    for (config, says) in [
+        (padded.as_str(), "over the 1048576 bytes a config may have"),
+        (zeros.as_str(), "over the 1048576 bytes a config may have"),
+        (absurd.as_str(), "is too long"),
+    ] {
+        let rev = commit(repo.path(), &[("flotilla.toml", config)], "hostile config");
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let p = json(&home, &["project", "show", "demo"]);
+            let runs = json(&home, &["run", "ls", "--project", "demo", "--limit", "50"]);
+            let run = runs.as_array().unwrap().iter().find(|r| r["change"]["rev"] == rev.as_str()).cloned();
+            let text = format!("{p} {run:?}");
+            if text.contains(says) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {says:?} for {rev}: {text}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let fixed = commit(repo.path(), &[("flotilla.toml", good)], "good again");
+    let run = finished(&home, |r| r["change"]["rev"] == fixed.as_str());
+    assert_eq!(run["state"], "passed", "{run:#}");
+    assert_eq!(build_log(&home, &run), "fine\n");
+}
