@@ -2,27 +2,13 @@
 //! create → agent ready of a process sandbox, against a plain create on
 //! the same node, interleaved.
 
-use std::time::Instant;
-
-use anyhow::{Context, bail};
-use flotilla_api::{CreateSandboxRequest, NetworkMode, Resources, SandboxState};
+use flotilla_api::{CreateSandboxRequest, NetworkMode, Resources};
 
 use crate::node::Node;
 use crate::report::{Case, Machine, Report, Unit};
 use crate::scenarios::{now, target};
 
 const DISK: u64 = 1 << 30;
-
-async fn create_ready(node: &Node, req: &CreateSandboxRequest) -> anyhow::Result<f64> {
-    let t = Instant::now();
-    let sb = node.client().create(req).await.context("creating a sandbox")?;
-    let elapsed = t.elapsed().as_secs_f64() * 1e3;
-    node.client().delete(&sb.id).await.with_context(|| format!("deleting sandbox {}", sb.id))?;
-    if sb.state != SandboxState::Running {
-        bail!("sandbox {} came back {} (error: {:?})", sb.id, sb.state, sb.error);
-    }
-    Ok(elapsed)
-}
 
 pub async fn confined_create(node: &Node, machine: &Machine, iterations: usize) -> anyhow::Result<Report> {
     const WARMUPS: usize = 2;
@@ -41,7 +27,7 @@ pub async fn confined_create(node: &Node, machine: &Machine, iterations: usize) 
         // each in turn.
         for j in 0..reqs.len() {
             let k = (i + j) % reqs.len();
-            let t = create_ready(node, reqs[k]).await?;
+            let t = crate::images::create_ready_as(node, reqs[k]).await?;
             if i >= WARMUPS {
                 times[k].push(t);
             }

@@ -126,8 +126,15 @@ pub async fn images_import(node: &Node, machine: &Machine, iterations: usize) ->
 /// running (the agent answered); deletes it after, untimed.
 async fn create_ready(node: &Node, image: &str) -> anyhow::Result<f64> {
     let req = CreateSandboxRequest { image: Some(image.into()), ..Default::default() };
+    create_ready_as(node, &req).await
+}
+
+/// How long `req` takes from create until the sandbox runs; deleted after,
+/// untimed.
+pub(crate) async fn create_ready_as(node: &Node, req: &CreateSandboxRequest) -> anyhow::Result<f64> {
+    let image = req.image.as_deref().unwrap_or("host");
     let t = Instant::now();
-    let sb = node.client().create(&req).await.with_context(|| format!("creating a sandbox from {image}"))?;
+    let sb = node.client().create(req).await.with_context(|| format!("creating a sandbox from {image}"))?;
     let elapsed = ms(t.elapsed());
     node.client().delete(&sb.id).await.with_context(|| format!("deleting sandbox {}", sb.id))?;
     if sb.state != SandboxState::Running {
