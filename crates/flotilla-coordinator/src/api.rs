@@ -442,7 +442,11 @@ async fn set_secret(
     };
     crate::secrets::check_name(&secret).map_err(|e| invalid("secret", e))?;
     crate::secrets::check_value(req.value.as_bytes()).map_err(|e| invalid("value", e))?;
-    let sealed = c.config.secrets.seal(&name, &secret, req.value.as_bytes());
+    let sealed = c
+        .config
+        .secrets
+        .seal(&name, &secret, req.value.as_bytes())
+        .map_err(|e| HttpError(ApiError::internal(e.to_string())))?;
     c.store.put_secret(&name, &secret, sealed, crate::secrets::MAX_PER_PROJECT).await.map_err(store_error)?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -759,8 +759,11 @@ async fn store_batch(
     if batch.is_empty() && (held.is_empty() || !last) {
         return Ok(true);
     }
-    let mut data = std::mem::take(held);
-    data.append(batch);
+    // Nothing held (always so without secrets): the batch itself, uncopied.
+    let mut data = std::mem::take(batch);
+    if !held.is_empty() {
+        data = [std::mem::take(held), data].concat();
+    }
     masker.mask(&mut data);
     let keep = if last { 0 } else { masker.hold_back(&data) };
     *held = data.split_off(data.len() - keep);

@@ -76,6 +76,8 @@ pub fn check_value(value: &[u8]) -> Result<(), String> {
 pub enum SecretError {
     #[error("the secrets key {path}: {why}")]
     Key { path: String, why: String },
+    #[error("sealing a secret: {0}")]
+    Seal(&'static str),
     #[error(
         "secret {0} does not open with this coordinator's key (was it sealed by a coordinator with another \
          --secrets-key?)"
@@ -133,14 +135,14 @@ impl SecretBox {
     }
 
     /// `nonce || ciphertext || tag`, bound to `project` and `name`.
-    pub fn seal(&self, project: &str, name: &str, value: &[u8]) -> Vec<u8> {
+    pub fn seal(&self, project: &str, name: &str, value: &[u8]) -> Result<Vec<u8>, SecretError> {
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).expect("the system's randomness");
+        self.rng.fill(&mut nonce).map_err(|_| SecretError::Seal("no randomness for a nonce"))?;
         let mut out = value.to_vec();
         self.key
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad(project, name)), &mut out)
-            .expect("sealing a value of bounded size");
-        [nonce.to_vec(), out].concat()
+            .map_err(|_| SecretError::Seal("the value is too long"))?;
+        Ok([nonce.to_vec(), out].concat())
     }
 
     /// The value [`SecretBox::seal`] sealed for `project` and `name`.
@@ -273,7 +275,7 @@ mod tests {
         let b = SecretBox::load_or_create(&path).unwrap();
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        let sealed = b.seal("demo", "TOKEN", b"hunter22");
+        let sealed = b.seal("demo", "TOKEN", b"hunter22").unwrap();
         assert!(!sealed.windows(8).any(|w| w == b"hunter22"), "stored in clear");
         assert_eq!(b.open("demo", "TOKEN", &sealed).unwrap(), "hunter22");
         assert!(b.open("other", "TOKEN", &sealed).is_err(), "moved to another project");

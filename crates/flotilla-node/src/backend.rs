@@ -70,13 +70,12 @@ impl ProcessNodeBackend {
 /// One cgroup group per data directory, so that two nodes on one machine
 /// (tests run several) never see each other's sandboxes as orphans.
 fn cgroup_group_for(home: &std::path::Path) -> String {
-    let canon = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
-    // FNV-1a: stable across runs and Rust versions, unlike DefaultHasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in canon.as_os_str().as_encoded_bytes() {
-        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("flotilla-{:08x}", h as u32)
+    format!("flotilla-{:08x}", flotilla_sandbox::home_hash(home) as u32)
+}
+
+/// Why `outbound` is refused on a node whose egress policy is not in place.
+fn outbound_off(why: &str) -> String {
+    format!("network `outbound` is off on this node: {why}")
 }
 
 fn boot_error(e: BootError) -> ApiError {
@@ -194,9 +193,7 @@ impl Backend for ProcessNodeBackend {
     fn check_network(&self, _kind: BackendKind, mode: flotilla_api::NetworkMode) -> Result<(), String> {
         match mode {
             flotilla_api::NetworkMode::None => Ok(()),
-            flotilla_api::NetworkMode::Outbound if let Err(why) = &self.egress => {
-                Err(format!("network `outbound` is off on this node: {why}"))
-            }
+            flotilla_api::NetworkMode::Outbound if let Err(why) = &self.egress => Err(outbound_off(why)),
             flotilla_api::NetworkMode::Outbound if ProcessBackend::network_helper().is_some() => Ok(()),
             flotilla_api::NetworkMode::Outbound => {
                 Err("network `outbound` needs pasta or slirp4netns: apt-get install -y passt".into())
@@ -254,9 +251,7 @@ impl VmNodeBackend {
 
     fn network_unavailable(&self, mode: flotilla_api::NetworkMode) -> Option<String> {
         match (&self.egress, mode) {
-            (Err(why), flotilla_api::NetworkMode::Outbound) => {
-                Some(format!("network `outbound` is off on this node: {why}"))
-            }
+            (Err(why), flotilla_api::NetworkMode::Outbound) => Some(outbound_off(why)),
             _ => self.inner.network_unavailable(mode),
         }
     }

@@ -120,14 +120,10 @@ pub enum EgressError {
 
 impl EgressPolicy {
     /// The policy of the node whose data directory is `home`: its group
-    /// comes from the directory, so nodes sharing a host keep apart.
+    /// comes from the directory ([`crate::home_hash`]), so nodes sharing a
+    /// host keep apart.
     pub fn for_home(home: &Path, allow: Vec<Cidr>) -> EgressPolicy {
-        // FNV-1a: stable across builds, unlike the std hasher.
-        let h = home
-            .as_os_str()
-            .as_encoded_bytes()
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+        let h = crate::home_hash(home);
         let nameservers = std::fs::read_to_string("/etc/resolv.conf").map(|s| nameservers(&s)).unwrap_or_default();
         EgressPolicy { gid: EGRESS_GID_BASE + (h % (1 << 16)) as u32, allow, nameservers }
     }

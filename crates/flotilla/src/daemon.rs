@@ -63,8 +63,7 @@ fn egress_policy(
     home: &std::path::Path,
     allow: &[flotilla_sandbox::egress::Cidr],
 ) -> Result<flotilla_sandbox::egress::EgressPolicy, String> {
-    let canon = home.canonicalize().unwrap_or_else(|_| home.to_path_buf());
-    let policy = flotilla_sandbox::egress::EgressPolicy::for_home(&canon, allow.to_vec());
+    let policy = flotilla_sandbox::egress::EgressPolicy::for_home(home, allow.to_vec());
     match policy.install() {
         Ok(()) => {
             tracing::info!(
