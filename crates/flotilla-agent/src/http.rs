@@ -292,13 +292,7 @@ impl TlsClientConfig {
     /// Trusts the system CA bundle (`$SSL_CERT_FILE` or the usual paths):
     /// for a node whose certificate a real CA issued.
     pub fn system() -> Result<TlsClientConfig, TlsConfigError> {
-        let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-        let bundle = env
-            .into_iter()
-            .chain(SYSTEM_CA_BUNDLES.iter().map(PathBuf::from))
-            .find(|p| p.is_file())
-            .ok_or(TlsConfigError::NoSystemBundle)?;
-        TlsClientConfig::from_ca_file(&bundle)
+        TlsClientConfig::from_ca_file(&system_ca_bundle().ok_or(TlsConfigError::NoSystemBundle)?)
     }
 
     /// The same trust, and this client certificate (PEM chain, leaf first)
@@ -335,6 +329,13 @@ impl TlsClientConfig {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(TlsClientConfig { config: Arc::new(config) })
     }
+}
+
+/// The system's CA bundle: `$SSL_CERT_FILE`, else the first of the usual
+/// paths that exists.
+pub fn system_ca_bundle() -> Option<PathBuf> {
+    let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    env.into_iter().chain(SYSTEM_CA_BUNDLES.iter().map(PathBuf::from)).find(|p| p.is_file())
 }
 
 fn client_builder() -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, TlsConfigError> {

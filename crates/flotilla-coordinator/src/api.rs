@@ -141,19 +141,27 @@ fn is_secrets_path(path: &str) -> bool {
 }
 
 /// Serves `router` [`guarded`] by `token` on `listener` until `shutdown`
-/// resolves.
+/// resolves: over TLS with `tls` (the node's listener: a handshake deadline
+/// and cap besides), else plain HTTP.
 pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
     router: Router,
     token: &str,
+    tls: Option<&flotilla_node::tls::TlsIdentity>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // The node's limits: a cap on open connections, a deadline on request
     // headers (which also closes idle keep-alive connections), a grace on
     // shutdown.
-    let max = flotilla_agent::serve::MAX_OPEN_TCP;
-    flotilla_agent::serve::serve_connections(listener, guarded(router, token), max, shutdown).await;
-    Ok(())
+    let router = guarded(router, token);
+    match tls {
+        Some(identity) => flotilla_node::tls::serve_tls_open(router, listener, identity, shutdown).await,
+        None => {
+            let max = flotilla_agent::serve::MAX_OPEN_TCP;
+            flotilla_agent::serve::serve_connections(listener, router, max, shutdown).await;
+            Ok(())
+        }
+    }
 }
 
 #[derive(OpenApi)]

@@ -42,4 +42,4 @@ pub use client::NamesClient;
 pub use name::{Name, NameError, Pattern};
 pub use publisher::{NameTable, Publisher, PublisherConfig, StoreTable, TableError};
 pub use server::{ServerHandle, router, serve};
-pub use store::{EtcdConfig, EtcdStore, MemoryStore, MountEvent, Store, StoreError, Watch};
+pub use store::{EtcdConfig, EtcdStore, EtcdTls, MemoryStore, MountEvent, Store, StoreError, Watch};

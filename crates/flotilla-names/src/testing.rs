@@ -50,6 +50,18 @@ pub struct EtcdServer {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// Where `/health` is asked: plain HTTP even when clients need TLS.
+    metrics_port: u16,
+    tls: Option<EtcdServerTls>,
+}
+
+/// TLS for a test etcd: its certificate and key, and the CA whose client
+/// certificates it takes (`--client-cert-auth`: no other client gets in).
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 fn free_port(host: std::net::IpAddr) -> Result<u16, EtcdServerError> {
@@ -67,16 +79,27 @@ impl EtcdServer {
     /// Starts etcd listening on `host` (an address of this machine, e.g.
     /// a bridge that network namespaces reach).
     pub fn start_on(host: std::net::IpAddr) -> Result<EtcdServer, EtcdServerError> {
+        EtcdServer::start_with(host, None)
+    }
+
+    /// Starts etcd on `host` taking clients over TLS only, and only those
+    /// with a certificate `tls.client_ca` issued.
+    pub fn start_tls_on(host: std::net::IpAddr, tls: EtcdServerTls) -> Result<EtcdServer, EtcdServerError> {
+        EtcdServer::start_with(host, Some(tls))
+    }
+
+    fn start_with(host: std::net::IpAddr, tls: Option<EtcdServerTls>) -> Result<EtcdServer, EtcdServerError> {
         let dir = tempfile::Builder::new().prefix("flotilla-etcd-").tempdir().map_err(io("creating the data dir"))?;
-        let (client_port, peer_port) = (free_port(host)?, free_port(host)?);
-        let mut server = EtcdServer { child: None, host, dir, client_port, peer_port };
+        let (client_port, peer_port, metrics_port) = (free_port(host)?, free_port(host)?, free_port(host)?);
+        let mut server = EtcdServer { child: None, host, dir, client_port, peer_port, metrics_port, tls };
         server.spawn()?;
         Ok(server)
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    /// The client URL, e.g. `http://127.0.0.1:40123` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", SocketAddr::from((self.host, self.client_port)))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", SocketAddr::from((self.host, self.client_port)))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -105,13 +128,20 @@ impl EtcdServer {
         let err_log = log.try_clone().map_err(io("opening the etcd log"))?;
         let client = self.url();
         let peer = format!("http://{}", SocketAddr::from((self.host, self.peer_port)));
-        let child = Command::new("etcd")
+        let metrics = format!("http://{}", SocketAddr::from((self.host, self.metrics_port)));
+        let mut cmd = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key);
+            cmd.arg("--client-cert-auth").arg("--trusted-ca-file").arg(&tls.client_ca);
+        }
+        let child = cmd
             .arg("--name")
             .arg("flotilla-test")
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--listen-metrics-urls", &metrics])
             .arg("--initial-cluster")
             .arg(format!("flotilla-test={peer}"))
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
@@ -129,7 +159,7 @@ impl EtcdServer {
     }
 
     fn wait_ready(&mut self) -> Result<(), EtcdServerError> {
-        let addr = SocketAddr::from((self.host, self.client_port));
+        let addr = SocketAddr::from((self.host, self.metrics_port));
         let deadline = Instant::now() + ETCD_READY_TIMEOUT;
         let mut pause = Duration::from_millis(5);
         loop {

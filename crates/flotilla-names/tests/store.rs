@@ -222,3 +222,42 @@ async fn etcd_keys_are_prefix_name_nul_server() {
     assert_eq!(keys, [b"/test/names/nodes/n1\0http://h:1".as_slice()]);
     assert!(got.kvs()[0].lease() != 0, "mounts are attached to a lease");
 }
+
+/// etcd over TLS that takes only clients with a certificate from its CA:
+/// the store with the CA and a client certificate mounts and resolves; one
+/// without the certificate, or trusting another CA, is refused.
+#[tokio::test]
+async fn etcd_over_tls_takes_only_certified_clients() {
+    use flotilla_names::testing::{EtcdServer, EtcdServerTls};
+    use flotilla_names::{EtcdConfig, EtcdStore, EtcdTls};
+    let pki = flotilla_testkit::pki::Pki::new();
+    let server = pki.server("etcd", &["127.0.0.1"]);
+    let client = pki.client("client", "flotilla");
+    let tls = EtcdServerTls { cert: server.cert, key: server.key, client_ca: pki.ca() };
+    let etcd = EtcdServer::start_tls_on(std::net::Ipv4Addr::LOCALHOST.into(), tls).expect("etcd over TLS");
+    assert!(etcd.url().starts_with("https://"), "{}", etcd.url());
+    let config = |tls: EtcdTls| EtcdConfig {
+        request_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(1),
+        tls,
+        ..EtcdConfig::new(etcd.url()).with_prefix("/test/names/")
+    };
+
+    let ok = EtcdTls { ca: Some(pki.ca()), identity: Some((client.cert.clone(), client.key.clone())) };
+    let store = EtcdStore::connect(&config(ok)).await.expect("connecting over TLS");
+    store.mount(&n("x"), "s", TTL).await.unwrap();
+    assert_eq!(store.resolve(&n("x")).await.unwrap().servers, ["s"]);
+
+    let refused = |store: Result<EtcdStore, StoreError>| async move {
+        match store {
+            Err(_) => (),
+            Ok(s) => assert!(s.mount(&n("y"), "s", TTL).await.is_err(), "a write got through"),
+        }
+    };
+    refused(EtcdStore::connect(&config(EtcdTls { ca: Some(pki.ca()), identity: None })).await).await;
+    let other = flotilla_testkit::pki::Pki::new();
+    let stranger = EtcdTls { ca: Some(other.ca()), identity: Some((client.cert, client.key)) };
+    refused(EtcdStore::connect(&config(stranger)).await).await;
+    // Nothing reached etcd but the one mount.
+    assert_eq!(store.resolve(&n("y")).await.map(|r| r.servers).ok(), None);
+}

@@ -30,7 +30,9 @@
 //! control: each connection gets its own task, the handshake a deadline
 //! ([`HANDSHAKE_TIMEOUT`]), and the number of handshakes in flight a cap
 //! ([`MAX_PENDING_HANDSHAKES`]), so a slow or hostile client never holds up
-//! the next `accept`. Each connection is served as HTTP/1.1 with upgrades
+//! the next `accept`; open connections are capped as on every TCP port
+//! ([`flotilla_agent::serve::MAX_OPEN_TCP`]: past it, new ones wait in the
+//! kernel's backlog). Each connection is served as HTTP/1.1 with upgrades
 //! (WebSocket sessions are tunnelled through the node). On shutdown the
 //! loop stops accepting, asks open connections to finish the request in
 //! hand, and drops whatever is still open after [`SHUTDOWN_GRACE`].
@@ -470,21 +472,25 @@ async fn serve(
         auth,
         handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
     });
+    let open = Arc::new(Semaphore::new(flotilla_agent::serve::MAX_OPEN_TCP));
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, fingerprint = identity.fingerprint(), "serving the node API over TLS");
+        tracing::info!(%addr, fingerprint = identity.fingerprint(), "serving over TLS");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (tcp, peer, open) = tokio::select! {
             biased;
             () = &mut shutdown => break,
             // Reap finished connections so the set stays small.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
+            accepted = async {
+                let permit = open.clone().acquire_owned().await.expect("never closed");
+                (listener.accept().await, permit)
+            } => match accepted {
+                (Ok((tcp, peer)), permit) => (tcp, peer, permit),
+                (Err(e), _) => {
                     accept_error(e).await;
                     continue;
                 }
@@ -494,7 +500,11 @@ async fn serve(
             tracing::warn!(%peer, "too many TLS handshakes in flight; closing the connection");
             continue;
         };
-        connections.spawn(serve_connection(shared.clone(), tcp, peer, permit, stop_rx.clone()));
+        let conn = serve_connection(shared.clone(), tcp, peer, permit, stop_rx.clone());
+        connections.spawn(async move {
+            conn.await;
+            drop(open);
+        });
     }
     drop(listener);
     flotilla_agent::serve::drain(stop_tx, connections).await;

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod images;
+pub mod pki;
 pub mod postgres;
 pub mod testhosts;
 use std::path::{Path, PathBuf};

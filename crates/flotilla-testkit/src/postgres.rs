@@ -36,6 +36,8 @@ pub struct Postgres {
     host: String,
     /// Set when we are root: the uid/gid the server runs as.
     run_as: Option<(u32, u32)>,
+    /// The CA that issued the server's certificate, when it speaks TLS.
+    tls_ca: Option<PathBuf>,
 }
 
 impl Postgres {
@@ -49,6 +51,17 @@ impl Postgres {
     /// machine, e.g. a bridge that network namespaces reach), accepting
     /// any client there (trust: the cluster is a test's).
     pub fn start_on(host: &str) -> Postgres {
+        Postgres::start_with(host, None)
+    }
+
+    /// [`Postgres::start_on`], taking TCP connections over TLS only
+    /// (`hostssl` in `pg_hba.conf`), with a certificate `pki` issues for
+    /// `host`: clients check it with [`Postgres::url_verified`].
+    pub fn start_tls_on(host: &str, pki: &crate::pki::Pki) -> Postgres {
+        Postgres::start_with(host, Some(pki))
+    }
+
+    fn start_with(host: &str, tls: Option<&crate::pki::Pki>) -> Postgres {
         let bin = bindir();
         let run_as = crate::is_root().then(postgres_user);
         let dir = tempfile::Builder::new().prefix("flotilla-pg-").tempdir().expect("tempdir for PostgreSQL");
@@ -56,7 +69,7 @@ impl Postgres {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the PostgreSQL directory");
         }
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod the PostgreSQL directory");
-        let mut pg = Postgres { bin, dir, port: 0, host: host.to_string(), run_as };
+        let mut pg = Postgres { bin, dir, port: 0, host: host.to_string(), run_as, tls_ca: None };
 
         let data = pg.data();
         let initdb = pg.run(
@@ -68,9 +81,30 @@ impl Postgres {
             panic!("initdb failed ({}):\n{}{}", initdb.status, out(&initdb.stdout), out(&initdb.stderr));
         }
 
-        if host != "127.0.0.1" {
+        let hba = data.join("pg_hba.conf");
+        if let Some(pki) = tls {
+            // TLS only over TCP: the Unix socket stays as initdb made it.
+            let issued = pki.server(&format!("pg-{host}"), &[host]);
+            let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+            fs::copy(&issued.cert, &cert).expect("copying the server certificate");
+            fs::copy(&issued.key, &key).expect("copying the server key");
+            fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod the server key");
+            if let Some((uid, gid)) = run_as {
+                for f in [&cert, &key] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).expect("chown the server's TLS files");
+                }
+            }
+            let rules = fs::read_to_string(&hba).expect("reading pg_hba.conf");
+            let rules: String = rules.lines().filter(|l| !l.starts_with("host ")).map(|l| format!("{l}\n")).collect();
+            fs::write(&hba, rules + "hostssl all all 0.0.0.0/0 trust\nhostssl all all ::/0 trust\n")
+                .expect("writing pg_hba.conf");
+            let conf = data.join("postgresql.conf");
+            let mut text = fs::read_to_string(&conf).expect("reading postgresql.conf");
+            text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            fs::write(&conf, text).expect("writing postgresql.conf");
+            pg.tls_ca = Some(pki.ca());
+        } else if host != "127.0.0.1" {
             // initdb's pg_hba.conf trusts loopback only.
-            let hba = data.join("pg_hba.conf");
             let mut rules = fs::read_to_string(&hba).expect("reading pg_hba.conf");
             rules.push_str("host all all 0.0.0.0/0 trust\n");
             fs::write(&hba, rules).expect("writing pg_hba.conf");
@@ -154,6 +188,14 @@ impl Postgres {
     /// The URL of database `name` on this server.
     pub fn url_of(&self, name: &str) -> String {
         format!("postgres://{SUPERUSER}@{}:{}/{name}", self.host, self.port)
+    }
+
+    /// The URL of database `name` for a client that checks the server's
+    /// certificate and name (`sslmode=verify-full`); needs
+    /// [`Postgres::start_tls_on`].
+    pub fn url_verified(&self, name: &str) -> String {
+        let ca = self.tls_ca.as_ref().expect("url_verified needs a server started with start_tls_on");
+        format!("{}?sslmode=verify-full&sslrootcert={}", self.url_of(name), ca.display())
     }
 
     pub fn port(&self) -> u16 {

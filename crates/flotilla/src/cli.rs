@@ -55,8 +55,9 @@ pub struct NodeArgs {
     /// HOME/tls/token; $FLOTILLA_TOKEN is the clients' and does not apply).
     #[arg(long, env = "FLOTILLA_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// Coordinator API address (unix:///path/coordinator.sock or http://host:port); default:
-    /// HOME/coordinator.sock.
+    /// Coordinator API address: unix:///path/coordinator.sock, http://host:port (loopback), or
+    /// https://host:port#sha256=FINGERPRINT as the coordinator prints it (without the fingerprint the
+    /// system's CAs are trusted); default: HOME/coordinator.sock.
     #[arg(long, env = "FLOTILLA_COORDINATOR", global = true)]
     pub coordinator: Option<String>,
     /// Bearer token for changes through a coordinator's TCP address (its HOME/coordinator/token).
@@ -407,6 +408,16 @@ pub enum NamesCommand {
         /// Key prefix in etcd.
         #[arg(long, default_value = "/flotilla/names/")]
         etcd_prefix: String,
+        /// For `https://` etcd endpoints: the CA (PEM) that issued etcd's certificate (default: the
+        /// system's bundle).
+        #[arg(long, value_name = "FILE")]
+        etcd_ca: Option<PathBuf>,
+        /// The client certificate (PEM) to show etcd (`etcd --client-cert-auth`); with --etcd-key.
+        #[arg(long, value_name = "FILE", requires = "etcd_key")]
+        etcd_cert: Option<PathBuf>,
+        /// The private key (PEM) of --etcd-cert.
+        #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
         /// Serve over TLS: a self-signed certificate in HOME/tls unless --tls-cert/--tls-key are
         /// given. Clients use the printed `https://ADDR#sha256=FINGERPRINT` as --names.
         #[arg(long)]
@@ -701,9 +712,20 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Info => crate::sandbox::block_on(crate::sandbox::info(node, json)),
         Command::Operation(cmd) => crate::sandbox::block_on(crate::ops::run(cmd, node, json)),
         Command::Image(cmd) => crate::sandbox::block_on(crate::image::run(cmd, node, json)),
-        Command::Names(NamesCommand::Serve { listen, etcd, etcd_prefix, tls, tls_cert, tls_key }) => {
+        Command::Names(NamesCommand::Serve {
+            listen,
+            etcd,
+            etcd_prefix,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
+            tls,
+            tls_cert,
+            tls_key,
+        }) => {
             let tls = tls.then_some(crate::names::Tls { cert: tls_cert, key: tls_key });
-            crate::names::serve(listen, etcd, etcd_prefix, tls, &node)
+            let etcd_tls = flotilla_names::EtcdTls { ca: etcd_ca, identity: etcd_cert.zip(etcd_key) };
+            crate::names::serve(listen, etcd, etcd_prefix, etcd_tls, tls, &node)
         }
         Command::Names(cmd) => crate::sandbox::block_on(crate::names::run(cmd, node, json)),
         Command::Doctor => crate::doctor::run(&default_home(node.home), json),

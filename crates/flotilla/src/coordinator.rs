@@ -26,11 +26,25 @@ pub struct CoordinatorArgs {
     /// one), else SQLite in HOME/coordinator/coordinator.db.
     #[arg(long, env = "FLOTILLA_DATABASE")]
     pub database: Option<String>,
-    /// Also serve the coordinator's API over plain HTTP here, for webhooks and browsers (dev
-    /// default 127.0.0.1:7780; `none` to turn it off; port 0 picks one, written to
-    /// HOME/coordinator.url).
+    /// Also serve the coordinator's API over TCP here, for the CLI on other machines, webhooks and
+    /// browsers (default 127.0.0.1:7780; `none` to turn it off; port 0 picks one; the URL clients
+    /// use is written to HOME/coordinator.url). Beyond loopback it speaks TLS (see
+    /// --coordinator-tls).
     #[arg(long, env = "FLOTILLA_COORDINATOR_LISTEN")]
     pub coordinator_listen: Option<String>,
+    /// TLS on the TCP listener: `auto` (TLS unless it listens on loopback only), `on`, or `off`
+    /// (plain HTTP everywhere, e.g. behind a proxy that terminates TLS: tokens cross the network in
+    /// clear). Without --coordinator-cert a self-signed certificate is kept in
+    /// HOME/coordinator/tls; clients pin it with the printed `https://HOST:PORT#sha256=…` URL.
+    #[arg(long, value_enum, default_value_t = TlsMode::Auto)]
+    pub coordinator_tls: TlsMode,
+    /// The listener's certificate chain (PEM), e.g. one a public CA issued so that webhook senders
+    /// trust it; with --coordinator-key.
+    #[arg(long, value_name = "FILE", requires = "coordinator_key")]
+    pub coordinator_cert: Option<PathBuf>,
+    /// The private key (PEM) of --coordinator-cert.
+    #[arg(long, value_name = "FILE", requires = "coordinator_cert")]
+    pub coordinator_key: Option<PathBuf>,
     /// Builds run at once.
     #[arg(long, default_value_t = 4)]
     pub max_builds: usize,
@@ -58,6 +72,26 @@ pub struct CoordinatorArgs {
     /// sharing one database need the same file. Default: HOME/coordinator/secrets.key.
     #[arg(long, value_name = "FILE")]
     pub secrets_key: Option<std::path::PathBuf>,
+}
+
+/// Whether the coordinator's TCP listener speaks TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsMode {
+    /// TLS unless the listener is on a loopback address.
+    Auto,
+    On,
+    Off,
+}
+
+impl TlsMode {
+    /// Whether a listener bound to `addr` serves TLS.
+    pub fn applies(self, addr: std::net::SocketAddr) -> bool {
+        match self {
+            TlsMode::Auto => !addr.ip().is_loopback(),
+            TlsMode::On => true,
+            TlsMode::Off => false,
+        }
+    }
 }
 
 /// Starts the coordinator: its store, its tasks, its API on HOME's socket
@@ -121,21 +155,34 @@ pub async fn serve(
         match tokio::net::TcpListener::bind(&listen).await {
             Ok(l) => {
                 let addr = l.local_addr()?;
-                std::fs::write(&url_file, format!("http://{addr}\n"))
+                let tls =
+                    if args.coordinator_tls.applies(addr) { Some(tls_identity(&data, args, addr)?) } else { None };
+                let (url, base) = match &tls {
+                    Some(id) => (format!("https://{addr}#sha256={}", id.fingerprint()), format!("https://{addr}")),
+                    None => (format!("http://{addr}"), format!("http://{addr}")),
+                };
+                std::fs::write(&url_file, format!("{url}\n"))
                     .with_context(|| format!("writing {}", url_file.display()))?;
                 eprintln!(
-                    "flotilla: coordinator on http://{addr} (dashboard: http://{addr}/; webhooks: POST /v1/webhooks/github/PROJECT; changes need the token in {})",
+                    "flotilla: coordinator on {url} (dashboard: {base}/; webhooks: POST /v1/webhooks/github/PROJECT; changes need the token in {})",
                     data.join("token").display()
                 );
+                if tls.is_none() && !addr.ip().is_loopback() {
+                    eprintln!(
+                        "flotilla: warning: the coordinator serves plain HTTP on {addr} (--coordinator-tls off): its token crosses the network in clear"
+                    );
+                }
                 let mut rx = rx.clone();
                 let router = router.clone();
                 let token =
                     flotilla_node::tls::load_or_generate_token(&data).context("making the coordinator's token")?;
                 tcp = Some(tokio::spawn(async move {
-                    let _ = flotilla_coordinator::api::serve_tcp(l, router, &token, async move {
+                    let stop = async move {
                         let _ = rx.wait_for(|s| *s).await;
-                    })
-                    .await;
+                    };
+                    if let Err(e) = flotilla_coordinator::api::serve_tcp(l, router, &token, tls.as_ref(), stop).await {
+                        tracing::error!(error = %e, "the coordinator's TCP listener failed");
+                    }
                 }));
             }
             Err(e) if args.coordinator_listen.is_none() => {
@@ -161,6 +208,24 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(&url_file);
     Ok(())
+}
+
+/// The TCP listener's certificate: the operator's (--coordinator-cert), else
+/// a self-signed one kept in HOME/coordinator/tls, naming the address it
+/// listens on.
+fn tls_identity(
+    data: &Path,
+    args: &CoordinatorArgs,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<flotilla_node::tls::TlsIdentity> {
+    let names: Vec<String> = (!addr.ip().is_unspecified()).then(|| addr.ip().to_string()).into_iter().collect();
+    flotilla_node::tls::TlsIdentity::load_or_generate(
+        &data.join("tls"),
+        args.coordinator_cert.as_deref(),
+        args.coordinator_key.as_deref(),
+        &names,
+    )
+    .context("setting up TLS for --coordinator-listen")
 }
 
 /// The coordinator's stable id (`HOME/coordinator/id`): the builds it runs
@@ -245,8 +310,16 @@ pub fn fleet_clients(node: &NodeArgs, args: &CoordinatorArgs) -> anyhow::Result<
 /// How a client command finds the coordinator: `--coordinator URL`, else
 /// HOME's socket.
 pub fn client(node: &NodeArgs) -> anyhow::Result<CoordinatorClient> {
+    // An https address may carry the certificate's fingerprint, as the
+    // coordinator prints it (`https://host:port#sha256=…`); without one the
+    // system's CAs are trusted.
+    let mut pin = None;
     let ep = match &node.coordinator {
-        Some(url) => Endpoint::parse(url).map_err(|e| anyhow!(e))?,
+        Some(url) => {
+            let (addr, p) = flotilla_agent::http::split_pin(url);
+            pin = p;
+            Endpoint::parse(addr).map_err(|e| anyhow!("--coordinator {addr}: {e}"))?
+        }
         None => {
             let home = crate::cli::default_home(node.home.clone());
             let sock: PathBuf = home.join(SOCKET);
@@ -260,7 +333,13 @@ pub fn client(node: &NodeArgs) -> anyhow::Result<CoordinatorClient> {
             Endpoint::Unix(sock)
         }
     };
-    Ok(CoordinatorClient::new(HttpClient::new(ep).with_token(node.coordinator_token.clone())))
+    let mut http = HttpClient::new(ep).with_token(node.coordinator_token.clone());
+    if let Some(pin) = pin {
+        http = http
+            .with_cert_sha256(pin)
+            .map_err(|e| anyhow!("--coordinator {}: {e}", node.coordinator.as_deref().unwrap_or_default()))?;
+    }
+    Ok(CoordinatorClient::new(http))
 }
 
 /// Keeps the coordinator in `flotilla dev` from starting before its node

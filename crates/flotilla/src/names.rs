@@ -150,6 +150,7 @@ pub fn serve(
     listen: std::net::SocketAddr,
     etcd: Vec<String>,
     prefix: String,
+    etcd_tls: flotilla_names::EtcdTls,
     tls: Option<Tls>,
     node: &NodeArgs,
 ) -> anyhow::Result<i32> {
@@ -163,6 +164,7 @@ pub fn serve(
         } else {
             let mut cfg = EtcdConfig::new(etcd[0].clone()).with_prefix(prefix);
             cfg.endpoints = etcd.clone();
+            cfg.tls = etcd_tls;
             Arc::new(EtcdStore::connect(&cfg).await.with_context(|| format!("connecting to etcd at {etcd:?}"))?)
         };
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;

@@ -3,10 +3,13 @@
 //! process, as in production.
 //!
 //! - The test's own namespace is the database host: etcd and PostgreSQL
-//!   listen on the bridge address.
+//!   listen on the bridge address, over TLS only (etcd takes only clients
+//!   with a certificate from the fleet's CA; the coordinator checks
+//!   PostgreSQL's with `sslmode=verify-full`).
 //! - Host `ctl` runs the name table (`names serve` on etcd) and the
 //!   coordinator (on PostgreSQL), which knows no node: it finds them in the
-//!   name table.
+//!   name table. The CLI reaches the coordinator over TLS (it listens
+//!   beyond loopback), pinning the certificate it printed.
 //! - Hosts `n1`..`n3` each run a node that serves its API over TLS only to
 //!   the coordinator's client certificate (issued by a CA made here with
 //!   `openssl`), and publishes itself with its certificate's fingerprint.
@@ -140,53 +143,6 @@ impl Drop for Proc {
     }
 }
 
-/// A fleet CA and the coordinator's client certificate, made with the
-/// `openssl` command line as an operator would.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(d));
-        ssl(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-            .iter()
-            .chain(&["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=flotilla fleet CA"])
-            .copied()
-            .collect::<Vec<_>>());
-        ssl(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "client.key"]
-            .iter()
-            .chain(&["-out", "client.csr", "-subj", "/CN=coordinator"])
-            .copied()
-            .collect::<Vec<_>>());
-        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n").unwrap();
-        ssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "client.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-        ]);
-        Pki { dir }
-    }
-
-    fn path(&self, f: &str) -> String {
-        self.dir.path().join(f).display().to_string()
-    }
-}
-
 /// The CLI as a user on another machine runs it: the coordinator's TCP
 /// address and its token.
 struct Cli {
@@ -268,10 +224,17 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
     let hosts: Vec<(String, String)> =
         (1..=3u8).map(|i| (net.host(&format!("n{i}"), 10 + i), net.addr(10 + i))).collect();
     let gateway: IpAddr = net.gateway().parse::<Ipv4Addr>().unwrap().into();
-    let mut etcd = flotilla_names::testing::EtcdServer::start_on(gateway).expect("etcd");
-    let pg = flotilla_testkit::postgres::Postgres::start_on(&net.gateway());
-    let database = pg.create_database("coordinator");
-    let pki = Pki::new();
+    let pki = flotilla_testkit::pki::Pki::new();
+    let etcd_cert = pki.server("etcd", &[&net.gateway()]);
+    let etcd_tls =
+        flotilla_names::testing::EtcdServerTls { cert: etcd_cert.cert, key: etcd_cert.key, client_ca: pki.ca() };
+    let mut etcd = flotilla_names::testing::EtcdServer::start_tls_on(gateway, etcd_tls).expect("etcd");
+    let pg = flotilla_testkit::postgres::Postgres::start_tls_on(&net.gateway(), &pki);
+    pg.create_database("coordinator");
+    let database = pg.url_verified("coordinator");
+    let client = pki.client("client", "coordinator");
+    let (client_pem, client_key) = (client.cert.display().to_string(), client.key.display().to_string());
+    let ca = pki.ca().display().to_string();
     let scratch = tempfile::tempdir().unwrap();
 
     // The name table on etcd, on host ctl, over TLS: everyone pins the
@@ -282,6 +245,7 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
         &ctl,
         &["names", "serve", "--listen", &names_addr, "--etcd", &etcd.url(), "--names-token", NAMES_TOKEN]
             .into_iter()
+            .chain(["--etcd-ca", &ca, "--etcd-cert", &client_pem, "--etcd-key", &client_key])
             .chain(["--tls", "--home", home])
             .collect::<Vec<_>>(),
         scratch.path().join("names.log"),
@@ -294,7 +258,6 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
 
     // Three nodes, each its own host: TLS only, the coordinator's client
     // certificate in place of a token, published with their fingerprint.
-    let ca = pki.path("ca.pem");
     let nodes: Vec<NodeProcess> = hosts
         .iter()
         .map(|(ns, addr)| {
@@ -333,9 +296,9 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
             "--names",
             &names_url,
             "--client-cert",
-            &pki.path("client.pem"),
+            &client_pem,
             "--client-key",
-            &pki.path("client.key"),
+            &client_key,
             "--coordinator-listen",
             &coordinator_addr,
             "--node-lost-after",
@@ -347,9 +310,15 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
         "info,flotilla_coordinator=debug",
     );
     let token_file = chome.path().join("coordinator/token");
-    wait_until(WAIT, "the coordinator", || (tcp_up(&coordinator_addr) && token_file.exists()).then_some(()));
+    // Beyond loopback it speaks TLS: the CLI pins the certificate it printed.
+    let coordinator_url = wait_until(WAIT, "the coordinator", || {
+        let log = coordinator.log();
+        let url = log.split("coordinator on ").nth(1)?.split_whitespace().next()?.to_string();
+        (url.starts_with("https://") && url.contains("#sha256=") && tcp_up(&coordinator_addr) && token_file.exists())
+            .then_some(url)
+    });
     let cli = Cli {
-        url: format!("http://{coordinator_addr}"),
+        url: coordinator_url.clone(),
         token: std::fs::read_to_string(&token_file).unwrap().trim().to_string(),
         home: tempfile::tempdir().unwrap(),
     };
@@ -373,6 +342,34 @@ fn three_hosts_over_tls_spread_builds_survive_a_cut_link_and_an_etcd_restart() {
             std::panic::resume_unwind(e);
         }
     };
+    guarded("the fleet's links are encrypted", &mut || {
+        // No token crosses in clear: plain HTTP gets no answer, a client
+        // pinning another certificate is refused before it sends one.
+        let plain = Cli {
+            url: format!("http://{coordinator_addr}"),
+            token: cli.token.clone(),
+            home: tempfile::tempdir().unwrap(),
+        };
+        let (ok, _, err) = plain.raw(&["project", "ls"]);
+        assert!(!ok, "plain HTTP was served: {err}");
+        let pin = coordinator_url.split("#sha256=").nth(1).unwrap();
+        let wrong = Cli {
+            url: coordinator_url.replace(pin, &"0".repeat(64)),
+            token: cli.token.clone(),
+            home: tempfile::tempdir().unwrap(),
+        };
+        let (ok, _, err) = wrong.raw(&["project", "ls"]);
+        assert!(!ok && err.contains("certificate"), "a wrong pin: {err}");
+        cli.ok(&["project", "ls"]);
+        // The coordinator's sessions with PostgreSQL are TLS, none plain.
+        let sessions = pg.psql(
+            "coordinator",
+            "select s.ssl, count(*) from pg_stat_activity a join pg_stat_ssl s using (pid) \
+             where a.application_name = 'flotilla-coordinator' group by s.ssl",
+        );
+        assert_eq!(sessions.trim().lines().next().unwrap_or_default().split('|').next(), Some("t"), "{sessions}");
+        assert!(!sessions.contains("f|"), "a plain session: {sessions}");
+    });
     guarded("three nodes join", &mut || {
         wait_until(WAIT, "three nodes up in the coordinator's fleet", || (cli.nodes_up().len() == 3).then_some(()));
     });

@@ -20,6 +20,7 @@
 //!   and puts `run_finished` in the box in the same transaction.
 
 pub mod conn;
+mod pg_tls;
 mod postgres;
 
 use std::collections::BTreeMap;

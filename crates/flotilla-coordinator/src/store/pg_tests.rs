@@ -144,6 +144,44 @@ fn connect_errors_name_the_server_not_the_password() {
     assert!(!m.contains("hunter2"), "{m}");
 }
 
+/// A server that takes TLS only: `verify-full` with its CA connects and
+/// the session is encrypted; a client that trusts another CA, a name the
+/// certificate does not hold, or a plain connection is refused, saying why.
+#[test]
+fn tls_to_postgres_is_verified_as_sslmode_asks() {
+    let pki = flotilla_testkit::pki::Pki::new();
+    let pg = Postgres::start_tls_on("127.0.0.1", &pki);
+    pg.create_database("tls");
+    let url = pg.url_verified("tls");
+    let mut c = PgConn::connect(&url).unwrap();
+    let ssl = c.query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).unwrap();
+    assert_eq!(ssl, vec![vec![Value::Int(1)]], "the session is encrypted");
+    // The store's own LISTEN connection and pool go the same way.
+    let store = Store::postgres(&url, 2).unwrap();
+    assert!(store.listen().is_some());
+
+    let other = flotilla_testkit::pki::Pki::new();
+    let wrong_ca = format!("{}?sslmode=verify-full&sslrootcert={}", pg.url_of("tls"), other.ca().display());
+    let Err(SqlError::Postgres(m)) = PgConn::connect(&wrong_ca) else { panic!("trusted a stranger's CA") };
+    assert!(m.contains("certificate") && m.contains("127.0.0.1"), "{m}");
+
+    // The certificate names 127.0.0.1, not localhost: verify-full refuses
+    // the name, verify-ca takes the chain alone.
+    let by_name = |mode: &str| {
+        format!("postgres://postgres@localhost:{}/tls?sslmode={mode}&sslrootcert={}", pg.port(), pki.ca().display())
+    };
+    let Err(SqlError::Postgres(m)) = PgConn::connect(&by_name("verify-full")) else {
+        panic!("verify-full took a certificate for another name")
+    };
+    assert!(m.contains("certificate"), "{m}");
+    PgConn::connect(&by_name("verify-ca")).unwrap();
+
+    let Err(SqlError::Postgres(m)) = PgConn::connect(&format!("{}?sslmode=disable", pg.url_of("tls"))) else {
+        panic!("a plain connection got past hostssl")
+    };
+    assert!(m.contains("pg_hba.conf") || m.contains("encryption"), "{m}");
+}
+
 /// Coordinators starting at once on an empty database all get the schema
 /// (`CREATE … IF NOT EXISTS` racing another session's uncommitted CREATE).
 #[test]

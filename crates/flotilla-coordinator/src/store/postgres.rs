@@ -14,8 +14,8 @@
 //!   level makes safe; serialisation failures and deadlocks come back as
 //!   [`SqlError::Conflict`] for the caller to try again.
 //!
-//! TLS to PostgreSQL is not there yet: connections are plain (loopback or a
-//! Unix socket).
+//! TLS is asked for as libpq asks for it (`sslmode=verify-full&sslrootcert=…`
+//! in the address; see [`super::pg_tls`]).
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -25,9 +25,13 @@ use std::thread::ThreadId;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use postgres::config::SslMode as PgSslMode;
 use postgres::error::SqlState;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::pg_tls::SslMode;
 
 use super::conn::{Conn, Dialect, Row, SqlError, Value};
 
@@ -66,7 +70,8 @@ pub struct PgConn {
 
 impl PgConn {
     /// Connects to `url`: `postgres://user[:password]@host:port/db` or the
-    /// keyword form (`host=… port=… user=… dbname=…`), without TLS.
+    /// keyword form (`host=… port=… user=… dbname=…`), with TLS as its
+    /// `sslmode` asks (libpq's default, `prefer`, when it says nothing).
     ///
     /// Safe to call from async code too (the store opens its first
     /// connection, and creates the schema with it, on the caller's thread):
@@ -74,14 +79,26 @@ impl PgConn {
     /// forbids on another runtime's worker, so there the work is done on a
     /// scoped thread of its own ([`PgConn::call`]).
     pub fn connect(url: &str) -> Result<PgConn, SqlError> {
-        let mut config = Config::from_str(url)
-            .map_err(|e| SqlError::Postgres(format!("invalid PostgreSQL address: {}", chain(&e))))?;
+        let invalid = |e: String| SqlError::Postgres(format!("invalid PostgreSQL address: {e}"));
+        let (url, tls) = super::pg_tls::split(url).map_err(invalid)?;
+        let mut config = Config::from_str(&url).map_err(|e| invalid(chain(&e)))?;
+        let tls = match tls.mode {
+            SslMode::Disable => None,
+            mode => {
+                config.ssl_mode(if mode == SslMode::Prefer { PgSslMode::Prefer } else { PgSslMode::Require });
+                Some(MakeRustlsConnect::new(tls.client_config().map_err(invalid)?))
+            }
+        };
         config.connect_timeout(CONNECT_TIMEOUT);
         if config.get_application_name().is_none() {
             config.application_name(APPLICATION_NAME);
         }
         let connect = move || {
-            config.connect(NoTls).map_err(|e| {
+            match tls {
+                Some(tls) => config.connect(tls),
+                None => config.connect(NoTls),
+            }
+            .map_err(|e| {
                 SqlError::Postgres(format!("connecting to PostgreSQL at {}: {}", where_to(&config), message(&e)))
             })
         };

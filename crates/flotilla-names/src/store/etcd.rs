@@ -57,6 +57,40 @@ pub struct EtcdConfig {
     /// down, so that publishers and callers carry on.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// TLS for `https://` endpoints: whom to trust, and the client
+    /// certificate etcd's `--client-cert-auth` asks for.
+    pub tls: EtcdTls,
+}
+
+/// TLS to etcd (used with `https://` endpoints).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    /// The CA that issued etcd's certificate (PEM); the system's bundle
+    /// when `None`.
+    pub ca: Option<std::path::PathBuf>,
+    /// A client certificate and its key (PEM).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    /// tonic's TLS settings for these files.
+    fn options(&self) -> Result<etcd_client::TlsOptions, StoreError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| StoreError::TlsFile { path: path.to_path_buf(), source })
+        };
+        let ca = match &self.ca {
+            Some(ca) => read(ca)?,
+            None => read(&flotilla_agent::http::system_ca_bundle().ok_or_else(|| StoreError::TlsFile {
+                path: "(system CA bundle)".into(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no system CA bundle: give --etcd-ca"),
+            })?)?,
+        };
+        let mut options = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
+        if let Some((cert, key)) = &self.identity {
+            options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(options)
+    }
 }
 
 impl EtcdConfig {
@@ -68,6 +102,7 @@ impl EtcdConfig {
             prefix: "/flotilla/names/".into(),
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            tls: EtcdTls::default(),
         }
     }
 
@@ -124,10 +159,13 @@ impl EtcdStore {
     /// Connects (lazily: the first request dials, and a restarted etcd is
     /// dialled again by later requests).
     pub async fn connect(config: &EtcdConfig) -> Result<EtcdStore, StoreError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_timeout(config.request_timeout)
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        if config.endpoints.iter().any(|e| e.starts_with("https://")) {
+            options = options.with_tls(config.tls.options()?);
+        }
         let client = Client::connect(&config.endpoints, Some(options)).await.map_err(etcd("connect"))?;
         Ok(EtcdStore {
             client,

@@ -22,7 +22,7 @@ use flotilla_api::{ApiError, ErrorCode};
 
 use crate::name::{Name, NameError, Pattern};
 
-pub use etcd::{EtcdConfig, EtcdStore};
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
 pub use memory::MemoryStore;
 
 /// A mount table. Every method is safe to call concurrently; mount and
@@ -100,6 +100,12 @@ pub enum StoreError {
     },
     #[error("stored entry {key:?} is not a mount record")]
     Corrupt { key: String },
+    #[error("reading {path} for TLS to etcd")]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The table cannot be reached or refused for a reason of its own (also
     /// what test doubles return to inject failures).
     #[error("name table unavailable: {0}")]
@@ -112,7 +118,7 @@ impl StoreError {
         let code = match self {
             StoreError::Invalid(_) => ErrorCode::InvalidArgument,
             StoreError::NotFound { .. } => ErrorCode::NotFound,
-            StoreError::Etcd { .. } | StoreError::Unavailable(_) => ErrorCode::NotReady,
+            StoreError::Etcd { .. } | StoreError::Unavailable(_) | StoreError::TlsFile { .. } => ErrorCode::NotReady,
             StoreError::Corrupt { .. } => ErrorCode::Internal,
         };
         ApiError::new(code, error_chain(self))
