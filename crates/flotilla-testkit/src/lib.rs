@@ -246,6 +246,27 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     }
 }
 
+/// Raises this process's open-file limit to at least `n` (up to the hard
+/// limit), for tests that hold thousands of connections; returns the limit
+/// now in force.
+pub fn raise_fd_limit(n: u64) -> u64 {
+    // util-linux's prlimit, on this process (the crate has no unsafe code).
+    let limits = || {
+        let text = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let line = text.lines().find(|l| l.starts_with("Max open files")).unwrap_or_default().to_string();
+        let mut f = line.split_whitespace().skip(3).map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+        (f.next().unwrap_or(0), f.next().unwrap_or(0))
+    };
+    let (soft, hard) = limits();
+    if soft < n {
+        let want = n.min(hard);
+        let _ = Command::new("prlimit")
+            .args(["--pid", &std::process::id().to_string(), &format!("--nofile={want}:{hard}")])
+            .status();
+    }
+    limits().0
+}
+
 /// Whether this process runs as root (the node needs it).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")

@@ -193,3 +193,122 @@ fn oversized_and_absurd_configs_are_refused_and_the_project_goes_on() {
     assert_eq!(run["state"], "passed", "{run:#}");
     assert_eq!(build_log(&home, &run), "fine\n");
 }
+
+/// A stranger's connections to the TCP ports anyone can reach (the name
+/// table's and the coordinator's): 2,000 that never finish their headers
+/// hold at most the cap of open connections, each is cut off at the
+/// (here shortened) header deadline, a JSON body that trickles in one byte
+/// at a time is cut off whole at the body deadline (408), and an ordinary
+/// request is answered throughout.
+#[test]
+fn slowloris_and_trickled_bodies_cannot_hold_the_names_or_coordinator_port() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let have = flotilla_testkit::raise_fd_limit(4096);
+    assert!(have >= 2600, "the test needs 2,600 descriptors; the hard limit allows {have}");
+    let home = tempfile::tempdir().unwrap();
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            flotilla_testkit::stop_child(&mut self.0, Duration::from_secs(10));
+        }
+    }
+    let spawn = |args: &[&str], log: &str| {
+        let log = std::fs::File::create(home.path().join(log)).unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .arg("--home")
+            .arg(home.path())
+            .env("FLOTILLA_HEADER_TIMEOUT_MS", "1500")
+            .env("FLOTILLA_BODY_TIMEOUT_MS", "1500")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Stop(child)
+    };
+    let names = spawn(&["names", "serve", "--listen", "127.0.0.1:0"], "names.log");
+    let nowhere = format!("unix://{}", home.path().join("no-node/node.sock").display());
+    let coordinator = spawn(&["coordinator", "--coordinator-listen", "127.0.0.1:0", "--node", &nowhere], "c.log");
+    let names_addr = wait_until(WAIT, "the name table's address", || {
+        let log = std::fs::read_to_string(home.path().join("names.log")).ok()?;
+        Some(log.split("name table on http://").nth(1)?.split_whitespace().next()?.to_string())
+    });
+    let coordinator_addr = wait_until(WAIT, "the coordinator's address", || {
+        let url = std::fs::read_to_string(home.path().join("coordinator.url")).ok()?;
+        Some(url.trim().strip_prefix("http://")?.to_string())
+    });
+
+    let ask = |addr: &str, request: &str| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    for (what, addr, pid) in
+        [("names", &names_addr, names.0.id()), ("coordinator", &coordinator_addr, coordinator.0.id())]
+    {
+        let healthz = || ask(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(healthz().starts_with("HTTP/1.1 200"), "{what}");
+        let slow: Vec<TcpStream> = (0..2000)
+            .map(|_| {
+                let a: std::net::SocketAddr = addr.parse().unwrap();
+                let mut s = TcpStream::connect_timeout(&a, Duration::from_secs(60)).unwrap();
+                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+                s
+            })
+            .collect();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+        assert!(fds < 512 + 100, "{what}: {fds} descriptors open with 2,000 slow clients");
+        let started = std::time::Instant::now();
+        assert!(healthz().starts_with("HTTP/1.1 200"), "{what}: not served while 2,000 clients dribble");
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}: served after {:?}", started.elapsed());
+        for mut s in slow {
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut out = Vec::new();
+            assert!(s.read_to_end(&mut out).is_ok(), "{what}: a slow client's connection was left open");
+        }
+    }
+
+    // A write without the table's token is refused before its body is read;
+    // with it, a body sent a byte at a time, faster than any idle timeout,
+    // is still cut off whole (and so is a webhook's, signed or not).
+    let head = "PUT /v1/mounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n";
+    assert!(ask(&names_addr, &format!("{head}\r\n")).starts_with("HTTP/1.1 401"), "an unsigned write's body was read");
+    // (Webhooks are read only for a project that takes them.)
+    let repo = tempfile::tempdir().unwrap();
+    git(repo.path(), &["init", "-q"]);
+    commit(repo.path(), &[("flotilla.toml", "[[builder]]\nname = \"b\"\nsteps = [{ run = \"true\" }]\n")], "one");
+    let repo_arg = repo.path().to_str().unwrap();
+    let add = ["project", "add", "demo", "--repo", repo_arg, "--poll-interval", "1h", "--webhook-secret", "s3cret"];
+    cli_ok(home.path(), &add);
+    let token = std::fs::read_to_string(home.path().join("names.token")).unwrap();
+    let names_write = format!("PUT /v1/mounts HTTP/1.1\r\nAuthorization: Bearer {}", token.trim());
+    for (what, addr, path) in [
+        ("names", &names_addr, names_write.as_str()),
+        ("coordinator", &coordinator_addr, "POST /v1/webhooks/github/demo HTTP/1.1"),
+    ] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "{path}\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n").unwrap();
+        s.set_nonblocking(true).unwrap();
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        wait_until(Duration::from_secs(30), &format!("{what}: the trickled body to be cut off"), || {
+            let _ = s.write_all(b" ");
+            let mut buf = [0u8; 4096];
+            match s.read(&mut buf) {
+                Ok(0) => Some(()),
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    out.windows(4).any(|w| w == b"\r\n\r\n").then_some(())
+                }
+                Err(_) => None,
+            }
+        });
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 408"), "{what}: {out}");
+        assert!(started.elapsed() < Duration::from_secs(15), "{what}: cut off after {:?}", started.elapsed());
+    }
+}
