@@ -41,10 +41,14 @@ impl ProcessNodeBackend {
         agent_args: Vec<String>,
         egress: &Result<EgressPolicy, String>,
     ) -> Result<Self, ApiError> {
-        let host_etc = home.join("images/host/etc");
+        // Beside the image store, not in it: every `host` sandbox binds it
+        // by path, and the store is the node's alone (0700).
+        let host_etc = home.join("host-image/etc");
         let io = |what: &str, e: std::io::Error| ApiError::internal(format!("{what}: {e}"));
         std::fs::create_dir_all(home.join("sandboxes")).map_err(|e| io("creating the sandboxes directory", e))?;
-        std::fs::create_dir_all(home.join("images/host")).map_err(|e| io("creating the images directory", e))?;
+        std::fs::create_dir_all(home.join("host-image")).map_err(|e| io("creating the host image's directory", e))?;
+        // What older nodes kept in the store: it would only go stale there.
+        let _ = std::fs::remove_dir_all(home.join("images/host"));
         flotilla_sandbox::image::build_host_etc(std::path::Path::new("/etc"), &host_etc)
             .map_err(|e| io("generating the host image's /etc", e))?;
         let config = ProcessConfig {

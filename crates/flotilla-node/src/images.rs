@@ -194,8 +194,14 @@ impl Images {
     /// crash.
     pub fn open(home: &Path) -> Result<Images, ApiError> {
         let root = home.join("images");
-        for d in ["versions", "staging"] {
-            fs::create_dir_all(root.join(d)).map_err(io_err(format!("creating {}", root.join(d).display())))?;
+        // The node's alone: an image may hold what its importer would not
+        // show other users of the host (sandboxes get the trees the node
+        // opens for them, never these paths).
+        use std::os::unix::fs::PermissionsExt;
+        for d in [root.clone(), root.join("versions"), root.join("staging")] {
+            fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("making {} private", d.display())))?;
         }
         if let Ok(rd) = fs::read_dir(root.join("staging")) {
             for e in rd.flatten() {

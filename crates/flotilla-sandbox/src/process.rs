@@ -332,15 +332,22 @@ impl ProcessBackend {
         // never reports (it should take milliseconds), kill it, which ends
         // the blocking read in `release` with an error.
         // The image's root owns its files: its tree is attached through the
-        // sandbox's own id mapping (see `sys::idmapped_tree`). Where the
-        // kernel or the image's filesystem cannot, the child binds the plain
-        // tree (files owned by host ids outside the range then show as
-        // nobody and cannot be changed).
-        let lower_mount = spec.image.lower_dir().and_then(|lower| match sys::idmapped_tree(&cstr(lower), pid) {
-            Ok(fd) => Some(fd),
-            Err(e) => {
+        // sandbox's own id mapping (see `sys::image_tree`). Where the kernel
+        // or the image's filesystem cannot, the plain tree (files owned by
+        // host ids outside the range then show as nobody and cannot be
+        // changed). Either way the node opens it: the child never walks the
+        // image store's path (0700). Only a kernel without `open_tree`
+        // (before 5.2) leaves the child to bind it by path.
+        let lower_mount = spec.image.lower_dir().and_then(|lower| match sys::image_tree(&cstr(lower), pid) {
+            Ok((fd, None)) => Some(fd),
+            Ok((fd, Some(e))) => {
                 tracing::warn!(sandbox = %spec.id, error = %e, image = %lower.display(),
                     "no idmapped mount for the image; root inside will not own its files");
+                Some(fd)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %spec.id, error = %e, image = %lower.display(),
+                    "could not open the image's tree; the sandbox binds it by path");
                 None
             }
         });

@@ -710,7 +710,24 @@ const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 /// root. Attach it with [`ChildOp::AttachMount`]. Needs a kernel with
 /// idmapped mounts (5.12+) and a filesystem that supports them (ext4, xfs,
 /// btrfs, tmpfs since 6.3).
-pub fn idmapped_tree(path: &CStr, pid: i32) -> io::Result<OwnedFd> {
+///
+/// Where the id mapping cannot be had, the same detached tree without it
+/// (read-only, nosuid, nodev), and the reason in the second half: the
+/// child still attaches a tree the node opened, so it never needs to reach
+/// the image's path itself (the image store is the node's alone, 0700).
+pub fn image_tree(path: &CStr, pid: i32) -> io::Result<(OwnedFd, Option<io::Error>)> {
+    match idmapped_tree(path, pid) {
+        Ok(tree) => Ok((tree, None)),
+        Err(why) => {
+            let tree = open_tree_clone(path)?;
+            set_tree_attr(&tree, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, None)?;
+            Ok((tree, Some(why)))
+        }
+    }
+}
+
+/// A detached copy of the mount at `path` (`open_tree(OPEN_TREE_CLONE)`).
+fn open_tree_clone(path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: open_tree with a valid C string; the result is a new fd.
     let tree = cvt_long(unsafe {
         libc::syscall(
@@ -721,13 +738,17 @@ pub fn idmapped_tree(path: &CStr, pid: i32) -> io::Result<OwnedFd> {
         )
     })?;
     // SAFETY: open_tree succeeded: the fd is new and ours.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
-    let userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as RawFd) })
+}
+
+/// `mount_setattr` on a detached tree: `set`, and the id mapping of
+/// `userns` when given.
+fn set_tree_attr(tree: &OwnedFd, set: u64, userns: Option<&std::fs::File>) -> io::Result<()> {
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_set: set | if userns.is_some() { MOUNT_ATTR_IDMAP } else { 0 },
         attr_clr: 0,
         propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
+        userns_fd: userns.map(|f| f.as_raw_fd() as u64).unwrap_or(0),
     };
     // SAFETY: mount_setattr on our detached tree with a valid attr struct
     // of the size we pass.
@@ -741,6 +762,14 @@ pub fn idmapped_tree(path: &CStr, pid: i32) -> io::Result<OwnedFd> {
             std::mem::size_of::<MountAttr>(),
         )
     })?;
+    Ok(())
+}
+
+/// [`image_tree`] with the id mapping or nothing.
+pub fn idmapped_tree(path: &CStr, pid: i32) -> io::Result<OwnedFd> {
+    let tree = open_tree_clone(path)?;
+    let userns = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+    set_tree_attr(&tree, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, Some(&userns))?;
     Ok(tree)
 }
 

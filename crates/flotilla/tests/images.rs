@@ -63,6 +63,13 @@ async fn every_format_imports_and_runs() {
     assert_eq!(out, "ID=flotilla-v1\n");
     // The sandbox records the version it booted from.
     assert_eq!(env.client.get(&a).await.unwrap().image, format!("t/dir:1@{}", dir_img.digest));
+    // The store is the node's alone: the sandbox got a tree the node
+    // opened for it, never the path.
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["images", "images/versions", "images/staging"] {
+        let mode = std::fs::metadata(env.node.home().join(d)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{d}");
+    }
 
     // A plain rootfs tarball (gzip).
     let tgz = work.path().join("root.tar.gz");
