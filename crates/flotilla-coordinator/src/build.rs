@@ -465,7 +465,12 @@ async fn step_env(
         return Ok((env, Default::default()));
     }
     if let Err(why) = crate::secrets::allowed(work.kind) {
-        let _ = c.timeline(work.id, "secrets_withheld", Some(format!("{}: {why}", spec.secrets.join(", ")))).await;
+        // Said once, when the build starts: an executor that resumes or
+        // adopts it (its sandbox already made) finds it on the timeline.
+        if work.sandbox.is_none() {
+            let detail = format!("{}: {why}", spec.secrets.join(", "));
+            let _ = c.timeline(work.id, "secrets_withheld", Some(detail)).await;
+        }
         return Ok((env, Default::default()));
     }
     let sealed = c.store.sealed_secrets(&work.project, spec.secrets.clone()).await?;

@@ -26,6 +26,13 @@
 //! `iptables-restore` transaction per family when the node starts, and it
 //! stays when the node stops: helpers of sandboxes that outlive a node
 //! stay filtered.
+//!
+//! The jump names the node's data directory (`-m comment --comment
+//! flotilla-home=PATH`), so a starting node sweeps away the chains of
+//! nodes whose directory is gone ([`sweep_stale`]): a node killed with -9
+//! whose home was then removed (a test's, a throwaway `--home`) leaves
+//! nothing behind for long. A chain whose home still exists is kept: its
+//! node may come back to the sandboxes it left running.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
@@ -105,6 +112,8 @@ pub struct EgressPolicy {
     pub allow: Vec<Cidr>,
     /// The host's resolvers: DNS to them is allowed.
     pub nameservers: Vec<IpAddr>,
+    /// The node's data directory, named on the jump for [`sweep_stale`].
+    pub home: Option<std::path::PathBuf>,
 }
 
 /// Why the policy could not be put in place.
@@ -125,7 +134,12 @@ impl EgressPolicy {
     pub fn for_home(home: &Path, allow: Vec<Cidr>) -> EgressPolicy {
         let h = crate::home_hash(home);
         let nameservers = std::fs::read_to_string("/etc/resolv.conf").map(|s| nameservers(&s)).unwrap_or_default();
-        EgressPolicy { gid: EGRESS_GID_BASE + (h % (1 << 16)) as u32, allow, nameservers }
+        EgressPolicy {
+            gid: EGRESS_GID_BASE + (h % (1 << 16)) as u32,
+            allow,
+            nameservers,
+            home: Some(home.to_path_buf()),
+        }
     }
 
     /// The node's chain in the host's filter table.
@@ -159,10 +173,16 @@ impl EgressPolicy {
         s
     }
 
-    /// The jump that sends this node's helpers' sockets through its chain.
+    /// The jump that sends this node's helpers' sockets through its chain,
+    /// naming the node's home when it can be named in a comment.
     fn jump(&self) -> Vec<String> {
         let gid = self.gid.to_string();
-        ["OUTPUT", "-m", "owner", "--gid-owner", &gid, "-j", &self.chain()].map(str::to_string).to_vec()
+        let mut j: Vec<String> = ["OUTPUT", "-m", "owner", "--gid-owner", &gid].map(str::to_string).to_vec();
+        if let Some(home) = self.home.as_deref().and_then(Path::to_str).filter(|h| nameable(h)) {
+            j.extend(["-m", "comment", "--comment", &format!("{HOME_TAG}{home}")].map(str::to_string));
+        }
+        j.extend(["-j".to_string(), self.chain()]);
+        j
     }
 
     /// Puts the policy in place (again): the chain for IPv4 and IPv6, and
@@ -198,6 +218,61 @@ impl EgressPolicy {
             let _ = run(tables, &["-w", "5", "-X", &chain], None);
         }
     }
+}
+
+/// What starts the comment of a node's jump.
+const HOME_TAG: &str = "flotilla-home=";
+
+/// A home that fits a netfilter comment and reads back unchanged.
+fn nameable(home: &str) -> bool {
+    home.starts_with('/') && home.len() + HOME_TAG.len() <= 255 && !home.contains(['"', '\\', '\n'])
+}
+
+/// A node's jump as `iptables -S OUTPUT` prints it: its gid, home and chain.
+#[derive(Debug, PartialEq, Eq)]
+struct Jump {
+    gid: String,
+    home: String,
+    chain: String,
+}
+
+fn parse_jump(line: &str) -> Option<Jump> {
+    let rest = line.strip_prefix("-A OUTPUT ")?;
+    let gid = rest.split("--gid-owner ").nth(1)?.split_whitespace().next()?.to_string();
+    let comment = rest.split("--comment ").nth(1)?;
+    let (home, after) = match comment.strip_prefix('"') {
+        Some(quoted) => quoted.split_once('"')?,
+        None => comment.split_once(' ')?,
+    };
+    let home = home.strip_prefix(HOME_TAG)?.to_string();
+    let chain = after.split("-j ").nth(1)?.split_whitespace().next()?.to_string();
+    chain.starts_with("flotilla-egress-").then_some(Jump { gid, home, chain })
+}
+
+/// Removes the jumps and chains of nodes whose home no longer exists (both
+/// families); returns the chains removed. Best effort: without iptables,
+/// or not root, nothing happens.
+pub fn sweep_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    for tables in ["iptables", "ip6tables"] {
+        let Ok(out) = Command::new(tables).args(["-w", "5", "-S", "OUTPUT"]).stderr(Stdio::null()).output() else {
+            continue;
+        };
+        for jump in String::from_utf8_lossy(&out.stdout).lines().filter_map(parse_jump) {
+            if Path::new(&jump.home).exists() {
+                continue;
+            }
+            let comment = format!("{HOME_TAG}{}", jump.home);
+            let del = ["-w", "5", "-D", "OUTPUT", "-m", "owner", "--gid-owner", &jump.gid, "-m", "comment"];
+            let del: Vec<&str> = del.into_iter().chain(["--comment", &comment, "-j", &jump.chain]).collect();
+            if run(tables, &del, None).is_ok() {
+                let _ = run(tables, &["-w", "5", "-F", &jump.chain], None);
+                let _ = run(tables, &["-w", "5", "-X", &jump.chain], None);
+                removed.push(format!("{tables} {}", jump.chain));
+            }
+        }
+    }
+    removed
 }
 
 /// The resolvers a `resolv.conf` names.
@@ -248,7 +323,16 @@ mod tests {
             gid: EGRESS_GID_BASE + 0x1234,
             allow: vec!["10.9.0.0/16".parse().unwrap(), "fd09::/64".parse().unwrap()],
             nameservers: nameservers("# x\nnameserver 10.255.255.53\nnameserver fe80::1%eth0\n"),
+            home: Some("/var/lib/flotilla node".into()),
         };
+        assert_eq!(
+            p.jump().join(" "),
+            format!(
+                "OUTPUT -m owner --gid-owner {} -m comment --comment flotilla-home=/var/lib/flotilla node -j \
+                 flotilla-egress-1234",
+                p.gid
+            )
+        );
         assert_eq!(p.chain(), "flotilla-egress-1234");
         let v4 = p.restore_input(false);
         let lines: Vec<&str> = v4.lines().collect();
@@ -263,5 +347,58 @@ mod tests {
         let v6 = p.restore_input(true);
         assert!(v6.contains("-d fd09::/64 -j RETURN") && v6.contains("-d fe80::1 -p udp --dport 53"));
         assert!(v6.contains("-d fc00::/7 -j REJECT") && v6.ends_with("COMMIT\n"));
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[test]
+    fn jumps_read_back_as_iptables_prints_them() {
+        let quoted = "-A OUTPUT -m owner --gid-owner 1073741901 -m comment --comment \"flotilla-home=/tmp/a b\" -j \
+                      flotilla-egress-004d";
+        assert_eq!(
+            parse_jump(quoted),
+            Some(Jump { gid: "1073741901".into(), home: "/tmp/a b".into(), chain: "flotilla-egress-004d".into() })
+        );
+        let bare = "-A OUTPUT -m owner --gid-owner 7 -m comment --comment flotilla-home=/tmp/x -j flotilla-egress-0007";
+        assert_eq!(parse_jump(bare).map(|j| j.home), Some("/tmp/x".into()));
+        // Another's rules, and jumps of older nodes without a home, are left alone.
+        for other in [
+            "-A OUTPUT -m comment --comment flotilla-home=/tmp/x -j ACCEPT",
+            "-A OUTPUT -m owner --gid-owner 7 -j flotilla-egress-0007",
+            "-A OUTPUT -m owner --gid-owner 7 -m comment --comment docker -j flotilla-egress-0007",
+            "-P OUTPUT ACCEPT",
+        ] {
+            assert_eq!(parse_jump(other), None, "{other}");
+        }
+        assert!(nameable("/tmp/x") && !nameable("relative") && !nameable("/a\"b"));
+    }
+
+    /// A node's rules outlive it while its home exists, and are swept once
+    /// the home is gone (the real iptables; root, as CI runs).
+    #[test]
+    fn a_gone_homes_chain_is_swept_and_a_present_ones_kept() {
+        if crate::sys::euid() != 0 || Command::new("iptables").arg("-V").output().is_err() {
+            panic!("this test needs root and iptables (as .ci/run has)");
+        }
+        let kept = tempfile::tempdir().unwrap();
+        let gone = tempfile::tempdir().unwrap();
+        let (pk, pg) = (EgressPolicy::for_home(kept.path(), vec![]), EgressPolicy::for_home(gone.path(), vec![]));
+        pk.install().unwrap();
+        pg.install().unwrap();
+        let chains = || {
+            let out = Command::new("iptables").args(["-w", "5", "-S"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        drop(gone);
+        let removed = sweep_stale();
+        let now = chains();
+        assert!(removed.contains(&format!("iptables {}", pg.chain())), "{removed:?}");
+        assert!(!now.contains(&pg.chain()), "{now}");
+        assert!(now.contains(&format!("-N {}", pk.chain())), "{now}");
+        pk.remove();
+        assert!(!chains().contains(&pk.chain()));
     }
 }

@@ -63,6 +63,10 @@ fn egress_policy(
     home: &std::path::Path,
     allow: &[flotilla_sandbox::egress::Cidr],
 ) -> Result<flotilla_sandbox::egress::EgressPolicy, String> {
+    let swept = flotilla_sandbox::egress::sweep_stale();
+    if !swept.is_empty() {
+        tracing::info!(chains = ?swept, "removed the egress rules of nodes whose home is gone");
+    }
     let policy = flotilla_sandbox::egress::EgressPolicy::for_home(home, allow.to_vec());
     match policy.install() {
         Ok(()) => {
