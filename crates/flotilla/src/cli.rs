@@ -418,15 +418,20 @@ pub enum NamesCommand {
         /// The private key (PEM) of --etcd-cert.
         #[arg(long, value_name = "FILE", requires = "etcd_cert")]
         etcd_key: Option<PathBuf>,
-        /// Serve over TLS: a self-signed certificate in HOME/tls unless --tls-cert/--tls-key are
-        /// given. Clients use the printed `https://ADDR#sha256=FINGERPRINT` as --names.
-        #[arg(long)]
+        /// Serve over TLS even on loopback (beyond loopback it always does, unless --no-tls): a
+        /// self-signed certificate in HOME/tls unless --tls-cert/--tls-key are given. Clients use the
+        /// printed `https://ADDR#sha256=FINGERPRINT` as --names.
+        #[arg(long, conflicts_with = "no_tls")]
         tls: bool,
-        /// TLS certificate (PEM) for --tls.
-        #[arg(long, requires_all = ["tls", "tls_key"])]
+        /// Plain HTTP beyond loopback (behind a proxy that terminates TLS): the write token then
+        /// crosses the network in clear.
+        #[arg(long)]
+        no_tls: bool,
+        /// TLS certificate (PEM) to serve instead of the self-signed one.
+        #[arg(long, requires = "tls_key", conflicts_with = "no_tls")]
         tls_cert: Option<PathBuf>,
         /// TLS private key (PEM) for --tls-cert.
-        #[arg(long, requires_all = ["tls", "tls_cert"])]
+        #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
     /// List mounted names matching PATTERN (`*` one element, `...` any number; default `...`).
@@ -720,10 +725,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             etcd_cert,
             etcd_key,
             tls,
+            no_tls,
             tls_cert,
             tls_key,
         }) => {
-            let tls = tls.then_some(crate::names::Tls { cert: tls_cert, key: tls_key });
+            // As the coordinator's listener: TLS unless it stays on loopback.
+            let on = tls || tls_cert.is_some() || (!no_tls && !listen.ip().is_loopback());
+            if !on && !listen.ip().is_loopback() {
+                eprintln!(
+                    "flotilla: warning: the name table serves plain HTTP on {listen} (--no-tls): its write token crosses the network in clear"
+                );
+            }
+            let tls = on.then_some(crate::names::Tls { cert: tls_cert, key: tls_key });
             let etcd_tls = flotilla_names::EtcdTls { ca: etcd_ca, identity: etcd_cert.zip(etcd_key) };
             crate::names::serve(listen, etcd, etcd_prefix, etcd_tls, tls, &node)
         }

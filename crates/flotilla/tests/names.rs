@@ -249,3 +249,52 @@ fn node_db_is_private() {
     let out = dev.cli(&["sandbox", "rm", &id]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// A name table listening beyond loopback speaks TLS without being asked
+/// (its write token never crosses a network in clear): it prints a pinned
+/// `https://` address, the CLI mounts and resolves through it, and plain
+/// HTTP gets no answer.
+#[test]
+fn names_serve_beyond_loopback_speaks_tls() {
+    use std::io::{Read, Write};
+    let home = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let log = home.path().join("names.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let listen = format!("0.0.0.0:{port}");
+    let mut cmd = Command::new(common::BIN);
+    for v in AMBIENT {
+        cmd.env_remove(v);
+    }
+    let child = cmd
+        .args(["names", "serve", "--listen", &listen, "--names-token", "beyond-loopback-token-0123456789", "--home"])
+        .arg(home.path())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    struct Stop(Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            flotilla_testkit::stop_child(&mut self.0, Duration::from_secs(10));
+        }
+    }
+    let _child = Stop(child);
+    let url = flotilla_testkit::wait_until(Duration::from_secs(30), "the name table's address", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        Some(text.split("name table on ").nth(1)?.split_whitespace().next()?.to_string())
+    });
+    assert!(url.starts_with(&format!("https://0.0.0.0:{port}#sha256=")), "{url}");
+    let pinned = url.replace("0.0.0.0", "127.0.0.1");
+    let token = "beyond-loopback-token-0123456789";
+    let out = cli(&["--names", &pinned, "--names-token", token, "names", "mount", "svc/a", "tcp://10.0.0.1:1"]);
+    assert!(out.status.success(), "mount over TLS: {}", stderr(&out));
+    let out = cli(&["--names", &pinned, "names", "resolve", "svc/a"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tcp://10.0.0.1:1"), "{}", stderr(&out));
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
+}
